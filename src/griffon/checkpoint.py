@@ -1,0 +1,104 @@
+"""Model checkpoints: a directory with ``config.json`` and ``model.safetensors``, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from griffon.config import ConfigError, ModelConfig
+from griffon.model import Griffon
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted or does not match its config. The message says which part."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses shared or non-contiguous storage; tied weights are stored once anyway.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_pretrained(model: Griffon, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(model.config.to_json()))
+    return directory
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a griffon checkpoint: {CONFIG_NAME} not found")
+    try:
+        return ModelConfig.from_json(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (corrupted or truncated file?)") from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    for name, ref in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {tuple(ref.shape)})")
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"the config expects {tuple(ref.shape)}"
+            )
+    for name in state:
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (checkpoint from another config?)")
+
+
+def from_pretrained(
+    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Griffon:
+    """Load a model saved by :func:`save_pretrained` (or written by ``griffon convert``)."""
+    config = load_config(directory)
+    state = read_safetensors(Path(directory) / WEIGHTS_NAME)
+    with torch.device("meta"):
+        model = Griffon(config)
+    check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
+    model.load_state_dict(state, assign=True)
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{directory}: tensor {name!r} contains NaN or Inf")
+    return model.to(device=device, dtype=dtype)
+
+
+__all__ = ["CheckpointError", "from_pretrained", "save_pretrained"]

@@ -1,0 +1,233 @@
+"""Model configuration: a typed dataclass that validates itself and round-trips to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+BlockType = Literal["recurrent", "attention"]
+BLOCK_TYPES: tuple[str, ...] = ("recurrent", "attention")
+WINDOW_SEMANTICS: tuple[str, ...] = ("deepmind", "hf")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid. The message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Griffin-family language model.
+
+    The block pattern is cycled over the layers: ``("recurrent", "recurrent", "attention")``
+    is Griffin, ``("recurrent",)`` is Hawk and ``("attention",)`` the MQA transformer baseline.
+    """
+
+    vocab_size: int = 256
+    """Number of tokens in the vocabulary."""
+    width: int = 256
+    """Residual stream width (model dimension)."""
+    num_layers: int = 6
+    """Number of residual blocks."""
+    block_pattern: tuple[str, ...] = ("recurrent", "recurrent", "attention")
+    """Temporal-mixing block types, cycled over the layers."""
+    num_heads: int = 4
+    """Query heads of the attention blocks."""
+    num_kv_heads: int = 1
+    """Key/value heads: 1 is MQA, ``num_heads`` is MHA, anything dividing it is GQA."""
+    head_dim: int | None = None
+    """Attention head dimension; ``None`` means ``width // num_heads``."""
+    lru_width: int | None = None
+    """Width of the recurrent branch (RG-LRU); ``None`` means ``width``."""
+    lru_num_blocks: int | None = None
+    """Diagonal blocks of the RG-LRU gate linears; ``None`` means ``num_heads`` (as the references)."""
+    conv_width: int = 4
+    """Temporal width of the causal depthwise Conv1D in recurrent blocks."""
+    attention_window: int | None = 2048
+    """Local attention window; ``None`` means global attention."""
+    window_semantics: str = "deepmind"
+    """``deepmind``: a query sees itself and ``window`` previous keys; ``hf``: ``window`` keys in all."""
+    mlp_width: int | None = None
+    """Expanded width of the gated MLP; ``None`` means ``3 * width``."""
+    embed_scale: bool = True
+    """Multiply embeddings by ``sqrt(width)`` rounded to bfloat16 (as the references do)."""
+    logit_soft_cap: float = 30.0
+    """Soft cap ``c * tanh(logits / c)``; 0 disables it."""
+    norm_eps: float = 1e-6
+    """Epsilon of the RMSNorms."""
+    rope_fraction: float = 0.5
+    """Fraction of each head's dimensions that RoPE rotates (the first ones)."""
+    rope_base: float = 10000.0
+    """RoPE maximum wavelength."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Free-form metadata (for example, where a converted checkpoint came from). Not used by the model."""
+
+    def __post_init__(self) -> None:
+        self.block_pattern = tuple(self.block_pattern)
+        self.validate()
+
+    # ----- derived sizes -------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.width // self.num_heads
+
+    @property
+    def resolved_lru_width(self) -> int:
+        return self.lru_width if self.lru_width is not None else self.width
+
+    @property
+    def resolved_lru_num_blocks(self) -> int:
+        return self.lru_num_blocks if self.lru_num_blocks is not None else self.num_heads
+
+    @property
+    def resolved_mlp_width(self) -> int:
+        return self.mlp_width if self.mlp_width is not None else 3 * self.width
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of rotated dimensions per head (even)."""
+        return int(self.resolved_head_dim * self.rope_fraction)
+
+    @property
+    def block_types(self) -> list[str]:
+        """The temporal block type of every layer."""
+        pattern = self.block_pattern
+        return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
+    @property
+    def attention_history(self) -> int | None:
+        """How many previous keys a query may attend to (``None``: unbounded)."""
+        if self.attention_window is None:
+            return None
+        return self.attention_window - (1 if self.window_semantics == "hf" else 0)
+
+    # ----- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check types and shapes; raise :class:`ConfigError` naming the offending field."""
+        _check_types(self)
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "conv_width"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("head_dim", "lru_width", "lru_num_blocks", "mlp_width", "attention_window"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be positive or null, got {value}")
+        need(len(self.block_pattern) > 0, "block_pattern must not be empty")
+        for b in self.block_pattern:
+            need(b in BLOCK_TYPES, f"block_pattern entry {b!r} is not one of {BLOCK_TYPES}")
+        need(
+            self.window_semantics in WINDOW_SEMANTICS,
+            f"window_semantics {self.window_semantics!r} is not one of {WINDOW_SEMANTICS}",
+        )
+        if self.head_dim is None:
+            need(
+                self.width % self.num_heads == 0,
+                f"width {self.width} is not divisible by num_heads {self.num_heads}; "
+                "set head_dim explicitly or change one of them",
+            )
+        need(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}",
+        )
+        need(
+            self.resolved_lru_width % self.resolved_lru_num_blocks == 0,
+            f"lru_width {self.resolved_lru_width} is not divisible by the RG-LRU gate blocks "
+            f"({self.resolved_lru_num_blocks}; set lru_num_blocks or change num_heads)",
+        )
+        need(0.0 <= self.rope_fraction <= 1.0, f"rope_fraction must lie in [0, 1], got {self.rope_fraction}")
+        need(self.rope_dim % 2 == 0, f"rope_fraction * head_dim = {self.rope_dim} must be even")
+        need(self.rope_base > 0, f"rope_base must be positive, got {self.rope_base}")
+        need(self.logit_soft_cap >= 0, f"logit_soft_cap must be >= 0, got {self.logit_soft_cap}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        if self.window_semantics == "hf" and self.attention_window is not None:
+            need(self.attention_window >= 1, "attention_window must be >= 1 with hf semantics")
+
+    # ----- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["block_pattern"] = list(self.block_pattern)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build a config from a dict, rejecting unknown keys with a did-you-mean hint."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(f"unknown model config key {key!r}{suggestion}")
+        d = dict(d)
+        if isinstance(d.get("block_pattern"), list):
+            d["block_pattern"] = tuple(d["block_pattern"])
+        return cls(**d)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ModelConfig:
+        """Read a config from a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            text = path.read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_types(cfg: Any) -> None:
+    """Reject values whose type does not match the field annotation (JSON gives no guarantees)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _is_instance(value, hints[f.name]):
+            raise ConfigError(f"{f.name} must be of type {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, t) for t in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_instance(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,181 @@
+"""The Griffin-family language model: residual blocks over a temporal mixer and a gated MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from griffon.config import ModelConfig
+from griffon.nn.attention import Attention, AttentionState
+from griffon.nn.embedding import Embedding
+from griffon.nn.mlp import GatedMLP
+from griffon.nn.norms import RMSNorm
+from griffon.nn.recurrent import RecurrentBlock, RecurrentState
+
+BlockState = RecurrentState | AttentionState
+
+
+@dataclass
+class Cache:
+    """Decode state of a whole model.
+
+    Recurrent blocks and local attention hold a fixed amount per sequence; global attention grows.
+    ``position`` counts the tokens each row has consumed; ``segment_pos`` is the next token's
+    position inside its document (the default when the caller gives none).
+    """
+
+    blocks: list[BlockState]
+    position: torch.Tensor  # (B,) long
+    segment_pos: torch.Tensor  # (B,) long
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors."""
+        total = self.position.nbytes + self.segment_pos.nbytes
+        for s in self.blocks:
+            tensors = (s.rglru, s.conv) if isinstance(s, RecurrentState) else (s.keys, s.values, s.positions)
+            total += sum(t.nbytes for t in tensors)
+        return total
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual block: ``r = x + temporal(norm(x))``; ``out = r + mlp(norm(r))``."""
+
+    def __init__(self, cfg: ModelConfig, block_type: str) -> None:
+        super().__init__()
+        # Output projections start smaller in deeper models (the references' 2/num_layers).
+        out_scale = 2.0 / cfg.num_layers
+        self.block_type = block_type
+        self.temporal_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        if block_type == "recurrent":
+            self.temporal: RecurrentBlock | Attention = RecurrentBlock(
+                cfg.width, cfg.resolved_lru_width, cfg.resolved_lru_num_blocks, cfg.conv_width, out_scale
+            )
+        else:
+            self.temporal = Attention(
+                cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale,
+            )  # fmt: skip
+        self.channel_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.width, cfg.resolved_mlp_width, out_scale)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        segment_pos: torch.Tensor,
+        positions: torch.Tensor,
+        state: BlockState | None,
+        build_state: bool,
+    ) -> tuple[torch.Tensor, BlockState | None]:
+        if isinstance(self.temporal, Attention):
+            h, state = self.temporal(self.temporal_norm(x), segment_pos, positions, state, build_state)
+        else:
+            h, state = self.temporal(self.temporal_norm(x), segment_pos, positions, state)
+        r = x + h
+        return r + self.mlp(self.channel_norm(r)), state
+
+
+class Griffon(nn.Module):
+    """A Hawk, Griffin or MQA-transformer language model, chosen by ``config.block_pattern``.
+
+    ``model(tokens, segment_pos=None, cache=None) -> (logits, cache)``. ``segment_pos == 0`` starts
+    a document: the recurrence, the convolution and attention do not look across it. A cache
+    from :meth:`init_cache` (or a previous call) continues a sequence with a chunk of any length.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = Embedding(config.vocab_size, config.width, config.embed_scale)
+        self.blocks = nn.ModuleList(ResidualBlock(config, t) for t in config.block_types)
+        self.final_norm = RMSNorm(config.width, config.norm_eps)
+
+    def init_cache(
+        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Cache:
+        """An empty cache for ``batch_size`` sequences."""
+        dtype = dtype or self.embed.weight.dtype
+        device = torch.device(device) if device is not None else self.embed.weight.device
+        return Cache(
+            blocks=[b.temporal.init_state(batch_size, dtype, device) for b in self.blocks],
+            position=torch.zeros(batch_size, dtype=torch.long, device=device),
+            segment_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        segment_pos: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        return_cache: bool = False,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """Args:
+            tokens: (B, T) token ids.
+            segment_pos: (B, T) position of each token inside its document; 0 starts a document.
+                Default: one document continuing the cache (or starting at 0).
+            cache: state to continue from; it is updated in place and returned.
+            return_cache: with ``cache=None``, also build and return the cache after this chunk.
+
+        Returns:
+            logits (B, T, V) in the compute dtype, and the cache (None if neither asked nor given).
+        """
+        B, T = self._check_inputs(tokens, segment_pos, cache)
+        steps = torch.arange(T, device=tokens.device)
+        if cache is None:
+            positions = steps.expand(B, T)
+            if segment_pos is None:
+                segment_pos = positions
+        else:
+            positions = cache.position[:, None] + steps
+            if segment_pos is None:
+                segment_pos = cache.segment_pos[:, None] + steps
+
+        x = self.embed.encode(tokens)  # (B, T, D)
+        build = cache is not None or return_cache
+        new_states: list[BlockState | None] = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, segment_pos, positions, None if cache is None else cache.blocks[i], build)
+            new_states.append(s)
+        logits = self.embed.decode(self.final_norm(x))  # (B, T, V)
+        cap = self.config.logit_soft_cap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+
+        if not build:
+            return logits, None
+        return logits, Cache(
+            blocks=new_states,  # type: ignore[arg-type]
+            position=positions[:, -1] + 1,
+            segment_pos=segment_pos[:, -1] + 1,
+        )
+
+    def _check_inputs(self, tokens: torch.Tensor, segment_pos: torch.Tensor | None, cache: Cache | None):
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"tokens must be a (batch, time) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens must contain at least one time step")
+        if segment_pos is not None and segment_pos.shape != tokens.shape:
+            raise ValueError(f"segment_pos shape {tuple(segment_pos.shape)} != tokens shape {tuple(tokens.shape)}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but tokens have batch {B}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+        return B, T
+
+    def set_scan_backend(self, backend: str) -> None:
+        """Choose the linear-scan backend of every recurrent block (see :mod:`griffon.scan`)."""
+        for b in self.blocks:
+            if isinstance(b.temporal, RecurrentBlock):
+                b.temporal.scan_backend = backend
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n

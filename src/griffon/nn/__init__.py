@@ -1,0 +1,1 @@
+"""Layers of the Griffin family, one concept per module."""

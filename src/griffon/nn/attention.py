@@ -1,0 +1,141 @@
+"""Local or global multi-query attention (MQA/GQA/MHA) with partial RoPE and document masking."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class AttentionState:
+    """Decode cache of one attention block.
+
+    Local attention keeps a ring buffer of the last ``history`` keys/values (slot = position % history),
+    so its size is fixed; global attention (``history is None``) appends and grows.
+    """
+
+    keys: torch.Tensor  # (B, S, H_kv, head_dim)
+    values: torch.Tensor  # (B, S, H_kv, head_dim)
+    positions: torch.Tensor  # (B, S) stream position of each slot, -1 where empty
+
+
+def apply_rope(x: torch.Tensor, segment_pos: torch.Tensor, rope_dim: int, base: float) -> torch.Tensor:
+    """Rotate the first ``rope_dim`` dims of each head by position (rotate-half convention).
+
+    x (B, T, H, hd); segment_pos (B, T). Frequencies are computed in float32 as both references do.
+    """
+    if rope_dim == 0:
+        return x
+    half = rope_dim // 2
+    inv_freq = 1.0 / base ** (torch.arange(half, device=x.device, dtype=torch.float32) * 2 / rope_dim)
+    angles = segment_pos.to(torch.float32)[..., None, None] * inv_freq  # (B, T, 1, half)
+    sin, cos = torch.sin(angles).to(x.dtype), torch.cos(angles).to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rope_dim], x[..., rope_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal attention restricted to the same document and, if local, to ``history`` previous keys."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        history: int | None,
+        rope_dim: int,
+        rope_base: float,
+        out_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.history = history
+        self.rope_dim, self.rope_base = rope_dim, rope_base
+        self.q = nn.Linear(width, num_heads * head_dim, bias=False)
+        self.k = nn.Linear(width, num_kv_heads * head_dim, bias=False)
+        self.v = nn.Linear(width, num_kv_heads * head_dim, bias=False)
+        self.o = nn.Linear(num_heads * head_dim, width, bias=True)
+        self.out_init_scale = out_init_scale
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        width = self.q.in_features
+        for lin in (self.q, self.k, self.v):
+            nn.init.normal_(lin.weight, std=math.sqrt(1.0 / width))
+        nn.init.normal_(self.o.weight, std=math.sqrt(self.out_init_scale / self.o.in_features))
+        nn.init.zeros_(self.o.bias)
+
+    def init_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> AttentionState:
+        slots = self.history if self.history is not None else 0
+        shape = (batch, slots, self.num_kv_heads, self.head_dim)
+        return AttentionState(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            positions=torch.full((batch, slots), -1, dtype=torch.long, device=device),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        segment_pos: torch.Tensor,
+        positions: torch.Tensor,
+        state: AttentionState | None,
+        build_state: bool = True,
+    ) -> tuple[torch.Tensor, AttentionState | None]:
+        """Args:
+            x: (B, T, D) inputs.
+            segment_pos: (B, T) position inside the document (RoPE and document masking).
+            positions: (B, T) position in the whole stream (window and causal masking, cache slots).
+            state: cache from earlier chunks, updated in place and returned; None for a fresh sequence.
+            build_state: with ``state=None``, whether to build a cache from this chunk (training skips it).
+        """
+        B, T, _ = x.shape
+        q = apply_rope(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base)
+        k = apply_rope(self.k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base)
+        v = self.v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, T, H_kv, hd)
+
+        if state is None:
+            keys, values, key_pos = k, v, positions
+        else:
+            keys = torch.cat([state.keys.to(k.dtype), k], dim=1)  # (B, S+T, H_kv, hd)
+            values = torch.cat([state.values.to(v.dtype), v], dim=1)
+            key_pos = torch.cat([state.positions, positions], dim=1)  # (B, S+T)
+
+        # A key is visible if it exists, is not in the future, lies in the query's document
+        # (the document began segment_pos tokens before the query) and inside the window.
+        qp, kp = positions[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, S+T)
+        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - segment_pos[:, :, None])
+        if self.history is not None:
+            mask &= qp - kp <= self.history
+        # SDPA keeps the softmax in float32 for float32 inputs; its CPU/GPU fused kernels also
+        # accumulate bf16 inputs in float32.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask[:, None], scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # fmt: skip  # (B, H, T, hd)
+        out = self.o(out.transpose(1, 2).flatten(2))
+
+        if state is None and not build_state:
+            return out, None
+        return out, self._update_state(state, k, v, positions, keys, values, key_pos)
+
+    def _update_state(self, state, k, v, positions, keys, values, key_pos) -> AttentionState:
+        if self.history is None:  # global attention: the cache is everything seen so far
+            return AttentionState(keys=keys, values=values, positions=key_pos)
+        if state is None:
+            state = self.init_state(k.shape[0], k.dtype, k.device)
+        if self.history == 0:
+            return state
+        n = min(k.shape[1], self.history)  # only the last `history` new keys can ever be attended to
+        slots = positions[:, -n:] % self.history  # (B, n)
+        idx = slots[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
+        state.keys.scatter_(1, idx, k[:, -n:].to(state.keys.dtype))
+        state.values.scatter_(1, idx, v[:, -n:].to(state.values.dtype))
+        state.positions.scatter_(1, slots, positions[:, -n:])
+        return state

@@ -1,0 +1,48 @@
+"""Causal depthwise Conv1D that never mixes documents, with a fixed-size decode state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CausalConv1D(nn.Module):
+    """``y[t] = b + sum_k w[K-1-k] * x[t-k]`` over ``k < K``, skipping ``x[t-k]`` from an earlier document.
+
+    ``x[t-k]`` belongs to the same document as ``x[t]`` exactly when ``segment_pos[t] >= k``,
+    which works the same whether ``x[t-k]`` lies in this chunk or in the carried state, so one
+    code path serves training, chunked prefill and single-token decoding.
+    The weight layout ``(K, C)`` follows the DeepMind port (``w[K-1]`` multiplies the current input).
+    """
+
+    def __init__(self, channels: int, kernel_width: int) -> None:
+        super().__init__()
+        self.kernel_width = kernel_width
+        self.weight = nn.Parameter(torch.empty(kernel_width, channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=math.sqrt(0.01 / self.kernel_width))
+        nn.init.zeros_(self.bias)
+
+    def forward(
+        self, x: torch.Tensor, segment_pos: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x (B, T, C); segment_pos (B, T); state (B, K-1, C), the previous inputs (zeros if None).
+
+        Returns: y (B, T, C) and the new state (B, K-1, C).
+        """
+        B, T, C = x.shape
+        K = self.kernel_width
+        if state is None:
+            state = x.new_zeros(B, K - 1, C)
+        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
+        w = self.weight.to(x.dtype)
+        y = xp[:, K - 1 :] * w[K - 1]
+        for k in range(1, K):
+            same_doc = (segment_pos >= k).unsqueeze(-1)  # (B, T, 1)
+            y = y + torch.where(same_doc, xp[:, K - 1 - k : K - 1 - k + T], 0.0) * w[K - 1 - k]
+        return y + self.bias.to(x.dtype), xp[:, xp.shape[1] - (K - 1) :]

@@ -1,0 +1,24 @@
+"""RMSNorm with a zero-initialised ``(1 + scale)`` gain, as in Griffin and Gemma."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * (1 + scale)``, computed in float32 and cast back to the input dtype."""
+
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.zeros(width))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics: in bfloat16 the mean of squares loses too many bits.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.scale.float())).to(x.dtype)

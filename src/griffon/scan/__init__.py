@@ -1,0 +1,82 @@
+"""The linear scan ``h_t = a_t * h_{t-1} + x_t`` and its dispatch to a backend.
+
+Backends:
+    ``reference``  plain loop under autograd, float64-capable: the test oracle.
+    ``cpu``        numba kernels, forward and backward near the memory bound.
+    ``loop``       portable time loop with a linear-time backward (any device).
+
+``auto`` picks ``cpu`` for CPU tensors and ``loop`` elsewhere; a GPU kernel registers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from griffon.scan.loop import linear_scan_loop
+from griffon.scan.reference import linear_scan_reference
+
+ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _cpu(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor):
+    # Imported lazily: numba compiles (or loads its cache) on first use only.
+    from griffon.scan.cpu import linear_scan_cpu
+
+    return linear_scan_cpu(a, x, h0, reset)
+
+
+BACKENDS: dict[str, ScanFn] = {
+    "reference": lambda a, x, h0, reset: linear_scan_reference(a, x, h0, reset),
+    "cpu": _cpu,
+    "loop": linear_scan_loop,
+}
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest registered backend for ``device``."""
+    return "cpu" if device.type == "cpu" else "loop"
+
+
+def linear_scan(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute ``h_t = a_t * h_{t-1} + x_t`` along dim 1.
+
+    Args:
+        a: (B, T, D) decay; float32 or float64 (the accumulation dtype).
+        x: (B, T, D) input, same dtype as ``a``.
+        h0: (B, D) initial state; zeros when ``None``.
+        reset: (B, T) bool; where true the carried state is dropped (``a_t`` acts as 0).
+        backend: ``auto`` or a key of :data:`BACKENDS`.
+
+    Returns:
+        ``(h, h_last)``: states (B, T, D) and final state (B, D). Differentiable in ``a``, ``x``, ``h0``.
+    """
+    if a.shape != x.shape or x.dim() != 3:
+        raise ValueError(f"linear_scan expects a and x of equal shape (B, T, D), got {tuple(a.shape)} and {tuple(x.shape)}")
+    if a.dtype != x.dtype or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"linear_scan accumulates in float32 or float64; got a {a.dtype}, x {x.dtype}")
+    B, T, D = x.shape
+    if h0 is None:
+        h0 = x.new_zeros(B, D)
+    elif h0.shape != (B, D) or h0.dtype != x.dtype:
+        raise ValueError(f"h0 must be ({B}, {D}) {x.dtype}, got {tuple(h0.shape)} {h0.dtype}")
+    if reset is None:
+        reset = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    elif reset.shape != (B, T) or reset.dtype != torch.bool:
+        raise ValueError(f"reset must be a ({B}, {T}) bool tensor, got {tuple(reset.shape)} {reset.dtype}")
+    name = default_backend(x.device) if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; known: {sorted(BACKENDS)}")
+    if name == "cpu" and x.device.type != "cpu":
+        raise ValueError("the cpu scan backend needs CPU tensors")
+    return BACKENDS[name](a, x, h0, reset)
+
+
+__all__ = ["BACKENDS", "default_backend", "linear_scan", "linear_scan_reference"]
