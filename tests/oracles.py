@@ -65,7 +65,9 @@ def hf_pair(cfg: ModelConfig, seed: int = 0):
     from griffon.convert import config_to_hf
 
     hf_dict = config_to_hf(cfg)
-    hf_cfg = transformers.RecurrentGemmaConfig(**{k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")})
+    hf_cfg = transformers.RecurrentGemmaConfig(
+        **{k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
+    )
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     ref = transformers.RecurrentGemmaForCausalLM(hf_cfg).eval()

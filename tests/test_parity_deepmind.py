@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from oracles import deepmind_pair
 
 from griffon.config import ModelConfig
+
+from oracles import deepmind_pair
 
 TOL = 1e-4
 
@@ -30,7 +31,9 @@ def packed_positions(B: int, T: int, starts: dict[int, list[int]]) -> torch.Tens
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_full_forward_with_document_boundaries(name):
+@pytest.mark.parametrize("query_block", [5, 256])
+def test_full_forward_with_document_boundaries(name, query_block, monkeypatch):
+    monkeypatch.setattr("griffon.nn.attention._QUERY_BLOCK", query_block)  # 5: blocks shorter than the window
     cfg = CONFIGS[name]
     ref, ours = deepmind_pair(cfg)
     B, T = 3, 29  # longer than every window
@@ -83,7 +86,9 @@ def test_token_by_token_decoding(name, prompt_len):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_chunked_prefill_matches_reference_forward(name):
+@pytest.mark.parametrize("query_block", [3, 256])
+def test_chunked_prefill_matches_reference_forward(name, query_block, monkeypatch):
+    monkeypatch.setattr("griffon.nn.attention._QUERY_BLOCK", query_block)
     """The reference cannot prefill in chunks; griffon's chunked logits must equal its full forward."""
     cfg = CONFIGS[name]
     ref, ours = deepmind_pair(cfg)

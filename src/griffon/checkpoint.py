@@ -77,8 +77,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {tuple(ref.shape)})")
         if tuple(state[name].shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"the config expects {tuple(ref.shape)}"
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config expects {tuple(ref.shape)}"
             )
     for name in state:
         if name not in expected:

@@ -69,6 +69,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.block_pattern = tuple(self.block_pattern)
+        for name in ("logit_soft_cap", "norm_eps", "rope_fraction", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))  # JSON writes 30.0 as 30
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------

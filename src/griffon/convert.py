@@ -128,7 +128,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         "block_types": list(cfg.block_pattern),
         "hidden_activation": "gelu_pytorch_tanh",
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base, "partial_rotary_factor": cfg.rope_fraction},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_base,
+            "partial_rotary_factor": cfg.rope_fraction,
+        },
         "tie_word_embeddings": True,
     }
 
@@ -227,7 +231,9 @@ def from_hf_state_dict(src: Tensors, cfg: ModelConfig) -> Tensors:
         if suffix == "temporal.conv.weight":
             w = _take(src, prefix + "temporal_block.conv_1d.weight", used)  # (C, 1, K)
             if w.dim() != 3 or w.shape[1] != 1:
-                raise ConversionError(f"tensor {prefix + 'temporal_block.conv_1d.weight'!r} has shape {tuple(w.shape)}, expected (C, 1, K)")
+                raise ConversionError(
+                    f"tensor {prefix + 'temporal_block.conv_1d.weight'!r} has shape {tuple(w.shape)}, expected (C, 1, K)"
+                )
             out[name] = w[:, 0, :].T
         else:
             out[name] = _take(src, prefix + _HF_LAYER_NAMES[suffix], used)
@@ -279,7 +285,10 @@ def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad pickles
-            raise ConversionError(f"cannot read {path} as a torch state dict: {e}") from None
+            first_line = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise ConversionError(
+                f"cannot read {path} as a tensors-only torch state dict (loaded with weights_only=True): {first_line}"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConversionError(f"{path} does not hold a flat state dict of tensors")
     else:
@@ -289,6 +298,10 @@ def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> 
         if preset not in ("recurrentgemma-2b", "recurrentgemma-9b"):
             raise ConversionError(f"--preset must be recurrentgemma-2b or recurrentgemma-9b, got {preset!r}")
         cfg = get_preset(preset, vocab_size=vocab) if vocab else get_preset(preset)
+        if width and width != cfg.width:
+            raise ConversionError(
+                f"tensor 'embedder.input_embedding' has width {width}, but preset {preset} has width {cfg.width}"
+            )
     else:
         assert config_file is not None
         try:
@@ -299,7 +312,9 @@ def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> 
     return cfg, from_deepmind_state_dict(state, cfg)
 
 
-def convert(src: str | Path, dst: str | Path, config_file: str | Path | None = None, preset: str | None = None) -> ModelConfig:
+def convert(
+    src: str | Path, dst: str | Path, config_file: str | Path | None = None, preset: str | None = None
+) -> ModelConfig:
     """Convert an HF RecurrentGemma directory or a DeepMind state dict into a griffon checkpoint at ``dst``.
 
     Everything is read and checked before anything is written; the output appears atomically.
@@ -317,7 +332,9 @@ def convert(src: str | Path, dst: str | Path, config_file: str | Path | None = N
     else:
         cfg, state = _read_deepmind(src, Path(config_file) if config_file else None, preset)
         cfg.extra["converted_from"] = f"deepmind:{src.name}"
-    _write_dir(dst, lambda tmp: (save_state_dict(state, tmp / WEIGHTS_NAME), (tmp / CONFIG_NAME).write_text(cfg.to_json())))
+    _write_dir(
+        dst, lambda tmp: (save_state_dict(state, tmp / WEIGHTS_NAME), (tmp / CONFIG_NAME).write_text(cfg.to_json()))
+    )
     return cfg
 
 

@@ -111,7 +111,7 @@ for _size, (_w, _lru, _layers, _heads) in _LADDER.items():
         ) -> ModelConfig:  # fmt: skip
             return ModelConfig(
                 vocab_size=32000, width=w, num_layers=layers, block_pattern=pattern, num_heads=heads,
-                lru_width=lru, lru_num_blocks=heads, mlp_width=3 * w,
+                lru_width=lru, lru_num_blocks=heads if lru % heads == 0 else lru // 128, mlp_width=3 * w,
                 attention_window=None if pattern == TRANSFORMER else 1024,
                 embed_scale=True, logit_soft_cap=30.0,
             )  # fmt: skip

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Queries per attention call; blocks let local and causal attention skip keys they cannot see.
+_QUERY_BLOCK = 128
+
 
 @dataclass
 class AttentionState:
@@ -88,46 +91,68 @@ class Attention(nn.Module):
         build_state: bool = True,
     ) -> tuple[torch.Tensor, AttentionState | None]:
         """Args:
-            x: (B, T, D) inputs.
-            segment_pos: (B, T) position inside the document (RoPE and document masking).
-            positions: (B, T) position in the whole stream (window and causal masking, cache slots).
-            state: cache from earlier chunks, updated in place and returned; None for a fresh sequence.
-            build_state: with ``state=None``, whether to build a cache from this chunk (training skips it).
+        x: (B, T, D) inputs.
+        segment_pos: (B, T) position inside the document (RoPE and document masking).
+        positions: (B, T) position in the whole stream (window and causal masking, cache slots).
+        state: cache from earlier chunks, updated in place and returned; None for a fresh sequence.
+        build_state: with ``state=None``, whether to build a cache from this chunk (training skips it).
         """
         B, T, _ = x.shape
-        q = apply_rope(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base)
-        k = apply_rope(self.k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base)
+        q = apply_rope(
+            self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base
+        )
+        k = apply_rope(
+            self.k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base
+        )
         v = self.v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, T, H_kv, hd)
 
-        if state is None:
-            keys, values, key_pos = k, v, positions
-        else:
-            keys = torch.cat([state.keys.to(k.dtype), k], dim=1)  # (B, S+T, H_kv, hd)
-            values = torch.cat([state.values.to(v.dtype), v], dim=1)
-            key_pos = torch.cat([state.positions, positions], dim=1)  # (B, S+T)
-
-        # A key is visible if it exists, is not in the future, lies in the query's document
-        # (the document began segment_pos tokens before the query) and inside the window.
-        qp, kp = positions[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, S+T)
-        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - segment_pos[:, :, None])
-        if self.history is not None:
-            mask &= qp - kp <= self.history
-        # SDPA keeps the softmax in float32 for float32 inputs; its CPU/GPU fused kernels also
-        # accumulate bf16 inputs in float32.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask[:, None], scale=self.head_dim**-0.5,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # fmt: skip  # (B, H, T, hd)
+        # Queries go in blocks: each block needs only the keys inside its reach (the window, or
+        # everything up to the block's end for global attention), so masked-out work shrinks
+        # from T^2 to about T * (history + block). Cached keys (ring or history) come first.
+        qt = q.transpose(1, 2)  # (B, H, T, hd)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, hd)
+        if state is not None:
+            old_k, old_v = state.keys.to(k.dtype).transpose(1, 2), state.values.to(v.dtype).transpose(1, 2)
+        outs = []
+        for s in range(0, T, _QUERY_BLOCK):
+            e = min(T, s + _QUERY_BLOCK)
+            lo = 0 if self.history is None else max(0, s - self.history)
+            keys, values, key_pos = kt[:, :, lo:e], vt[:, :, lo:e], positions[:, lo:e]
+            if state is not None:
+                keys, values = torch.cat([old_k, keys], dim=2), torch.cat([old_v, values], dim=2)
+                key_pos = torch.cat([state.positions, key_pos], dim=1)
+            outs.append(self._attend(qt[:, :, s:e], keys, values, positions[:, s:e], segment_pos[:, s:e], key_pos))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (B, H, T, hd)
         out = self.o(out.transpose(1, 2).flatten(2))
 
         if state is None and not build_state:
             return out, None
-        return out, self._update_state(state, k, v, positions, keys, values, key_pos)
+        return out, self._update_state(state, k, v, positions)
 
-    def _update_state(self, state, k, v, positions, keys, values, key_pos) -> AttentionState:
+    def _attend(self, q, keys, values, q_pos, q_seg, key_pos) -> torch.Tensor:
+        """q (B, H, t, hd); keys/values (B, H_kv, s, hd); q_pos, q_seg (B, t); key_pos (B, s)."""
+        # A key is visible if it exists, is not in the future, lies in the query's document
+        # (the document began segment_pos tokens before the query) and inside the window.
+        qp, kp = q_pos[:, :, None], key_pos[:, None, :]  # (B, t, 1), (B, 1, s)
+        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - q_seg[:, :, None])
+        if self.history is not None:
+            mask &= qp - kp <= self.history
+        # SDPA keeps the softmax in float32 for float32 inputs; its fused CPU/GPU kernels also
+        # accumulate bf16 inputs in float32.
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None], scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # fmt: skip
+
+    def _update_state(self, state, k, v, positions) -> AttentionState:
         if self.history is None:  # global attention: the cache is everything seen so far
-            return AttentionState(keys=keys, values=values, positions=key_pos)
+            if state is None:
+                return AttentionState(keys=k, values=v, positions=positions)
+            return AttentionState(
+                keys=torch.cat([state.keys, k.to(state.keys.dtype)], dim=1),
+                values=torch.cat([state.values, v.to(state.values.dtype)], dim=1),
+                positions=torch.cat([state.positions, positions], dim=1),
+            )
         if state is None:
             state = self.init_state(k.shape[0], k.dtype, k.device)
         if self.history == 0:

@@ -59,7 +59,9 @@ def linear_scan(
         ``(h, h_last)``: states (B, T, D) and final state (B, D). Differentiable in ``a``, ``x``, ``h0``.
     """
     if a.shape != x.shape or x.dim() != 3:
-        raise ValueError(f"linear_scan expects a and x of equal shape (B, T, D), got {tuple(a.shape)} and {tuple(x.shape)}")
+        raise ValueError(
+            f"linear_scan expects a and x of equal shape (B, T, D), got {tuple(a.shape)} and {tuple(x.shape)}"
+        )
     if a.dtype != x.dtype or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"linear_scan accumulates in float32 or float64; got a {a.dtype}, x {x.dtype}")
     B, T, D = x.shape

@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import torch
 
+
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _scan_forward(a, x, reset, h0, h, h_last, n_split):  # pragma: no cover - compiled
     B, T, D = x.shape

@@ -1,0 +1,41 @@
+# griffon: two commands.
+#   make run    install, then train the default model on the embedded corpus and sample from it
+#   make test   install with test dependencies, lint, run the test suite
+#
+# torch is pinned to the 2.13.0 release: on the project's CPU machines pip takes a local CPU wheel;
+# elsewhere pip picks the build for your platform (CUDA on Linux). Install another torch first
+# and set TORCH= (empty) to keep it.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test install install-test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(if $(TORCH),$(PIP) install "$(TORCH)")
+	$(PIP) install -e .
+
+install-test: install
+	$(PIP) install -e ".[test]"
+	# The DeepMind reference port, without its JAX/flax half (tests import only recurrentgemma.torch).
+	$(PIP) install --no-deps recurrentgemma==1.0.1
+
+run: install
+	$(VENV)/bin/griffon train --out runs/demo
+	$(VENV)/bin/griffon sample runs/demo --prompt "ROMEO:" --max-new-tokens 300
+
+lint: $(PY)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: install-test lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

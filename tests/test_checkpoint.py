@@ -1,0 +1,75 @@
+"""save_pretrained / from_pretrained round trips and their errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from griffon import Griffon, from_pretrained, get_preset, save_pretrained
+from griffon.checkpoint import CheckpointError
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = Griffon(get_preset("griffin-tiny")).eval()
+    save_pretrained(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_round_trip_gives_identical_logits(saved):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = from_pretrained(path).eval()
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], loaded(tokens)[0])
+    assert from_pretrained(path, dtype=torch.bfloat16).embed.weight.dtype == torch.bfloat16
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        from_pretrained(tmp_path / "nothing")
+
+
+def test_truncated_weights(saved):
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        from_pretrained(path)
+
+
+def test_config_from_another_model(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["mlp_width"] = 128
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks.0.mlp.gate.weight' has shape \(192, 64\)"):
+        from_pretrained(path)
+
+
+def test_missing_and_nan_tensors(saved):
+    _, path = saved
+    state = load_file(path / "model.safetensors")
+    del state["final_norm.scale"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor 'final_norm.scale'"):
+        from_pretrained(path)
+    state["final_norm.scale"] = torch.full((64,), float("nan"))
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'final_norm.scale' contains NaN"):
+        from_pretrained(path)
+
+
+def test_bad_config_in_checkpoint(saved):
+    _, path = saved
+    (path / "config.json").write_text(json.dumps({"width": 64, "n_layers": 3}))
+    with pytest.raises(CheckpointError, match="did you mean 'num_layers'"):
+        from_pretrained(path)
+
+
+def test_save_overwrites_atomically_and_leaves_no_temp_files(saved):
+    model, path = saved
+    save_pretrained(model, path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]

@@ -1,0 +1,79 @@
+"""Config validation, JSON round trips, presets and their published parameter counts."""
+
+import json
+
+import pytest
+import torch
+
+from griffon import ConfigError, Griffon, ModelConfig, get_preset, preset_names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_round_trips_through_json(name, tmp_path):
+    cfg = get_preset(name)
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    assert ModelConfig.from_json(path) == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_block_pattern_cycles():
+    cfg = ModelConfig(num_layers=5)
+    assert cfg.block_types == ["recurrent", "recurrent", "attention", "recurrent", "recurrent"]
+    assert get_preset("hawk-tiny").block_types == ["recurrent"] * 3
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(widht=3), "unknown model config key 'widht' (did you mean 'width'?)"),
+        (dict(width=100, num_heads=3), "width 100 is not divisible by num_heads 3"),
+        (dict(num_heads=4, num_kv_heads=3), "num_heads 4 is not divisible by num_kv_heads 3"),
+        (dict(block_pattern=["recurrent", "mamba"]), "block_pattern entry 'mamba'"),
+        (dict(width="256"), "width must be of type int"),
+        (dict(attention_window=0), "attention_window must be positive"),
+        (dict(window_semantics="jax"), "window_semantics 'jax'"),
+        (dict(lru_width=102), "lru_width 102 is not divisible"),
+        (dict(rope_fraction=0.3), "must be even"),
+        (dict(embed_scale="yes"), "embed_scale must be of type bool"),
+        (dict(block_pattern=[]), "block_pattern must not be empty"),
+    ],
+)
+def test_invalid_configs_name_the_problem(changes, message):
+    d = ModelConfig().to_dict() | changes
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(d)
+    assert message in str(e.value)
+
+
+def test_bad_json_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ModelConfig.from_json(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text(json.dumps([1]))
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelConfig.from_json(tmp_path / "list.json")
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'griffin-tiny'"):
+        get_preset("grifin-tiny")
+
+
+# Totals and non-embedding counts of the published models (shared/notes/reference.md §1).
+@pytest.mark.parametrize(
+    "name, total, non_embedding",
+    [
+        ("griffin-paper-7b", 7.795e9, 6.747e9),
+        ("hawk-paper-7b", 8.162e9, 7.113e9),
+        ("recurrentgemma-2b", 2.683e9, 2.028e9),
+        ("recurrentgemma-9b", 8.580e9, 7.531e9),
+    ],
+)
+def test_published_parameter_counts(name, total, non_embedding):
+    with torch.device("meta"):
+        model = Griffon(get_preset(name))
+    assert model.num_params() == pytest.approx(total, abs=0.5e6)
+    assert model.num_params(non_embedding=True) == pytest.approx(non_embedding, abs=0.5e6)

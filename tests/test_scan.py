@@ -1,0 +1,82 @@
+"""Fast scan backends against the float64 reference: values and gradients, odd shapes, resets."""
+
+import pytest
+import torch
+
+from griffon.scan import linear_scan, linear_scan_reference
+
+SHAPES = [(1, 1, 1), (2, 7, 5), (3, 37, 129), (1, 64, 300), (4, 3, 2)]
+
+
+def _inputs(shape, dtype, seed, reset_p=0.15):
+    g = torch.Generator().manual_seed(seed)
+    B, T, D = shape
+    a = torch.rand(B, T, D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, D, generator=g, dtype=torch.float64)
+    reset = torch.rand(B, T, generator=g) < reset_p
+    return [t.to(dtype).requires_grad_() for t in (a, x, h0)] + [reset]
+
+
+def _value_and_grads(fn, a, x, h0, reset, seed):
+    h, last = fn(a, x, h0, reset)
+    g = torch.Generator().manual_seed(seed + 100)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64).to(h.dtype)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(h.dtype)
+    grads = torch.autograd.grad((h * gh).sum() + (last * gl).sum(), [a, x, h0])
+    return [h, last, *grads]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "loop"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float64_equals_reference(backend, shape):
+    for seed in range(2):
+        a, x, h0, reset = _inputs(shape, torch.float64, seed)
+        want = _value_and_grads(linear_scan_reference, a, x, h0, reset, seed)
+        got = _value_and_grads(lambda *args: linear_scan(*args, backend=backend), a, x, h0, reset, seed)
+        for w, o, name in zip(want, got, ["h", "h_last", "da", "dx", "dh0"], strict=True):
+            assert torch.allclose(o, w, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("backend", ["cpu", "loop"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_close_to_float64_reference(backend, shape):
+    a, x, h0, reset = _inputs(shape, torch.float64, 3)
+    want = _value_and_grads(linear_scan_reference, a, x, h0, reset, 3)
+    a32, x32, h032 = (t.detach().float().requires_grad_() for t in (a, x, h0))
+    got = _value_and_grads(lambda *args: linear_scan(*args, backend=backend), a32, x32, h032, reset, 3)
+    for w, o in zip(want, got, strict=True):
+        assert o.dtype == torch.float32
+        assert torch.allclose(o.double(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_drops_state_and_h0_defaults_to_zero():
+    a = torch.full((1, 4, 2), 0.5)
+    x = torch.ones(1, 4, 2)
+    reset = torch.tensor([[False, False, True, False]])
+    h, last = linear_scan(a, x, None, reset)
+    assert h[0, :, 0].tolist() == [1.0, 1.5, 1.0, 1.5]
+    assert last[0, 0].item() == 1.5
+
+
+def test_only_final_state_gradient():
+    a, x, h0, reset = _inputs((2, 9, 3), torch.float64, 0)
+    ga = torch.autograd.grad(linear_scan(a, x, h0, reset, backend="cpu")[1].sum(), [a, x, h0])
+    gr = torch.autograd.grad(linear_scan_reference(a, x, h0, reset)[1].sum(), [a, x, h0])
+    for p, q in zip(ga, gr, strict=True):
+        assert torch.allclose(p, q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(a=torch.rand(2, 3, 4), x=torch.rand(2, 3, 5)), "equal shape"),
+        (dict(a=torch.rand(2, 3, 4).bfloat16(), x=torch.rand(2, 3, 4).bfloat16()), "float32 or float64"),
+        (dict(a=torch.rand(2, 3, 4), x=torch.rand(2, 3, 4), h0=torch.rand(2, 5)), "h0 must be"),
+        (dict(a=torch.rand(2, 3, 4), x=torch.rand(2, 3, 4), reset=torch.zeros(2, 3)), "reset must be"),
+        (dict(a=torch.rand(2, 3, 4), x=torch.rand(2, 3, 4), backend="nope"), "unknown scan backend"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        linear_scan(**kwargs)
