@@ -15,10 +15,11 @@ import json
 
 import numba
 import torch
-from common import best_time, copy_bandwidth, machine
 
 from griffon.scan import linear_scan
 from griffon.scan.cpu import _n_split, _scan_backward, _scan_forward
+
+from common import best_time, copy_bandwidth, machine
 
 
 def main() -> None:

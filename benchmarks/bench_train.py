@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-from common import best_time, machine, matmul_peak_flops
 from torch.nn import functional as F
 
 from griffon import Griffon, get_preset
 from griffon.accounting import train_flops_per_token
+
+from common import best_time, machine, matmul_peak_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
