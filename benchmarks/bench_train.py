@@ -6,7 +6,8 @@ All three train the same model (the same weights, converted) with the same step:
 cross-entropy, backward, AdamW. Tokens/s are measured in one run, so their ratios are
 comparable even on a noisy machine; MFU counts the model's real FLOPs
 (``griffon.accounting.train_flops_per_token``: matmuls, windowed attention, conv) against the
-fp32 matmul throughput measured in the same run.
+fp32 matmul throughput measured in the same run. glibc is told to keep freed memory
+(``griffon.allocator``) for all three, as ``griffon train`` does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from griffon import Griffon, get_preset
 from griffon.accounting import train_flops_per_token
+from griffon.allocator import keep_freed_memory
 
 from common import best_time, machine, matmul_peak_flops
 
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--json", help="write results here")
     args = p.parse_args()
 
+    keep_freed_memory()  # as `griffon train` does; applies to all three implementations
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     ours, refs = reference_models(cfg)

@@ -77,3 +77,35 @@ def test_published_parameter_counts(name, total, non_embedding):
         model = Griffon(get_preset(name))
     assert model.num_params() == pytest.approx(total, abs=0.5e6)
     assert model.num_params(non_embedding=True) == pytest.approx(non_embedding, abs=0.5e6)
+
+
+@pytest.mark.parametrize("name", ["griffin-small", "hawk-tiny", "mqa-tiny", "griffin-100m"])
+def test_matmul_flops_count_every_weight_matrix(name):
+    from griffon.accounting import forward_flops_per_token
+
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = Griffon(cfg)
+    # every matrix (2-D or blockwise 3-D) except the conv taps; the embedding counts once, as the head
+    matrices = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "conv" not in n and "bias" not in n
+    )
+    assert forward_flops_per_token(cfg, 512)["matmul"] == 2 * matrices
+
+
+def test_decode_state_bytes_match_the_cache():
+    from griffon.accounting import decode_state_bytes
+
+    for name in ["griffin-tiny", "hawk-tiny", "mqa-tiny"]:
+        cfg = get_preset(name)
+        model = Griffon(cfg).to(torch.bfloat16)
+        _, cache = model(torch.randint(0, 256, (1, 40)), return_cache=True)
+        assert cache.nbytes() == decode_state_bytes(cfg, 40, torch.bfloat16)
+
+
+def test_mean_visible_keys():
+    from griffon.accounting import mean_visible_keys
+
+    cfg = ModelConfig(attention_window=2)  # a query sees itself and 2 previous keys
+    assert mean_visible_keys(cfg, 5) == pytest.approx((1 + 2 + 3 + 3 + 3) / 5)
+    assert mean_visible_keys(ModelConfig(attention_window=None), 5) == 3.0

@@ -123,3 +123,11 @@ def test_bad_inputs_get_clear_errors(call, message):
     model = Griffon(get_preset("griffin-tiny"))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(model)
+
+
+def test_keep_freed_memory_applies_with_glibc():
+    import platform
+
+    from griffon.allocator import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
