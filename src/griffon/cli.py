@@ -73,6 +73,83 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"wrote HF RecurrentGemma checkpoint to {args.dst}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from griffon.train.config import TrainConfig, apply_overrides
+    from griffon.train.trainer import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.set:
+            raise ValueError("--resume continues a run with its saved config.json; drop CONFIG and --set")
+        cfg = TrainConfig.load(run_dir / "config.json")
+    else:
+        base = TrainConfig.load(args.config).to_dict() if args.config else TrainConfig().to_dict()
+        cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
+        run_dir = Path(args.out)
+        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
+            )
+    result = train(cfg, run_dir, resume=bool(args.resume))
+    bpb = f", validation {result.val_bpb:.3f} bits/byte (loss {result.val_loss:.3f})" if result.val_bpb else ""
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens at {result.tokens_per_s:,.0f} tokens/s{bpb}")
+    print(f"run directory: {run_dir}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import from_pretrained
+    from griffon.data.tokenizers import load_tokenizer
+    from griffon.generate import stream_tokens
+    from griffon.train.checkpoint import checkpoint_dirs
+
+    path = Path(args.model)
+    if (path / "model.safetensors").is_file():
+        ckpt = path
+    else:
+        ckpts = checkpoint_dirs(path)
+        if not ckpts:
+            raise ValueError(f"{path} is neither a checkpoint (model.safetensors) nor a run with checkpoints")
+        ckpt = ckpts[-1]
+    tok_dir = next((d for d in (ckpt, *ckpt.parents) if (d / "tokenizer.json").is_file()), None)
+    if tok_dir is None:
+        raise ValueError(f"no tokenizer.json found in {ckpt} or its parent directories")
+    tokenizer = load_tokenizer(tok_dir)
+    model = from_pretrained(ckpt)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    prompt = tokenizer.encode(args.prompt)
+    ids: list[int] = []
+    shown = ""
+    sys.stdout.write(args.prompt)
+    for token in stream_tokens(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            continue
+        sys.stdout.write(text[len(shown) :])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write(tokenizer.decode(ids)[len(shown) :] + "\n")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from griffon.data.prepare import prepare
+    from griffon.data.tokenizers import load_tokenizer
+
+    meta = prepare(args.inputs, load_tokenizer(args.tokenizer), args.out, args.val_fraction, args.seed, args.field)
+    for split, m in meta["splits"].items():
+        print(f"{split}: {m['documents']} documents, {m['tokens']:,} tokens, {m['bytes']:,} bytes")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from griffon.data.sources import iter_documents
+    from griffon.data.tokenizers import train_bpe
+
+    texts = (doc for p in args.inputs for doc in iter_documents(p, args.field))
+    tok = train_bpe(texts, args.vocab_size, args.out)
+    print(f"wrote {args.out} ({tok.vocab_size} tokens)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="griffon", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +171,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", help="recurrentgemma-2b or recurrentgemma-9b (DeepMind sources)")
     s.set_defaults(fn=cmd_convert)
 
+    s = sub.add_parser("train", help="train a model (no arguments: a small Griffin on the embedded corpus)")
+    s.add_argument("config", nargs="?", help="training config JSON (default: built-in defaults)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-3 --set model=hawk-tiny")  # fmt: skip
+    s.add_argument("--out", default="runs/griffon", help="run directory (must not hold a run)")
+    s.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its newest checkpoint")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="stream a sample from a run or checkpoint")
+    s.add_argument("model", help="run directory or checkpoint directory")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="tokenize text/JSONL/parquet/HF-dataset inputs into token shards")
+    d.add_argument("inputs", nargs="+")
+    d.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json, or a sentencepiece .model")
+    d.add_argument("--out", required=True)
+    d.add_argument("--val-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--field", default="text", help="JSONL/parquet/dataset column holding the text")
+    d.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("tokenizer", help="tokenizers")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer with HF tokenizers")
+    t.add_argument("inputs", nargs="+")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out", required=True, help="output tokenizer.json")
+    t.add_argument("--field", default="text")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
     s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
     s.add_argument("src")
     s.add_argument("dst")
@@ -105,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors subclass ValueError and carry the full story
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # ours carry the full story in one line
         print(f"griffon {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -113,7 +113,7 @@ class ModelConfig:
     # ----- validation ----------------------------------------------------------------------
     def validate(self) -> None:
         """Check types and shapes; raise :class:`ConfigError` naming the offending field."""
-        _check_types(self)
+        check_types(self)
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -165,18 +165,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build a config from a dict, rejecting unknown keys with a did-you-mean hint."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ConfigError(f"unknown model config key {key!r}{suggestion}")
-        d = dict(d)
-        if isinstance(d.get("block_pattern"), list):
-            d["block_pattern"] = tuple(d["block_pattern"])
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
@@ -203,8 +192,31 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_types(cfg: Any) -> None:
-    """Reject values whose type does not match the field annotation (JSON gives no guarantees)."""
+def dataclass_from_dict(cls: Any, d: Any, what: str) -> Any:
+    """Instantiate dataclass ``cls`` from JSON-like ``d``: nested dataclasses, lists as tuples,
+    unknown keys rejected with a did-you-mean hint. ``what`` names the thing in errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown {what} key {key!r}{suggestion}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = tp.from_dict(value) if hasattr(tp, "from_dict") else dataclass_from_dict(tp, value, key)
+        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def check_types(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for any field whose value does not match its annotation
+    (JSON and ``--set`` give no guarantees)."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -221,7 +233,12 @@ def _is_instance(value: Any, tp: Any) -> bool:
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin is tuple:
-        return isinstance(value, tuple) and all(_is_instance(v, typing.get_args(tp)[0]) for v in value)
+        args = typing.get_args(tp)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_instance(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_is_instance(v, a) for v, a in zip(value, args, strict=True))
     if origin is dict:
         return isinstance(value, dict)
     if tp is type(None):

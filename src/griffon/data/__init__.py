@@ -1,0 +1,1 @@
+"""Tokenizers, data preparation, the embedded corpus and the packing loader."""

@@ -1,0 +1,108 @@
+"""``griffon data prepare``: tokenize documents into token shards split train/validation by document.
+
+Output directory layout::
+
+    train.bin, val.bin              token ids, uint16 (vocabularies up to 65536) or uint32
+    train.docs.npy, val.docs.npy    (n_docs + 1,) int64 document start offsets, then the total
+    token_bytes.npy                 UTF-8 bytes per token id (for bits per byte)
+    tokenizer.json [tokenizer.model]
+    meta.json                       tokenizer, dtype, counts, sources, SHA-256 of the .bin files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from griffon.data.sources import DataError, iter_documents
+from griffon.data.tokenizers import Tokenizer
+
+SPLITS = ("train", "val")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    field: str = "text",
+    progress: bool = True,
+) -> dict:
+    """Tokenize ``inputs`` into ``out``; whole documents go to validation. Returns the metadata."""
+    if not inputs:
+        raise DataError("no input files given")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output directory {out} exists and is not empty; refusing to overwrite")
+
+    # Pass 1: count documents, so that the validation split is an exact, seeded choice of them.
+    n_docs = sum(1 for p in inputs for _ in iter_documents(p, field))
+    if n_docs == 0:
+        raise DataError(f"no documents found in {', '.join(map(str, inputs))}")
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
+    if n_val >= n_docs:
+        raise DataError(f"{n_docs} document(s) cannot be split into train and validation; give more documents")
+    val_ids = set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
+
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    files = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}
+    offsets: dict[str, list[int]] = {s: [0] for s in SPLITS}
+    n_bytes = {s: 0 for s in SPLITS}
+    try:
+        docs = (d for p in inputs for d in iter_documents(p, field))
+        for i, text in enumerate(tqdm(docs, total=n_docs, desc="tokenizing", unit="doc", disable=not progress)):
+            split = "val" if i in val_ids else "train"
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+            if ids.size == 0:
+                continue
+            if ids.max() >= tokenizer.vocab_size:
+                raise DataError(f"tokenizer produced id {ids.max()} >= its vocab_size {tokenizer.vocab_size}")
+            files[split].write(ids.astype(dtype).tobytes())
+            offsets[split].append(offsets[split][-1] + ids.size)
+            n_bytes[split] += len(text.encode("utf-8"))
+    finally:
+        for f in files.values():
+            f.close()
+    if offsets["train"][-1] == 0:
+        raise DataError("the training split is empty (all documents were empty?)")
+
+    for s in SPLITS:
+        np.save(out / f"{s}.docs.npy", np.asarray(offsets[s], dtype=np.int64))
+    np.save(out / "token_bytes.npy", tokenizer.token_bytes())
+    tokenizer.save(out)
+    meta = {
+        "format": "griffon-tokens-v1",
+        "tokenizer": tokenizer.describe(),
+        "dtype": np.dtype(dtype).name,
+        "sources": [str(p) for p in inputs],
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "splits": {
+            s: {
+                "documents": len(offsets[s]) - 1,
+                "tokens": offsets[s][-1],
+                "bytes": n_bytes[s],
+                "sha256": _sha256(out / f"{s}.bin"),
+            }
+            for s in SPLITS
+        },
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

@@ -1,0 +1,84 @@
+"""Reading documents from text, JSONL (optionally gzipped), parquet and HF datasets saved to disk."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Input data is missing, empty or malformed. The message names the file."""
+
+
+def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
+    """Yield the documents of one input: a ``.txt`` file is one document; ``.jsonl``/``.jsonl.gz``
+    and ``.parquet`` have one per row (column ``field``); a directory saved by
+    ``datasets.Dataset.save_to_disk`` has one per row."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input not found: {path}")
+    name = path.name
+    if path.is_dir():
+        yield from _hf_dataset(path, field)
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+        yield from _jsonl(path, field)
+    elif name.endswith(".parquet"):
+        yield from _parquet(path, field)
+    elif name.endswith((".txt", ".md", ".text")) or "." not in name:
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text: {e}") from None
+    else:
+        raise DataError(f"{path}: unsupported input (use .txt, .jsonl[.gz], .parquet or a saved HF dataset directory)")
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise DataError(f"{path}:{lineno}: expected an object with a string field {field!r}")
+                yield row[field]
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading parquet needs `pip install pyarrow`") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise DataError(f"{path}: no column {field!r} (columns: {table.column_names})")
+    for value in table.column(field).to_pylist():
+        if isinstance(value, str):
+            yield value
+
+
+def _hf_dataset(path: Path, field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a directory: reading a saved HF dataset needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"cannot load HF dataset from {path}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if field not in ds.column_names:
+        raise DataError(f"{path}: no column {field!r} (columns: {ds.column_names})")
+    for value in ds[field]:
+        if isinstance(value, str):
+            yield value

@@ -1,0 +1,1 @@
+"""Training: configuration, optimizer and schedules, losses, run checkpoints, distribution, logging."""

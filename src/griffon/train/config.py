@@ -1,0 +1,180 @@
+"""Training configuration: nested typed dataclasses, JSON round trip, ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from griffon.config import ConfigError, ModelConfig, check_types, dataclass_from_dict
+from griffon.presets import get_preset
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+
+
+def _default_model() -> ModelConfig:
+    return get_preset("griffin-small").replace(attention_window=128)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Prepared data directory (``griffon data prepare``); ``None``: the embedded Shakespeare corpus."""
+    tokenizer: str = "bytes"
+    """Tokenizer used to prepare the embedded corpus: ``bytes``, a tokenizer.json or a .model file."""
+    val_fraction: float = 0.1
+    """Share of documents held out for validation when preparing the embedded corpus."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    batch_size: int = 16
+    """Sequences per micro-batch on each rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    def validate(self) -> None:
+        check_types(self)
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine and WSD)."""
+    weight_decay: float = 0.1
+    """AdamW decay, applied to matrices only (not norms, biases, embeddings or ``a_param``)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    """``cosine`` (warmup then cosine), ``wsd`` (warmup, stable, linear decay) or ``constant``."""
+    warmup_steps: int = 30
+    decay_fraction: float = 0.2
+    """WSD: the final fraction of steps over which the rate decays."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; ``None`` disables it."""
+    agc: float | None = None
+    """Adaptive gradient clipping (NFNets) threshold lambda, e.g. 0.04; ``None`` disables it."""
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    model: ModelConfig = field(default_factory=_default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_tokens: int | None = None
+    """Stop once this many training tokens (all ranks) have been consumed."""
+    max_flops: float | None = None
+    """Stop once the model's training FLOPs (``griffon.accounting``) reach this budget."""
+    max_minutes: float | None = 8.0
+    """Stop after this much wall time (not bitwise reproducible; set null for exact runs)."""
+    dtype: str = "auto"
+    """``bf16`` autocast (recurrence state and softmax stay float32), ``fp32``, or ``auto``: bf16 on
+    GPUs and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), fp32 elsewhere."""
+    device: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    goldfish_k: int = 0
+    """Goldfish loss: drop 1/k of the tokens from the loss (0 disables it)."""
+    goldfish_h: int = 13
+    """Goldfish loss: tokens hashed to decide which ones to drop."""
+    distributed: str = "none"
+    """``none``, ``ddp`` or ``fsdp`` (FSDP2 ``fully_shard``); run under torchrun for the last two."""
+    eval_every: int = 100
+    eval_batches: int | None = 20
+    """Validation batches per evaluation; ``None``: the whole split."""
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_types(self)
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"distributed {self.distributed!r} is not one of {DISTRIBUTED}")
+        if not (self.max_steps or self.max_tokens or self.max_flops or self.max_minutes):
+            raise ConfigError("set at least one budget: max_steps, max_tokens, max_flops or max_minutes")
+        for name in ("eval_every", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.goldfish_k < 0 or self.goldfish_k == 1:
+            raise ConfigError(f"goldfish_k must be 0 (off) or >= 2, got {self.goldfish_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if isinstance(d.get("model"), str):  # a preset name
+            d["model"] = get_preset(d["model"]).to_dict()
+        return dataclass_from_dict(cls, d, "train config")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a config dict. Values parse as JSON, else as strings;
+    ``model=PRESET`` swaps in a preset."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a config section")
+            node = node[p]
+        if key == "model" and isinstance(value, str):
+            value = get_preset(value).to_dict()
+        node[leaf] = value
+    return d

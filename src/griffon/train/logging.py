@@ -1,0 +1,125 @@
+"""Run logs: a console progress line, JSONL and CSV always, TensorBoard when installed, a loss PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Append-only metrics log of a run (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, truncate_after_step: int | None = None) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
+        self.jsonl = run_dir / "log.jsonl"
+        self.csv = run_dir / "log.csv"
+        self.start = time.time()
+        self._tb = None
+        if not enabled:
+            return
+        if truncate_after_step is not None:
+            # A resumed run repeats the steps after its checkpoint: drop their old records.
+            self._truncate(truncate_after_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def _truncate(self, step: int) -> None:
+        if not self.jsonl.is_file():
+            return
+        records = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("step", 0) <= step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self.csv.unlink(missing_ok=True)
+        for r in records:
+            self._write_csv(r)
+
+    def _write_csv(self, record: dict[str, Any]) -> None:
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s"])
+            w.writerow(
+                [
+                    record.get(k, "")
+                    for k in ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
+                ]
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._write_csv(record)
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step",):
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def progress(self, step: int, fraction: float, tokens_per_s: float, loss: float) -> None:
+        """One overwritten console line: step, loss, tokens/s and ETA."""
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
+        bar = "#" * int(20 * fraction)
+        sys.stderr.write(
+            f"\r[{bar:<20}] {100 * fraction:5.1f}% step {step} loss {loss:.4f} "
+            f"{tokens_per_s:,.0f} tok/s ETA {_fmt(eta)}   "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Training and validation loss against tokens, as ``loss.png``; None without matplotlib or data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "train"]
+    val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

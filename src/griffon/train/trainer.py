@@ -1,0 +1,339 @@
+"""The training loop: ``train(config, run_dir)``.
+
+The model stays single-device code; this module wraps it (activation checkpointing, compile,
+DDP/FSDP2) from outside, feeds it packed documents, and owns the run directory:
+``config.json``, ``tokenizer.json``, ``data/`` (the embedded corpus, prepared), ``log.jsonl``,
+``log.csv``, ``loss.png``, ``checkpoints/step_*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from griffon.accounting import train_flops_per_token
+from griffon.allocator import keep_freed_memory
+from griffon.checkpoint import CheckpointError
+from griffon.config import ConfigError
+from griffon.data.corpus import default_corpus
+from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
+from griffon.data.prepare import prepare
+from griffon.data.tokenizers import load_tokenizer
+from griffon.model import Griffon
+from griffon.train import distributed as D
+from griffon.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint, set_rng_state
+from griffon.train.config import TrainConfig
+from griffon.train.logging import RunLogger, plot_losses
+from griffon.train.losses import goldfish_mask, next_token_loss
+from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, too many non-finite steps in a row)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    val_loss: float | None
+    val_bpb: float | None
+    tokens_per_s: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). ``auto`` avoids bf16 on CPUs without bf16 matmul
+    instructions, where PyTorch falls back to scalar code (100x slower than fp32 on AVX2)."""
+    if name == "fp32":
+        return None
+    if name == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def apply_activation_checkpointing(model: Griffon) -> None:
+    """Recompute each residual block in the backward pass instead of storing its activations."""
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+
+
+def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
+    """The prepared data directory: the configured one, or the embedded corpus prepared into the run."""
+    if cfg.data.path is not None:
+        return Path(cfg.data.path)
+    data_dir = run_dir / "data"
+    if is_main and not (data_dir / "meta.json").is_file():
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        prepare([default_corpus()], tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=0, progress=False)
+    D.barrier()
+    return data_dir
+
+
+def check_data(data_dir: Path, cfg: TrainConfig) -> tuple[object, np.ndarray]:
+    tokenizer = load_tokenizer(data_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set model.vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer, np.load(data_dir / "token_bytes.npy")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, cfg: TrainConfig, split: TokenSplit, token_bytes: torch.Tensor, device, autocast
+) -> dict:
+    """Validation loss (nats/token) and bits per byte over the held-out documents."""
+    model.eval()
+    total_nats = total_tokens = total_bytes = 0.0
+    bs = cfg.data.batch_size
+    for tokens, seg in eval_batches(split, cfg.data.seq_len, bs, cfg.eval_batches):
+        tokens, seg = tokens.to(device), seg.to(device)
+        with autocast():
+            logits, _ = model(tokens[:, :-1], seg[:, :-1])
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+        )
+        total_nats += losses.item()
+        total_tokens += tokens[:, 1:].numel()
+        total_bytes += token_bytes[tokens[:, 1:].flatten().cpu()].sum().item()
+    stats = torch.tensor([total_nats, total_tokens, total_bytes], dtype=torch.float64, device=device)
+    stats = D.all_reduce_mean(stats)
+    model.train()
+    nats, n, nbytes = stats.tolist()
+    return {"val_loss": nats / n, "val_bpb": nats / math.log(2) / nbytes}
+
+
+def _state_dicts(model: nn.Module, raw: Griffon, opt: torch.optim.Optimizer, mode: str):
+    """Full (unsharded) model and optimizer state, gathered for saving."""
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return raw.state_dict(), opt.state_dict()
+
+
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, mode: str, state: dict) -> None:
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` according to ``cfg``."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    info = D.init_distributed(cfg.distributed, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    keep_freed_memory()
+    try:
+        return _train(cfg, run_dir, resume, device, info)
+    finally:
+        D.shutdown()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, info: D.DistInfo) -> TrainResult:
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.to_json())
+    data_dir = ensure_data(cfg, run_dir, info.is_main)
+    tokenizer, token_bytes_np = check_data(data_dir, cfg)
+    if info.is_main:
+        tokenizer.save(run_dir)
+    token_bytes = torch.from_numpy(token_bytes_np)
+    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
+
+    torch.manual_seed(cfg.seed)
+    raw = Griffon(cfg.model).to(device)
+    loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
+    progress = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
+    payload = None
+    if resume:
+        ckpts = checkpoint_dirs(run_dir)
+        if not ckpts:
+            raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+        payload, progress = load_checkpoint(ckpts[-1], raw)
+        loader.load_state_dict(progress["loader"])
+
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(raw)
+    model: nn.Module = D.parallelize(raw, cfg.distributed, device)
+    # After parallelize: FSDP2 replaces the parameters with sharded ones.
+    opt = make_optimizer(raw, cfg.optim)
+    if payload is not None:
+        _load_optimizer(model, opt, cfg.distributed, payload["optimizer"])
+        set_rng_state(payload["rng"])
+    if cfg.compile:
+        model = torch.compile(model)
+
+    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum * info.world_size
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    total_steps = _planned_steps(cfg, tokens_per_step, flops_per_token, loader.steps_per_epoch)
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    logger = RunLogger(run_dir, info.is_main, truncate_after_step=progress["step"] if resume else None)
+    bad_steps = 0
+    start = time.time() - progress["elapsed"]
+    window_t, window_tokens = time.time(), 0
+    last_eval: dict = {}
+    step_loss, tps = float("nan"), 0.0
+    try:
+        while not _done(cfg, progress, total_steps, start):
+            step = progress["step"]
+            lr = lr_at(step, _schedule_steps(cfg, step, total_steps, start), cfg.optim)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.data.grad_accum):
+                tokens, seg = next(loader)
+                tokens, seg = tokens.to(device), seg.to(device)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                mask = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h) if cfg.goldfish_k else None
+                sync = micro == cfg.data.grad_accum - 1 or cfg.distributed != "ddp"
+                with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+                    logits, _ = model(inputs, seg[:, :-1])
+                loss, _ = next_token_loss(logits, targets, mask)
+                (loss / cfg.data.grad_accum).backward()
+                loss_sum += loss.detach()
+            step_loss = D.all_reduce_mean(loss_sum / cfg.data.grad_accum).item()
+
+            grad_norm = _clip(raw, model, cfg)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                logger.log({"kind": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
+                if bad_steps >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"stopping: {bad_steps} steps in a row had a non-finite loss or gradient "
+                        f"(last loss {step_loss}); the newest checkpoint is from before them"
+                    )
+                continue
+            bad_steps = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            progress["step"] += 1
+            progress["tokens"] += tokens_per_step
+            progress["flops"] += tokens_per_step * flops_per_token
+            window_tokens += tokens_per_step
+            step = progress["step"]
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.time()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                record = {"kind": "train", "step": step, "tokens": progress["tokens"], "loss": step_loss,
+                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "time": now - start}  # fmt: skip
+                logger.log(record)
+            logger.progress(step, _fraction(cfg, progress, total_steps, start), tps, step_loss)
+            if step % cfg.eval_every == 0:
+                last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast)
+                logger.log({"kind": "eval", "step": step, "tokens": progress["tokens"], **last_eval})
+            if step % cfg.save_every == 0:
+                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
+        if progress["step"] % cfg.eval_every != 0 or not last_eval:
+            last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast)
+            logger.log({"kind": "eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
+        if progress["step"] % cfg.save_every != 0:
+            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
+    finally:
+        logger.close()
+    elapsed = time.time() - start
+    if info.is_main:
+        plot_losses(run_dir)
+    return TrainResult(
+        steps=progress["step"],
+        tokens=progress["tokens"],
+        val_loss=last_eval.get("val_loss"),
+        val_bpb=last_eval.get("val_bpb"),
+        tokens_per_s=progress["tokens"] / max(elapsed, 1e-9),
+    )
+
+
+def _clip(raw: Griffon, model: nn.Module, cfg: TrainConfig) -> float:
+    if cfg.optim.agc is not None:
+        adaptive_grad_clip(raw, cfg.optim.agc)
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info) -> None:
+    progress = dict(progress, loader=loader.state_dict(), elapsed=time.time() - start)
+    model_sd, opt_sd = _state_dicts(model, raw, opt, cfg.distributed)
+    if info.is_main:
+        if cfg.distributed == "fsdp":
+            clone = Griffon(cfg.model)
+            clone.load_state_dict(model_sd)
+            save_checkpoint(run_dir, clone, opt_sd, progress, cfg.keep_checkpoints)
+        else:
+            save_checkpoint(run_dir, raw, opt_sd, progress, cfg.keep_checkpoints)
+    D.barrier()
+
+
+def _planned_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, steps_per_epoch: int) -> int:
+    """Steps the schedule spans: the tightest of the step, token and FLOP budgets."""
+    candidates = []
+    if cfg.max_steps:
+        candidates.append(cfg.max_steps)
+    if cfg.max_tokens:
+        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    if cfg.max_flops:
+        candidates.append(math.ceil(cfg.max_flops / (tokens_per_step * flops_per_token)))
+    if not candidates:  # time budget only: plan for one epoch, the time limit may stop earlier
+        candidates.append(steps_per_epoch)
+    return max(1, min(candidates))
+
+
+def _done(cfg: TrainConfig, progress: dict, total_steps: int, start: float) -> bool:
+    if progress["step"] >= total_steps:
+        return True
+    return bool(cfg.max_minutes) and time.time() - start >= 60 * cfg.max_minutes
+
+
+def _fraction(cfg: TrainConfig, progress: dict, total_steps: int, start: float) -> float:
+    f = progress["step"] / total_steps
+    if cfg.max_minutes:
+        f = max(f, (time.time() - start) / (60 * cfg.max_minutes))
+    return min(1.0, f)
+
+
+def _schedule_steps(cfg: TrainConfig, step: int, total_steps: int, start: float) -> int:
+    """Steps the LR schedule spans. Under a time budget, project the steps that will fit from the
+    pace so far, so the schedule still decays before time runs out."""
+    if not cfg.max_minutes or step < 10:
+        return total_steps
+    used = (time.time() - start) / (60 * cfg.max_minutes)
+    return min(total_steps, max(step + 1, int(step / max(used, 1e-9))))

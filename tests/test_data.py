@@ -1,0 +1,170 @@
+"""Tokenizers, data preparation and the packing loader."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from griffon.data.corpus import default_corpus
+from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
+from griffon.data.prepare import prepare
+from griffon.data.sources import DataError, iter_documents
+from griffon.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
+
+TEXTS = [f"Document {i}: " + "to be or not to be, ünïcödé ✓ " * (i + 3) for i in range(12)]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(TEXTS):
+            f.write(json.dumps({"title": f"d{i}", "text": t}) + "\n")
+    return path
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "Hark! ünïcödé ✓"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) == len(text.encode("utf-8"))
+
+
+def test_bpe_trains_saves_loads_and_counts_bytes(tmp_path):
+    tok = train_bpe(iter(TEXTS), 300, tmp_path / "tok" / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tok")
+    text = TEXTS[3]
+    ids = again.encode(text)
+    assert again.decode(ids) == text
+    assert len(ids) < len(text.encode("utf-8"))  # it merged something
+    assert again.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_sentencepiece_model_loads(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(TEXTS * 5))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=60, byte_fallback=True, minloglevel=2)  # fmt: skip
+    tok = load_tokenizer(tmp_path / "sp.model")
+    text = "to be or not to be"
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).vocab_size == 60
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a tokenizer JSON"):
+        load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_prepare_splits_by_document(jsonl, tmp_path):
+    meta = prepare([jsonl], ByteTokenizer(), tmp_path / "out", val_fraction=0.25, seed=3, progress=False)
+    assert meta["splits"]["val"]["documents"] == 3 and meta["splits"]["train"]["documents"] == 9
+    val = TokenSplit.open(tmp_path / "out", "val")
+    docs = {bytes(val.tokens[a:b]).decode() for a, b in zip(val.doc_offsets[:-1], val.doc_offsets[1:], strict=True)}
+    assert docs <= set(TEXTS)  # whole documents, unchanged
+    again = prepare([jsonl], ByteTokenizer(), tmp_path / "again", val_fraction=0.25, seed=3, progress=False)
+    assert again["splits"] == meta["splits"]  # deterministic, hashes included
+    assert load_tokenizer(tmp_path / "out").vocab_size == 256
+
+
+def test_prepare_reads_text_and_embedded_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.txt").write_text("second one")
+    meta = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], ByteTokenizer(), tmp_path / "o", 0.5, progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 2
+    assert sum(1 for _ in iter_documents(default_corpus())) == 42
+
+
+def test_prepare_reads_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "d.parquet")
+    meta = prepare([tmp_path / "d.parquet"], ByteTokenizer(), tmp_path / "o", 0.25, progress=False)
+    assert meta["splits"]["train"]["documents"] == 9
+
+
+def test_prepare_errors(jsonl, tmp_path):
+    with pytest.raises(DataError, match="input not found"):
+        prepare([tmp_path / "missing.jsonl"], ByteTokenizer(), tmp_path / "o", progress=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no documents found"):
+        prepare([tmp_path / "empty.jsonl"], ByteTokenizer(), tmp_path / "o", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: expected an object with a string field 'text'"):
+        prepare([tmp_path / "bad.jsonl"], ByteTokenizer(), tmp_path / "o", progress=False)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported input"):
+        prepare([tmp_path / "x.csv"], ByteTokenizer(), tmp_path / "o", progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    with pytest.raises(DataError, match="not empty"):
+        prepare([jsonl], ByteTokenizer(), tmp_path / "full", progress=False)
+    assert (tmp_path / "full" / "keep").read_text() == "x"
+
+
+@pytest.fixture
+def split(jsonl, tmp_path):
+    prepare([jsonl], ByteTokenizer(), tmp_path / "data", val_fraction=0.25, progress=False)
+    return TokenSplit.open(tmp_path / "data", "train")
+
+
+def test_loader_segment_pos_marks_document_starts(split):
+    loader = PackedLoader(split, seq_len=50, batch_size=3, seed=1)
+    starts = {bytes(split.tokens[a : a + 9]) for a in split.doc_offsets[:-1]}
+    for _ in range(5):
+        tokens, seg = next(loader)
+        assert tokens.shape == seg.shape == (3, 51)
+        for row_t, row_s in zip(tokens, seg, strict=True):
+            diffs = row_s[1:] - row_s[:-1]
+            assert torch.all((diffs == 1) | (row_s[1:] == 0))  # +1 inside a document, 0 at a new one
+            for t in torch.nonzero(row_s == 0).flatten().tolist():
+                if t + 9 <= 51:
+                    assert bytes(row_t[t : t + 9].tolist()) in starts
+
+
+def test_loader_is_deterministic_and_resumable(split):
+    a = PackedLoader(split, 40, 2, seed=5)
+    first = [next(a) for _ in range(7)]
+    b = PackedLoader(split, 40, 2, seed=5)
+    for _ in range(3):
+        next(b)
+    state = b.state_dict()
+    c = PackedLoader(split, 40, 2, seed=5)
+    c.load_state_dict(state)
+    for want in first[3:]:
+        got = next(c)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    d = PackedLoader(split, 40, 2, seed=6)
+    assert not torch.equal(next(d)[0], first[0][0])
+
+
+def test_loader_shards_across_ranks(split):
+    single = PackedLoader(split, 30, 4, seed=2)
+    ranks = [PackedLoader(split, 30, 2, seed=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        whole = next(single)[0]
+        parts = torch.cat([next(r)[0] for r in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_eval_batches_cover_split_once(split):
+    n = sum(t.shape[0] for t, _ in eval_batches(split, 25, 4))
+    assert n == (split.n_tokens - 1) // 25
+
+
+def test_loader_rejects_too_little_data(split):
+    with pytest.raises(DataError, match="cannot fill one step"):
+        PackedLoader(split, seq_len=10_000, batch_size=64)
+
+
+def test_token_bytes_saved(split, tmp_path):
+    assert np.load(tmp_path / "data" / "token_bytes.npy").sum() == 256
