@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: run test install install-test lint clean
@@ -27,8 +28,8 @@ install-test: install
 	$(PIP) install --no-deps recurrentgemma==1.0.1
 
 run: install
-	$(VENV)/bin/griffon train --out runs/demo
-	$(VENV)/bin/griffon sample runs/demo --prompt "ROMEO:" --max-new-tokens 300
+	$(VENV)/bin/griffon train --out $(RUN)
+	$(VENV)/bin/griffon sample $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 0
 
 lint: $(PY)
 	$(VENV)/bin/ruff check src tests benchmarks

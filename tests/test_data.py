@@ -33,7 +33,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_bpe_trains_saves_loads_and_counts_bytes(tmp_path):
-    tok = train_bpe(iter(TEXTS), 300, tmp_path / "tok" / "tokenizer.json")
+    train_bpe(iter(TEXTS), 300, tmp_path / "tok" / "tokenizer.json")
     again = load_tokenizer(tmp_path / "tok")
     text = TEXTS[3]
     ids = again.encode(text)
@@ -46,12 +46,12 @@ def test_sentencepiece_model_loads(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     (tmp_path / "corpus.txt").write_text("\n".join(TEXTS * 5))
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=60, byte_fallback=True, minloglevel=2)  # fmt: skip
+                                   vocab_size=290, byte_fallback=True, minloglevel=2)  # fmt: skip
     tok = load_tokenizer(tmp_path / "sp.model")
     text = "to be or not to be"
     assert tok.decode(tok.encode(text)) == text
     tok.save(tmp_path)
-    assert load_tokenizer(tmp_path).vocab_size == 60
+    assert load_tokenizer(tmp_path).vocab_size == 290
 
 
 def test_tokenizer_errors(tmp_path):
@@ -68,7 +68,10 @@ def test_prepare_splits_by_document(jsonl, tmp_path):
     meta = prepare([jsonl], ByteTokenizer(), tmp_path / "out", val_fraction=0.25, seed=3, progress=False)
     assert meta["splits"]["val"]["documents"] == 3 and meta["splits"]["train"]["documents"] == 9
     val = TokenSplit.open(tmp_path / "out", "val")
-    docs = {bytes(val.tokens[a:b]).decode() for a, b in zip(val.doc_offsets[:-1], val.doc_offsets[1:], strict=True)}
+    docs = {
+        bytes(val.tokens[a:b].astype(np.uint8)).decode()
+        for a, b in zip(val.doc_offsets[:-1], val.doc_offsets[1:], strict=True)
+    }
     assert docs <= set(TEXTS)  # whole documents, unchanged
     again = prepare([jsonl], ByteTokenizer(), tmp_path / "again", val_fraction=0.25, seed=3, progress=False)
     assert again["splits"] == meta["splits"]  # deterministic, hashes included
@@ -119,7 +122,7 @@ def split(jsonl, tmp_path):
 
 def test_loader_segment_pos_marks_document_starts(split):
     loader = PackedLoader(split, seq_len=50, batch_size=3, seed=1)
-    starts = {bytes(split.tokens[a : a + 9]) for a in split.doc_offsets[:-1]}
+    starts = {bytes(split.tokens[a : a + 9].astype(np.uint8)) for a in split.doc_offsets[:-1]}
     for _ in range(5):
         tokens, seg = next(loader)
         assert tokens.shape == seg.shape == (3, 51)

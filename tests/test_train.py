@@ -22,8 +22,8 @@ from griffon.train.trainer import TrainingError, train
 
 # A run small enough for seconds on CPU: tiny Griffin, 32-token sequences, exact (fp32, no time limit).
 TINY = [
-    "model=griffin-tiny", "data.seq_len=32", "data.batch_size=4", "dtype=fp32", "max_minutes=null",
-    "eval_batches=2", "eval_every=4", "log_every=1", "optim.warmup_steps=2",
+    "model=griffin-tiny", "data.seq_len=32", "data.batch_size=4", "dtype=fp32", "max_minutes=null", "max_steps=50",
+    "eval_batches=2", "final_eval_batches=3", "eval_every=4", "log_every=1", "optim.warmup_steps=2",
 ]  # fmt: skip
 
 
@@ -86,7 +86,12 @@ def test_goldfish_mask_is_a_deterministic_function_of_context():
 
 def test_training_writes_a_self_contained_run(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set", "max_steps=6", "--set", "save_every=3"]) == 0
+    assert (
+        main(
+            ["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set", "max_steps=6", "--set", "save_every=3"]
+        )
+        == 0
+    )
     for name in ("config.json", "tokenizer.json", "log.jsonl", "log.csv", "loss.png", "data/meta.json"):
         assert (run / name).is_file(), name
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000003", "step_000006"]
@@ -153,13 +158,17 @@ def _fails(argv, capsys, message):
 
 def test_bad_inputs(tmp_path, capsys):
     out = ["--out", str(tmp_path / "r")]
-    _fails(["train", *out, "--set", "max_step=3"], capsys, "unknown train config key 'max_step' (did you mean 'max_steps'?)")
+    _fails(
+        ["train", *out, "--set", "max_step=3"],
+        capsys,
+        "unknown train config key 'max_step' (did you mean 'max_steps'?)",
+    )
     _fails(["train", *out, "--set", "optim.lr=fast"], capsys, "lr must be of type float")
     _fails(["train", *out, "--set", "model.widht=3"], capsys, "did you mean 'width'")
     _fails(["train", *out, "--set", "data.seq_len=-1"], capsys, "data.seq_len must be positive")
     _fails(["train", *out, "--set", "nosuch.key=1"], capsys, "'nosuch' is not a config section")
     _fails(["train", str(tmp_path / "none.json"), *out], capsys, "config file not found")
-    _fails(["train", *out, *[f"--set={s}" for s in TINY], "--set", f"data.path={tmp_path / 'nodata'}"], capsys,
+    _fails(["train", *out, *[f"--set={s}" for s in TINY], "--set=max_steps=2", f"--set=data.path={tmp_path / 'nodata'}"], capsys,
            "not a prepared data directory")  # fmt: skip
     assert not (tmp_path / "r" / "checkpoints").exists()
 
@@ -173,12 +182,13 @@ def test_vocabulary_mismatch(tmp_path, capsys):
     tok = train_bpe(iter(texts), 300, tmp_path / "tok.json")
     prepare([tmp_path / "t.txt"] * 4, tok, tmp_path / "data", val_fraction=0.25, progress=False)
     _fails(["train", "--out", str(tmp_path / "r"), *[f"--set={s}" for s in TINY], "--set", f"data.path={tmp_path / 'data'}"],
-           capsys, "has 300 tokens but model.vocab_size is 256")  # fmt: skip
+           capsys, "tokens but model.vocab_size is 256; set model.vocab_size=")  # fmt: skip
 
 
 def test_existing_run_is_not_overwritten_and_resume_checks(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set=max_steps=2"]) == 0
+    capsys.readouterr()  # the run's own log lines
     before = (run / "log.jsonl").read_text()
     _fails(["train", "--out", str(run), *[f"--set={s}" for s in TINY]], capsys, "already holds a run")
     assert (run / "log.jsonl").read_text() == before
@@ -187,7 +197,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks(tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"]["mlp_width"] = 128
     (run / "config.json").write_text(json.dumps(cfg))
-    _fails(["train", "--resume", str(run)], capsys, "tensor 'blocks.0.mlp.gate.weight' has shape")
+    _fails(["train", "--resume", str(run)], capsys, "was made with another model config than this run's")
     cfg["model"]["mlp_width"] = 192
     (run / "config.json").write_text(json.dumps(cfg))
     ckpt = run / "checkpoints" / "step_000002" / "model.safetensors"
@@ -201,9 +211,11 @@ def test_distributed_matches_single_process(tmp_path, mode):
     common = [*[f"--set={s}" for s in TINY], "--set=max_steps=4", "--set=save_every=4", "--set=eval_every=4"]
     single = _run_cli(["train", "--out", str(tmp_path / "single"), *common], tmp_path)
     assert single.wait(timeout=300) == 0, single.stderr.read().decode()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "griffon.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "griffon.cli",
            "train", "--out", str(tmp_path / mode), *common, "--set=data.batch_size=2", f"--set=distributed={mode}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     want, got = losses(tmp_path / "single"), losses(tmp_path / mode)
     assert sorted(got) == sorted(want)
@@ -212,4 +224,7 @@ def test_distributed_matches_single_process(tmp_path, mode):
     # the checkpoint written by rank 0 holds the full, unsharded model
     from griffon import from_pretrained
 
-    assert from_pretrained(tmp_path / mode / "checkpoints" / "step_000004").num_params() == Griffon(get_preset("griffin-tiny")).num_params()
+    assert (
+        from_pretrained(tmp_path / mode / "checkpoints" / "step_000004").num_params()
+        == Griffon(get_preset("griffin-tiny")).num_params()
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         base = TrainConfig.load(args.config).to_dict() if args.config else TrainConfig().to_dict()
         cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
-        run_dir = Path(args.out)
+        run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
             raise ValueError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="training config JSON (default: built-in defaults)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 --set model=hawk-tiny")  # fmt: skip
-    s.add_argument("--out", default="runs/griffon", help="run directory (must not hold a run)")
+    s.add_argument("--out", default=None, help="run directory, must not hold a run (default: runs/DATE-TIME)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its newest checkpoint")
     s.set_defaults(fn=cmd_train)
 

@@ -56,6 +56,12 @@ def _griffin_small() -> ModelConfig:
     return ModelConfig(vocab_size=256, width=256, num_layers=6, num_heads=4, attention_window=1024)
 
 
+@register("griffin-demo")
+def _griffin_demo() -> ModelConfig:
+    """The default model of `griffon train`: 1.8M parameters, sized for minutes on a 2-core CPU."""
+    return ModelConfig(vocab_size=256, width=192, num_layers=4, num_heads=3, attention_window=128)
+
+
 # ----- published models -----------------------------------------------------------------------
 @register("griffin-paper-7b")
 def _griffin_7b() -> ModelConfig:

@@ -134,12 +134,14 @@ def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, tor
 
 
 def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
-    """Consecutive, unshuffled batches covering the split once (a partial last batch included)."""
+    """Unshuffled batches over the split: all of it once, or ``max_batches`` batches of sequences
+    spread evenly across it (so a partial evaluation still sees every held-out document)."""
     stream = DocumentStream(split, np.arange(split.n_docs))
     n_seq = (split.n_tokens - 1) // seq_len
     if n_seq == 0:
         raise DataError(f"validation split has {split.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    for i, start in enumerate(range(0, n_seq, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield _stack([stream.sequence(j, seq_len) for j in range(start, min(n_seq, start + batch_size))])
+    indices = np.arange(n_seq)
+    if max_batches is not None and max_batches * batch_size < n_seq:
+        indices = np.unique(np.linspace(0, n_seq - 1, max_batches * batch_size).round().astype(np.int64))
+    for start in range(0, len(indices), batch_size):
+        yield _stack([stream.sequence(int(j), seq_len) for j in indices[start : start + batch_size]])

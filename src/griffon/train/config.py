@@ -17,7 +17,7 @@ DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
 def _default_model() -> ModelConfig:
-    return get_preset("griffin-small").replace(attention_window=128)
+    return get_preset("griffin-demo")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DataConfig:
     """Share of documents held out for validation when preparing the embedded corpus."""
     seq_len: int = 256
     """Tokens per training sequence."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Sequences per micro-batch on each rank."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 4e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine and WSD)."""
@@ -102,7 +102,9 @@ class TrainConfig:
     """``none``, ``ddp`` or ``fsdp`` (FSDP2 ``fully_shard``); run under torchrun for the last two."""
     eval_every: int = 100
     eval_batches: int | None = 20
-    """Validation batches per evaluation; ``None``: the whole split."""
+    """Validation batches per periodic evaluation (spread over the split); ``None``: the whole split."""
+    final_eval_batches: int | None = None
+    """Validation batches of the evaluation at the end of the run; ``None``: the whole split."""
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2

@@ -60,14 +60,17 @@ class RunLogger:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._write_csv(record)
+        if not sys.stderr.isatty():  # no progress bar in logs: print the record instead
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
+            sys.stderr.write(" ".join(f"{k}={v}" for k, v in shown.items()) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step",):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def progress(self, step: int, fraction: float, tokens_per_s: float, loss: float) -> None:
-        """One overwritten console line: step, loss, tokens/s and ETA."""
-        if not self.enabled:
+        """One overwritten console line: step, loss, tokens/s and ETA (terminals only)."""
+        if not self.enabled or not sys.stderr.isatty():
             return
         elapsed = time.time() - self.start
         eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
@@ -79,7 +82,7 @@ class RunLogger:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and sys.stderr.isatty():
             sys.stderr.write("\n")
         if self._tb is not None:
             self._tb.close()
@@ -106,7 +109,7 @@ def plot_losses(run_dir: Path) -> Path | None:
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "train"]
-    val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] in ("eval", "final_eval")]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -26,6 +26,7 @@ from griffon.config import ConfigError
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
 from griffon.data.prepare import prepare
+from griffon.data.sources import DataError
 from griffon.data.tokenizers import load_tokenizer
 from griffon.model import Griffon
 from griffon.train import distributed as D
@@ -83,7 +84,10 @@ def apply_activation_checkpointing(model: Griffon) -> None:
 def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
     """The prepared data directory: the configured one, or the embedded corpus prepared into the run."""
     if cfg.data.path is not None:
-        return Path(cfg.data.path)
+        path = Path(cfg.data.path)
+        if not (path / "meta.json").is_file():
+            raise DataError(f"{path} is not a prepared data directory (no meta.json); run `griffon data prepare`")
+        return path
     data_dir = run_dir / "data"
     if is_main and not (data_dir / "meta.json").is_file():
         tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -104,13 +108,20 @@ def check_data(data_dir: Path, cfg: TrainConfig) -> tuple[object, np.ndarray]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, cfg: TrainConfig, split: TokenSplit, token_bytes: torch.Tensor, device, autocast
+    model: nn.Module,
+    cfg: TrainConfig,
+    split: TokenSplit,
+    token_bytes: torch.Tensor,
+    device: torch.device,
+    autocast,
+    max_batches: int | None,
 ) -> dict:
-    """Validation loss (nats/token) and bits per byte over the held-out documents."""
+    """Validation loss (nats/token) and bits per byte over the held-out documents
+    (``max_batches`` batches spread over them, or all of them)."""
     model.eval()
     total_nats = total_tokens = total_bytes = 0.0
     bs = cfg.data.batch_size
-    for tokens, seg in eval_batches(split, cfg.data.seq_len, bs, cfg.eval_batches):
+    for tokens, seg in eval_batches(split, cfg.data.seq_len, bs, max_batches):
         tokens, seg = tokens.to(device), seg.to(device)
         with autocast():
             logits, _ = model(tokens[:, :-1], seg[:, :-1])
@@ -259,13 +270,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 logger.log(record)
             logger.progress(step, _fraction(cfg, progress, total_steps, start), tps, step_loss)
             if step % cfg.eval_every == 0:
-                last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast)
+                last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.eval_batches)
                 logger.log({"kind": "eval", "step": step, "tokens": progress["tokens"], **last_eval})
             if step % cfg.save_every == 0:
                 _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
-        if progress["step"] % cfg.eval_every != 0 or not last_eval:
-            last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast)
-            logger.log({"kind": "eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
+        last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.final_eval_batches)
+        logger.log({"kind": "final_eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
         if progress["step"] % cfg.save_every != 0:
             _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
     finally:
