@@ -228,3 +228,30 @@ def test_distributed_matches_single_process(tmp_path, mode):
         from_pretrained(tmp_path / mode / "checkpoints" / "step_000004").num_params()
         == Griffon(get_preset("griffin-tiny")).num_params()
     )
+
+
+def test_gradient_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path):
+    plain = train(tiny_config("max_steps=3", "save_every=3"), tmp_path / "plain")
+    accum = train(
+        tiny_config("max_steps=3", "save_every=3", "data.batch_size=2", "data.grad_accum=2"), tmp_path / "accum"
+    )
+    ckpt = train(tiny_config("max_steps=3", "save_every=3", "activation_checkpointing=true"), tmp_path / "ckpt")
+    want = losses(tmp_path / "plain")
+    assert plain.steps == accum.steps == ckpt.steps == 3
+    for step, loss in losses(tmp_path / "accum").items():
+        assert loss == pytest.approx(want[step], rel=1e-5)
+    assert losses(tmp_path / "ckpt") == want  # recomputation is exact
+
+
+def test_bf16_autocast_trains(tmp_path):
+    result = train(tiny_config("max_steps=2", "save_every=2", "dtype=bf16"), tmp_path / "bf16")
+    assert math.isfinite(result.val_loss)
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+
+
+def test_wsd_and_goldfish_options_run(tmp_path):
+    result = train(
+        tiny_config("max_steps=3", "save_every=3", "optim.schedule=wsd", "goldfish_k=4", "optim.agc=0.05"),
+        tmp_path / "r",
+    )
+    assert result.steps == 3 and math.isfinite(result.val_loss)
