@@ -14,6 +14,7 @@ import contextlib
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory()
     cfg = TrainConfig()
-    data_dir = ensure_data(cfg, __import__("pathlib").Path(tempfile.mkdtemp()), True)
+    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), True)
     split = TokenSplit.open(data_dir, "train")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)

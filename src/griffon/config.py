@@ -64,6 +64,8 @@ class ModelConfig:
     """Fraction of each head's dimensions that RoPE rotates (the first ones)."""
     rope_base: float = 10000.0
     """RoPE maximum wavelength."""
+    max_seq_len: int | None = None
+    """Longest sequence the model is meant for (bounds generation with global attention); None: no limit."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Free-form metadata (for example, where a converted checkpoint came from). Not used by the model."""
 
@@ -121,7 +123,7 @@ class ModelConfig:
 
         for name in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "conv_width"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("head_dim", "lru_width", "lru_num_blocks", "mlp_width", "attention_window"):
+        for name in ("head_dim", "lru_width", "lru_num_blocks", "mlp_width", "attention_window", "max_seq_len"):
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive or null, got {value}")
         need(len(self.block_pattern) > 0, "block_pattern must not be empty")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from griffon.model import Griffon
+from griffon.model import Cache, Griffon
 
 
 def sample_next(
@@ -28,7 +28,105 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def _prefill(model: Griffon, prompt: Sequence[int], chunk: int) -> tuple[torch.Tensor, Cache]:
+    """Run one prompt through the cache in chunks; return its last logits (1, V) and the cache."""
+    device = model.embed.weight.device
+    tokens = torch.tensor([list(prompt)], device=device)
+    cache = model.init_cache(1)
+    for start in range(0, tokens.shape[1], chunk):
+        logits, cache = model(tokens[:, start : start + chunk], cache=cache)
+    return logits[:, -1], cache
+
+
+def _validate_prompts(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    limit = model.config.max_seq_len
+    global_attention = model.config.attention_window is None and "attention" in model.config.block_types
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        bad = [t for t in p if not 0 <= int(t) < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} holds token id {bad[0]} outside [0, {model.config.vocab_size})")
+        if global_attention and limit is not None and len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new ones it exceeds the model's "
+                f"max_seq_len {limit} (global attention)"
+            )
+
+
 @torch.inference_mode()
+def generate_stream(
+    model: Griffon,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    prefill_chunk: int = 1024,
+) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
+    (``None`` for rows that have stopped).
+
+    Each prompt is prefilled on its own through the cache (in chunks of ``prefill_chunk``), so no
+    padding enters any recurrent, conv or attention state; the caches are then stacked and all
+    rows advance together with their own positions. A row stops at ``eos_id`` (which it emits),
+    after emitting one of ``stop_sequences``, or after ``max_new_tokens``.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    _validate_prompts(model, prompts, max_new_tokens)
+    model.eval()
+    device = model.embed.weight.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    firsts = [_prefill(model, p, prefill_chunk) for p in prompts]
+    logits = torch.cat([f[0] for f in firsts])  # (B, V)
+    cache = Cache.stack([f[1] for f in firsts])
+    B = len(prompts)
+    active = [True] * B
+    produced: list[list[int]] = [[] for _ in range(B)]
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        out: list[int | None] = []
+        for b in range(B):
+            if not active[b]:
+                out.append(None)
+                continue
+            token = int(nxt[b])
+            produced[b].append(token)
+            out.append(token)
+            if token == eos_id or any(produced[b][-len(s) :] == list(s) for s in stop_sequences if s):
+                active[b] = False
+        yield out
+        if not any(active) or step == max_new_tokens - 1:
+            return
+        logits, cache = model(nxt[:, None], cache=cache)
+        logits = logits[:, -1]
+
+
+def generate(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """The new tokens of every row (see :func:`generate_stream` for the arguments)."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
+        for row, token in zip(rows, step, strict=True):
+            if token is not None:
+                row.append(token)
+    return rows
+
+
 def stream_tokens(
     model: Griffon,
     prompt: list[int],
@@ -38,28 +136,12 @@ def stream_tokens(
     top_p: float | None = None,
     seed: int | None = None,
     prefill_chunk: int = 1024,
-    stop_ids: set[int] | None = None,
+    eos_id: int | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one at a time for a single prompt."""
-    if not prompt:
-        raise ValueError("the prompt must contain at least one token")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    model.eval()
-    cache = model.init_cache(1)
-    tokens = torch.tensor([prompt], device=device)
-    for start in range(0, tokens.shape[1], prefill_chunk):
-        logits, cache = model(tokens[:, start : start + prefill_chunk], cache=cache)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        token = int(nxt.item())
-        yield token
-        if stop_ids and token in stop_ids:
-            return
-        logits, cache = model(nxt[:, None], cache=cache)
+    stream = generate_stream(
+        model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id, (), prefill_chunk
+    )
+    for step in stream:
+        if step[0] is not None:
+            yield step[0]

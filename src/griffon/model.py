@@ -34,6 +34,35 @@ class Cache:
     def batch_size(self) -> int:
         return self.position.shape[0]
 
+    @classmethod
+    def stack(cls, caches: list[Cache]) -> Cache:
+        """Join single-sequence caches into one batch. Rows may sit at different positions; global
+        attention caches of different lengths are padded with empty slots (position -1, masked)."""
+        blocks: list[BlockState] = []
+        for states in zip(*(c.blocks for c in caches), strict=True):
+            first = states[0]
+            if isinstance(first, RecurrentState):
+                blocks.append(RecurrentState(torch.cat([s.rglru for s in states]), torch.cat([s.conv for s in states])))
+                continue
+            slots = max(s.keys.shape[1] for s in states)
+
+            def pad(t: torch.Tensor, value: float, slots: int = slots) -> torch.Tensor:
+                widths = [0, 0] * (t.dim() - 2) + [0, slots - t.shape[1]]
+                return torch.nn.functional.pad(t, widths, value=value)
+
+            blocks.append(
+                AttentionState(
+                    keys=torch.cat([pad(s.keys, 0.0) for s in states]),
+                    values=torch.cat([pad(s.values, 0.0) for s in states]),
+                    positions=torch.cat([pad(s.positions, -1) for s in states]),
+                )
+            )
+        return cls(
+            blocks=blocks,
+            position=torch.cat([c.position for c in caches]),
+            segment_pos=torch.cat([c.segment_pos for c in caches]),
+        )
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors."""
         total = self.position.nbytes + self.segment_pos.nbytes

@@ -45,6 +45,7 @@ for _family, _pattern in _PATTERNS.items():
         return ModelConfig(
             vocab_size=256, width=64, num_layers=3, block_pattern=pattern, num_heads=2,
             attention_window=None if pattern == TRANSFORMER else 16, mlp_width=192,
+            max_seq_len=128 if pattern == TRANSFORMER else None,
         )  # fmt: skip
 
     register(f"{_family}-tiny")(_tiny)
@@ -119,6 +120,7 @@ for _size, (_w, _lru, _layers, _heads) in _LADDER.items():
                 vocab_size=32000, width=w, num_layers=layers, block_pattern=pattern, num_heads=heads,
                 lru_width=lru, lru_num_blocks=heads if lru % heads == 0 else lru // 128, mlp_width=3 * w,
                 attention_window=None if pattern == TRANSFORMER else 1024,
+                max_seq_len=2048 if pattern == TRANSFORMER else None,
                 embed_scale=True, logit_soft_cap=30.0,
             )  # fmt: skip
 

@@ -1,0 +1,135 @@
+"""Batched generation: greedy equals full-forward argmax, mixed lengths equal single rows, stops, errors."""
+
+import pytest
+import torch
+
+from griffon import Griffon, get_preset
+from griffon.config import ModelConfig
+from griffon.generate import generate, generate_stream
+
+from oracles import deepmind, deepmind_pair
+
+PRESETS = ["griffin-tiny", "hawk-tiny", "mqa-tiny"]
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return Griffon(get_preset(name)).eval()
+
+
+def _argmax_continuation(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([seq]))
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_greedy_equals_full_forward_argmax(name):
+    model = _model(name)
+    prompt = torch.randint(0, 256, (21,)).tolist()
+    # 40 new tokens: well past griffin-tiny's window of 16
+    got = generate(model, [prompt], 40, temperature=0.0, prefill_chunk=8)[0]
+    assert got == _argmax_continuation(model, prompt, 40)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_mixed_length_batch_equals_rows_alone(name):
+    model = _model(name)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (1, 37, 5, 18)]
+    batch = generate(model, prompts, 25, temperature=0.0, prefill_chunk=16)
+    for prompt, row in zip(prompts, batch, strict=True):
+        assert row == generate(model, [prompt], 25, temperature=0.0)[0]
+
+
+def _cut_after(tokens, stop):
+    """tokens up to and including the first occurrence of the sequence ``stop``."""
+    for i in range(len(stop), len(tokens) + 1):
+        if tokens[i - len(stop) : i] == stop:
+            return tokens[:i]
+    return tokens
+
+
+def test_eos_and_stop_sequences_stop_their_rows_only():
+    model = _model("griffin-tiny")
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (4, 9)]
+    free = generate(model, prompts, 20, temperature=0.0)
+    eos = free[0][5]
+    stopped = generate(model, prompts, 20, temperature=0.0, eos_id=eos)
+    assert stopped == [_cut_after(free[0], [eos]), _cut_after(free[1], [eos])]
+    assert len(stopped[0]) <= 6
+    stop = free[1][3:5]
+    by_seq = generate(model, prompts, 20, temperature=0.0, stop_sequences=[stop])
+    assert by_seq == [_cut_after(free[0], stop), _cut_after(free[1], stop)]
+    assert len(by_seq[1]) <= 5
+    steps = list(generate_stream(model, prompts, 20, temperature=0.0, eos_id=eos))
+    assert all(step[0] is None for step in steps[len(stopped[0]) :])
+
+
+def test_sampling_is_seeded_and_filters():
+    model = _model("hawk-tiny")
+    prompt = [[1, 2, 3]]
+    a = generate(model, prompt, 30, temperature=1.0, top_k=5, seed=7)
+    assert a == generate(model, prompt, 30, temperature=1.0, top_k=5, seed=7)
+    assert a != generate(model, prompt, 30, temperature=1.0, top_k=5, seed=8)
+    # top_k=1 and a tiny top_p are greedy
+    greedy = generate(model, prompt, 30, temperature=0.0)
+    assert generate(model, prompt, 30, temperature=1.0, top_k=1, seed=1) == greedy
+    assert generate(model, prompt, 30, temperature=1.0, top_p=1e-6, seed=1) == greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=[[1, 999]]), "token id 999"),
+        (dict(prompts=[[1]], top_p=0.0), "top_p must lie in"),
+        (dict(prompts=[[1]], top_p=1.5), "top_p must lie in"),
+        (dict(prompts=[[1]], temperature=-1.0), "temperature must be"),
+        (dict(prompts=[[1] * 120], max_new_tokens=20), "exceeds the model's max_seq_len 128"),
+    ],
+)
+def test_bad_input(kwargs, message):
+    model = _model("mqa-tiny")
+    kwargs = {"max_new_tokens": 5} | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, **kwargs)
+
+
+class _IdsVocab:
+    """Stands in for a sentencepiece vocabulary: prompts are written as space-separated ids."""
+
+    def EncodeAsIds(self, text):  # noqa: N802 - the sentencepiece API
+        return [int(t) for t in text.split()]
+
+    def DecodeIds(self, ids):  # noqa: N802
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return 2
+
+    def eos_id(self):
+        return 1
+
+    def pad_id(self):
+        return 0
+
+
+def test_greedy_matches_the_deepmind_sampler():
+    deepmind()
+    from recurrentgemma.torch import sampler as dm_sampler
+
+    cfg = ModelConfig(
+        vocab_size=97, width=64, num_layers=3, num_heads=4, lru_width=96, mlp_width=160, attention_window=8
+    )
+    ref, ours = deepmind_pair(cfg)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]
+    out = dm_sampler.Sampler(ref, _IdsVocab(), greedy_sampling=True)(
+        [" ".join(map(str, prompt))], total_generation_steps=30, end_sampling_at_eos_token=False
+    )
+    want = out.tokens[0].tolist()
+    got = generate(ours, [[2, *prompt]], 30, temperature=0.0)[0]
+    assert got[: len(want)] == want and len(want) >= 20
