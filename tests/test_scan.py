@@ -80,3 +80,12 @@ def test_only_final_state_gradient():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         linear_scan(**kwargs)
+
+
+def test_single_step_fast_path_equals_reference():
+    a, x, h0, _ = _inputs((3, 1, 7), torch.float64, 4)
+    for reset in (torch.tensor([[True], [False], [False]]), None):
+        want = _value_and_grads(linear_scan_reference, a, x, h0, reset, 4)
+        got = _value_and_grads(linear_scan, a, x, h0, reset, 4)
+        for w, o in zip(want, got, strict=True):
+            assert torch.allclose(o, w, rtol=1e-12, atol=1e-12)
