@@ -95,6 +95,14 @@ def test_prepare_reads_parquet(tmp_path):
     assert meta["splits"]["train"]["documents"] == 9
 
 
+def test_prepare_reads_a_saved_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": TEXTS, "id": list(range(len(TEXTS)))}).save_to_disk(str(tmp_path / "ds"))
+    meta = prepare([tmp_path / "ds"], ByteTokenizer(), tmp_path / "o", 0.25, progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(TEXTS)
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(t.encode()) for t in TEXTS)
+
+
 def test_prepare_errors(jsonl, tmp_path):
     with pytest.raises(DataError, match="input not found"):
         prepare([tmp_path / "missing.jsonl"], ByteTokenizer(), tmp_path / "o", progress=False)

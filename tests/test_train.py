@@ -86,15 +86,12 @@ def test_goldfish_mask_is_a_deterministic_function_of_context():
 
 def test_training_writes_a_self_contained_run(tmp_path):
     run = tmp_path / "run"
-    assert (
-        main(
-            ["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set", "max_steps=6", "--set", "save_every=3"]
-        )
-        == 0
-    )
+    argv = ["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set=max_steps=6", "--set=save_every=2"]
+    assert main(argv) == 0
     for name in ("config.json", "tokenizer.json", "log.jsonl", "log.csv", "loss.png", "data/meta.json"):
         assert (run / name).is_file(), name
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000003", "step_000006"]
+    # saved at 2, 4 and 6; only the newest keep_checkpoints=2 remain
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000004", "step_000006"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert evals and all(math.isfinite(r["val_bpb"]) for r in evals)
@@ -171,6 +168,17 @@ def test_bad_inputs(tmp_path, capsys):
     _fails(["train", *out, *[f"--set={s}" for s in TINY], "--set=max_steps=2", f"--set=data.path={tmp_path / 'nodata'}"], capsys,
            "not a prepared data directory")  # fmt: skip
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_too_little_data(tmp_path, capsys):
+    from griffon.data.prepare import prepare
+    from griffon.data.tokenizers import ByteTokenizer
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("short text " * 5)
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], ByteTokenizer(), tmp_path / "data", 0.5, progress=False)
+    _fails(["train", "--out", str(tmp_path / "r"), *[f"--set={s}" for s in TINY], f"--set=data.path={tmp_path / 'data'}"],
+           capsys, "cannot fill one step")  # fmt: skip
 
 
 def test_vocabulary_mismatch(tmp_path, capsys):
