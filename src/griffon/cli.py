@@ -50,8 +50,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"params                  {info['params']:,}")
     print(f"params (non-embedding)  {info['params_non_embedding']:,}")
     print(f"layers                  {' '.join(t[0].upper() for t in cfg.block_types)}")
-    grows = cfg.attention_window is None and "attention" in cfg.block_types
-    note = f"at {args.seq_len} tokens (grows with length)" if grows else "(fixed, any length)"
+    note = f"at {args.seq_len} tokens (grows with length)" if cfg.has_global_attention else "(fixed, any length)"
     print(f"decode state / sequence {state_bytes / 2**20:.2f} MiB bf16 {note}")
 
 

@@ -106,6 +106,11 @@ class ModelConfig:
         return [pattern[i % len(pattern)] for i in range(self.num_layers)]
 
     @property
+    def has_global_attention(self) -> bool:
+        """Whether some layer attends to the whole history (its decode cache grows with length)."""
+        return self.attention_window is None and "attention" in self.block_pattern
+
+    @property
     def attention_history(self) -> int | None:
         """How many previous keys a query may attend to (``None``: unbounded)."""
         if self.attention_window is None:

@@ -51,14 +51,13 @@ def _validate_prompts(model: Griffon, prompts: Sequence[Sequence[int]], max_new_
     if not prompts:
         raise ValueError("no prompts given")
     limit = model.config.max_seq_len
-    global_attention = model.config.attention_window is None and "attention" in model.config.block_types
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token")
         bad = [t for t in p if not 0 <= int(t) < model.config.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} holds token id {bad[0]} outside [0, {model.config.vocab_size})")
-        if global_attention and limit is not None and len(p) + max_new_tokens > limit:
+        if model.config.has_global_attention and limit is not None and len(p) + max_new_tokens > limit:
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new ones it exceeds the model's "
                 f"max_seq_len {limit} (global attention)"

@@ -27,7 +27,7 @@ from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
 from griffon.data.prepare import prepare
 from griffon.data.sources import DataError
-from griffon.data.tokenizers import load_tokenizer
+from griffon.data.tokenizers import Tokenizer, load_tokenizer
 from griffon.model import Griffon
 from griffon.train import distributed as D
 from griffon.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint, set_rng_state
@@ -96,7 +96,7 @@ def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
     return data_dir
 
 
-def check_data(data_dir: Path, cfg: TrainConfig) -> tuple[object, np.ndarray]:
+def check_data(data_dir: Path, cfg: TrainConfig) -> tuple[Tokenizer, np.ndarray]:
     tokenizer = load_tokenizer(data_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
