@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from griffon.config import ModelConfig
+from griffon.nn.structured import linear_params
 
 
 def decode_state_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -36,30 +37,87 @@ def mean_visible_keys(cfg: ModelConfig, seq_len: int) -> float:
     return (h * (h + 1) / 2 + (seq_len - h) * (h + 1)) / seq_len
 
 
+def ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
+    """Weight parameters (no biases) of layer ``layer``'s FFN projections."""
+    D, E = cfg.width, cfg.resolved_mlp_width
+    structure = cfg.ffn_structure_of(layer)
+    n_in = 2 if cfg.mlp_type == "geglu" else 1  # gate and up, or up alone
+    return n_in * linear_params(D, E, structure) + linear_params(E, D, structure)
+
+
+def ffn_params(cfg: ModelConfig) -> int:
+    """All FFN parameters of the model, biases included (what the built model holds)."""
+    biases = (2 if cfg.mlp_type == "geglu" else 1) * cfg.resolved_mlp_width + cfg.width
+    return sum(ffn_matmul_params(cfg, i) + biases for i in range(cfg.num_layers))
+
+
+# Elementwise FLOPs per channel and token of the RG-LRU (each add, multiply, exp, sqrt, sigmoid
+# counts 1): two sigmoid gates; log_a = -8 * gate_a * softplus(a_param) (2); a = exp(log_a) (1);
+# sqrt(1 - a^2) via exp(2 log_a) (4); x * gate_x * multiplier (2); h = a h + x (2).
+# Plus the recurrent block's output gate y * gelu(branch) (about 8 for the tanh GeLU, 1 multiply).
+RGLRU_FLOPS_PER_CHANNEL = 2 + 2 + 1 + 4 + 2 + 2
+GATE_FLOPS_PER_CHANNEL = 9
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token by component (a multiply-add counts 2).
 
-    ``matmul``: every weight matrix, including the block-diagonal gates and the tied output head
-    (not the embedding lookup). ``attention``: scores and weighted sum over the keys each query
-    really sees (window and causality taken into account, not the full square). ``conv``: the
-    depthwise Conv1D. Elementwise work (norms, gates, the scan) is left out here.
+    ``matmul``: every weight matrix, including the block-diagonal gates, the structured FFN factors
+    and the tied output head (not the embedding lookup). ``attention``: scores and weighted sum over
+    the keys each query really sees (window and causality taken into account, not the full square).
+    ``conv``: the depthwise Conv1D. ``recurrence``: the RG-LRU's gates and scan and the recurrent
+    block's output gate (see ``RGLRU_FLOPS_PER_CHANNEL``). Norms, residual adds and the MLP
+    activation are left out (a few per width channel, well under 1% of any useful model).
     """
-    D, L, E = cfg.width, cfg.resolved_lru_width, cfg.resolved_mlp_width
+    D, L = cfg.width, cfg.resolved_lru_width
     q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
     matmul_weights = cfg.vocab_size * D
-    attention = conv = 0.0
-    for kind in cfg.block_types:
-        matmul_weights += 3 * D * E
+    attention = conv = recurrence = 0.0
+    for layer, kind in enumerate(cfg.block_types):
+        matmul_weights += ffn_matmul_params(cfg, layer)
         if kind == "recurrent":
             matmul_weights += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
             conv += 2 * cfg.conv_width * L
+            recurrence += (RGLRU_FLOPS_PER_CHANNEL + GATE_FLOPS_PER_CHANNEL) * L
         else:
             matmul_weights += 2 * D * q_dim + 2 * D * kv_dim
             attention += 4 * q_dim * mean_visible_keys(cfg, seq_len)
     matmul = 2.0 * matmul_weights
-    return {"matmul": matmul, "attention": attention, "conv": conv, "total": matmul + attention + conv}
+    total = matmul + attention + conv + recurrence
+    return {"matmul": matmul, "attention": attention, "conv": conv, "recurrence": recurrence, "total": total}
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: three times the forward (the usual 6N convention)."""
     return 3.0 * forward_flops_per_token(cfg, seq_len)["total"]
+
+
+STRUCTUREDFFN_TOKENS_PER_STEP = 524288
+
+
+def structuredffn_counts(cfg: ModelConfig, seq_len: int, tokens: float | None = None) -> dict[str, float]:
+    """Parameters and FLOPs under the StructuredFFN papers' convention (arXiv 2406.16450, Table 1).
+
+    Parameters are matmul weights only (no biases, norms or RG-LRU ``a_param``; the tied
+    embedding counted once); forward FLOPs per token are 2 per matmul weight plus, per attention
+    layer, ``2 * 2 * seq_len * attention width`` (the full causal square, not halved, window
+    ignored); training is 3x forward; a run of ``tokens`` takes ``floor(tokens / 524288)`` steps of
+    524288 tokens.
+    """
+    D, L = cfg.width, cfg.resolved_lru_width
+    q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
+    ffn = sum(ffn_matmul_params(cfg, i) for i in range(cfg.num_layers))
+    params = cfg.vocab_size * D + ffn
+    attention = 0.0
+    for kind in cfg.block_types:
+        if kind == "recurrent":
+            params += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
+        else:
+            params += 2 * D * q_dim + 2 * D * kv_dim
+            attention += 4 * seq_len * q_dim
+    train_per_token = 3.0 * (2.0 * params + attention)
+    out: dict[str, float] = {"params": params, "ffn_params": ffn, "train_flops_per_token": train_per_token}
+    if tokens is not None:
+        steps = int(tokens // STRUCTUREDFFN_TOKENS_PER_STEP)
+        out.update(steps=steps, train_flops=train_per_token * steps * STRUCTUREDFFN_TOKENS_PER_STEP)
+    return out

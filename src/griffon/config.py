@@ -14,10 +14,70 @@ from typing import Any, Literal
 BlockType = Literal["recurrent", "attention"]
 BLOCK_TYPES: tuple[str, ...] = ("recurrent", "attention")
 WINDOW_SEMANTICS: tuple[str, ...] = ("deepmind", "hf")
+LINEAR_KINDS: tuple[str, ...] = ("dense", "lowrank", "blockshuffle", "blockdense")
+MLP_TYPES: tuple[str, ...] = ("geglu", "gelu")
+NORM_TYPES: tuple[str, ...] = ("rmsnorm", "layernorm")
 
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid. The message names the field."""
+
+
+@dataclass
+class LinearStructure:
+    """Which linear layer the FFN projections use (see :mod:`griffon.nn.structured`).
+
+    ``lowrank`` needs ``rank``; ``blockshuffle`` needs ``blocks``; ``blockdense`` needs both.
+    For a 4x FFN, ``rank = width / 2`` or ``blocks = 2`` keeps 63% of the dense FFN's parameters,
+    ``rank = width / 4`` or ``blocks = 4`` keeps 32%.
+    """
+
+    kind: str = "dense"
+    """``dense``, ``lowrank``, ``blockshuffle`` or ``blockdense``."""
+    rank: int | None = None
+    """Inner width of ``lowrank`` and ``blockdense``."""
+    blocks: int | None = None
+    """Diagonal blocks of ``blockshuffle`` and ``blockdense``."""
+    keep_first_dense: bool = True
+    """Keep the first layer's FFN dense, as the StructuredFFN papers do."""
+    merge_threshold: int = 64
+    """Calls with at most this many tokens and autograd off use the pre-merged dense weight
+    (measured crossover on a 2-core CPU: ``benchmarks/bench_ffn.py``, docs/structured_ffn.md)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.kind not in LINEAR_KINDS:
+            raise ConfigError(f"ffn_structure.kind {self.kind!r} is not one of {LINEAR_KINDS}")
+        needs = {"dense": (), "lowrank": ("rank",), "blockshuffle": ("blocks",), "blockdense": ("rank", "blocks")}
+        for name in ("rank", "blocks"):
+            value = getattr(self, name)
+            if name in needs[self.kind]:
+                if value is None or value <= 0:
+                    raise ConfigError(f"ffn_structure.{name} must be a positive integer for kind {self.kind!r}")
+            elif value is not None:
+                raise ConfigError(f"ffn_structure.{name} does not apply to kind {self.kind!r}; leave it null")
+        if self.merge_threshold < 0:
+            raise ConfigError(f"ffn_structure.merge_threshold must be >= 0, got {self.merge_threshold}")
+
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        """Raise :class:`ConfigError` if an ``in -> out`` layer of this kind cannot be built."""
+        where = f"an FFN projection {in_features} -> {out_features}"
+        if self.kind in ("lowrank", "blockdense") and self.rank > min(in_features, out_features):  # type: ignore[operator]
+            raise ConfigError(f"ffn_structure.rank {self.rank} exceeds {where}'s smaller side")
+        if self.kind == "blockshuffle":
+            for size in (in_features, out_features):
+                if size % self.blocks:  # type: ignore[operator]
+                    raise ConfigError(f"ffn_structure.blocks {self.blocks} does not divide {size} in {where}")
+        if self.kind == "blockdense":
+            for size in (in_features, self.rank):
+                if size % self.blocks:  # type: ignore[operator]
+                    raise ConfigError(f"ffn_structure.blocks {self.blocks} does not divide {size} in {where}")
+
+    def is_structured(self) -> bool:
+        return self.kind != "dense"
 
 
 @dataclass
@@ -53,7 +113,13 @@ class ModelConfig:
     window_semantics: str = "deepmind"
     """``deepmind``: a query sees itself and ``window`` previous keys; ``hf``: ``window`` keys in all."""
     mlp_width: int | None = None
-    """Expanded width of the gated MLP; ``None`` means ``3 * width``."""
+    """Expanded width of the MLP; ``None`` means ``3 * width``."""
+    mlp_type: str = "geglu"
+    """``geglu``: Griffin's gated MLP (gate, up, down); ``gelu``: a GeLU MLP (up, down) as in GPT-2."""
+    ffn_structure: LinearStructure = field(default_factory=LinearStructure)
+    """Dense or structured FFN projections (LowRank, BlockShuffle, BlockDense)."""
+    norm_type: str = "rmsnorm"
+    """``rmsnorm`` (Griffin's, zero-initialised ``1 + scale`` gain) or ``layernorm`` (with bias)."""
     embed_scale: bool = True
     """Multiply embeddings by ``sqrt(width)`` rounded to bfloat16 (as the references do)."""
     logit_soft_cap: float = 30.0
@@ -93,6 +159,12 @@ class ModelConfig:
     @property
     def resolved_mlp_width(self) -> int:
         return self.mlp_width if self.mlp_width is not None else 3 * self.width
+
+    def ffn_structure_of(self, layer: int) -> LinearStructure:
+        """The linear structure of layer ``layer``'s FFN (the first may be kept dense)."""
+        if layer == 0 and self.ffn_structure.keep_first_dense:
+            return LinearStructure()
+        return self.ffn_structure
 
     @property
     def rope_dim(self) -> int:
@@ -158,6 +230,12 @@ class ModelConfig:
         need(self.rope_base > 0, f"rope_base must be positive, got {self.rope_base}")
         need(self.logit_soft_cap >= 0, f"logit_soft_cap must be >= 0, got {self.logit_soft_cap}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(self.mlp_type in MLP_TYPES, f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
+        need(self.norm_type in NORM_TYPES, f"norm_type {self.norm_type!r} is not one of {NORM_TYPES}")
+        self.ffn_structure.validate()
+        E = self.resolved_mlp_width
+        self.ffn_structure.check_shape(self.width, E)
+        self.ffn_structure.check_shape(E, self.width)
         if self.window_semantics == "hf" and self.attention_window is not None:
             need(self.attention_window >= 1, "attention_window must be >= 1 with hf semantics")
 

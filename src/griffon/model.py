@@ -10,8 +10,8 @@ from torch import nn
 from griffon.config import ModelConfig
 from griffon.nn.attention import Attention, AttentionState
 from griffon.nn.embedding import Embedding
-from griffon.nn.mlp import GatedMLP
-from griffon.nn.norms import RMSNorm
+from griffon.nn.mlp import make_mlp
+from griffon.nn.norms import make_norm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 
 BlockState = RecurrentState | AttentionState
@@ -75,12 +75,12 @@ class Cache:
 class ResidualBlock(nn.Module):
     """Pre-norm residual block: ``r = x + temporal(norm(x))``; ``out = r + mlp(norm(r))``."""
 
-    def __init__(self, cfg: ModelConfig, block_type: str) -> None:
+    def __init__(self, cfg: ModelConfig, block_type: str, layer: int = 0) -> None:
         super().__init__()
         # Output projections start smaller in deeper models (the references' 2/num_layers).
         out_scale = 2.0 / cfg.num_layers
         self.block_type = block_type
-        self.temporal_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.temporal_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
         if block_type == "recurrent":
             self.temporal: RecurrentBlock | Attention = RecurrentBlock(
                 cfg.width, cfg.resolved_lru_width, cfg.resolved_lru_num_blocks, cfg.conv_width, out_scale
@@ -90,8 +90,8 @@ class ResidualBlock(nn.Module):
                 cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                 cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale,
             )  # fmt: skip
-        self.channel_norm = RMSNorm(cfg.width, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.width, cfg.resolved_mlp_width, out_scale)
+        self.channel_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
+        self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, cfg.ffn_structure_of(layer))
 
     def forward(
         self,
@@ -122,8 +122,8 @@ class Griffon(nn.Module):
         config.validate()
         self.config = config
         self.embed = Embedding(config.vocab_size, config.width, config.embed_scale)
-        self.blocks = nn.ModuleList(ResidualBlock(config, t) for t in config.block_types)
-        self.final_norm = RMSNorm(config.width, config.norm_eps)
+        self.blocks = nn.ModuleList(ResidualBlock(config, t, i) for i, t in enumerate(config.block_types))
+        self.final_norm = make_norm(config.norm_type, config.width, config.norm_eps)
 
     def init_cache(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None

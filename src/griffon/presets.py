@@ -125,3 +125,19 @@ for _size, (_w, _lru, _layers, _heads) in _LADDER.items():
             )  # fmt: skip
 
         register(f"{_family}-{_size}")(_rung)
+
+
+# ----- the StructuredFFN papers' transformers (arXiv 2406.16450) -------------------------------
+# GPT-2 style: LayerNorm, GeLU MLP with biases (4x), full RoPE, multi-head global attention,
+# context 1024, tied embeddings, 32k vocabulary. Structured variants: set model.ffn_structure.
+_STRUCTUREDFFN = {"s": (768, 12, 12), "m": (1024, 24, 16), "l": (1536, 24, 12), "xl": (2048, 24, 16)}
+for _size, (_w, _layers, _heads) in _STRUCTUREDFFN.items():
+
+    def _sffn(w: int = _w, layers: int = _layers, heads: int = _heads) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=32000, width=w, num_layers=layers, block_pattern=TRANSFORMER, num_heads=heads,
+            num_kv_heads=heads, attention_window=None, max_seq_len=1024, mlp_width=4 * w, mlp_type="gelu",
+            norm_type="layernorm", norm_eps=1e-5, rope_fraction=1.0, embed_scale=False, logit_soft_cap=0.0,
+        )  # fmt: skip
+
+    register(f"structuredffn-{_size}")(_sffn)

@@ -1,29 +1,65 @@
-"""Gated MLP of Griffin: ``down(gelu_tanh(gate(x)) * up(x))`` (GeGLU)."""
+"""The channel-mixing MLPs: Griffin's gated GeGLU and the GPT-2-style GeLU MLP.
+
+Each projection is dense or structured (:mod:`griffon.nn.structured`), as the config chooses.
+"""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
+from griffon.config import LinearStructure
+from griffon.nn.structured import init_linear_, make_linear
+
 
 class GatedMLP(nn.Module):
-    def __init__(self, width: int, expanded_width: int, out_init_scale: float = 1.0) -> None:
+    """``down(gelu_tanh(gate(x)) * up(x))`` (GeGLU), as in Griffin and RecurrentGemma."""
+
+    def __init__(
+        self, width: int, expanded_width: int, out_init_scale: float = 1.0, structure: LinearStructure | None = None
+    ) -> None:
         super().__init__()
-        self.gate = nn.Linear(width, expanded_width)
-        self.up = nn.Linear(width, expanded_width)
-        self.down = nn.Linear(expanded_width, width)
-        self.out_init_scale = out_init_scale
+        structure = structure or LinearStructure()
+        self.gate = make_linear(width, expanded_width, structure)
+        self.up = make_linear(width, expanded_width, structure)
+        self.down = make_linear(expanded_width, width, structure)
+        self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        width, expanded = self.gate.in_features, self.gate.out_features
-        for lin in (self.gate, self.up):
-            nn.init.normal_(lin.weight, std=math.sqrt(1.0 / width))
-            nn.init.zeros_(lin.bias)
-        nn.init.normal_(self.down.weight, std=math.sqrt(self.out_init_scale / expanded))
-        nn.init.zeros_(self.down.bias)
+        init_linear_(self.gate, math.sqrt(1.0 / self.width))
+        init_linear_(self.up, math.sqrt(1.0 / self.width))
+        init_linear_(self.down, math.sqrt(self.out_init_scale / self.expanded_width))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    """``down(gelu_tanh(up(x)))`` with biases: the FFN of GPT-2 and of the StructuredFFN transformers."""
+
+    def __init__(
+        self, width: int, expanded_width: int, out_init_scale: float = 1.0, structure: LinearStructure | None = None
+    ) -> None:
+        super().__init__()
+        structure = structure or LinearStructure()
+        self.up = make_linear(width, expanded_width, structure)
+        self.down = make_linear(expanded_width, width, structure)
+        self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_(self.up, math.sqrt(1.0 / self.width))
+        init_linear_(self.down, math.sqrt(self.out_init_scale / self.expanded_width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def make_mlp(mlp_type: str, width: int, expanded_width: int, out_init_scale: float, structure: LinearStructure):
+    """The MLP named by ``mlp_type`` (``geglu`` or ``gelu``)."""
+    cls = GatedMLP if mlp_type == "geglu" else GeluMLP
+    return cls(width, expanded_width, out_init_scale, structure)

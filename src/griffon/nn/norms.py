@@ -22,3 +22,8 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.scale.float())).to(x.dtype)
+
+
+def make_norm(norm_type: str, width: int, eps: float) -> nn.Module:
+    """``rmsnorm`` (above) or ``layernorm`` (``nn.LayerNorm`` with gain and bias, as in GPT-2)."""
+    return RMSNorm(width, eps) if norm_type == "rmsnorm" else nn.LayerNorm(width, eps=eps)

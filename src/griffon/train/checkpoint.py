@@ -48,8 +48,10 @@ def save_checkpoint(
     optimizer_state: dict,
     progress: dict[str, Any],
     keep: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step_{progress['step']}`` atomically, then drop all but the newest ``keep``."""
+    """Write checkpoint ``step_{progress['step']}`` atomically, then drop all but the newest ``keep``.
+    ``extra`` joins the optimizer and RNG state in ``optimizer.pt`` (training-only state)."""
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to save a checkpoint: parameter {name!r} is not finite")
@@ -59,7 +61,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
     try:
         save_pretrained(model, tmp)
-        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "rng": rng_state(), **(extra or {})}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(progress, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)

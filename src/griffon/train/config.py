@@ -14,6 +14,7 @@ from griffon.presets import get_preset
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
+GUIDE_MODES = ("fixed_steps", "fixed_flops")
 
 
 def _default_model() -> ModelConfig:
@@ -74,12 +75,34 @@ class OptimConfig:
 
 
 @dataclass
+class SelfGuidedConfig:
+    """Self-guided training of a structured FFN (:mod:`griffon.train.self_guided`)."""
+
+    enabled: bool = False
+    fraction: float = 0.5
+    """Share of the optimizer steps (of the dense run's, in ``fixed_flops`` mode) that are guided."""
+    mode: str = "fixed_steps"
+    """``fixed_steps``: same steps as without guidance (it costs extra FLOPs); ``fixed_flops``:
+    as many extra unguided steps as make the run spend the dense-FFN model's FLOPs."""
+    reduce_flop: bool = False
+    """Run the dense branch only with probability equal to its coefficient (one draw per step)."""
+
+    def validate(self) -> None:
+        check_types(self)
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"self_guided.fraction must lie in (0, 1], got {self.fraction}")
+        if self.mode not in GUIDE_MODES:
+            raise ConfigError(f"self_guided.mode {self.mode!r} is not one of {GUIDE_MODES}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
     model: ModelConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    self_guided: SelfGuidedConfig = field(default_factory=SelfGuidedConfig)
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     max_tokens: int | None = None
@@ -120,6 +143,12 @@ class TrainConfig:
         self.model.validate()
         self.data.validate()
         self.optim.validate()
+        self.self_guided.validate()
+        if self.self_guided.enabled:
+            if not self.model.ffn_structure.is_structured():
+                raise ConfigError("self_guided.enabled needs a structured FFN: set model.ffn_structure.kind")
+            if self.distributed != "none":
+                raise ConfigError("self-guided training runs single-process for now (distributed must be none)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.distributed not in DISTRIBUTED:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.checkpoint import CheckpointError
-from griffon.config import ConfigError
+from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
 from griffon.data.prepare import prepare
@@ -35,6 +35,7 @@ from griffon.train.config import TrainConfig
 from griffon.train.logging import RunLogger, plot_losses
 from griffon.train.losses import goldfish_mask, next_token_loss
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
+from griffon.train.self_guided import SelfGuidance, plan_guided_run
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +46,8 @@ class TrainingError(RuntimeError):
 class TrainResult:
     steps: int
     tokens: int
+    flops: float
+    """Training FLOPs spent (:mod:`griffon.accounting`, plus the self-guided dense branches)."""
     val_loss: float | None
     val_bpb: float | None
     tokens_per_s: float
@@ -185,6 +188,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
     loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
+    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum * info.world_size
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    total_steps = _planned_steps(cfg, tokens_per_step, flops_per_token, loader.steps_per_epoch)
+    sg = cfg.self_guided
+    guidance = SelfGuidance(raw) if sg.enabled else None
+    guide_steps, guide_flops_per_token = 0, 0.0
+    if guidance is not None:
+        guide_flops_per_token = guidance.train_flops_per_token()
+        dense_fpt = train_flops_per_token(cfg.model.replace(ffn_structure=LinearStructure()), cfg.data.seq_len)
+        planned = total_steps
+        if sg.mode == "fixed_flops":  # the budget is the dense model's: plan its steps
+            planned = _planned_steps(cfg, tokens_per_step, dense_fpt, loader.steps_per_epoch)
+        total_steps, guide_steps = plan_guided_run(
+            sg.fraction, sg.mode, sg.reduce_flop, cfg.seed, planned,
+            step_flops=tokens_per_step * flops_per_token,
+            guide_step_flops=tokens_per_step * guide_flops_per_token,
+            dense_step_flops=tokens_per_step * dense_fpt,
+            flop_budget=cfg.max_flops,
+        )  # fmt: skip
     progress = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
     payload = None
     if resume:
@@ -193,21 +215,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
         payload, progress = load_checkpoint(ckpts[-1], raw)
         loader.load_state_dict(progress["loader"])
+        if guidance is not None and progress["step"] >= guide_steps:
+            guidance.remove()
+            guidance = None
+        elif guidance is not None:
+            guidance.load_state_dict(payload["self_guided"])
 
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(raw)
     model: nn.Module = D.parallelize(raw, cfg.distributed, device)
     # After parallelize: FSDP2 replaces the parameters with sharded ones.
     opt = make_optimizer(raw, cfg.optim)
+    if guidance is not None:
+        guidance.add_to(opt, cfg.optim.weight_decay)
     if payload is not None:
         _load_optimizer(model, opt, cfg.distributed, payload["optimizer"])
         set_rng_state(payload["rng"])
     if cfg.compile:
         model = torch.compile(model)
 
-    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum * info.world_size
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    total_steps = _planned_steps(cfg, tokens_per_step, flops_per_token, loader.steps_per_epoch)
     dtype = resolve_dtype(cfg.dtype, device)
 
     def autocast():
@@ -227,6 +253,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             lr = lr_at(step, _schedule_steps(cfg, step, total_steps, start), cfg.optim)
             for group in opt.param_groups:
                 group["lr"] = lr
+            step_flops_per_token = flops_per_token
+            if guidance is not None and guidance.set_step(step, guide_steps, sg.reduce_flop, cfg.seed):
+                step_flops_per_token += guide_flops_per_token
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.data.grad_accum):
                 tokens, seg = next(loader)
@@ -241,7 +270,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 loss_sum += loss.detach()
             step_loss = D.all_reduce_mean(loss_sum / cfg.data.grad_accum).item()
 
-            grad_norm = _clip(raw, model, cfg)
+            grad_norm = _clip(raw, model, cfg, guidance)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
@@ -258,7 +287,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
 
             progress["step"] += 1
             progress["tokens"] += tokens_per_step
-            progress["flops"] += tokens_per_step * flops_per_token
+            progress["flops"] += tokens_per_step * step_flops_per_token
+            if guidance is not None and progress["step"] >= guide_steps:
+                guidance.remove(opt)  # the guided phase is over: no guide survives in model or optimizer
+                guidance = None
             window_tokens += tokens_per_step
             step = progress["step"]
             if step % cfg.log_every == 0 or step == 1:
@@ -267,17 +299,19 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 window_t, window_tokens = now, 0
                 record = {"kind": "train", "step": step, "tokens": progress["tokens"], "loss": step_loss,
                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "time": now - start}  # fmt: skip
+                if sg.enabled:
+                    record["guide"] = 0.0 if guidance is None else guidance.coefficient
                 logger.log(record)
             logger.progress(step, _fraction(cfg, progress, total_steps, start), tps, step_loss)
             if step % cfg.eval_every == 0:
                 last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.eval_batches)
                 logger.log({"kind": "eval", "step": step, "tokens": progress["tokens"], **last_eval})
             if step % cfg.save_every == 0:
-                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
+                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance)
         last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.final_eval_batches)
         logger.log({"kind": "final_eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
         if progress["step"] % cfg.save_every != 0:
-            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info)
+            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance)
     finally:
         logger.close()
     elapsed = time.time() - start
@@ -286,30 +320,33 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     return TrainResult(
         steps=progress["step"],
         tokens=progress["tokens"],
+        flops=progress["flops"],
         val_loss=last_eval.get("val_loss"),
         val_bpb=last_eval.get("val_bpb"),
         tokens_per_s=progress["tokens"] / max(elapsed, 1e-9),
     )
 
 
-def _clip(raw: Griffon, model: nn.Module, cfg: TrainConfig) -> float:
+def _clip(raw: Griffon, model: nn.Module, cfg: TrainConfig, guidance: SelfGuidance | None) -> float:
     if cfg.optim.agc is not None:
         adaptive_grad_clip(raw, cfg.optim.agc)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    params = list(model.parameters()) + (guidance.parameters() if guidance is not None else [])
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info) -> None:
+def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance) -> None:
     progress = dict(progress, loader=loader.state_dict(), elapsed=time.time() - start)
     model_sd, opt_sd = _state_dicts(model, raw, opt, cfg.distributed)
+    extra = {"self_guided": guidance.state_dict()} if guidance is not None else {}
     if info.is_main:
         if cfg.distributed == "fsdp":
             clone = Griffon(cfg.model)
             clone.load_state_dict(model_sd)
-            save_checkpoint(run_dir, clone, opt_sd, progress, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, clone, opt_sd, progress, cfg.keep_checkpoints, extra)
         else:
-            save_checkpoint(run_dir, raw, opt_sd, progress, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, raw, opt_sd, progress, cfg.keep_checkpoints, extra)
     D.barrier()
 
 
