@@ -8,9 +8,8 @@ FFN = the StructuredFFN papers' GeLU MLP (width -> 4 width -> width, biases), fp
    63% and 32% of the dense FFN's parameters (LowRank r = w/2, w/4; BlockShuffle B = 2, 4;
    BlockDense B = 4 with R = 3w/4, 3w/8, the paper's xl rows scaled), with the speedup over dense.
 2. Decode latency (forward, no autograd) at 1, 4, 16, 64 tokens per call: dense, structured
-   factors, pre-merged dense weight, and the layer's default (merged below ``merge_threshold``).
-3. Calibration: the smallest call size (powers of two) at which the factors beat the merged
-   weight, per kind; ``LinearStructure.merge_threshold`` defaults to the smallest such crossover.
+   factors, pre-merged dense weight, and the thresholds that
+   :func:`griffon.nn.structured.calibrate_merge_thresholds` measures (what generation uses).
 
 All ratios come from one run; run it on an otherwise idle machine.
 """
@@ -25,7 +24,7 @@ from torch import nn
 
 from griffon.config import LinearStructure
 from griffon.nn.mlp import GeluMLP
-from griffon.nn.structured import StructuredLinear
+from griffon.nn.structured import StructuredLinear, calibrate_merge_thresholds
 
 from common import best_time, machine, matmul_peak_flops
 
@@ -91,6 +90,8 @@ def main() -> None:
             if structure.kind == "dense":
                 res["decode_us"][name] = {n: call_time(mlp, torch.randn(n, width), 20) * 1e6 for n in sizes}
                 continue
+            calibrated = calibrate_merge_thresholds(mlp)  # what generation does first
+            res["crossover_tokens"][name] = calibrated
             row = {}
             for n in sizes:
                 xn = torch.randn(n, width)
@@ -98,22 +99,13 @@ def main() -> None:
                 structured = call_time(mlp, xn, 20)
                 set_threshold(mlp, 1 << 30)
                 merged = call_time(mlp, xn, 20)
-                set_threshold(mlp, structure.merge_threshold)
-                default = call_time(mlp, xn, 20)
-                row[n] = {"structured": structured * 1e6, "merged": merged * 1e6, "default": default * 1e6}
+                for layer_name, threshold in calibrated.items():
+                    mlp.get_submodule(layer_name).merge_threshold = threshold
+                auto = call_time(mlp, xn, 20)
+                row[n] = {"structured": structured * 1e6, "merged": merged * 1e6, "calibrated": auto * 1e6}
             res["decode_us"][name] = row
-            crossover = None
-            for n in [2**i for i in range(11)]:
-                xn = torch.randn(n, width)
-                set_threshold(mlp, 0)
-                s = call_time(mlp, xn, 10)
-                set_threshold(mlp, 1 << 30)
-                if s <= call_time(mlp, xn, 10):
-                    crossover = n
-                    break
-            res["crossover_tokens"][name] = crossover
 
-        print(f"\n== width {width}: decode latency (us per FFN call; default = merged at <= threshold tokens)")
+        print(f"\n== width {width}: decode latency (us per FFN call: factors, merged, calibrated threshold)")
         print(f"{'':18s} " + "  ".join(f"{n:>30d} tok" for n in (1, 4, 16, 64)))
         dense_row = res["decode_us"]["dense"]
         print(f"{'dense':18s} " + "  ".join(f"{dense_row[n]:34.0f}" for n in (1, 4, 16, 64)))
@@ -121,9 +113,13 @@ def main() -> None:
             if name == "dense":
                 continue
             cells = [
-                f"{r['structured']:7.0f} fact {r['merged']:7.0f} mrg {r['default']:7.0f} def" for r in row.values()
+                f"{r['structured']:7.0f} fact {r['merged']:7.0f} mrg {r['calibrated']:7.0f} cal" for r in row.values()
             ]
-            print(f"{name:18s} " + "  ".join(cells) + f"   crossover {res['crossover_tokens'][name]} tokens")
+            print(
+                f"{name:18s} "
+                + "  ".join(cells)
+                + f"   thresholds {sorted(set(res['crossover_tokens'][name].values()))}"
+            )
         out["widths"][width] = res
     if args.json:
         with open(args.json, "w") as f:

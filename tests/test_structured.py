@@ -16,6 +16,7 @@ from griffon.nn.structured import (
     BlockShuffleLinear,
     LowRankLinear,
     StructuredLinear,
+    calibrate_merge_thresholds,
     linear_params,
 )
 from griffon.presets import get_preset
@@ -171,6 +172,24 @@ def test_pre_merged_generation_matches_the_structured_path():
     merged = generate(model, prompts, max_new_tokens=20, temperature=0.0)
     assert merged == structured
     assert any(m._merged is not None for m in model.modules() if isinstance(m, StructuredLinear))
+
+
+def test_generation_calibrates_unset_merge_thresholds():
+    cfg = get_preset("hawk-tiny", ffn_structure=LinearStructure(kind="lowrank", rank=16))
+    model = Griffon(cfg)
+    layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
+    assert all(m.merge_threshold is None for m in layers)
+    rng = torch.get_rng_state()
+    generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # calibration leaves the global RNG alone
+    by_shape: dict[tuple, set] = {}
+    for m in layers:  # one measurement per shape: 64 -> 192 (gate, up) and 192 -> 64 (down)
+        by_shape.setdefault((m.in_features, m.out_features), set()).add(m.merge_threshold)
+    assert len(by_shape) == 2 and all(len(t) == 1 for t in by_shape.values())
+    assert {t for ts in by_shape.values() for t in ts} <= {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512}
+    layers[0].merge_threshold = 3  # a configured threshold is kept
+    assert "blocks.1.mlp.gate" not in calibrate_merge_thresholds(model)
+    assert layers[0].merge_threshold == 3
 
 
 def test_gelu_mlp_and_layernorm_transformer():

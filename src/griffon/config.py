@@ -40,9 +40,11 @@ class LinearStructure:
     """Diagonal blocks of ``blockshuffle`` and ``blockdense``."""
     keep_first_dense: bool = True
     """Keep the first layer's FFN dense, as the StructuredFFN papers do."""
-    merge_threshold: int = 64
-    """Calls with at most this many tokens and autograd off use the pre-merged dense weight
-    (measured crossover on a 2-core CPU: ``benchmarks/bench_ffn.py``, docs/structured_ffn.md)."""
+    merge_threshold: int | None = None
+    """Calls with at most this many tokens and autograd off use the pre-merged dense weight.
+    ``None``: measured per layer shape when generation starts
+    (:func:`griffon.nn.structured.calibrate_merge_thresholds`), never merged before that; the
+    crossover depends on the machine, the width and the kind (docs/structured_ffn.md)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,7 +61,7 @@ class LinearStructure:
                     raise ConfigError(f"ffn_structure.{name} must be a positive integer for kind {self.kind!r}")
             elif value is not None:
                 raise ConfigError(f"ffn_structure.{name} does not apply to kind {self.kind!r}; leave it null")
-        if self.merge_threshold < 0:
+        if self.merge_threshold is not None and self.merge_threshold < 0:
             raise ConfigError(f"ffn_structure.merge_threshold must be >= 0, got {self.merge_threshold}")
 
     def check_shape(self, in_features: int, out_features: int) -> None:

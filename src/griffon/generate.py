@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from griffon.model import Cache, Griffon
+from griffon.nn.structured import calibrate_merge_thresholds
 
 
 def sample_next(
@@ -82,12 +83,14 @@ def generate_stream(
 
     Each prompt is prefilled on its own through the cache (in chunks of ``prefill_chunk``), so no
     padding enters any recurrent, conv or attention state; the caches are then stacked and all
-    rows advance together with their own positions. A row stops at ``eos_id`` (which it emits),
+    rows advance together with their own positions. Structured FFN layers without a configured
+    ``merge_threshold`` get a measured one first. A row stops at ``eos_id`` (which it emits),
     after emitting one of ``stop_sequences``, or after ``max_new_tokens``.
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
     model.eval()
+    calibrate_merge_thresholds(model)  # structured FFNs: pre-merge where this machine makes it faster
     device = model.embed.weight.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())

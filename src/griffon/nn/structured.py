@@ -10,12 +10,15 @@ Each layer maps ``in_features -> out_features`` like ``nn.Linear`` but with fewe
 All three run as plain and batched matmuls (no block-diagonal matrix is ever materialised on the
 fast path), expose ``to_dense()`` (their exact dense equivalent, built from the factors), and
 pre-merge for decoding: with autograd off and at most ``merge_threshold`` tokens in a call, they
-multiply by the cached dense weight instead, which is faster for the few tokens of a decode step.
+multiply by the cached dense weight instead. Whether that is faster depends on the machine: one
+matmul instead of two (or of two batched matmuls and a shuffle) saves fixed per-call costs, but
+reads more weight bytes. :func:`calibrate_merge_thresholds` measures the crossover per layer shape.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -27,7 +30,7 @@ from griffon.config import LinearStructure
 class StructuredLinear(nn.Module):
     """Common part of the structured layers: bias, initialisation scale, pre-merged decoding."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, merge_threshold: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, merge_threshold: int | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -42,8 +45,8 @@ class StructuredLinear(nn.Module):
         """The (out, in) matrix W with ``layer(x) == x @ W.T + bias``."""
         raise NotImplementedError
 
-    def forward_structured(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ to_dense().T`` through the factors, without the bias. x (..., in)."""
+    def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ to_dense().T (+ bias)`` through the factors. x (..., in)."""
         raise NotImplementedError
 
     def reset_parameters(self, std: float) -> None:
@@ -52,10 +55,9 @@ class StructuredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        if tokens <= self.merge_threshold and not torch.is_grad_enabled():
+        if tokens <= (self.merge_threshold or 0) and not torch.is_grad_enabled():
             return F.linear(x, self.merged_weight(), self.bias)
-        y = self.forward_structured(x)
-        return y if self.bias is None else y + self.bias
+        return self.forward_structured(x, self.bias)
 
     def merged_weight(self) -> torch.Tensor:
         """The dense equivalent, cached until a factor changes (in place, or by ``.to()``).
@@ -103,7 +105,7 @@ class LowRankLinear(StructuredLinear):
     ``V = sqrt(S_r) Vh_r``, ``U = U_r sqrt(S_r)`` (the best rank-r approximation of that draw)."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, bias: bool = True, merge_threshold: int = 0
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, merge_threshold: int | None = None
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         if not 0 < rank <= min(in_features, out_features):
@@ -135,8 +137,8 @@ class LowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self._dense_from(self.factors())
 
-    def forward_structured(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.V), self.U)
+    def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(F.linear(x, self.V), self.U, bias)  # the bias fused into the second matmul
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -152,7 +154,7 @@ class BlockShuffleLinear(StructuredLinear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, blocks: int, bias: bool = True, merge_threshold: int = 0
+        self, in_features: int, out_features: int, blocks: int, bias: bool = True, merge_threshold: int | None = None
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         _check_divides(blocks, in_features, out_features)
@@ -191,7 +193,7 @@ class BlockShuffleLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self._dense_from(self.factors())
 
-    def forward_structured(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         B, q, p = self.w1.shape
         s = self.w2.shape[1]
@@ -201,7 +203,8 @@ class BlockShuffleLinear(StructuredLinear):
         # The shuffle: the middle vector laid out (q, B) is read as (B, q).
         h = h.transpose(0, 1).reshape(n, q, B).permute(2, 0, 1)  # (B, N, q)
         y = torch.bmm(h, self.w2.transpose(1, 2))  # (B, N, s)
-        return y.permute(1, 2, 0).reshape(*lead, s * B)  # interleave the output blocks
+        y = y.permute(1, 2, 0).reshape(*lead, s * B)  # interleave the output blocks
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, blocks={self.blocks}, bias={self.bias is not None}"
@@ -218,7 +221,7 @@ class BlockDenseLinear(StructuredLinear):
         blocks: int,
         rank: int,
         bias: bool = True,
-        merge_threshold: int = 0,
+        merge_threshold: int | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         _check_divides(blocks, in_features, rank)
@@ -247,13 +250,13 @@ class BlockDenseLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self._dense_from(self.factors())
 
-    def forward_structured(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         B, rb, p = self.w1.shape
         xb = x.reshape(-1, B, p).transpose(0, 1)  # (B, N, p)
         h = torch.bmm(xb, self.w1.transpose(1, 2))  # (B, N, rank/B)
         h = h.transpose(0, 1).reshape(-1, B * rb)  # (N, rank), blocks in order
-        return F.linear(h, self.w2).reshape(*lead, self.out_features)
+        return F.linear(h, self.w2, bias).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (
@@ -299,3 +302,51 @@ def linear_params(in_features: int, out_features: int, structure: LinearStructur
         q = min(in_features, out_features) // s.blocks  # type: ignore[operator]
         return q * (in_features + out_features)
     return s.rank * in_features // s.blocks + out_features * s.rank  # type: ignore[operator]
+
+
+def _call_seconds(fn, x: torch.Tensor, repeats: int) -> float:
+    """Best of ``repeats`` timings of ``fn(x)`` (after one warm-up call)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    fn(x)
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def calibrate_merge_threshold(layer: StructuredLinear, max_tokens: int = 512, repeats: int = 7) -> int:
+    """The largest call size (a power of two up to ``max_tokens``) at which the merged dense weight
+    is faster than the factors on this machine; 0 if the factors win already at one token."""
+    p = layer.factors()[0]
+    weight = layer.merged_weight()
+    threshold, n = 0, 1
+    g = torch.Generator(device=p.device).manual_seed(0)  # leave the global RNG alone
+    while n <= max_tokens:
+        x = torch.randn(n, layer.in_features, dtype=p.dtype, device=p.device, generator=g)
+        structured = _call_seconds(layer.forward_structured, x, repeats)
+        merged = _call_seconds(lambda x: F.linear(x, weight), x, repeats)
+        if merged >= structured:  # the factors' advantage grows with the call size
+            break
+        threshold, n = n, 2 * n
+    return threshold
+
+
+def calibrate_merge_thresholds(model: nn.Module, force: bool = False) -> dict[str, int]:
+    """Give every structured layer without a threshold (or all, with ``force``) the one measured
+    for its shape, kind, dtype and device; return the thresholds by layer name."""
+    measured: dict[tuple, int] = {}
+    chosen = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, StructuredLinear) or (layer.merge_threshold is not None and not force):
+            continue
+        p = layer.factors()[0]
+        key = (type(layer), tuple(f.shape for f in layer.factors()), p.dtype, p.device)
+        if key not in measured:
+            measured[key] = calibrate_merge_threshold(layer)
+        layer.merge_threshold = chosen[name] = measured[key]
+    return chosen
