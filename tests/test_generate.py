@@ -38,7 +38,8 @@ def test_greedy_equals_full_forward_argmax(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_mixed_length_batch_equals_rows_alone(name):
     model = _model(name)
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (1, 37, 5, 18)]
+    # equal lengths are prefilled together, out of order: the rows must come back in place
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (18, 1, 37, 5, 18, 5)]
     batch = generate(model, prompts, 25, temperature=0.0, prefill_chunk=16)
     for prompt, row in zip(prompts, batch, strict=True):
         assert row == generate(model, [prompt], 25, temperature=0.0)[0]
@@ -133,3 +134,20 @@ def test_greedy_matches_the_deepmind_sampler():
     want = out.tokens[0].tolist()
     got = generate(ours, [[2, *prompt]], 30, temperature=0.0)[0]
     assert got[: len(want)] == want and len(want) >= 20
+
+
+def test_stop_strings_cut_the_text_and_stop_only_their_row():
+    from griffon.data.tokenizers import ByteTokenizer
+    from griffon.generate import generate_text
+
+    model, tok = _model("hawk-tiny"), ByteTokenizer()
+    prompts = ["To be, or", "Wherefore art thou"]
+    free = generate_text(model, tok, prompts, 30, temperature=0.0)
+    stop = free[0][6:9]  # a string the first row's greedy text contains
+    cut = generate_text(model, tok, prompts, 30, temperature=0.0, stop_strings=[stop, "never-seen"])
+    assert cut[0] == free[0][: free[0].find(stop)]
+    assert cut[1] == (free[1] if stop not in free[1] else free[1][: free[1].find(stop)])
+    steps = []
+    checked = generate(model, [tok.encode(prompts[0])], 30, temperature=0.0,
+                       stop_check=lambda row, ids: steps.append(len(ids)) or stop in tok.decode(ids))  # fmt: skip
+    assert len(checked[0]) == steps[-1] < 30  # the row stopped as soon as the stop string appeared

@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained
     from griffon.data.tokenizers import load_tokenizer
-    from griffon.generate import stream_tokens
+    from griffon.generate import find_stop, stream_tokens
     from griffon.train.checkpoint import checkpoint_dirs
 
     path = Path(args.model)
@@ -150,15 +150,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
     ids: list[int] = []
     shown = ""
     sys.stdout.write(args.prompt)
-    for token in stream_tokens(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+    # Hold back as many characters as the longest stop string could still need to complete.
+    hold = max((len(s) for s in args.stop), default=1) - 1
+    stream = stream_tokens(
+        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+        eos_id=tokenizer.eos_id,
+    )  # fmt: skip
+    text = ""
+    for token in stream:
+        if token == tokenizer.eos_id:
+            break
         ids.append(token)
         text = tokenizer.decode(ids)
+        cut = find_stop(text, args.stop)
+        if cut is not None:
+            text = text[:cut]
+            break
         if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             continue
-        sys.stdout.write(text[len(shown) :])
-        sys.stdout.flush()
-        shown = text
-    sys.stdout.write(tokenizer.decode(ids)[len(shown) :] + "\n")
+        ready = text[: len(text) - hold] if hold else text
+        if len(ready) > len(shown):
+            sys.stdout.write(ready[len(shown) :])
+            sys.stdout.flush()
+            shown = ready
+    sys.stdout.write(text[len(shown) :] + "\n")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -235,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable); the tokenizer's EOS also stops")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("data", help="data preparation")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from griffon.data.tokenizers import Tokenizer
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import calibrate_merge_thresholds
 
@@ -38,14 +39,30 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def _prefill(model: Griffon, prompt: Sequence[int], chunk: int) -> tuple[torch.Tensor, Cache]:
-    """Run one prompt through the cache in chunks; return its last logits (1, V) and the cache."""
+def _prefill(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
+    """Run prompts of one length through a cache in chunks; return their last logits (n, V) and the cache."""
     device = model.embed.weight.device
-    tokens = torch.tensor([list(prompt)], device=device)
-    cache = model.init_cache(1)
+    tokens = torch.tensor([list(p) for p in prompts], device=device)  # (n, T)
+    cache = model.init_cache(tokens.shape[0])
     for start in range(0, tokens.shape[1], chunk):
         logits, cache = model(tokens[:, start : start + chunk], cache=cache)
     return logits[:, -1], cache
+
+
+def _prefill_all(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
+    """Prefill prompts of any lengths: those of equal length together, as one batch (no padding
+    enters any state), then stack the caches back into the prompts' order."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    parts = [(rows, *_prefill(model, [prompts[i] for i in rows], chunk)) for rows in groups.values()]
+    logits = torch.cat([part[1] for part in parts])  # (B, V) in group order
+    cache = Cache.stack([part[2] for part in parts])
+    order = [i for part in parts for i in part[0]]
+    if order == sorted(order):
+        return logits, cache
+    back = torch.argsort(torch.tensor(order, device=logits.device))
+    return logits[back], cache.select(back)
 
 
 def _validate_prompts(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -77,15 +94,17 @@ def generate_stream(
     eos_id: int | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
     prefill_chunk: int = 1024,
+    stop_check: Callable[[int, list[int]], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
     (``None`` for rows that have stopped).
 
-    Each prompt is prefilled on its own through the cache (in chunks of ``prefill_chunk``), so no
-    padding enters any recurrent, conv or attention state; the caches are then stacked and all
-    rows advance together with their own positions. Structured FFN layers without a configured
+    Prompts are prefilled through the cache in chunks of ``prefill_chunk``, those of equal length
+    as one batch, so no padding enters any recurrent, conv or attention state; the caches are
+    then stacked and all rows advance together with their own positions. Structured FFN layers without a configured
     ``merge_threshold`` get a measured one first. A row stops at ``eos_id`` (which it emits),
-    after emitting one of ``stop_sequences``, or after ``max_new_tokens``.
+    after emitting one of ``stop_sequences``, when ``stop_check(row, tokens_so_far)`` returns True
+    (stop strings, see :func:`generate_text`), or after ``max_new_tokens``.
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
@@ -94,9 +113,7 @@ def generate_stream(
     device = model.embed.weight.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
-    firsts = [_prefill(model, p, prefill_chunk) for p in prompts]
-    logits = torch.cat([f[0] for f in firsts])  # (B, V)
-    cache = Cache.stack([f[1] for f in firsts])
+    logits, cache = _prefill_all(model, prompts, prefill_chunk)  # (B, V)
     B = len(prompts)
     active = [True] * B
     produced: list[list[int]] = [[] for _ in range(B)]
@@ -111,6 +128,8 @@ def generate_stream(
             produced[b].append(token)
             out.append(token)
             if token == eos_id or any(produced[b][-len(s) :] == list(s) for s in stop_sequences if s):
+                active[b] = False
+            elif stop_check is not None and stop_check(b, produced[b]):
                 active[b] = False
         yield out
         if not any(active) or step == max_new_tokens - 1:
@@ -147,3 +166,37 @@ def stream_tokens(
     for step in stream:
         if step[0] is not None:
             yield step[0]
+
+
+def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Where the earliest of ``stop_strings`` begins in ``text`` (None if none occurs)."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate_text(
+    model: Griffon,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    **kwargs,
+) -> list[str]:
+    """Continue text prompts; each row stops at the tokenizer's EOS, after ``max_new_tokens``, or
+    at the first of ``stop_strings``, which is cut off with everything after it. Other arguments
+    as :func:`generate_stream`."""
+    # A stop string of n bytes lies within the last n tokens (every token is at least one byte),
+    # so only that tail needs decoding after each new token.
+    tail = max((len(s.encode()) for s in stop_strings), default=0)
+
+    def hit(row: int, tokens: list[int]) -> bool:
+        return find_stop(tokenizer.decode(tokens[-tail:]), stop_strings) is not None
+
+    ids = [tokenizer.encode(p) for p in prompts]
+    rows = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_check=hit if tail else None, **kwargs)
+    texts = []
+    for row in rows:
+        text = tokenizer.decode(row[:-1] if row and row[-1] == tokenizer.eos_id else row)
+        cut = find_stop(text, stop_strings)
+        texts.append(text if cut is None else text[:cut])
+    return texts

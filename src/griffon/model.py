@@ -63,6 +63,16 @@ class Cache:
             segment_pos=torch.cat([c.segment_pos for c in caches]),
         )
 
+    def select(self, rows: torch.Tensor) -> Cache:
+        """The cache of the sequences ``rows`` (a 1-D index tensor), in that order."""
+        blocks: list[BlockState] = []
+        for s in self.blocks:
+            if isinstance(s, RecurrentState):
+                blocks.append(RecurrentState(s.rglru[rows], s.conv[rows]))
+            else:
+                blocks.append(AttentionState(keys=s.keys[rows], values=s.values[rows], positions=s.positions[rows]))
+        return Cache(blocks=blocks, position=self.position[rows], segment_pos=self.segment_pos[rows])
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors."""
         total = self.position.nbytes + self.segment_pos.nbytes
