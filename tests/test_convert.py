@@ -133,3 +133,15 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 2_682_862_080
     assert info["params_non_embedding"] == 2_027_502_080
+
+
+def test_export_hf_refuses_what_hf_cannot_express(tmp_path, capsys):
+    from griffon.checkpoint import save_pretrained
+    from griffon.config import LinearStructure
+    from griffon.model import Griffon
+    from griffon.presets import get_preset
+
+    cfg = get_preset("griffin-tiny", ffn_structure=LinearStructure(kind="lowrank", rank=16))
+    save_pretrained(Griffon(cfg), tmp_path / "ours")
+    _fails(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")], capsys, "a structured FFN (lowrank")
+    assert not (tmp_path / "hf").exists()

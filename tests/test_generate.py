@@ -1,5 +1,7 @@
 """Batched generation: greedy equals full-forward argmax, mixed lengths equal single rows, stops, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -151,3 +153,20 @@ def test_stop_strings_cut_the_text_and_stop_only_their_row():
     checked = generate(model, [tok.encode(prompts[0])], 30, temperature=0.0,
                        stop_check=lambda row, ids: steps.append(len(ids)) or stop in tok.decode(ids))  # fmt: skip
     assert len(checked[0]) == steps[-1] < 30  # the row stopped as soon as the stop string appeared
+
+
+def test_bench_sample_command_writes_results(tmp_path, capsys):
+    from griffon.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "sample", "--width", "32", "--layers", "3", "--window", "8", "--batches", "1,3",
+            "--lengths", "12", "--hf-batches", "2", "--json", str(out), "--png", str(tmp_path / "bench.png")]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["model"], r["batch"]) for r in runs if "params" in r} == {
+        (m, b) for m in ("griffin", "hawk", "mqa") for b in (1, 3)
+    }
+    assert all(r["tokens_per_s"] > 0 and r["step_vs_roofline"] > 0 for r in runs if "params" in r)
+    hf = [r for r in runs if r["model"] == "hf-griffin"]
+    assert len(hf) == 1 and hf[0]["batch"] == 2 and hf[0]["griffon_tokens_per_s"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0

@@ -274,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--field", default="text")
     t.set_defaults(fn=cmd_tokenizer_train)
 
+    s = sub.add_parser("bench", help="benchmarks that ship with the package")
+    bsub = s.add_subparsers(dest="bench_command", required=True)
+    from griffon.bench import sampling
+
+    b = bsub.add_parser("sample", help="decode tokens/s, latency and state vs batch and length; HF generate")
+    sampling.add_arguments(b)
+    b.set_defaults(fn=sampling.run)
+
     s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
     s.add_argument("src")
     s.add_argument("dst")

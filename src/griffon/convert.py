@@ -98,6 +98,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` equivalent of ``cfg``; raises if HF cannot express it."""
     problems = []
+    if cfg.mlp_type != "geglu" or cfg.norm_type != "rmsnorm":
+        problems.append(f"mlp_type={cfg.mlp_type!r}, norm_type={cfg.norm_type!r} (HF has the GeGLU MLP and RMSNorm)")
+    if cfg.ffn_structure.is_structured():
+        problems.append(f"a structured FFN ({cfg.ffn_structure.kind}; HF has dense projections only)")
     if not cfg.embed_scale:
         problems.append("embed_scale=False (HF always scales embeddings)")
     if not cfg.logit_soft_cap:

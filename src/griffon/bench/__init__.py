@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (``griffon bench ...``); the others are scripts in ``benchmarks/``."""

@@ -1,0 +1,170 @@
+"""Sampling throughput of Hawk, Griffin and the MQA transformer vs batch size and length.
+
+    griffon bench sample [--batches 1,8,64,256] [--lengths 128,512] [--json out.json --png out.png]
+
+Three models of the same width and depth (so similar parameter counts; the printout gives
+them): Griffin with a local window, Hawk, and an MQA transformer with global attention. For
+each batch size and generation length it times greedy decoding after a short prompt (prefill
+excluded), and reports tokens/s, milliseconds per decode step, the decode state held, and the
+step time against its roofline bound: max((parameter bytes + batch x state bytes) / copy
+bandwidth, 2 x parameters x batch / matmul peak), both measured in the same run. HF
+``RecurrentGemmaForCausalLM.generate`` runs the Griffin configuration at the batch sizes given
+by ``--hf-batches``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
+from griffon.config import ModelConfig
+from griffon.generate import _prefill, sample_next
+from griffon.model import Cache, Griffon
+
+
+def configs(width: int, layers: int, window: int) -> dict[str, ModelConfig]:
+    base = dict(vocab_size=256, width=width, num_layers=layers, num_heads=4, num_kv_heads=1)
+    return {
+        "griffin": ModelConfig(**base, attention_window=window),
+        "hawk": ModelConfig(**base, block_pattern=("recurrent",)),
+        "mqa": ModelConfig(**base, block_pattern=("attention",), attention_window=None),
+    }
+
+
+@torch.inference_mode()
+def time_decode(model: Griffon, batch: int, length: int, prompt_len: int = 16) -> tuple[float, int]:
+    """Seconds for ``length`` greedy decode steps of ``batch`` rows, and the final cache bytes."""
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
+    logits, cache = _prefill(model, [prompt], 1024)  # one row, copied: the prefill is not timed
+    if batch > 1:
+        cache, logits = Cache.stack([cache] * batch), logits.expand(batch, -1)
+    t0 = time.perf_counter()
+    for _ in range(length):
+        nxt = sample_next(logits, 0.0, None, None, None)
+        logits, cache = model(nxt[:, None], cache=cache)
+        logits = logits[:, -1]
+    return time.perf_counter() - t0, cache.nbytes()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--window", type=int, default=128, help="Griffin's local attention window")
+    p.add_argument("--batches", default="1,8,64,256", help="comma-separated batch sizes")
+    p.add_argument("--lengths", default="128,512", help="comma-separated generation lengths")
+    p.add_argument("--hf-batches", default="1,16", help="batch sizes for HF generate ('' to skip)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="plot tokens/s vs batch size here")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); print and return the results."""
+    batches = [int(b) for b in args.batches.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",")]
+    bandwidth, peak = copy_bandwidth(), matmul_peak_flops()
+    results: dict = {"machine": machine(), "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_peak_GFLOPs": peak / 1e9,
+                     "window": args.window, "runs": []}  # fmt: skip
+    print(f"on {results['machine']['cpu']} ({results['machine']['threads']} threads): "
+          f"{bandwidth / 1e9:.1f} GB/s copy, {peak / 1e9:.0f} GFLOP/s fp32 matmul")  # fmt: skip
+    for name, cfg in configs(args.width, args.layers, args.window).items():
+        torch.manual_seed(0)
+        model = Griffon(cfg).eval()
+        n = model.num_params()
+        param_bytes = 4 * n
+        for length in lengths:
+            for batch in batches:
+                time_decode(model, batch, 2)  # warm-up
+                seconds, state = time_decode(model, batch, length)
+                step = seconds / length
+                bound = max((param_bytes + state) / bandwidth, 2 * n * batch / peak)
+                run = {"model": name, "params": n, "batch": batch, "length": length, "tokens_per_s": batch * length / seconds,
+                       "ms_per_step": 1e3 * step, "state_bytes": state, "step_vs_roofline": step / bound}  # fmt: skip
+                results["runs"].append(run)
+                print(f"  {name:<8} {n / 1e6:.2f}M  batch {batch:>4}  len {length:>5}: {run['tokens_per_s']:9.0f} tok/s  "
+                      f"{run['ms_per_step']:7.2f} ms/step  state {state / 2**20:7.2f} MiB  {run['step_vs_roofline']:5.1f}x roofline")  # fmt: skip
+    hf_runs(results, args, [int(b) for b in args.hf_batches.split(",") if b])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.png:
+        plot(results, Path(args.png))
+    return results
+
+
+def hf_model(model: Griffon):
+    """HF ``RecurrentGemmaForCausalLM`` holding ``model``'s weights (needs ``transformers``)."""
+    import transformers
+
+    from griffon.convert import config_to_hf, to_hf_state_dict
+
+    hf_dict = config_to_hf(model.config)
+    hf_cfg = transformers.RecurrentGemmaConfig(
+        **{k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
+    )
+    hf = transformers.RecurrentGemmaForCausalLM(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding
+        raise RuntimeError(f"HF weights do not line up: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def hf_runs(results: dict, args, batches: list[int]) -> None:
+    if not batches:
+        return
+    cfg = configs(args.width, args.layers, args.window)["griffin"]
+    # HF counts the window including the query itself: window + 1 there sees what window does here.
+    torch.manual_seed(0)
+    ours = Griffon(cfg.replace(attention_window=args.window + 1, window_semantics="hf")).eval()
+    try:
+        hf = hf_model(ours)
+    except ImportError as e:
+        print(f"  HF transformers unavailable ({e}); pip install transformers to compare")
+        return
+    length = min(int(x) for x in args.lengths.split(","))
+    for batch in batches:
+        prompt = torch.randint(0, 256, (batch, 16))
+        with torch.inference_mode():
+            hf.generate(prompt, max_new_tokens=2, do_sample=False)
+            t0 = time.perf_counter()
+            # min_new_tokens keeps HF's default EOS id (1) from ending a row early
+            hf.generate(prompt, max_new_tokens=length, min_new_tokens=length, do_sample=False)
+            seconds = time.perf_counter() - t0
+        ours_s, _ = time_decode(ours, batch, length)
+        run = {"model": "hf-griffin", "batch": batch, "length": length, "tokens_per_s": batch * length / seconds,
+               "griffon_tokens_per_s": batch * length / ours_s}  # fmt: skip
+        results["runs"].append(run)
+        print(f"  HF generate (griffin) batch {batch:>4} len {length}: {run['tokens_per_s']:8.0f} tok/s "
+              f"(prefill included) vs griffon {run['griffon_tokens_per_s']:8.0f} tok/s (decode only)")  # fmt: skip
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lengths = sorted({r["length"] for r in results["runs"] if "params" in r})
+    for name, color in [("griffin", "C0"), ("hawk", "C1"), ("mqa", "C2")]:
+        for length, style in zip(lengths, ["--", "-", ":"], strict=False):
+            rows = sorted(
+                (r["batch"], r["tokens_per_s"]) for r in results["runs"] if r["model"] == name and r["length"] == length
+            )
+            if rows:
+                ax.plot(
+                    *zip(*rows, strict=True), style, color=color, marker="o", ms=3, label=f"{name}, {length} tokens"
+                )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"greedy decoding, window {results['window']} (CPU, fp32)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
