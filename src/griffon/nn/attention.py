@@ -26,17 +26,20 @@ class AttentionState:
     positions: torch.Tensor  # (B, S) stream position of each slot, -1 where empty
 
 
-def apply_rope(x: torch.Tensor, segment_pos: torch.Tensor, rope_dim: int, base: float) -> torch.Tensor:
-    """Rotate the first ``rope_dim`` dims of each head by position (rotate-half convention).
+def rope_tables(segment_pos: torch.Tensor, rope_dim: int, base: float, dtype: torch.dtype):
+    """sin and cos (B, T, 1, rope_dim / 2) of the RoPE angles, computed in float32 as both
+    references do, then cast to ``dtype``."""
+    half = rope_dim // 2
+    inv_freq = 1.0 / base ** (torch.arange(half, device=segment_pos.device, dtype=torch.float32) * 2 / rope_dim)
+    angles = segment_pos.to(torch.float32)[..., None, None] * inv_freq  # (B, T, 1, half)
+    return torch.sin(angles).to(dtype), torch.cos(angles).to(dtype)
 
-    x (B, T, H, hd); segment_pos (B, T). Frequencies are computed in float32 as both references do.
-    """
+
+def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Rotate the first ``rope_dim`` dims of each head of x (B, T, H, hd) (rotate-half convention)."""
     if rope_dim == 0:
         return x
     half = rope_dim // 2
-    inv_freq = 1.0 / base ** (torch.arange(half, device=x.device, dtype=torch.float32) * 2 / rope_dim)
-    angles = segment_pos.to(torch.float32)[..., None, None] * inv_freq  # (B, T, 1, half)
-    sin, cos = torch.sin(angles).to(x.dtype), torch.cos(angles).to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:rope_dim], x[..., rope_dim:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
@@ -98,13 +101,14 @@ class Attention(nn.Module):
         build_state: with ``state=None``, whether to build a cache from this chunk (training skips it).
         """
         B, T, _ = x.shape
-        q = apply_rope(
-            self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base
-        )
-        k = apply_rope(
-            self.k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), segment_pos, self.rope_dim, self.rope_base
-        )
+        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, hd)
+        k = self.k(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, T, H_kv, hd)
         v = self.v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, T, H_kv, hd)
+        if self.rope_dim:
+            sin, cos = rope_tables(segment_pos, self.rope_dim, self.rope_base, q.dtype)
+            q, k = rotate(q, sin, cos, self.rope_dim), rotate(k, sin, cos, self.rope_dim)
+        if T == 1 and state is not None:
+            return self._decode_step(q, k, v, segment_pos, positions, state)
 
         # Queries go in blocks: each block needs only the keys inside its reach (the window, or
         # everything up to the block's end for global attention), so masked-out work shrinks
@@ -128,6 +132,29 @@ class Attention(nn.Module):
         if state is None and not build_state:
             return out, None
         return out, self._update_state(state, k, v, positions)
+
+    def _decode_step(
+        self, q, k, v, segment_pos, positions, state: AttentionState
+    ) -> tuple[torch.Tensor, AttentionState]:
+        """One new token per row (q (B, 1, H, hd), k and v (B, 1, H_kv, hd), rotated) against the
+        cache, without concatenating the cache's keys: the new key's score joins the cached ones
+        only inside the softmax. Same masks as ``_attend``."""
+        B = q.shape[0]
+        Hkv, g, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        qg = q.view(B, Hkv, g, hd) * hd**-0.5  # heads grouped by the key/value head they share
+        keys = state.keys.to(q.dtype).permute(0, 2, 3, 1)  # (B, H_kv, hd, S)
+        values = state.values.to(q.dtype).transpose(1, 2)  # (B, H_kv, S, hd)
+        kp, qp, seg = state.positions[:, None, None, :], positions[:, :, None, None], segment_pos[:, :, None, None]
+        visible = (kp >= 0) & (kp >= qp - seg)  # (B, 1, 1, S): cached keys are all in the past
+        if self.history is not None:
+            visible &= qp - kp <= self.history
+        # Scores and softmax in float32 whatever the compute dtype, as SDPA does.
+        old = torch.matmul(qg, keys).float().masked_fill(~visible, float("-inf"))  # (B, H_kv, g, S)
+        new = (qg * k.view(B, Hkv, 1, hd)).sum(-1, keepdim=True).float()  # (B, H_kv, g, 1): always visible
+        p = torch.cat([old, new], dim=-1).softmax(-1).to(q.dtype)
+        S = old.shape[-1]
+        out = torch.matmul(p[..., :S], values) + p[..., S:] * v.view(B, Hkv, 1, hd)  # (B, H_kv, g, hd)
+        return self.o(out.reshape(B, 1, self.num_heads * hd)), self._update_state(state, k, v, positions)
 
     def _attend(self, q, keys, values, q_pos, q_seg, key_pos) -> torch.Tensor:
         """q (B, H, t, hd); keys/values (B, H_kv, s, hd); q_pos, q_seg (B, t); key_pos (B, s)."""

@@ -41,6 +41,10 @@ class CausalConv1D(nn.Module):
             state = x.new_zeros(B, K - 1, C)
         xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
         w = self.weight.to(x.dtype)
+        if T == 1:  # a decode step: one masked weighted sum over the window instead of K passes
+            lags = torch.arange(K - 1, -1, -1, device=x.device)  # xp[:, j] is lags[j] tokens back
+            taps = w * (lags <= segment_pos[:, :1])[:, :, None]  # (B, K, C): no tap across a document start
+            return (xp * taps).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
         y = xp[:, K - 1 :] * w[K - 1]
         for k in range(1, K):
             same_doc = (segment_pos >= k).unsqueeze(-1)  # (B, T, 1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * (1 + scale)``, computed in float32 and cast back to the input dtype."""
+    """``x / sqrt(mean(x^2) + eps) * (1 + scale)``, computed in float32 and cast back to the input dtype."""
 
     def __init__(self, width: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -19,9 +20,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics: in bfloat16 the mean of squares loses too many bits.
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.scale.float())).to(x.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.scale.float(), self.eps).to(x.dtype)
 
 
 def make_norm(norm_type: str, width: int, eps: float) -> nn.Module:

@@ -101,7 +101,9 @@ class RGLRU(nn.Module):
         gate_a = torch.sigmoid(self.a_gate(x).to(acc))
         log_a = -_C * gate_a * F.softplus(self.a_param.to(acc))  # (B, T, W)
         a = torch.exp(log_a)
-        multiplier = _SqrtBoundDerivative.apply(1.0 - torch.exp(2.0 * log_a))
+        one_minus_a2 = 1.0 - torch.exp(2.0 * log_a)
+        # The bounded-gradient sqrt matters only for backward; sampling skips its Python overhead.
+        multiplier = _SqrtBoundDerivative.apply(one_minus_a2) if torch.is_grad_enabled() else one_minus_a2.sqrt()
         multiplier = torch.where(reset.unsqueeze(-1), 1.0, multiplier)
         normalized_x = x.to(acc) * gate_x * multiplier
         if state is not None:
