@@ -159,7 +159,7 @@ def test_bench_sample_command_writes_results(tmp_path, capsys):
     from griffon.cli import main
 
     out = tmp_path / "bench.json"
-    argv = ["bench", "sample", "--width", "32", "--layers", "3", "--window", "8", "--batches", "1,3",
+    argv = ["bench", "sample", "--width", "32", "--layers", "3", "--window", "8", "--batches", "1,16",
             "--lengths", "12", "--hf-batches", "2", "--json", str(out), "--png", str(tmp_path / "bench.png")]  # fmt: skip
     assert main(argv) == 0
     results = json.loads(out.read_text())
@@ -167,7 +167,7 @@ def test_bench_sample_command_writes_results(tmp_path, capsys):
     assert set(results["goals"]) == {"griffin_step_vs_roofline_batch_ge_16", "griffon_vs_hf_generate"}
     assert all(r["matmuls_ms"] > 0 for r in runs if "params" in r)
     assert {(r["model"], r["batch"]) for r in runs if "params" in r} == {
-        (m, b) for m in ("griffin", "hawk", "mqa") for b in (1, 3)
+        (m, b) for m in ("griffin", "hawk", "mqa") for b in (1, 16)
     }
     assert all(r["tokens_per_s"] > 0 and r["step_vs_roofline"] > 0 for r in runs if "params" in r)
     hf = [r for r in runs if r["model"] == "hf-griffin"]
