@@ -147,8 +147,8 @@ class TrainConfig:
         if self.self_guided.enabled:
             if not self.model.ffn_structure.is_structured():
                 raise ConfigError("self_guided.enabled needs a structured FFN: set model.ffn_structure.kind")
-            if self.distributed != "none":
-                raise ConfigError("self-guided training runs single-process for now (distributed must be none)")
+            if self.distributed == "fsdp":
+                raise ConfigError("self-guided training supports distributed=none or ddp, not fsdp yet")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.distributed not in DISTRIBUTED:

@@ -56,6 +56,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that no DDP wrapper reduces (the self-guided guides)."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

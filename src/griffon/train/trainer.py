@@ -270,6 +270,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 loss_sum += loss.detach()
             step_loss = D.all_reduce_mean(loss_sum / cfg.data.grad_accum).item()
 
+            if guidance is not None:
+                D.all_reduce_grads_(guidance.parameters())  # the guides live outside the DDP wrapper
             grad_norm = _clip(raw, model, cfg, guidance)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 bad_steps += 1
