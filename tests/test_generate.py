@@ -7,7 +7,7 @@ import torch
 
 from griffon import Griffon, get_preset
 from griffon.config import ModelConfig
-from griffon.generate import generate, generate_stream
+from griffon.generation import generate, generate_stream
 
 from oracles import deepmind, deepmind_pair
 
@@ -140,7 +140,7 @@ def test_greedy_matches_the_deepmind_sampler():
 
 def test_stop_strings_cut_the_text_and_stop_only_their_row():
     from griffon.data.tokenizers import ByteTokenizer
-    from griffon.generate import generate_text
+    from griffon.generation import generate_text
 
     model, tok = _model("hawk-tiny"), ByteTokenizer()
     prompts = ["To be, or", "Wherefore art thou"]
@@ -173,3 +173,11 @@ def test_bench_sample_command_writes_results(tmp_path, capsys):
     hf = [r for r in runs if r["model"] == "hf-griffin"]
     assert len(hf) == 1 and hf[0]["batch"] == 2 and hf[0]["griffon_tokens_per_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_package_level_generate():
+    import griffon
+    import griffon.generation
+
+    assert griffon.generate is griffon.generation.generate
+    assert len(griffon.generate(_model("hawk-tiny"), [[1, 2, 3]], 4, temperature=0.0)[0]) == 4

@@ -9,7 +9,7 @@ import torch
 from griffon.accounting import ffn_params, forward_flops_per_token, structuredffn_counts
 from griffon.cli import main
 from griffon.config import ConfigError, LinearStructure, ModelConfig
-from griffon.generate import generate
+from griffon.generation import generate
 from griffon.model import Griffon
 from griffon.nn.structured import (
     BlockDenseLinear,

@@ -1,7 +1,8 @@
 """griffon: train, evaluate, sample and benchmark Griffin, Hawk and MQA-transformer language models."""
 
 from griffon.checkpoint import from_pretrained, save_pretrained
-from griffon.config import ConfigError, ModelConfig
+from griffon.config import ConfigError, LinearStructure, ModelConfig
+from griffon.generation import generate, generate_stream, generate_text
 from griffon.model import Cache, Griffon
 from griffon.presets import get_preset, preset_names
 
@@ -11,8 +12,12 @@ __all__ = [
     "Cache",
     "ConfigError",
     "Griffon",
+    "LinearStructure",
     "ModelConfig",
     "from_pretrained",
+    "generate",
+    "generate_stream",
+    "generate_text",
     "get_preset",
     "preset_names",
     "save_pretrained",

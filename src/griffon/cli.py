@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained
     from griffon.data.tokenizers import load_tokenizer
-    from griffon.generate import find_stop, stream_tokens
+    from griffon.generation import find_stop, stream_tokens
     from griffon.train.checkpoint import checkpoint_dirs
 
     path = Path(args.model)

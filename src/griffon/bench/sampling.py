@@ -23,7 +23,7 @@ import torch
 
 from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
 from griffon.config import ModelConfig
-from griffon.generate import _prefill, sample_next
+from griffon.generation import _prefill, sample_next
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import StructuredLinear
 
