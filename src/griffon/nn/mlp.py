@@ -23,16 +23,21 @@ class GatedMLP(nn.Module):
     ) -> None:
         super().__init__()
         structure = structure or LinearStructure()
-        self.gate = make_linear(width, expanded_width, structure)
-        self.up = make_linear(width, expanded_width, structure)
-        self.down = make_linear(expanded_width, width, structure)
         self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
-        self.reset_parameters()
+        in_std, out_std = self._stds()
+        # Each layer is initialised once, at construction (a structured layer's init is an SVD).
+        self.gate = make_linear(width, expanded_width, structure, std=in_std)
+        self.up = make_linear(width, expanded_width, structure, std=in_std)
+        self.down = make_linear(expanded_width, width, structure, std=out_std)
+
+    def _stds(self) -> tuple[float, float]:
+        return math.sqrt(1.0 / self.width), math.sqrt(self.out_init_scale / self.expanded_width)
 
     def reset_parameters(self) -> None:
-        init_linear_(self.gate, math.sqrt(1.0 / self.width))
-        init_linear_(self.up, math.sqrt(1.0 / self.width))
-        init_linear_(self.down, math.sqrt(self.out_init_scale / self.expanded_width))
+        in_std, out_std = self._stds()
+        init_linear_(self.gate, in_std)
+        init_linear_(self.up, in_std)
+        init_linear_(self.down, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
@@ -46,10 +51,9 @@ class GeluMLP(nn.Module):
     ) -> None:
         super().__init__()
         structure = structure or LinearStructure()
-        self.up = make_linear(width, expanded_width, structure)
-        self.down = make_linear(expanded_width, width, structure)
         self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
-        self.reset_parameters()
+        self.up = make_linear(width, expanded_width, structure, std=math.sqrt(1.0 / width))
+        self.down = make_linear(expanded_width, width, structure, std=math.sqrt(out_init_scale / expanded_width))
 
     def reset_parameters(self) -> None:
         init_linear_(self.up, math.sqrt(1.0 / self.width))

@@ -105,7 +105,13 @@ class LowRankLinear(StructuredLinear):
     ``V = sqrt(S_r) Vh_r``, ``U = U_r sqrt(S_r)`` (the best rank-r approximation of that draw)."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, bias: bool = True, merge_threshold: int | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        merge_threshold: int | None = None,
+        std: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         if not 0 < rank <= min(in_features, out_features):
@@ -113,7 +119,7 @@ class LowRankLinear(StructuredLinear):
         self.rank = rank
         self.V = nn.Parameter(torch.empty(rank, in_features))
         self.U = nn.Parameter(torch.empty(out_features, rank))
-        self.reset_parameters(1.0 / math.sqrt(in_features))
+        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
 
     def reset_parameters(self, std: float) -> None:
         if self.bias is not None:
@@ -154,7 +160,13 @@ class BlockShuffleLinear(StructuredLinear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, blocks: int, bias: bool = True, merge_threshold: int | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        blocks: int,
+        bias: bool = True,
+        merge_threshold: int | None = None,
+        std: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         _check_divides(blocks, in_features, out_features)
@@ -162,7 +174,7 @@ class BlockShuffleLinear(StructuredLinear):
         q = min(in_features, out_features) // blocks
         self.w1 = nn.Parameter(torch.empty(blocks, q, in_features // blocks))
         self.w2 = nn.Parameter(torch.empty(blocks, out_features // blocks, q))
-        self.reset_parameters(1.0 / math.sqrt(in_features))
+        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
 
     def reset_parameters(self, std: float) -> None:
         if self.bias is not None:
@@ -222,13 +234,14 @@ class BlockDenseLinear(StructuredLinear):
         rank: int,
         bias: bool = True,
         merge_threshold: int | None = None,
+        std: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, merge_threshold)
         _check_divides(blocks, in_features, rank)
         self.blocks, self.rank = blocks, rank
         self.w1 = nn.Parameter(torch.empty(blocks, rank // blocks, in_features // blocks))
         self.w2 = nn.Parameter(torch.empty(out_features, rank))
-        self.reset_parameters(1.0 / math.sqrt(in_features))
+        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
 
     def reset_parameters(self, std: float) -> None:
         if self.bias is not None:
@@ -266,17 +279,20 @@ class BlockDenseLinear(StructuredLinear):
 
 
 def make_linear(
-    in_features: int, out_features: int, structure: LinearStructure, bias: bool = True
+    in_features: int, out_features: int, structure: LinearStructure, bias: bool = True, std: float | None = None
 ) -> nn.Linear | StructuredLinear:
-    """An ``in -> out`` layer of the kind ``structure`` names (``dense`` gives ``nn.Linear``)."""
+    """An ``in -> out`` layer of the kind ``structure`` names (``dense`` gives ``nn.Linear``),
+    initialised once to the scale of a dense N(0, std^2) weight (default ``1 / sqrt(in)``)."""
     s, t = structure, structure.merge_threshold
     if s.kind == "dense":
-        return nn.Linear(in_features, out_features, bias=bias)
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        init_linear_(layer, std if std is not None else 1.0 / math.sqrt(in_features))
+        return layer
     if s.kind == "lowrank":
-        return LowRankLinear(in_features, out_features, s.rank, bias, t)  # type: ignore[arg-type]
+        return LowRankLinear(in_features, out_features, s.rank, bias, t, std)  # type: ignore[arg-type]
     if s.kind == "blockshuffle":
-        return BlockShuffleLinear(in_features, out_features, s.blocks, bias, t)  # type: ignore[arg-type]
-    return BlockDenseLinear(in_features, out_features, s.blocks, s.rank, bias, t)  # type: ignore[arg-type]
+        return BlockShuffleLinear(in_features, out_features, s.blocks, bias, t, std)  # type: ignore[arg-type]
+    return BlockDenseLinear(in_features, out_features, s.blocks, s.rank, bias, t, std)  # type: ignore[arg-type]
 
 
 def init_linear_(layer: nn.Module, std: float) -> None:
