@@ -84,7 +84,7 @@ def test_goldfish_mask_is_a_deterministic_function_of_context():
     assert n == mask.sum()
 
 
-def test_training_writes_a_self_contained_run(tmp_path):
+def test_training_writes_a_self_contained_run(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set=max_steps=6", "--set=save_every=2"]
     assert main(argv) == 0
@@ -97,6 +97,13 @@ def test_training_writes_a_self_contained_run(tmp_path):
     assert evals and all(math.isfinite(r["val_bpb"]) for r in evals)
     assert losses(run)[6] < losses(run)[1]
     assert main(["sample", str(run), "--prompt", "KING", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    capsys.readouterr()
+    argv = ["sample", str(run), "--prompt", "KING", "--max-new-tokens", "60", "--seed", "0", "--temperature", "0"]
+    assert main(argv) == 0
+    free = capsys.readouterr().out[len("KING") : -1]
+    stop = free[3:5]  # a piece of the greedy continuation
+    assert main(argv + ["--stop", stop, "--stop", "never-seen"]) == 0
+    assert capsys.readouterr().out == "KING" + free[: free.find(stop)] + "\n"
 
 
 def test_budgets_tokens_and_flops(tmp_path):
