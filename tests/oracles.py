@@ -62,12 +62,9 @@ def deepmind_pair(cfg: ModelConfig, seed: int = 0):
 def hf_pair(cfg: ModelConfig, seed: int = 0):
     """A random HF RecurrentGemmaForCausalLM and the griffon model converted from it."""
     transformers = pytest.importorskip("transformers")
-    from griffon.convert import config_to_hf
+    from griffon.convert import hf_transformers_config
 
-    hf_dict = config_to_hf(cfg)
-    hf_cfg = transformers.RecurrentGemmaConfig(
-        **{k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
-    )
+    hf_cfg = hf_transformers_config(cfg)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     ref = transformers.RecurrentGemmaForCausalLM(hf_cfg).eval()

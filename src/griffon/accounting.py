@@ -59,6 +59,22 @@ RGLRU_FLOPS_PER_CHANNEL = 2 + 2 + 1 + 4 + 2 + 2
 GATE_FLOPS_PER_CHANNEL = 9
 
 
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights of every matrix multiply of a forward pass (no biases, norms or ``a_param``): the
+    tied embedding once (as the output head), FFN projections (structured ones as their factors),
+    the recurrent blocks' projections and block-diagonal gates, the attention projections."""
+    D, L = cfg.width, cfg.resolved_lru_width
+    q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
+    total = cfg.vocab_size * D
+    for layer, kind in enumerate(cfg.block_types):
+        total += ffn_matmul_params(cfg, layer)
+        if kind == "recurrent":
+            total += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
+        else:
+            total += 2 * D * q_dim + 2 * D * kv_dim
+    return total
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token by component (a multiply-add counts 2).
 
@@ -69,20 +85,15 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     block's output gate (see ``RGLRU_FLOPS_PER_CHANNEL``). Norms, residual adds and the MLP
     activation are left out (a few per width channel, well under 1% of any useful model).
     """
-    D, L = cfg.width, cfg.resolved_lru_width
-    q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
-    matmul_weights = cfg.vocab_size * D
+    L, q_dim = cfg.resolved_lru_width, cfg.num_heads * cfg.resolved_head_dim
     attention = conv = recurrence = 0.0
-    for layer, kind in enumerate(cfg.block_types):
-        matmul_weights += ffn_matmul_params(cfg, layer)
+    for kind in cfg.block_types:
         if kind == "recurrent":
-            matmul_weights += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
             conv += 2 * cfg.conv_width * L
             recurrence += (RGLRU_FLOPS_PER_CHANNEL + GATE_FLOPS_PER_CHANNEL) * L
         else:
-            matmul_weights += 2 * D * q_dim + 2 * D * kv_dim
             attention += 4 * q_dim * mean_visible_keys(cfg, seq_len)
-    matmul = 2.0 * matmul_weights
+    matmul = 2.0 * matmul_params(cfg)
     total = matmul + attention + conv + recurrence
     return {"matmul": matmul, "attention": attention, "conv": conv, "recurrence": recurrence, "total": total}
 
@@ -104,17 +115,10 @@ def structuredffn_counts(cfg: ModelConfig, seq_len: int, tokens: float | None = 
     ignored); training is 3x forward; a run of ``tokens`` takes ``floor(tokens / 524288)`` steps of
     524288 tokens.
     """
-    D, L = cfg.width, cfg.resolved_lru_width
-    q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
+    q_dim = cfg.num_heads * cfg.resolved_head_dim
     ffn = sum(ffn_matmul_params(cfg, i) for i in range(cfg.num_layers))
-    params = cfg.vocab_size * D + ffn
-    attention = 0.0
-    for kind in cfg.block_types:
-        if kind == "recurrent":
-            params += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
-        else:
-            params += 2 * D * q_dim + 2 * D * kv_dim
-            attention += 4 * seq_len * q_dim
+    params = matmul_params(cfg)
+    attention = 4.0 * seq_len * q_dim * cfg.block_types.count("attention")
     train_per_token = 3.0 * (2.0 * params + attention)
     out: dict[str, float] = {"params": params, "ffn_params": ffn, "train_flops_per_token": train_per_token}
     if tokens is not None:

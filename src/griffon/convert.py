@@ -142,6 +142,16 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ----- weights --------------------------------------------------------------------------------
+def hf_transformers_config(cfg: ModelConfig):
+    """``cfg`` as a ``transformers.RecurrentGemmaConfig`` (needs ``transformers``)."""
+    import transformers
+
+    hf = config_to_hf(cfg)
+    return transformers.RecurrentGemmaConfig(
+        **{k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    )
+
+
 def _take(src: Tensors, name: str, used: set[str]) -> torch.Tensor:
     if name not in src:
         raise ConversionError(f"source checkpoint lacks tensor {name!r}")

@@ -156,13 +156,9 @@ def hf_model(model: Griffon):
     """HF ``RecurrentGemmaForCausalLM`` holding ``model``'s weights (needs ``transformers``)."""
     import transformers
 
-    from griffon.convert import config_to_hf, to_hf_state_dict
+    from griffon.convert import hf_transformers_config, to_hf_state_dict
 
-    hf_dict = config_to_hf(model.config)
-    hf_cfg = transformers.RecurrentGemmaConfig(
-        **{k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
-    )
-    hf = transformers.RecurrentGemmaForCausalLM(hf_cfg).eval()
+    hf = transformers.RecurrentGemmaForCausalLM(hf_transformers_config(model.config)).eval()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding
         raise RuntimeError(f"HF weights do not line up: missing {missing}, unexpected {unexpected}")

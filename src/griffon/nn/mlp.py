@@ -15,49 +15,64 @@ from griffon.config import LinearStructure
 from griffon.nn.structured import init_linear_, make_linear
 
 
-class GatedMLP(nn.Module):
+class _MLP(nn.Module):
+    """What both MLPs share: input projections at std ``1/sqrt(width)``, the output projection at
+    ``sqrt(out_init_scale / expanded_width)`` (smaller in deeper models)."""
+
+    down: nn.Module
+
+    def __init__(self, width: int, expanded_width: int, out_init_scale: float) -> None:
+        super().__init__()
+        self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
+
+    def _stds(self) -> tuple[float, float]:
+        return math.sqrt(1.0 / self.width), math.sqrt(self.out_init_scale / self.expanded_width)
+
+    def _inputs(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        in_std, out_std = self._stds()
+        for layer in self._inputs():
+            init_linear_(layer, in_std)
+        init_linear_(self.down, out_std)
+
+
+class GatedMLP(_MLP):
     """``down(gelu_tanh(gate(x)) * up(x))`` (GeGLU), as in Griffin and RecurrentGemma."""
 
     def __init__(
         self, width: int, expanded_width: int, out_init_scale: float = 1.0, structure: LinearStructure | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(width, expanded_width, out_init_scale)
         structure = structure or LinearStructure()
-        self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
         in_std, out_std = self._stds()
         # Each layer is initialised once, at construction (a structured layer's init is an SVD).
         self.gate = make_linear(width, expanded_width, structure, std=in_std)
         self.up = make_linear(width, expanded_width, structure, std=in_std)
         self.down = make_linear(expanded_width, width, structure, std=out_std)
 
-    def _stds(self) -> tuple[float, float]:
-        return math.sqrt(1.0 / self.width), math.sqrt(self.out_init_scale / self.expanded_width)
-
-    def reset_parameters(self) -> None:
-        in_std, out_std = self._stds()
-        init_linear_(self.gate, in_std)
-        init_linear_(self.up, in_std)
-        init_linear_(self.down, out_std)
+    def _inputs(self) -> tuple[nn.Module, ...]:
+        return (self.gate, self.up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
 
 
-class GeluMLP(nn.Module):
+class GeluMLP(_MLP):
     """``down(gelu_tanh(up(x)))`` with biases: the FFN of GPT-2 and of the StructuredFFN transformers."""
 
     def __init__(
         self, width: int, expanded_width: int, out_init_scale: float = 1.0, structure: LinearStructure | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(width, expanded_width, out_init_scale)
         structure = structure or LinearStructure()
-        self.width, self.expanded_width, self.out_init_scale = width, expanded_width, out_init_scale
-        self.up = make_linear(width, expanded_width, structure, std=math.sqrt(1.0 / width))
-        self.down = make_linear(expanded_width, width, structure, std=math.sqrt(out_init_scale / expanded_width))
+        in_std, out_std = self._stds()
+        self.up = make_linear(width, expanded_width, structure, std=in_std)
+        self.down = make_linear(expanded_width, width, structure, std=out_std)
 
-    def reset_parameters(self) -> None:
-        init_linear_(self.up, math.sqrt(1.0 / self.width))
-        init_linear_(self.down, math.sqrt(self.out_init_scale / self.expanded_width))
+    def _inputs(self) -> tuple[nn.Module, ...]:
+        return (self.up,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))

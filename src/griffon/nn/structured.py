@@ -43,7 +43,7 @@ class StructuredLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) matrix W with ``layer(x) == x @ W.T + bias``."""
-        raise NotImplementedError
+        return self._dense_from(self.factors())
 
     def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ to_dense().T (+ bias)`` through the factors. x (..., in)."""
@@ -52,6 +52,10 @@ class StructuredLinear(nn.Module):
     def reset_parameters(self, std: float) -> None:
         """The paper's initialisation, scaled to match a dense N(0, std^2) layer (see subclasses)."""
         raise NotImplementedError
+
+    def _init(self, std: float | None) -> None:
+        """First initialisation; a dense layer's default scale ``1 / sqrt(in)`` unless ``std`` is given."""
+        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
@@ -119,7 +123,7 @@ class LowRankLinear(StructuredLinear):
         self.rank = rank
         self.V = nn.Parameter(torch.empty(rank, in_features))
         self.U = nn.Parameter(torch.empty(out_features, rank))
-        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
+        self._init(std)
 
     def reset_parameters(self, std: float) -> None:
         if self.bias is not None:
@@ -140,9 +144,6 @@ class LowRankLinear(StructuredLinear):
         V, U = factors
         return U @ V
 
-    def to_dense(self) -> torch.Tensor:
-        return self._dense_from(self.factors())
-
     def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(F.linear(x, self.V), self.U, bias)  # the bias fused into the second matmul
 
@@ -150,7 +151,34 @@ class LowRankLinear(StructuredLinear):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
-class BlockShuffleLinear(StructuredLinear):
+class _OrthogonalFactors(StructuredLinear):
+    """Layers with factors ``w1`` (block-diagonal) and ``w2``, initialised orthogonal blockwise and
+    rescaled to a dense layer's norm."""
+
+    w1: nn.Parameter
+    w2: nn.Parameter
+
+    def reset_parameters(self, std: float) -> None:
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.w1.is_meta:
+            return
+        for w in (self.w1, self.w2):
+            nn.init.normal_(w)
+            _orthogonalise_(w)
+        self._scale_to_dense_norm(std)
+
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1, self.w2)
+
+
+def _block_diagonal(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., B * p) times the block-diagonal matrix of w (B, q, p), block by block: (B, N, q)."""
+    B, _, p = w.shape
+    return torch.bmm(x.reshape(-1, B, p).transpose(0, 1), w.transpose(1, 2))
+
+
+class BlockShuffleLinear(_OrthogonalFactors):
     """Two block-diagonal factors with shuffles (Monarch-style), ``B`` blocks each.
 
     ``w1`` (B, q, in/B) maps each input block to q values, ``q = min(in, out) / B``. The middle
@@ -174,20 +202,7 @@ class BlockShuffleLinear(StructuredLinear):
         q = min(in_features, out_features) // blocks
         self.w1 = nn.Parameter(torch.empty(blocks, q, in_features // blocks))
         self.w2 = nn.Parameter(torch.empty(blocks, out_features // blocks, q))
-        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
-
-    def reset_parameters(self, std: float) -> None:
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-        if self.w1.is_meta:
-            return
-        for w in (self.w1, self.w2):
-            nn.init.normal_(w)
-            _orthogonalise_(w)
-        self._scale_to_dense_norm(std)
-
-    def factors(self) -> tuple[torch.Tensor, ...]:
-        return (self.w1, self.w2)
+        self._init(std)
 
     def _permutations(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         B, q, s = self.blocks, self.w1.shape[1], self.w2.shape[1]
@@ -202,15 +217,11 @@ class BlockShuffleLinear(StructuredLinear):
         bd2 = torch.block_diag(*w2.unbind(0))  # (out, B*q)
         return bd2[out] @ bd1[mid]
 
-    def to_dense(self) -> torch.Tensor:
-        return self._dense_from(self.factors())
-
     def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        B, q, p = self.w1.shape
+        B, q, _ = self.w1.shape
         s = self.w2.shape[1]
-        xb = x.reshape(-1, B, p).transpose(0, 1)  # (B, N, p)
-        h = torch.bmm(xb, self.w1.transpose(1, 2))  # (B, N, q)
+        h = _block_diagonal(x, self.w1)  # (B, N, q)
         n = h.shape[1]
         # The shuffle: the middle vector laid out (q, B) is read as (B, q).
         h = h.transpose(0, 1).reshape(n, q, B).permute(2, 0, 1)  # (B, N, q)
@@ -222,7 +233,7 @@ class BlockShuffleLinear(StructuredLinear):
         return f"in={self.in_features}, out={self.out_features}, blocks={self.blocks}, bias={self.bias is not None}"
 
 
-class BlockDenseLinear(StructuredLinear):
+class BlockDenseLinear(_OrthogonalFactors):
     """A block-diagonal factor ``w1`` (B, rank/B, in/B) followed by a dense ``w2`` (out, rank), no
     shuffle. Both start orthogonal (blockwise for ``w1``)."""
 
@@ -241,34 +252,16 @@ class BlockDenseLinear(StructuredLinear):
         self.blocks, self.rank = blocks, rank
         self.w1 = nn.Parameter(torch.empty(blocks, rank // blocks, in_features // blocks))
         self.w2 = nn.Parameter(torch.empty(out_features, rank))
-        self.reset_parameters(std if std is not None else 1.0 / math.sqrt(in_features))
-
-    def reset_parameters(self, std: float) -> None:
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-        if self.w1.is_meta:
-            return
-        for w in (self.w1, self.w2):
-            nn.init.normal_(w)
-            _orthogonalise_(w)
-        self._scale_to_dense_norm(std)
-
-    def factors(self) -> tuple[torch.Tensor, ...]:
-        return (self.w1, self.w2)
+        self._init(std)
 
     def _dense_from(self, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         w1, w2 = factors
         return w2 @ torch.block_diag(*w1.unbind(0))
 
-    def to_dense(self) -> torch.Tensor:
-        return self._dense_from(self.factors())
-
     def forward_structured(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        B, rb, p = self.w1.shape
-        xb = x.reshape(-1, B, p).transpose(0, 1)  # (B, N, p)
-        h = torch.bmm(xb, self.w1.transpose(1, 2))  # (B, N, rank/B)
-        h = h.transpose(0, 1).reshape(-1, B * rb)  # (N, rank), blocks in order
+        h = _block_diagonal(x, self.w1)  # (B, N, rank/B)
+        h = h.transpose(0, 1).reshape(-1, self.rank)  # (N, rank), blocks in order
         return F.linear(h, self.w2, bias).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
