@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from griffon.data.tokenizers import Tokenizer
+from griffon.fused_decode import FusedDecoder
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import calibrate_merge_thresholds
 
@@ -95,6 +96,7 @@ def generate_stream(
     stop_sequences: Sequence[Sequence[int]] = (),
     prefill_chunk: int = 1024,
     stop_check: Callable[[int, list[int]], bool] | None = None,
+    fused: bool = True,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
     (``None`` for rows that have stopped).
@@ -105,6 +107,8 @@ def generate_stream(
     ``merge_threshold`` get a measured one first. A row stops at ``eos_id`` (which it emits),
     after emitting one of ``stop_sequences``, when ``stop_check(row, tokens_so_far)`` returns True
     (stop strings, see :func:`generate_text`), or after ``max_new_tokens``.
+    Decode steps run fused (:class:`~griffon.fused_decode.FusedDecoder`) where that covers the
+    model and ``fused`` is True, else through the model's forward.
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
@@ -114,6 +118,7 @@ def generate_stream(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     logits, cache = _prefill_all(model, prompts, prefill_chunk)  # (B, V)
+    decode_step = decoder(model, fused)
     B = len(prompts)
     active = [True] * B
     produced: list[list[int]] = [[] for _ in range(B)]
@@ -134,8 +139,21 @@ def generate_stream(
         yield out
         if not any(active) or step == max_new_tokens - 1:
             return
-        logits, cache = model(nxt[:, None], cache=cache)
-        logits = logits[:, -1]
+        logits = decode_step(nxt, cache)
+
+
+def decoder(model: Griffon, fused: bool = True) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
+    """``step(tokens (B,), cache) -> logits (B, V)``, updating ``cache``: the fused step where it
+    covers the model (and ``fused``), else the model's own forward."""
+    if fused and FusedDecoder.reason(model) is None:
+        return FusedDecoder(model).step
+
+    def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+        logits, new = model(tokens[:, None], cache=cache)
+        cache.blocks, cache.position, cache.segment_pos = new.blocks, new.position, new.segment_pos
+        return logits[:, -1]
+
+    return step
 
 
 def generate(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

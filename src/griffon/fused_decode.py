@@ -1,0 +1,423 @@
+"""Fused single-token decoding on the CPU: the model's decode step with its small ops merged.
+
+A decode step of a small model on a CPU spends most of its time between the matmuls: a
+:class:`~griffon.model.Griffon` step at width 256 runs several hundred tensor ops of a few
+microseconds each around 37 matmuls (docs/sampling.md). :class:`FusedDecoder` computes the same
+step with
+
+* the projections that share an input merged into one matrix (``linear_x | linear_y``,
+  ``gate | up``, ``q | k | v``), stored transposed as ``(in, out)`` for ``x @ W``, and run by
+  PyTorch (MKL) as before;
+* everything between the matmuls in one numba kernel per stretch: residual add + bias + RMSNorm;
+  the Conv1D step; the RG-LRU step with the GeLU branch's product; the GeGLU; the attention of
+  one query against the cache, RoPE and the ring-buffer write included.
+
+It reads and updates the same :class:`~griffon.model.Cache` as the model's own step, which stays
+the reference: ``tests/test_fused_decode.py`` compares the two step by step (logits and caches),
+past the attention window, at rows in different positions and at document starts. Where a model
+is outside what the kernels cover (not float32 on the CPU, LayerNorm), :meth:`FusedDecoder.reason`
+says why and generation uses the model's step.
+
+Numerics: float32 throughout, as the model's float32 step; the kernels sum in a different order
+than PyTorch (and take sin/cos/tanh from libm), so logits agree to about 1e-5, not bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from griffon.model import BlockState, Cache, Griffon
+from griffon.nn.attention import AttentionState
+from griffon.nn.mlp import GatedMLP
+from griffon.nn.norms import RMSNorm
+from griffon.nn.recurrent import RecurrentBlock, RecurrentState
+from griffon.nn.rglru import _C
+
+# Reassociation lets LLVM vectorise the reductions; no nnan/ninf, so masks and infinities stay exact.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_GELU_C = math.sqrt(2.0 / math.pi)
+# 2^-n for the exponential below: a table lookup vectorises where libm's expf and ldexpf do not.
+_POW2_NEG = np.array([2.0**-n for n in range(128)], dtype=np.float32)
+
+
+# The transcendental functions are written out because numba would call libm for each element
+# (15-20 ns each, scalar), which made the kernels slower than PyTorch's vectorised ones at large batch.
+@numba.njit(inline="always", fastmath=_FAST)
+def _exp_neg(x):  # pragma: no cover - compiled
+    """exp(x) for x <= 0, to 3e-7 relative (Cephes' expf: x = n ln2 + r, a degree-7 polynomial in r)."""
+    x = max(x, np.float32(-87.0))  # below this exp(x) is subnormal; 1e-38 stands in for it
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * r * r + r + np.float32(1.0)) * _POW2_NEG[-np.int32(n)]
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _tanh(x):  # pragma: no cover - compiled
+    """tanh(x) to 3e-7 absolute: Eigen's rational approximation for float32 (odd degree 13 over even
+    degree 6) for |x| < 7.9; beyond, where that saturates early, (1 - e) / (1 + e) with e = exp(-2|x|)."""
+    if abs(x) >= np.float32(7.90531110763549805):
+        e = _exp_neg(np.float32(-2.0) * abs(x))
+        t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+        return t if x > 0 else -t
+    x2 = x * x
+    p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = x2 * p + np.float32(-8.60467152213735e-11)
+    p = x2 * p + np.float32(5.12229709037114e-08)
+    p = x2 * p + np.float32(1.48572235717979e-05)
+    p = x2 * p + np.float32(6.37261928875436e-04)
+    p = x2 * p + np.float32(4.89352455891786e-03)
+    q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = x2 * q + np.float32(2.26843463243900e-03)
+    q = x2 * q + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _sigmoid(x):  # pragma: no cover - compiled
+    e = _exp_neg(-abs(x))
+    return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _gelu_tanh(x):  # pragma: no cover - compiled
+    return np.float32(0.5) * x * (np.float32(1.0) + _tanh(np.float32(_GELU_C) * (x + np.float32(0.044715) * x * x * x)))
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _residual_norm(x, delta, bias, gain, eps, out):  # pragma: no cover - compiled
+    """x (B, D) += delta + bias, in place; out = RMSNorm(x) * gain. A (0, 0) delta adds nothing."""
+    B, D = x.shape
+    add = delta.shape[0] > 0
+    for b in numba.prange(B):
+        xb = x[b]
+        if add:
+            db = delta[b]
+            for d in range(D):
+                xb[d] += db[d] + bias[d]
+        s = np.float32(0.0)
+        for d in range(D):
+            s += xb[d] * xb[d]
+        r = np.float32(1.0) / np.sqrt(s / np.float32(D) + eps)
+        ob = out[b]
+        for d in range(D):
+            ob[d] = xb[d] * r * gain[d]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _conv_step(xy, w, bias, state, segment_pos, out):  # pragma: no cover - compiled
+    """Conv1D for one token. xy (B, 2L): the conv input is xy[:, :L]. w (K, L), w[K-1] multiplies
+    the new input; state (B, K-1, L) the previous inputs, oldest first, shifted in place. A tap
+    ``lag`` tokens back counts only if it lies in the token's document (lag <= segment_pos)."""
+    K, L = w.shape
+    for b in numba.prange(xy.shape[0]):
+        u, ob, sb = xy[b, :L], out[b], state[b]
+        for c in range(L):
+            ob[c] = bias[c] + w[K - 1, c] * u[c]
+        for j in range(K - 1):
+            if K - 1 - j <= segment_pos[b]:
+                for c in range(L):
+                    ob[c] += w[j, c] * sb[j, c]
+        for j in range(K - 2):
+            sb[j, :] = sb[j + 1, :]
+        if K > 1:
+            sb[K - 2, :] = u
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _rglru_step(gates, log_a_scale, x, xy, segment_pos, h, out):  # pragma: no cover - compiled
+    """RG-LRU for one token times the GeLU branch. gates (H, B, 2o): the pre-sigmoid input gate
+    then recurrence gate of each block; log_a_scale (L,) = -8 softplus(a_param); x (B, L) the conv
+    output; the GeLU branch is xy[:, L:]; h (B, L) the state, updated in place; out = h * gelu(y)."""
+    H, B, two_o = gates.shape
+    o = two_o // 2
+    L = H * o
+    for b in numba.prange(B):
+        for k in range(H):
+            g, lo = gates[k, b], k * o
+            # row views let LLVM prove the rows disjoint and vectorise
+            xb, hb, yb, ob, scale = (
+                x[b, lo : lo + o],
+                h[b, lo : lo + o],
+                xy[b, L + lo : L + lo + o],
+                out[b, lo : lo + o],
+                log_a_scale[lo : lo + o],
+            )
+            if segment_pos[b] == 0:  # a document starts: no carried state, multiplier 1
+                for j in range(o):
+                    hb[j] = _sigmoid(g[j]) * xb[j]
+            else:
+                for j in range(o):
+                    a = _exp_neg(scale[j] * _sigmoid(g[o + j]))
+                    hb[j] = a * hb[j] + np.sqrt(np.float32(1.0) - a * a) * _sigmoid(g[j]) * xb[j]
+            for j in range(o):
+                ob[j] = hb[j] * _gelu_tanh(yb[j])
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _geglu(gate_up, out):  # pragma: no cover - compiled
+    """out (B, F) = gelu(gate) * up for gate_up (B, 2F) = [gate | up]."""
+    B, F = out.shape
+    for b in numba.prange(B):
+        for f in range(F):
+            out[b, f] = _gelu_tanh(gate_up[b, f]) * gate_up[b, F + f]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _attention_step(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history,
+                    write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
+    """One query per row against its cache, then (if ``write``) the new key/value into its ring slot.
+
+    qkv (B, (H + 2 H_kv) hd) = [q | k | v]; RoPE (rotate-half) turns the first ``2 len(inv_freq)``
+    dims of each q and k head by ``segment_pos`` x inv_freq. keys/values (B, S, H_kv, hd), key_pos
+    (B, S) (-1: empty). A cached key is visible if it exists, lies in the query's document and,
+    for ``history >= 0``, at most ``history`` tokens back; the new key always is. Softmax in float32
+    with the maximum subtracted, as SDPA. out (B, H hd).
+    """
+    B = qkv.shape[0]
+    S = keys.shape[1]
+    hd = keys.shape[3]
+    half = inv_freq.shape[0]
+    g = num_heads // num_kv_heads
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for b in numba.prange(B):
+        pos, seg = position[b], segment_pos[b]
+        cos, sin = np.empty(half, np.float32), np.empty(half, np.float32)
+        for i in range(half):
+            angle = np.float32(seg) * inv_freq[i]
+            cos[i], sin[i] = np.cos(angle), np.sin(angle)
+        # rotated copies of this row's q (H heads) and new k (H_kv heads); v as it is
+        q = qkv[b, : num_heads * hd].copy().reshape(num_heads, hd)
+        k = qkv[b, num_heads * hd : (num_heads + num_kv_heads) * hd].copy().reshape(num_kv_heads, hd)
+        v = qkv[b, (num_heads + num_kv_heads) * hd :].reshape(num_kv_heads, hd)
+        for t in (q, k):
+            for n in range(t.shape[0]):
+                for i in range(half):
+                    x1, x2 = t[n, i], t[n, half + i]
+                    t[n, i] = x1 * cos[i] - x2 * sin[i]
+                    t[n, half + i] = x2 * cos[i] + x1 * sin[i]
+        visible = np.empty(S, np.bool_)
+        for s in range(S):
+            kp = key_pos[b, s]
+            visible[s] = kp >= 0 and kp >= pos - seg and (history < 0 or pos - kp <= history)
+        q *= scale  # as the model: the query is scaled before both products
+        probs = np.empty((g, S + 1), np.float32)  # slot S: the new key
+        # the g query heads sharing a key/value head go together: each cached key is read once
+        for kv in range(num_kv_heads):
+            qs = q[kv * g : (kv + 1) * g]
+            for n in range(g):
+                dot = np.float32(0.0)
+                for i in range(hd):
+                    dot += qs[n, i] * k[kv, i]
+                probs[n, S] = dot
+            for s in range(S):
+                if visible[s]:
+                    ks = keys[b, s, kv]
+                    for n in range(g):
+                        dot = np.float32(0.0)
+                        for i in range(hd):
+                            dot += qs[n, i] * ks[i]
+                        probs[n, s] = dot
+            for n in range(g):
+                top = probs[n, S]
+                for s in range(S):
+                    if visible[s]:
+                        top = max(top, probs[n, s])
+                total = np.float32(0.0)
+                for s in range(S + 1):
+                    e = _exp_neg(probs[n, s] - top) if s == S or visible[s] else np.float32(0.0)
+                    probs[n, s] = e
+                    total += e
+                for s in range(S + 1):
+                    probs[n, s] /= total
+            ob = out[b, kv * g * hd : (kv + 1) * g * hd].reshape(g, hd)
+            for n in range(g):
+                for i in range(hd):
+                    ob[n, i] = probs[n, S] * v[kv, i]
+            for s in range(S):
+                if visible[s]:
+                    vs = values[b, s, kv]
+                    for n in range(g):
+                        p = probs[n, s]
+                        for i in range(hd):
+                            ob[n, i] += p * vs[i]
+        new_k[b] = k
+        new_v[b] = v
+        if write:
+            slot = pos % S
+            keys[b, slot] = k
+            values[b, slot] = v
+            key_pos[b, slot] = pos
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _soft_cap(logits, cap):  # pragma: no cover - compiled
+    """logits = tanh(logits / cap) * cap, in place."""
+    B, V = logits.shape
+    for b in numba.prange(B):
+        for v in range(V):
+            logits[b, v] = _tanh(logits[b, v] / cap) * cap
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _gain(norm: RMSNorm) -> np.ndarray:
+    return _np((1.0 + norm.scale.detach()).float())
+
+
+def _transposed(*linears: torch.nn.Linear) -> np.ndarray:
+    """The weights of ``linears`` side by side, as one contiguous (in, sum of outs) matrix."""
+    return torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
+
+
+def _bias(*linears: torch.nn.Linear) -> torch.Tensor:
+    return torch.cat([lin.bias.detach() for lin in linears])
+
+
+class FusedDecoder:
+    """The decode step of a float32 CPU :class:`~griffon.model.Griffon` with fused kernels.
+
+    ``FusedDecoder(model).step(tokens, cache)`` equals ``model(tokens[:, None], cache=cache)``
+    (logits to about 1e-5) and updates ``cache`` in place. The weights are copied, merged and
+    transposed when the decoder is built: build a new one after changing the model.
+    """
+
+    def __init__(self, model: Griffon) -> None:
+        reason = self.reason(model)
+        if reason:
+            raise ValueError(f"the fused decode step does not cover this model: {reason}")
+        cfg = model.config
+        self.config = cfg
+        # Operands of PyTorch matmuls stay tensors; what only the kernels read is kept as numpy.
+        self.embedding = model.embed.weight.detach().clone()  # (V, D)
+        self.embed_scale = model.embed.scale
+        self.head = self.embedding.t().contiguous()  # (D, V): the tied output head
+        self.final_gain = _gain(model.final_norm)
+        self.layers: list[dict] = []
+        for block in model.blocks:
+            t, mlp = block.temporal, block.mlp
+            layer: dict = {"temporal_gain": _gain(block.temporal_norm), "channel_gain": _gain(block.channel_norm)}
+            if isinstance(t, RecurrentBlock):
+                gates = (t.rglru.input_gate, t.rglru.a_gate)
+                layer.update(
+                    kind="recurrent",
+                    w_in=_transposed(t.linear_x, t.linear_y),  # (D, 2L): conv branch | GeLU branch
+                    b_in=_bias(t.linear_x, t.linear_y),
+                    conv_w=_np(t.conv.weight).copy(),  # (K, L)
+                    conv_b=_np(t.conv.bias).copy(),
+                    gate_w=torch.cat([g.weight.detach() for g in gates], dim=-1),  # (H, L/H, 2 L/H)
+                    gate_b=torch.cat([g.bias.detach() for g in gates], dim=-1)[:, None, :].contiguous(),
+                    log_a_scale=_np(-_C * F.softplus(t.rglru.a_param.detach())).copy(),  # (L,)
+                    w_out=_transposed(t.linear_out),
+                    b_out=_np(t.linear_out.bias).copy(),
+                )
+            else:
+                half = cfg.rope_dim // 2
+                inv_freq = 1.0 / cfg.rope_base ** (torch.arange(half, dtype=torch.float32) * 2 / cfg.rope_dim)
+                layer.update(
+                    kind="attention",
+                    w_in=_transposed(t.q, t.k, t.v),  # (D, (H + 2 H_kv) hd)
+                    inv_freq=_np(inv_freq),
+                    history=-1 if t.history is None else t.history,
+                    w_out=_transposed(t.o),
+                    b_out=_np(t.o.bias).copy(),
+                )
+            if all(isinstance(p, torch.nn.Linear) for p in (mlp.gate, mlp.up, mlp.down)):
+                layer.update(mlp_in=_transposed(mlp.gate, mlp.up), mlp_in_b=_bias(mlp.gate, mlp.up),
+                             mlp_out=_transposed(mlp.down), mlp_out_b=_np(mlp.down.bias).copy())  # fmt: skip
+            else:  # structured projections keep their own forward (and its pre-merge rule)
+                layer.update(mlp=mlp, mlp_out_b=np.zeros(cfg.width, np.float32))
+            self.layers.append(layer)
+
+    @staticmethod
+    def reason(model: Griffon) -> str | None:
+        """Why the fused step cannot run ``model`` (None if it can)."""
+        weight = model.embed.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return f"it runs float32 on the CPU, the model is {weight.dtype} on {weight.device.type}"
+        if not all(isinstance(b.temporal_norm, RMSNorm) for b in model.blocks):
+            return "it implements RMSNorm only"
+        if not all(isinstance(b.mlp, GatedMLP) for b in model.blocks):
+            return "it implements the gated (GeGLU) MLP only"
+        return None
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Consume one token per row (``tokens`` (B,)) and return the next logits (B, V)."""
+        cfg = self.config
+        seg, pos = _np(cache.segment_pos), _np(cache.position)
+        x = self.embedding[tokens] * self.embed_scale  # (B, D), a new tensor: the residual stream
+        normed = torch.empty_like(x)
+        delta, bias = np.empty((0, 0), np.float32), self.final_gain  # nothing to add before the first norm
+        for i, layer in enumerate(self.layers):
+            _residual_norm(_np(x), delta, bias, layer["temporal_gain"], cfg.norm_eps, _np(normed))
+            if layer["kind"] == "recurrent":
+                h = self._recurrent(layer, normed, cache.blocks[i], seg)
+            else:
+                h = self._attention(layer, normed, cache, i, seg, pos)
+            delta = _np(h @ layer["w_out"])  # (B, D)
+            _residual_norm(_np(x), delta, layer["b_out"], layer["channel_gain"], cfg.norm_eps, _np(normed))
+            if "mlp" in layer:
+                delta = _np(layer["mlp"](normed))
+            else:
+                gate_up = torch.addmm(layer["mlp_in_b"], normed, layer["mlp_in"])  # (B, 2F)
+                act = torch.empty(x.shape[0], gate_up.shape[1] // 2)
+                _geglu(_np(gate_up), _np(act))
+                delta = _np(act @ layer["mlp_out"])
+            bias = layer["mlp_out_b"]
+        _residual_norm(_np(x), delta, bias, self.final_gain, cfg.norm_eps, _np(normed))
+        logits = normed @ self.head  # (B, V)
+        if cfg.logit_soft_cap:
+            _soft_cap(_np(logits), np.float32(cfg.logit_soft_cap))
+        cache.position += 1
+        cache.segment_pos += 1
+        return logits
+
+    @staticmethod
+    def _recurrent(layer: dict, normed: torch.Tensor, state: BlockState, seg: np.ndarray) -> torch.Tensor:
+        assert isinstance(state, RecurrentState)
+        B = normed.shape[0]
+        xy = torch.addmm(layer["b_in"], normed, layer["w_in"])  # (B, 2L): conv branch | GeLU branch
+        conv = torch.empty(B, layer["conv_b"].shape[0])  # (B, L)
+        _conv_step(_np(xy), layer["conv_w"], layer["conv_b"], _np(state.conv), seg, _np(conv))
+        H = layer["gate_w"].shape[0]
+        # the input and recurrence gates of each block in one batched matmul: (H, B, 2 L/H)
+        gates = torch.baddbmm(layer["gate_b"], conv.view(B, H, -1).transpose(0, 1), layer["gate_w"])
+        out = torch.empty_like(conv)
+        _rglru_step(_np(gates), layer["log_a_scale"], _np(conv), _np(xy), seg, _np(state.rglru), _np(out))
+        return out
+
+    def _attention(
+        self, layer: dict, normed: torch.Tensor, cache: Cache, i: int, seg: np.ndarray, pos: np.ndarray
+    ) -> torch.Tensor:
+        state = cache.blocks[i]
+        assert isinstance(state, AttentionState)
+        cfg = self.config
+        B = normed.shape[0]
+        qkv = normed @ layer["w_in"]  # (B, (H + 2 H_kv) hd)
+        out = torch.empty(B, cfg.num_heads * cfg.resolved_head_dim)
+        new_k = torch.empty(B, cfg.num_kv_heads, cfg.resolved_head_dim)
+        new_v = torch.empty_like(new_k)
+        history = layer["history"]
+        _attention_step(_np(qkv), cfg.num_heads, cfg.num_kv_heads, layer["inv_freq"], seg, pos, _np(state.keys),
+                        _np(state.values), _np(state.positions), history, history > 0, _np(new_k), _np(new_v),
+                        _np(out))  # fmt: skip
+        if history < 0:  # global attention: the cache grows by one slot
+            cache.blocks[i] = AttentionState(
+                keys=torch.cat([state.keys, new_k[:, None]], dim=1),
+                values=torch.cat([state.values, new_v[:, None]], dim=1),
+                positions=torch.cat([state.positions, cache.position[:, None]], dim=1),
+            )
+        return out

@@ -1,0 +1,109 @@
+"""The fused CPU decode step against the model's own step: logits and caches, step by step."""
+
+import copy
+
+import pytest
+import torch
+
+from griffon import Griffon
+from griffon.config import LinearStructure, ModelConfig
+from griffon.fused_decode import FusedDecoder, _geglu, _soft_cap
+from griffon.generation import _prefill_all, generate
+from griffon.model import Cache
+from griffon.nn.attention import AttentionState
+
+BASE = dict(vocab_size=64, width=48, num_layers=3, num_heads=4, num_kv_heads=1, mlp_width=80)
+CONFIGS = {
+    # a window of 5 and 12 steps after prompts of up to 9 tokens: the ring buffer wraps
+    "griffin": dict(attention_window=5),
+    "hawk": dict(block_pattern=("recurrent",)),
+    "mqa-global": dict(block_pattern=("attention",), attention_window=None, max_seq_len=64),
+    "gqa-partial-rope": dict(
+        block_pattern=("attention", "recurrent"),
+        num_kv_heads=2,
+        rope_fraction=1 / 3,
+        attention_window=3,
+        window_semantics="hf",
+    ),  # fmt: skip
+    "no-softcap-no-embed-scale": dict(logit_soft_cap=0.0, embed_scale=False, attention_window=4, conv_width=2),
+    "lowrank-ffn": dict(
+        attention_window=5, ffn_structure=LinearStructure(kind="lowrank", rank=8, keep_first_dense=True)
+    ),  # fmt: skip
+}
+
+
+def _model(overrides):
+    torch.manual_seed(0)
+    model = Griffon(ModelConfig(**{**BASE, **overrides})).eval()
+    with torch.no_grad():  # non-zero norm gains, biases and conv weights, so every term is exercised
+        for name, p in model.named_parameters():
+            if name.endswith(("scale", "bias")) or ".conv." in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _assert_caches_close(a: Cache, b: Cache):
+    assert torch.equal(a.position, b.position) and torch.equal(a.segment_pos, b.segment_pos)
+    for x, y in zip(a.blocks, b.blocks, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, AttentionState):
+            assert torch.equal(x.positions, y.positions)
+            torch.testing.assert_close(x.keys, y.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x.values, y.values, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(x.rglru, y.rglru, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x.conv, y.conv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.inference_mode()
+def test_fused_step_equals_model_step(name):
+    model = _model(CONFIGS[name])
+    fused = FusedDecoder(model)
+    # rows at different positions, one of them fresh (position 0: a document starts, conv taps and
+    # the recurrence's carried state are masked) and one past the window before decoding starts
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (9, 1, 4, 9)]
+    _, cache = _prefill_all(model, prompts, chunk=4)
+    fresh = model.init_cache(1)
+    cache = Cache.stack([cache, fresh])
+    ref = copy.deepcopy(cache)
+    for _ in range(12):
+        tokens = torch.randint(0, 64, (cache.batch_size,))
+        want, ref = model(tokens[:, None], cache=ref)
+        got = fused.step(tokens, cache)
+        torch.testing.assert_close(got, want[:, -1], rtol=1e-5, atol=2e-5)
+        _assert_caches_close(cache, ref)
+
+
+def test_generation_uses_the_fused_step_and_matches_the_model_step():
+    model = _model(CONFIGS["griffin"])
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (7, 2, 11)]
+    fused = generate(model, prompts, 30, temperature=0.0)
+    plain = generate(model, prompts, 30, temperature=0.0, fused=False)
+    assert fused == plain
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(norm_type="layernorm"), "RMSNorm"), (dict(mlp_type="gelu"), "GeGLU"), (dict(), None)],
+)
+def test_reason_names_what_is_not_covered(overrides, message):
+    model = _model({**CONFIGS["hawk"], **overrides})
+    assert FusedDecoder.reason(model) is None if message is None else message in FusedDecoder.reason(model)
+    assert "float32 on the CPU" in FusedDecoder.reason(model.to(torch.float64))
+    with pytest.raises(ValueError, match="does not cover"):
+        FusedDecoder(model)
+    assert generate(model, [[1, 2, 3]], 5, temperature=0.0)  # generation falls back to the model's step
+
+
+@torch.inference_mode()
+def test_written_out_gelu_and_tanh_match_torch_over_a_wide_range():
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.randn(5000) * 3, torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
+    gate_up = torch.cat([x, torch.randn_like(x)])[None]  # (1, 2N): gates, then ups
+    out = torch.empty(1, x.numel())
+    _geglu(gate_up.numpy(), out.numpy())
+    want = torch.nn.functional.gelu(x, approximate="tanh") * gate_up[0, x.numel() :]
+    torch.testing.assert_close(out[0], want, rtol=1e-6, atol=1e-6)
+    logits = (x * 10)[None].clone()
+    _soft_cap(logits.numpy(), 30.0)
+    torch.testing.assert_close(logits[0], torch.tanh(x * 10 / 30.0) * 30.0, rtol=2e-6, atol=1e-5)
