@@ -107,3 +107,14 @@ def test_written_out_gelu_and_tanh_match_torch_over_a_wide_range():
     logits = (x * 10)[None].clone()
     _soft_cap(logits.numpy(), 30.0)
     torch.testing.assert_close(logits[0], torch.tanh(x * 10 / 30.0) * 30.0, rtol=2e-6, atol=1e-5)
+
+
+def test_decoder_fuses_by_default_only_up_to_the_size_limit(monkeypatch):
+    from griffon import generation
+
+    model = _model(CONFIGS["griffin"])
+    assert isinstance(generation.decoder(model).__self__, FusedDecoder)
+    monkeypatch.setattr(generation, "AUTO_FUSE_MAX_BYTES", 1000)
+    assert not hasattr(generation.decoder(model), "__self__")  # the model's own step
+    assert isinstance(generation.decoder(model, fused=True).__self__, FusedDecoder)
+    assert not hasattr(generation.decoder(model, fused=False), "__self__")

@@ -96,7 +96,7 @@ def generate_stream(
     stop_sequences: Sequence[Sequence[int]] = (),
     prefill_chunk: int = 1024,
     stop_check: Callable[[int, list[int]], bool] | None = None,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
     (``None`` for rows that have stopped).
@@ -108,7 +108,7 @@ def generate_stream(
     after emitting one of ``stop_sequences``, when ``stop_check(row, tokens_so_far)`` returns True
     (stop strings, see :func:`generate_text`), or after ``max_new_tokens``.
     Decode steps run fused (:class:`~griffon.fused_decode.FusedDecoder`) where that covers the
-    model and ``fused`` is True, else through the model's forward.
+    model, else through the model's forward; ``fused`` as in :func:`decoder`.
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
@@ -142,10 +142,16 @@ def generate_stream(
         logits = decode_step(nxt, cache)
 
 
-def decoder(model: Griffon, fused: bool = True) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
+# The fused step keeps merged copies of the weight matrices; by default it does so up to this size.
+AUTO_FUSE_MAX_BYTES = 2**30
+
+
+def decoder(model: Griffon, fused: bool | None = None) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
     """``step(tokens (B,), cache) -> logits (B, V)``, updating ``cache``: the fused step where it
-    covers the model (and ``fused``), else the model's own forward."""
-    if fused and FusedDecoder.reason(model) is None:
+    covers the model, else the model's own forward. ``fused=None`` fuses while the weights' copy
+    stays under :data:`AUTO_FUSE_MAX_BYTES`; ``True`` fuses whatever the size; ``False`` never."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
         return FusedDecoder(model).step
 
     def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:

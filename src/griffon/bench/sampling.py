@@ -23,7 +23,8 @@ import torch
 
 from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
 from griffon.config import ModelConfig
-from griffon.generation import _prefill, sample_next
+from griffon.fused_decode import FusedDecoder
+from griffon.generation import _prefill, decoder, sample_next
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import StructuredLinear
 
@@ -38,17 +39,19 @@ def configs(width: int, layers: int, window: int) -> dict[str, ModelConfig]:
 
 
 @torch.inference_mode()
-def time_decode(model: Griffon, batch: int, length: int, prompt_len: int = 16) -> tuple[float, int]:
-    """Seconds for ``length`` greedy decode steps of ``batch`` rows, and the final cache bytes."""
+def time_decode(
+    model: Griffon, batch: int, length: int, prompt_len: int = 16, fused: bool | None = None
+) -> tuple[float, int]:
+    """Seconds for ``length`` greedy decode steps of ``batch`` rows (the step generation uses, or the
+    model's own with ``fused=False``), and the final cache bytes."""
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
     logits, cache = _prefill(model, [prompt], 1024)  # one row, copied: the prefill is not timed
     if batch > 1:
         cache, logits = Cache.stack([cache] * batch), logits.expand(batch, -1)
+    step = decoder(model, fused)
     t0 = time.perf_counter()
     for _ in range(length):
-        nxt = sample_next(logits, 0.0, None, None, None)
-        logits, cache = model(nxt[:, None], cache=cache)
-        logits = logits[:, -1]
+        logits = step(sample_next(logits, 0.0, None, None, None), cache)
     return time.perf_counter() - t0, cache.nbytes()
 
 
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> dict:
         n = model.num_params()
         param_bytes = 4 * n
         floors = {batch: matmul_seconds(model, batch) for batch in batches}
+        # the model's own (unfused) step, for comparison: 64 steps after the prompt
+        plain = {batch: time_decode(model, batch, 64, fused=False)[0] / 64 for batch in batches}
         for length in lengths:
             for batch in batches:
                 time_decode(model, batch, 2)  # warm-up
@@ -86,10 +91,11 @@ def run(args: argparse.Namespace) -> dict:
                 bound = max((param_bytes + state) / bandwidth, 2 * n * batch / peak)
                 run = {"model": name, "params": n, "batch": batch, "length": length, "tokens_per_s": batch * length / seconds,
                        "ms_per_step": 1e3 * step, "state_bytes": state, "step_vs_roofline": step / bound,
-                       "matmuls_ms": 1e3 * floors[batch]}  # fmt: skip
+                       "matmuls_ms": 1e3 * floors[batch], "model_step_ms": 1e3 * plain[batch]}  # fmt: skip
                 results["runs"].append(run)
                 print(f"  {name:<8} {n / 1e6:.2f}M  batch {batch:>4}  len {length:>5}: {run['tokens_per_s']:9.0f} tok/s  "
-                      f"{run['ms_per_step']:7.2f} ms/step (matmuls alone {run['matmuls_ms']:6.2f})  "
+                      f"{run['ms_per_step']:7.2f} ms/step (model's step {run['model_step_ms']:6.2f}, "
+                      f"matmuls alone {run['matmuls_ms']:6.2f})  "
                       f"state {state / 2**20:7.2f} MiB  {run['step_vs_roofline']:5.1f}x roofline")  # fmt: skip
     hf_runs(results, args, [int(b) for b in args.hf_batches.split(",") if b])
     results["goals"] = goals(results, args.window)
@@ -102,17 +108,29 @@ def run(args: argparse.Namespace) -> dict:
 
 @torch.inference_mode()
 def matmul_seconds(model: Griffon, batch: int, repeats: int = 20) -> float:
-    """Time of one pass over every weight matrix of a decode step (dense and structured layers and
-    the tied head; the small block-diagonal gates left out) at ``batch`` rows, on their own: the
-    floor that PyTorch's matmuls set for a step, whatever happens around them."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, StructuredLinear))]
-    inputs = {m.in_features: torch.randn(batch, m.in_features) for m in layers}
-    x = torch.randn(batch, model.config.width)
+    """Time of one pass over every weight matrix of a decode step at ``batch`` rows, on their own
+    (the small block-diagonal gates left out): the floor that PyTorch's matmuls set for a step,
+    whatever happens around them. The matrices are those of the step generation runs: the fused
+    step's merged ones where it covers the model, else the model's layers and its tied head."""
+    if FusedDecoder.reason(model) is None:
+        fused = FusedDecoder(model)
+        mats = [layer[k] for layer in fused.layers for k in ("w_in", "w_out", "mlp_in", "mlp_out") if k in layer]
+        mats.append(fused.head)
+        inputs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w in mats}
 
-    def step() -> None:
-        for m in layers:
-            m(inputs[m.in_features])
-        torch.nn.functional.linear(x, model.embed.weight)
+        def step() -> None:
+            for w in mats:
+                torch.mm(inputs[w.shape[0]], w)
+
+    else:
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, StructuredLinear))]
+        inputs = {m.in_features: torch.randn(batch, m.in_features) for m in layers}
+        x = torch.randn(batch, model.config.width)
+
+        def step() -> None:
+            for m in layers:
+                m(inputs[m.in_features])
+            torch.nn.functional.linear(x, model.embed.weight)
 
     for _ in range(3):
         step()
