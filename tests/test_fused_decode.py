@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from griffon import Griffon
+from griffon import Griffon, fused_decode
 from griffon.config import LinearStructure, ModelConfig
 from griffon.fused_decode import FusedDecoder, _geglu, _soft_cap
 from griffon.generation import _prefill_all, generate
@@ -55,9 +55,11 @@ def _assert_caches_close(a: Cache, b: Cache):
             torch.testing.assert_close(x.conv, y.conv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.inference_mode()
-def test_fused_step_equals_model_step(name):
+def test_fused_step_equals_model_step(name, parallel, monkeypatch):
+    monkeypatch.setattr(fused_decode, "PARALLEL_MIN_ROWS", 1 if parallel else 10**9)
     model = _model(CONFIGS[name])
     fused = FusedDecoder(model)
     # rows at different positions, one of them fresh (position 0: a document starts, conv taps and
