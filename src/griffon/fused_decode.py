@@ -310,45 +310,13 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
 @numba.njit(cache=True, fastmath=_FAST)
 def _attention_step(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
     for b in range(qkv.shape[0]):
-        _attention_step_row(
-            b,
-            qkv,
-            num_heads,
-            num_kv_heads,
-            inv_freq,
-            segment_pos,
-            position,
-            keys,
-            values,
-            key_pos,
-            history,
-            write,
-            new_k,
-            new_v,
-            out,
-        )
+        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out)  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _attention_step_parallel(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
     for b in numba.prange(qkv.shape[0]):
-        _attention_step_row(
-            b,
-            qkv,
-            num_heads,
-            num_kv_heads,
-            inv_freq,
-            segment_pos,
-            position,
-            keys,
-            values,
-            key_pos,
-            history,
-            write,
-            new_k,
-            new_v,
-            out,
-        )
+        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out)  # fmt: skip
 
 
 @numba.njit(inline="always", fastmath=_FAST)
