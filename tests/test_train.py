@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from griffon import generation
 from griffon.cli import main
 from griffon.model import Griffon
 from griffon.presets import get_preset
@@ -84,7 +86,7 @@ def test_goldfish_mask_is_a_deterministic_function_of_context():
     assert n == mask.sum()
 
 
-def test_training_writes_a_self_contained_run(tmp_path, capsys):
+def test_training_writes_a_self_contained_run(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), *[f"--set={s}" for s in TINY], "--set=max_steps=6", "--set=save_every=2"]
     assert main(argv) == 0
@@ -101,6 +103,10 @@ def test_training_writes_a_self_contained_run(tmp_path, capsys):
     argv = ["sample", str(run), "--prompt", "KING", "--max-new-tokens", "60", "--seed", "0", "--temperature", "0"]
     assert main(argv) == 0
     free = capsys.readouterr().out[len("KING") : -1]
+    if shutil.which("g++"):  # the compiled decode step (torch.compile needs a C++ compiler); no autotuning
+        monkeypatch.setattr(generation, "COMPILE_OPTIONS", {})
+        assert main(argv + ["--compile"]) == 0
+        assert capsys.readouterr().out == "KING" + free + "\n"
     stop = free[3:5]  # a piece of the greedy continuation
     assert main(argv + ["--stop", stop, "--stop", "never-seen"]) == 0
     assert capsys.readouterr().out == "KING" + free[: free.find(stop)] + "\n"

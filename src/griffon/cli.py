@@ -154,7 +154,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     hold = max((len(s) for s in args.stop), default=1) - 1
     stream = stream_tokens(
         model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-        eos_id=tokenizer.eos_id,
+        eos_id=tokenizer.eos_id, compile=args.compile,
     )  # fmt: skip
     text = ""
     for token in stream:
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable); the tokenizer's EOS also stops")  # fmt: skip
+    s.add_argument("--compile", action="store_true",
+                   help="decode with the torch.compile'd step: a minute or so to compile, then faster")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("data", help="data preparation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -97,6 +98,7 @@ def generate_stream(
     prefill_chunk: int = 1024,
     stop_check: Callable[[int, list[int]], bool] | None = None,
     fused: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
     (``None`` for rows that have stopped).
@@ -108,7 +110,8 @@ def generate_stream(
     after emitting one of ``stop_sequences``, when ``stop_check(row, tokens_so_far)`` returns True
     (stop strings, see :func:`generate_text`), or after ``max_new_tokens``.
     Decode steps run fused (:class:`~griffon.fused_decode.FusedDecoder`) where that covers the
-    model, else through the model's forward; ``fused`` as in :func:`decoder`.
+    model, else through the model's forward; with ``compile=True``, the model's step compiled by
+    ``torch.compile`` instead (see :func:`decoder`).
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
@@ -118,7 +121,7 @@ def generate_stream(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     logits, cache = _prefill_all(model, prompts, prefill_chunk)  # (B, V)
-    decode_step = decoder(model, fused)
+    decode_step = decoder(model, fused, compile)
     B = len(prompts)
     active = [True] * B
     produced: list[list[int]] = [[] for _ in range(B)]
@@ -146,20 +149,59 @@ def generate_stream(
 AUTO_FUSE_MAX_BYTES = 2**30
 
 
-def decoder(model: Griffon, fused: bool | None = None) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
-    """``step(tokens (B,), cache) -> logits (B, V)``, updating ``cache``: the fused step where it
-    covers the model, else the model's own forward. ``fused=None`` fuses while the weights' copy
-    stays under :data:`AUTO_FUSE_MAX_BYTES`; ``True`` fuses whatever the size; ``False`` never."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
-        return FusedDecoder(model).step
+# Inductor settings for compile=True: each matmul is timed against Inductor's own C++ GEMM kernels,
+# which beat MKL at a decode step's few rows on the CPU (docs/sampling.md); ~5 s per matmul shape.
+COMPILE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0}
+
+
+def decoder(
+    model: Griffon, fused: bool | None = None, compile: bool = False
+) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
+    """``step(tokens (B,), cache) -> logits (B, V)``, updating ``cache``.
+
+    By default the fused step where it covers the model, else the model's own forward.
+    ``fused=None`` fuses while the weights' copy stays under :data:`AUTO_FUSE_MAX_BYTES`; ``True``
+    fuses whatever the size; ``False`` never. ``compile=True`` runs the model's own step through
+    ``torch.compile`` with :data:`COMPILE_OPTIONS` instead: it compiles on the first call of each
+    batch size (tens of seconds on a CPU), then is the fastest step at small batches. Like the fused
+    step, it reads the weights once: build a new decoder after changing the model.
+    """
 
     def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         logits, new = model(tokens[:, None], cache=cache)
         cache.blocks, cache.position, cache.segment_pos = new.blocks, new.position, new.segment_pos
         return logits[:, -1]
 
+    if compile:
+        if fused:
+            raise ValueError("fused=True and compile=True are two different decode steps; choose one")
+        _check_compiler(model)
+        # dynamic=None: a global-attention cache grows every step, so its length becomes dynamic
+        # after the first recompile; everything else keeps static shapes.
+        compiled = torch.compile(step, options=COMPILE_OPTIONS)
+
+        def compiled_step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+            from torch._inductor import config
+
+            # Freezing folds the weights in as constants, which the C++ GEMMs need (prepacked);
+            # torch.compile's options do not reach it, so it is set around each (re)compile.
+            with config.patch(freezing=True):
+                return compiled(tokens, cache)
+
+        return compiled_step
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
+        return FusedDecoder(model).step
     return step
+
+
+def _check_compiler(model: Griffon) -> None:
+    """On the CPU Inductor builds C++ kernels: say so up front rather than deep inside the first step."""
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx[-1]  # $CXX, else g++ (clang++ on macOS)
+    if model.embed.weight.device.type == "cpu" and shutil.which(cxx) is None:
+        raise RuntimeError(f"compile=True on the CPU needs a C++ compiler ({cxx}, or set CXX); none found")
 
 
 def generate(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
@@ -182,10 +224,11 @@ def stream_tokens(
     seed: int | None = None,
     prefill_chunk: int = 1024,
     eos_id: int | None = None,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield generated token ids one at a time for a single prompt."""
     stream = generate_stream(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id, (), prefill_chunk
+        model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id, (), prefill_chunk, compile=compile
     )
     for step in stream:
         if step[0] is not None:

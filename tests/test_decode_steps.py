@@ -1,11 +1,13 @@
-"""The fused CPU decode step against the model's own step: logits and caches, step by step."""
+"""The fast decode steps (fused CPU kernels; torch.compile) against the model's own step:
+logits and caches, step by step."""
 
 import copy
+import shutil
 
 import pytest
 import torch
 
-from griffon import Griffon, fused_decode
+from griffon import Griffon, fused_decode, generation
 from griffon.config import LinearStructure, ModelConfig
 from griffon.fused_decode import FusedDecoder, _geglu, _soft_cap
 from griffon.generation import _prefill_all, generate
@@ -55,13 +57,8 @@ def _assert_caches_close(a: Cache, b: Cache):
             torch.testing.assert_close(x.conv, y.conv, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-@pytest.mark.parametrize("name", CONFIGS)
-@torch.inference_mode()
-def test_fused_step_equals_model_step(name, parallel, monkeypatch):
-    monkeypatch.setattr(fused_decode, "PARALLEL_MIN_ROWS", 1 if parallel else 10**9)
-    model = _model(CONFIGS[name])
-    fused = FusedDecoder(model)
+def _check_step_by_step(model: Griffon, step) -> None:
+    """``step(tokens, cache) -> logits`` against the model's forward for 12 steps."""
     # rows at different positions, one of them fresh (position 0: a document starts, conv taps and
     # the recurrence's carried state are masked) and one past the window before decoding starts
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (9, 1, 4, 9)]
@@ -72,9 +69,37 @@ def test_fused_step_equals_model_step(name, parallel, monkeypatch):
     for _ in range(12):
         tokens = torch.randint(0, 64, (cache.batch_size,))
         want, ref = model(tokens[:, None], cache=ref)
-        got = fused.step(tokens, cache)
+        got = step(tokens, cache)
         torch.testing.assert_close(got, want[:, -1], rtol=1e-5, atol=2e-5)
         _assert_caches_close(cache, ref)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.inference_mode()
+def test_fused_step_equals_model_step(name, parallel, monkeypatch):
+    monkeypatch.setattr(fused_decode, "PARALLEL_MIN_ROWS", 1 if parallel else 10**9)
+    model = _model(CONFIGS[name])
+    _check_step_by_step(model, FusedDecoder(model).step)
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+
+
+@pytest.mark.slow  # autotuning the matmuls takes about a minute
+@needs_compiler
+@torch.inference_mode()
+def test_compiled_step_equals_model_step():
+    model = _model(CONFIGS["griffin"])
+    _check_step_by_step(model, generation.decoder(model, compile=True))
+
+
+@needs_compiler
+@torch.inference_mode()
+def test_compiled_step_follows_a_growing_global_attention_cache(monkeypatch):
+    monkeypatch.setattr(generation, "COMPILE_OPTIONS", {})  # the shapes matter here, not the GEMM kernels
+    model = _model(CONFIGS["mqa-global"])
+    _check_step_by_step(model, generation.decoder(model, compile=True))
 
 
 def test_generation_uses_the_fused_step_and_matches_the_model_step():
@@ -112,11 +137,19 @@ def test_written_out_gelu_and_tanh_match_torch_over_a_wide_range():
 
 
 def test_decoder_fuses_by_default_only_up_to_the_size_limit(monkeypatch):
-    from griffon import generation
-
     model = _model(CONFIGS["griffin"])
     assert isinstance(generation.decoder(model).__self__, FusedDecoder)
     monkeypatch.setattr(generation, "AUTO_FUSE_MAX_BYTES", 1000)
     assert not hasattr(generation.decoder(model), "__self__")  # the model's own step
     assert isinstance(generation.decoder(model, fused=True).__self__, FusedDecoder)
     assert not hasattr(generation.decoder(model, fused=False), "__self__")
+
+
+def test_compile_is_refused_with_fused_and_without_a_compiler():
+    from torch._inductor import config
+
+    model = _model(CONFIGS["hawk"])
+    with pytest.raises(ValueError, match="choose one"):
+        generation.decoder(model, fused=True, compile=True)
+    with config.patch({"cpp.cxx": (None, "no-such-compiler-here")}), pytest.raises(RuntimeError, match="C.. compiler"):
+        generation.decoder(model, compile=True)
