@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from griffon import Griffon, fused_decode, generation
+from griffon import Griffon, compiled_decode, fused_decode, generation
 from griffon.config import LinearStructure, ModelConfig
 from griffon.fused_decode import FusedDecoder, _geglu, _soft_cap
 from griffon.generation import _prefill_all, generate
@@ -90,16 +90,35 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.c
 @needs_compiler
 @torch.inference_mode()
 def test_compiled_step_equals_model_step():
+    from torch._dynamo.utils import counters
+
     model = _model(CONFIGS["griffin"])
+    graphs = counters["stats"]["unique_graphs"]
     _check_step_by_step(model, generation.decoder(model, compile=True))
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # the cache's layout does not change across steps
 
 
 @needs_compiler
 @torch.inference_mode()
 def test_compiled_step_follows_a_growing_global_attention_cache(monkeypatch):
-    monkeypatch.setattr(generation, "COMPILE_OPTIONS", {})  # the shapes matter here, not the GEMM kernels
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})  # the shapes matter here, not the GEMM kernels
     model = _model(CONFIGS["mqa-global"])
+    graphs = counters["stats"]["unique_graphs"]
     _check_step_by_step(model, generation.decoder(model, compile=True))
+    assert counters["stats"]["unique_graphs"] - graphs <= 2  # not one compile per cache length
+
+
+@needs_compiler
+@torch.inference_mode()
+def test_compiled_steps_of_two_models_keep_their_own_weights(monkeypatch):
+    monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})
+    a, b = _model(CONFIGS["hawk"]), Griffon(ModelConfig(**{**BASE, **CONFIGS["hawk"]})).eval()
+    tokens = torch.tensor([3, 5])
+    for model in (a, b, a):
+        got = generation.decoder(model, compile=True)(tokens, model.init_cache(2))
+        torch.testing.assert_close(got, model(tokens[:, None])[0][:, -1], rtol=1e-5, atol=2e-5)
 
 
 def test_generation_uses_the_fused_step_and_matches_the_model_step():

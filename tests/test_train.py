@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from griffon import generation
+from griffon import compiled_decode
 from griffon.cli import main
 from griffon.model import Griffon
 from griffon.presets import get_preset
@@ -104,7 +104,7 @@ def test_training_writes_a_self_contained_run(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     free = capsys.readouterr().out[len("KING") : -1]
     if shutil.which("g++"):  # the compiled decode step (torch.compile needs a C++ compiler); no autotuning
-        monkeypatch.setattr(generation, "COMPILE_OPTIONS", {})
+        monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})
         assert main(argv + ["--compile"]) == 0
         assert capsys.readouterr().out == "KING" + free + "\n"
     stop = free[3:5]  # a piece of the greedy continuation

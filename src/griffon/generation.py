@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from griffon.compiled_decode import compiled_step
 from griffon.data.tokenizers import Tokenizer
 from griffon.fused_decode import FusedDecoder
 from griffon.model import Cache, Griffon
@@ -149,11 +149,6 @@ def generate_stream(
 AUTO_FUSE_MAX_BYTES = 2**30
 
 
-# Inductor settings for compile=True: each matmul is timed against Inductor's own C++ GEMM kernels,
-# which beat MKL at a decode step's few rows on the CPU (docs/sampling.md); ~5 s per matmul shape.
-COMPILE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0}
-
-
 def decoder(
     model: Griffon, fused: bool | None = None, compile: bool = False
 ) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
@@ -161,47 +156,24 @@ def decoder(
 
     By default the fused step where it covers the model, else the model's own forward.
     ``fused=None`` fuses while the weights' copy stays under :data:`AUTO_FUSE_MAX_BYTES`; ``True``
-    fuses whatever the size; ``False`` never. ``compile=True`` runs the model's own step through
-    ``torch.compile`` with :data:`COMPILE_OPTIONS` instead: it compiles on the first call of each
-    batch size (tens of seconds on a CPU), then is the fastest step at small batches. Like the fused
-    step, it reads the weights once: build a new decoder after changing the model.
+    fuses whatever the size; ``False`` never. ``compile=True`` takes the model's own step compiled
+    by ``torch.compile`` instead (:func:`~griffon.compiled_decode.compiled_step`; it compiles on the
+    first call of each batch size).
     """
+    if compile:
+        if fused:
+            raise ValueError("fused=True and compile=True are two different decode steps; choose one")
+        return compiled_step(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
+        return FusedDecoder(model).step
 
     def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         logits, new = model(tokens[:, None], cache=cache)
         cache.blocks, cache.position, cache.segment_pos = new.blocks, new.position, new.segment_pos
         return logits[:, -1]
 
-    if compile:
-        if fused:
-            raise ValueError("fused=True and compile=True are two different decode steps; choose one")
-        _check_compiler(model)
-        # dynamic=None: a global-attention cache grows every step, so its length becomes dynamic
-        # after the first recompile; everything else keeps static shapes.
-        compiled = torch.compile(step, options=COMPILE_OPTIONS)
-
-        def compiled_step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-            from torch._inductor import config
-
-            # Freezing folds the weights in as constants, which the C++ GEMMs need (prepacked);
-            # torch.compile's options do not reach it, so it is set around each (re)compile.
-            with config.patch(freezing=True):
-                return compiled(tokens, cache)
-
-        return compiled_step
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
-        return FusedDecoder(model).step
     return step
-
-
-def _check_compiler(model: Griffon) -> None:
-    """On the CPU Inductor builds C++ kernels: say so up front rather than deep inside the first step."""
-    from torch._inductor import config
-
-    cxx = config.cpp.cxx[-1]  # $CXX, else g++ (clang++ on macOS)
-    if model.embed.weight.device.type == "cpu" and shutil.which(cxx) is None:
-        raise RuntimeError(f"compile=True on the CPU needs a C++ compiler ({cxx}, or set CXX); none found")
 
 
 def generate(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

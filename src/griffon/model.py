@@ -158,7 +158,8 @@ class Griffon(nn.Module):
             tokens: (B, T) token ids.
             segment_pos: (B, T) position of each token inside its document; 0 starts a document.
                 Default: one document continuing the cache (or starting at 0).
-            cache: state to continue from; it is updated in place and returned.
+            cache: state to continue from. Continue with the returned cache: this one is consumed (its
+                local-attention buffers are written in place, its other states replaced).
             return_cache: with ``cache=None``, also build and return the cache after this chunk.
 
         Returns:

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     for name, cfg in configs(args.width, args.layers, args.window).items():
         torch.manual_seed(0)
         model = Griffon(cfg).eval()
+        # one model's compiled steps (one per batch size) at a time, within dynamo's recompile limit
+        torch._dynamo.reset()
         n = model.num_params()
         param_bytes = 4 * n
         floors = {batch: matmul_seconds(model, batch) for batch in batches}
@@ -215,6 +217,7 @@ def hf_runs(results: dict, args, batches: list[int]) -> None:
         print(f"  HF transformers unavailable ({e}); pip install transformers to compare")
         return
     length = min(int(x) for x in args.lengths.split(","))
+    torch._dynamo.reset()
     for batch in batches:
         prompt = torch.randint(0, 256, (batch, 16))
         with torch.inference_mode():
@@ -246,13 +249,15 @@ def plot(results: dict, path: Path) -> None:
     lengths = sorted({r["length"] for r in results["runs"] if "params" in r})
     for name, color in [("griffin", "C0"), ("hawk", "C1"), ("mqa", "C2")]:
         for length, style in zip(lengths, ["--", "-", ":"], strict=False):
-            rows = sorted(
-                (r["batch"], r["tokens_per_s"]) for r in results["runs"] if r["model"] == name and r["length"] == length
-            )
-            if rows:
-                ax.plot(
-                    *zip(*rows, strict=True), style, color=color, marker="o", ms=3, label=f"{name}, {length} tokens"
-                )
+            runs = sorted((r for r in results["runs"] if r["model"] == name and r["length"] == length),
+                          key=lambda r: r["batch"])  # fmt: skip
+            if runs:
+                batches = [r["batch"] for r in runs]
+                ax.plot(batches, [r["tokens_per_s"] for r in runs], style, color=color, marker="o", ms=3,
+                        label=f"{name}, {length} tokens")  # fmt: skip
+            if runs and length == lengths[-1] and all("compiled_ms_per_step" in r for r in runs):
+                ax.plot(batches, [1e3 * r["batch"] / r["compiled_ms_per_step"] for r in runs], style, color=color,
+                        marker="x", ms=5, lw=0.8, alpha=0.6, label=f"{name}, {length} tokens, compiled")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")

@@ -97,7 +97,7 @@ class Attention(nn.Module):
         x: (B, T, D) inputs.
         segment_pos: (B, T) position inside the document (RoPE and document masking).
         positions: (B, T) position in the whole stream (window and causal masking, cache slots).
-        state: cache from earlier chunks, updated in place and returned; None for a fresh sequence.
+        state: cache from earlier chunks (a local ring buffer is written in place); None for a fresh sequence.
         build_state: with ``state=None``, whether to build a cache from this chunk (training skips it).
         """
         B, T, _ = x.shape

@@ -40,13 +40,16 @@ class CausalConv1D(nn.Module):
         if state is None:
             state = x.new_zeros(B, K - 1, C)
         xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
+        # The new state in a tensor of its own, laid out the same whatever the chunk length:
+        # torch.compile specialises on strides, so a compiled decode step would compile twice.
+        new_state = xp[:, T:].clone(memory_format=torch.contiguous_format)  # (B, K-1, C)
         w = self.weight.to(x.dtype)
         if T == 1:  # a decode step: one masked weighted sum over the window instead of K passes
             lags = torch.arange(K - 1, -1, -1, device=x.device)  # xp[:, j] is lags[j] tokens back
             taps = w * (lags <= segment_pos[:, :1])[:, :, None]  # (B, K, C): no tap across a document start
-            return (xp * taps).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
+            return (xp * taps).sum(1, keepdim=True) + self.bias.to(x.dtype), new_state
         y = xp[:, K - 1 :] * w[K - 1]
         for k in range(1, K):
             same_doc = (segment_pos >= k).unsqueeze(-1)  # (B, T, 1)
             y = y + torch.where(same_doc, xp[:, K - 1 - k : K - 1 - k + T], 0.0) * w[K - 1 - k]
-        return y + self.bias.to(x.dtype), xp[:, xp.shape[1] - (K - 1) :]
+        return y + self.bias.to(x.dtype), new_state
