@@ -181,3 +181,23 @@ def test_package_level_generate():
 
     assert griffon.generate is griffon.generation.generate
     assert len(griffon.generate(_model("hawk-tiny"), [[1, 2, 3]], 4, temperature=0.0)[0]) == 4
+
+
+def test_bench_goals_take_the_faster_of_the_default_and_compiled_steps(tmp_path):
+    from griffon.bench.sampling import goals, plot
+
+    def run(model, batch, ms, compiled_ms, roofline_ms=1.0, length=512):
+        return {"model": model, "params": 1, "batch": batch, "length": length, "ms_per_step": ms,
+                "compiled_ms_per_step": compiled_ms, "roofline_ms": roofline_ms, "tokens_per_s": 1e3 * batch / ms}  # fmt: skip
+
+    runs = [run("griffin", 16, 5.0, 1.5), run("griffin", 64, 4.0, 9.0), run("mqa", 64, 10.0, 3.0)]
+    hf = {"model": "hf-griffin", "batch": 16, "length": 128, "tokens_per_s": 100.0, "griffon_tokens_per_s": 200.0,
+          "griffon_compiled_tokens_per_s": 350.0}  # fmt: skip
+    results = {"runs": [*runs, hf], "window": 128}
+    out = goals(results, window=128)
+    roofline = out["griffin_step_vs_roofline_batch_ge_16"]
+    assert (roofline["worst"], roofline["batch"], roofline["met"]) == (4.0, 64, False)  # compiled 1.5 at 16
+    assert out["griffon_vs_hf_generate"]["ratios"] == {16: 3.5} and out["griffon_vs_hf_generate"]["met"]
+    assert out["griffin_vs_mqa_batch_ge_64_len_ge_4x_window"]["ratios"] == [(64, 512, 0.75)]  # 3.0 / 4.0
+    plot(results, tmp_path / "goals.png")
+    assert (tmp_path / "goals.png").stat().st_size > 0
