@@ -17,13 +17,12 @@ import shutil
 from collections.abc import Callable
 
 import torch
-from torch._inductor import config as inductor_config
 
 from griffon.model import Cache, Griffon
 from griffon.nn.attention import Attention, AttentionState
 
-# Inductor settings: autotuned GEMMs, quietly. (Freezing, which they rely on, is not read from
-# these options, so it is switched on around each call instead.)
+# Inductor settings: autotuned GEMMs, quietly. (Freezing, which they rely on, did not take effect
+# when given here, so it is switched on around each call instead.)
 COMPILE_OPTIONS = {
     "max_autotune": True,
     "autotune_num_choices_displayed": 0,
@@ -34,6 +33,8 @@ COMPILE_OPTIONS = {
 def compiled_step(model: Griffon) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
     """``step(tokens (B,), cache) -> logits (B, V)`` advancing ``cache``: the model's forward on one
     token per row under ``torch.compile``. Compiles on the first call of each batch size."""
+    from torch._inductor import config as inductor_config  # imported here: it adds seconds to `import griffon`
+
     if model.embed.weight.device.type == "cpu":
         cxx = inductor_config.cpp.cxx[-1]  # $CXX, else g++ (clang++ on macOS)
         if shutil.which(cxx) is None:
