@@ -52,7 +52,7 @@ def compiled_step(model: Griffon) -> Callable[[torch.Tensor, Cache], torch.Tenso
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # the slots grow by one each step
         with inductor_config.patch(freezing=True):
             logits, new = forward(tokens[:, None], cache=cache)
-        cache.blocks, cache.position, cache.segment_pos = new.blocks, new.position, new.segment_pos
+        cache.advance_to(new)
         return logits[:, -1]
 
     return step

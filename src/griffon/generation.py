@@ -170,7 +170,7 @@ def decoder(
 
     def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         logits, new = model(tokens[:, None], cache=cache)
-        cache.blocks, cache.position, cache.segment_pos = new.blocks, new.position, new.segment_pos
+        cache.advance_to(new)
         return logits[:, -1]
 
     return step

@@ -63,6 +63,11 @@ class Cache:
             segment_pos=torch.cat([c.segment_pos for c in caches]),
         )
 
+    def advance_to(self, new: Cache) -> None:
+        """Take ``new``'s state (the cache a forward returned) into this object, so that whoever
+        holds this cache sees it advance."""
+        self.blocks, self.position, self.segment_pos = new.blocks, new.position, new.segment_pos
+
     def select(self, rows: torch.Tensor) -> Cache:
         """The cache of the sequences ``rows`` (a 1-D index tensor), in that order."""
         blocks: list[BlockState] = []
