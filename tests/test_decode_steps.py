@@ -172,3 +172,57 @@ def test_compile_is_refused_with_fused_and_without_a_compiler():
         generation.decoder(model, fused=True, compile=True)
     with config.patch({"cpp.cxx": (None, "no-such-compiler-here")}), pytest.raises(RuntimeError, match="C.. compiler"):
         generation.decoder(model, compile=True)
+
+
+SPECIAL_FLOATS = [0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 20.0, -20.0, 86.9, -86.9, 88.0, -88.0, 103.0, -103.0, 1e10,
+                  -1e10, 1e30, -1e30, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, ref, atol",
+    [
+        # below exp(-87) the kernels give 0 where torch gives subnormals (< 1.2e-38)
+        ("_exp_neg", torch.exp, 2e-38),
+        ("_sigmoid", torch.sigmoid, 2e-38),
+        ("_tanh", torch.tanh, 3e-7),  # the rational approximation's documented accuracy
+        ("_gelu_tanh", lambda t: torch.nn.functional.gelu(t, approximate="tanh"), 1.5e-5),  # 0.5 |x| 3e-7, |x| <= 100
+    ],
+)
+def test_written_out_transcendentals_match_torch_for_every_float(name, ref, atol):
+    """NaN, infinities and huge values once indexed the exponential's table out of bounds (SIGSEGV)."""
+    import numpy as np
+
+    f = getattr(fused_decode, name)
+    xs = [x for x in SPECIAL_FLOATS if name != "_exp_neg" or not x > 0]  # exp_neg's domain is x <= 0
+    xs += torch.empty(2000).uniform_(-100, 100 if name != "_exp_neg" else 0).tolist()
+    got = torch.tensor([float(f(np.float32(x))) for x in xs])
+    want = ref(torch.tensor(xs, dtype=torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=atol, equal_nan=True)
+
+
+def _overflowing(model: Griffon) -> Griffon:
+    """The model with its MLP weights scaled by 1e30: finite weights, activations that overflow."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.mul_(1e30)
+    return model
+
+
+@torch.inference_mode()
+def test_fused_step_survives_overflowing_activations():
+    model = _overflowing(_model(CONFIGS["griffin"]))
+    cache = model.init_cache(3)
+    ref = copy.deepcopy(cache)
+    tokens = torch.tensor([1, 2, 3])
+    want, _ = model(tokens[:, None], cache=ref)
+    got = FusedDecoder(model).step(tokens, cache)
+    assert not torch.isfinite(want).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want[:, -1]))
+
+
+@pytest.mark.parametrize("step", ["fused", "model"])
+def test_generation_refuses_non_finite_logits(step):
+    model = _overflowing(_model(CONFIGS["griffin"]))
+    with pytest.raises(generation.GenerationError, match="NaN or infinite logits after the prompt"):
+        generate(model, [[1, 2, 3]], 4, temperature=0.0, fused=step == "fused")

@@ -15,6 +15,7 @@ from griffon.config import ConfigError, LinearStructure
 from griffon.model import Griffon
 from griffon.nn.structured import StructuredLinear
 from griffon.presets import get_preset
+from griffon.tensor_tree import load_tree
 from griffon.train.config import TrainConfig, apply_overrides
 from griffon.train.optim import make_optimizer
 from griffon.train.self_guided import SelfGuidance, dense_branch_runs, guide_coefficient, plan_guided_run
@@ -88,9 +89,9 @@ def test_guided_run_logs_the_schedule_drops_the_guide_and_resumes_exactly(tmp_pa
     # step s is logged after optimizer step s - 1, which used coefficient guide_coefficient(s - 1, 6)
     assert logged == pytest.approx({s: guide_coefficient(s - 1, 6) if s < 6 else 0.0 for s in range(1, 9)})
     ckpts = whole / "checkpoints"
-    guided = torch.load(ckpts / "step_000004" / "optimizer.pt", weights_only=False)
-    assert set(guided) == {"optimizer", "rng", "self_guided"} and len(guided["optimizer"]["param_groups"]) == 3
-    done = torch.load(ckpts / "step_000008" / "optimizer.pt", weights_only=False)
+    guided = load_tree(ckpts / "step_000004" / "optimizer.safetensors")
+    assert set(guided) == {"optimizer", "self_guided"} and len(guided["optimizer"]["param_groups"]) == 3
+    done = load_tree(ckpts / "step_000008" / "optimizer.safetensors")
     assert "self_guided" not in done and len(done["optimizer"]["param_groups"]) == 2
     model = from_pretrained(ckpts / "step_000008")  # a plain structured model
     assert not any("guide" in n for n in model.state_dict())

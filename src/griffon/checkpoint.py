@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from griffon.atomic import atomic_write
 from griffon.config import ConfigError, ModelConfig
 from griffon.model import Griffon
 
@@ -22,22 +20,6 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or does not match its config. The message says which part."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses shared or non-contiguous storage; tied weights are stored once anyway.
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -45,11 +27,20 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def save_pretrained(model: Griffon, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; other
+    files in it are kept). Each file is replaced atomically: a crash leaves the old or the new one."""
     directory = Path(directory)
     save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(model.config.to_json()))
     return directory
+
+
+def write_model(model: Griffon, directory: Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` as they are (for a
+    directory that :func:`~griffon.atomic.atomic_directory` renames into place when complete)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(model.config.to_json())
 
 
 def load_config(directory: str | Path) -> ModelConfig:

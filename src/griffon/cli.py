@@ -103,23 +103,21 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from griffon.train.config import TrainConfig, apply_overrides
+    from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
     from griffon.train.trainer import train
 
     if args.resume:
         run_dir = Path(args.resume)
-        if args.config or args.set:
-            raise ValueError("--resume continues a run with its saved config.json; drop CONFIG and --set")
-        cfg = TrainConfig.load(run_dir / "config.json")
+        if args.config or args.out:
+            raise ValueError("--resume continues a run with its saved config.json; drop CONFIG and --out")
+        cfg = apply_resume_overrides(TrainConfig.load(run_dir / "config.json"), args.set)
     else:
+        if args.checkpoint:
+            raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
         base = TrainConfig.load(args.config).to_dict() if args.config else TrainConfig().to_dict()
         cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
         run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
-        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-            raise ValueError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
-            )
-    result = train(cfg, run_dir, resume=bool(args.resume))
+    result = train(cfg, run_dir, resume=bool(args.resume), checkpoint=args.checkpoint)
     bpb = f", validation {result.val_bpb:.3f} bits/byte (loss {result.val_loss:.3f})" if result.val_bpb else ""
     print(f"trained {result.steps} steps, {result.tokens:,} tokens at {result.tokens_per_s:,.0f} tokens/s{bpb}")
     print(f"run directory: {run_dir}")
@@ -239,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 --set model=hawk-tiny")  # fmt: skip
     s.add_argument("--out", default=None, help="run directory, must not hold a run (default: runs/DATE-TIME)")
-    s.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its newest checkpoint")
+    s.add_argument("--resume", metavar="RUN",
+                   help="continue the run in RUN from its newest checkpoint (--set may change budgets, "
+                        "optim.lr and clipping, and bookkeeping such as save_every)")  # fmt: skip
+    s.add_argument("--checkpoint", metavar="NAME", help="with --resume: continue from this checkpoint (step_NNNNNN)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="stream a sample from a run or checkpoint")
@@ -292,13 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from griffon.train.signals import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # ours carry the full story in one line
+    except TrainingInterrupted as e:
+        print(f"griffon {args.command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"griffon {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError) as e:  # ours carry the full story in one line
         print(f"griffon {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that is missing, not a directory, not writable, or a full disk
+        print(f"griffon {args.command}: error: {_describe_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _describe_os_error(e: OSError) -> str:
+    where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    return f"{what}: {where}" if where else what
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -309,6 +310,11 @@ def check_types(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if not _is_instance(value, hints[f.name]):
             raise ConfigError(f"{f.name} must be of type {_type_name(hints[f.name])}, got {value!r}")
+        # JSON and Python accept NaN and infinities, and NaN passes every ``<=`` check that follows
+        if any(
+            isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))
+        ):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _is_instance(value: Any, tp: Any) -> bool:

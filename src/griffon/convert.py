@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from griffon.atomic import atomic_directory
 from griffon.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -346,9 +346,9 @@ def convert(
     else:
         cfg, state = _read_deepmind(src, Path(config_file) if config_file else None, preset)
         cfg.extra["converted_from"] = f"deepmind:{src.name}"
-    _write_dir(
-        dst, lambda tmp: (save_state_dict(state, tmp / WEIGHTS_NAME), (tmp / CONFIG_NAME).write_text(cfg.to_json()))
-    )
+    with atomic_directory(dst) as tmp:
+        save_state_dict(state, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(cfg.to_json())
     return cfg
 
 
@@ -363,24 +363,9 @@ def export_hf(model_dir: str | Path, dst: str | Path) -> None:
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"destination {dst} exists and is not empty; refusing to overwrite")
-    _write_dir(dst, lambda tmp: (save_state_dict(hf_state, tmp / "model.safetensors", {"format": "pt"}),
-                                 (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")))  # fmt: skip
-
-
-def _write_dir(dst: Path, write: Callable[[Path], Any]) -> None:
-    """Fill a temporary sibling directory, then rename it to ``dst``: no half-written output."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        write(tmp)
-        if dst.exists():
-            dst.rmdir()  # empty (checked by the caller)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+    with atomic_directory(dst) as tmp:
+        save_state_dict(hf_state, tmp / "model.safetensors", {"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
 
 
 __all__ = ["ConversionError", "convert", "export_hf", "config_from_deepmind", "config_from_hf"]

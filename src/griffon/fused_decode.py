@@ -50,8 +50,16 @@ _POW2_NEG = np.array([2.0**-n for n in range(128)], dtype=np.float32)
 # (15-20 ns each, scalar), which made the kernels slower than PyTorch's vectorised ones at large batch.
 @numba.njit(inline="always", fastmath=_FAST)
 def _exp_neg(x):  # pragma: no cover - compiled
-    """exp(x) for x <= 0, to 3e-7 relative (Cephes' expf: x = n ln2 + r, a degree-7 polynomial in r)."""
-    x = max(x, np.float32(-87.0))  # below this exp(x) is subnormal; 1e-38 stands in for it
+    """exp(x) for x <= 0, to 3e-7 relative (Cephes' expf: x = n ln2 + r, a degree-7 polynomial in r).
+
+    NaN gives NaN; x below -87, where exp(x) is subnormal or underflows, gives 0; x > 0, which no
+    caller passes, is taken as 0. The clamps keep the table index in range for every float.
+    """
+    if x != x:  # NaN: the comparisons below would all be false and the index undefined
+        return x
+    if x < np.float32(-87.0):
+        return np.float32(0.0)
+    x = min(x, np.float32(0.0))
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
     r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
     p = np.float32(1.9875691500e-4)

@@ -13,6 +13,20 @@ from griffon.model import Cache, Griffon
 from griffon.nn.structured import calibrate_merge_thresholds
 
 
+class GenerationError(RuntimeError):
+    """Generation cannot go on: the model's output is not usable (NaN or infinite logits)."""
+
+
+def _check_logits(logits: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(logits).all():
+        rows = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+        where = "after the prompt" if step == 0 else f"at generated token {step}"
+        raise GenerationError(
+            f"the model produced NaN or infinite logits {where} (rows {rows[:8]}): its weights or "
+            "activations overflowed; check the checkpoint (griffon info) or sample in float32"
+        )
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
 ) -> torch.Tensor:
@@ -121,6 +135,7 @@ def generate_stream(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     logits, cache = _prefill_all(model, prompts, prefill_chunk)  # (B, V)
+    _check_logits(logits, 0)
     decode_step = decoder(model, fused, compile)
     B = len(prompts)
     active = [True] * B
@@ -143,6 +158,7 @@ def generate_stream(
         if not any(active) or step == max_new_tokens - 1:
             return
         logits = decode_step(nxt, cache)
+        _check_logits(logits, step + 1)
 
 
 # The fused step keeps merged copies of the weight matrices; by default it does so up to this size.

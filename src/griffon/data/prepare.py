@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from griffon.atomic import atomic_directory
 from griffon.data.sources import DataError, iter_documents
 from griffon.data.tokenizers import Tokenizer
 
@@ -48,6 +49,8 @@ def prepare(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output directory {out} exists and is not empty; refusing to overwrite")
 
@@ -61,7 +64,46 @@ def prepare(
     val_ids = set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a temporary directory renamed to ``out`` at the end: a failure
+    # or a kill leaves no half-prepared directory that a run could mistake for data.
+    with atomic_directory(out) as tmp:
+        offsets, n_bytes = _tokenize(inputs, field, tokenizer, val_ids, n_docs, dtype, tmp, progress)
+        for s in SPLITS:
+            np.save(tmp / f"{s}.docs.npy", np.asarray(offsets[s], dtype=np.int64))
+        np.save(tmp / "token_bytes.npy", tokenizer.token_bytes())
+        tokenizer.save(tmp)
+        meta = {
+            "format": "griffon-tokens-v1",
+            "tokenizer": tokenizer.describe(),
+            "dtype": np.dtype(dtype).name,
+            "sources": [str(p) for p in inputs],
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "splits": {
+                s: {
+                    "documents": len(offsets[s]) - 1,
+                    "tokens": offsets[s][-1],
+                    "bytes": n_bytes[s],
+                    "sha256": _sha256(tmp / f"{s}.bin"),
+                }
+                for s in SPLITS
+            },
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _tokenize(
+    inputs: Sequence[str | Path],
+    field: str,
+    tokenizer: Tokenizer,
+    val_ids: set[int],
+    n_docs: int,
+    dtype: type,
+    out: Path,
+    progress: bool,
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Write the token shards; return each split's document offsets and byte count."""
     files = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}
     offsets: dict[str, list[int]] = {s: [0] for s in SPLITS}
     n_bytes = {s: 0 for s in SPLITS}
@@ -82,27 +124,37 @@ def prepare(
             f.close()
     if offsets["train"][-1] == 0:
         raise DataError("the training split is empty (all documents were empty?)")
+    return offsets, n_bytes
 
+
+def verify(directory: str | Path) -> dict:
+    """Check a prepared data directory against its ``meta.json`` (file sizes and SHA-256 of the
+    token shards); raise :class:`DataError` naming the first file that differs. Returns the metadata."""
+    directory = Path(directory)
+    meta = read_meta(directory)
     for s in SPLITS:
-        np.save(out / f"{s}.docs.npy", np.asarray(offsets[s], dtype=np.int64))
-    np.save(out / "token_bytes.npy", tokenizer.token_bytes())
-    tokenizer.save(out)
-    meta = {
-        "format": "griffon-tokens-v1",
-        "tokenizer": tokenizer.describe(),
-        "dtype": np.dtype(dtype).name,
-        "sources": [str(p) for p in inputs],
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "splits": {
-            s: {
-                "documents": len(offsets[s]) - 1,
-                "tokens": offsets[s][-1],
-                "bytes": n_bytes[s],
-                "sha256": _sha256(out / f"{s}.bin"),
-            }
-            for s in SPLITS
-        },
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        path = directory / f"{s}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing")
+        want = meta["splits"][s].get("sha256")
+        got = _sha256(path)
+        if want != got:
+            raise DataError(
+                f"{path} does not match meta.json (SHA-256 {got[:12]}..., recorded {str(want)[:12]}...): "
+                "the file changed or is corrupted; prepare the data again"
+            )
+    return meta
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The ``meta.json`` of a prepared data directory; :class:`DataError` if there is none or it is malformed."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{directory} is not a prepared data directory (no meta.json); run `griffon data prepare`")
+    try:
+        meta = json.loads(path.read_text())
+        if not all(s in meta["splits"] for s in SPLITS) or not isinstance(meta["dtype"], str):
+            raise KeyError("splits")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is corrupted or not a griffon data description ({e})") from None
     return meta

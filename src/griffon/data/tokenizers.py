@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from griffon.atomic import atomic_write
+
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unreadable, or does not fit the model."""
@@ -60,7 +62,8 @@ class ByteTokenizer(Tokenizer):
         return np.ones(256, dtype=np.int64)
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / "tokenizer.json").write_text(json.dumps({"griffon_tokenizer": "bytes"}) + "\n")
+        text = json.dumps({"griffon_tokenizer": "bytes"}) + "\n"
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text))
 
 
 class HFTokenizer(Tokenizer):
@@ -103,7 +106,7 @@ class HFTokenizer(Tokenizer):
         return lengths
 
     def save(self, directory: Path) -> None:
-        shutil.copyfile(self.path, Path(directory) / "tokenizer.json")
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: shutil.copyfile(self.path, tmp))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -143,10 +146,9 @@ class SentencePieceTokenizer(Tokenizer):
         return lengths
 
     def save(self, directory: Path) -> None:
-        shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
-        (Path(directory) / "tokenizer.json").write_text(
-            json.dumps({"griffon_tokenizer": "sentencepiece", "model": "tokenizer.model"}) + "\n"
-        )
+        atomic_write(Path(directory) / "tokenizer.model", lambda tmp: shutil.copyfile(self.path, tmp))
+        text = json.dumps({"griffon_tokenizer": "sentencepiece", "model": "tokenizer.model"}) + "\n"
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text))
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:

@@ -1,91 +1,145 @@
-"""Run checkpoints: model, optimizer, progress, RNG and data position, written atomically.
+"""Run checkpoints: model, optimizer, progress and data position, written atomically, read without pickle.
 
 ``RUN/checkpoints/step_000100/`` holds ``config.json`` + ``model.safetensors`` (a loadable
-griffon checkpoint), ``optimizer.pt`` and ``state.json``. Each is written into a temporary
-directory that is renamed into place when complete; only the newest ``keep`` survive.
+griffon checkpoint), ``optimizer.safetensors`` (optimizer state and any other training-only
+tensors, :mod:`griffon.tensor_tree`) and ``state.json`` (progress and data position). The
+directory is written under a temporary name and renamed when complete; only the newest ``keep``
+survive. Nothing in a checkpoint is unpickled: a run directory from a stranger runs no code.
+
+Training draws nothing from the global random number generators (the data order and the
+self-guided draws are seeded by step), so no RNG state is saved: resuming is exact without it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import random
-import shutil
-import tempfile
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from griffon.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from griffon.atomic import atomic_directory, remove_tree
+from griffon.checkpoint import CheckpointError, from_pretrained, write_model
 from griffon.model import Griffon
+from griffon.tensor_tree import TreeFileError, load_tree, save_tree
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "state.json"
+PROGRESS_FIELDS = ("step", "tokens", "flops", "elapsed", "loader")
+# Written by earlier griffon versions; read only as a restricted (weights-only) pickle.
+LEGACY_OPTIMIZER_NAME = "optimizer.pt"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """The run's checkpoint directories, oldest first (complete or not: :func:`load_checkpoint` checks)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file())
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_weights(model: Griffon, max_abs: float | None) -> None:
+    """Raise :class:`CheckpointError` if a weight is NaN/Inf or larger in magnitude than ``max_abs``:
+    a finite step can still blow the weights up, and such a checkpoint would be the one resumed."""
+    for name, p in model.state_dict().items():
+        if not p.is_floating_point():
+            continue
+        if not torch.isfinite(p).all():
+            raise CheckpointError(f"refusing to save a checkpoint: parameter {name!r} is not finite")
+        largest = p.detach().abs().max().item() if p.numel() else 0.0
+        if max_abs is not None and largest > max_abs:
+            raise CheckpointError(
+                f"refusing to save a checkpoint: parameter {name!r} has a weight of magnitude {largest:.3g} "
+                f"(limit max_weight_abs={max_abs:g}); the weights have exploded"
+            )
 
 
 def save_checkpoint(
     run_dir: Path,
     model: Griffon,
-    optimizer_state: dict,
+    training_state: dict[str, Any],
     progress: dict[str, Any],
     keep: int,
-    extra: dict[str, Any] | None = None,
+    max_weight_abs: float | None = None,
 ) -> Path:
     """Write checkpoint ``step_{progress['step']}`` atomically, then drop all but the newest ``keep``.
-    ``extra`` joins the optimizer and RNG state in ``optimizer.pt`` (training-only state)."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise CheckpointError(f"refusing to save a checkpoint: parameter {name!r} is not finite")
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{progress['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
+
+    ``training_state`` (the optimizer's ``state_dict`` and whatever else training needs, a tree
+    of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
+    """
+    check_weights(model, max_weight_abs)
+    final = run_dir / "checkpoints" / f"step_{progress['step']:06d}"
     try:
-        save_pretrained(model, tmp)
-        torch.save({"optimizer": optimizer_state, "rng": rng_state(), **(extra or {})}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(progress, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with atomic_directory(final) as tmp:
+            write_model(model, tmp)
+            save_tree(training_state, tmp / OPTIMIZER_NAME)
+            (tmp / STATE_NAME).write_text(json.dumps(progress, indent=2) + "\n")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_error(e)}") from None
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove_tree(old)
     return final
 
 
-def load_checkpoint(path: Path, model: Griffon) -> tuple[dict, dict[str, Any]]:
-    """Load weights into ``model``; return (optimizer+rng payload, progress)."""
+def describe_write_error(e: BaseException) -> str:
+    """One line for a failed write; a full disk is named as such, whichever library noticed it."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
+        return "no space left on device"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into ``model``; return (training state, progress).
+
+    Raises :class:`CheckpointError` naming the file for anything missing, corrupt or made by another config.
+    """
     try:
         loaded = from_pretrained(path)
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
     if loaded.config.to_dict() != model.config.to_dict():
         raise CheckpointError(f"checkpoint {path} was made with another model config than this run's")
+    training_state = _read_training_state(path)
+    progress = _read_progress(path / STATE_NAME)
     model.load_state_dict(loaded.state_dict())
+    return training_state, progress
+
+
+def _read_training_state(path: Path) -> dict[str, Any]:
+    if (path / OPTIMIZER_NAME).is_file() or not (path / LEGACY_OPTIMIZER_NAME).is_file():
+        try:
+            state = load_tree(path / OPTIMIZER_NAME)
+        except TreeFileError as e:
+            raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {e}") from None
+    else:
+        try:  # weights_only: torch's restricted unpickler, which builds tensors and containers only
+            state = torch.load(path / LEGACY_OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad or hostile pickles
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"cannot read {path / LEGACY_OPTIMIZER_NAME} (weights only): {first}") from None
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path}: the training state holds no optimizer state")
+    return state
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        progress = json.loads((path / "state.json").read_text())
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {str(e).splitlines()[0]}") from None
-    return payload, progress
+        progress = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupted or truncated: {e}") from None
+    if not isinstance(progress, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    missing = [k for k in PROGRESS_FIELDS if k not in progress]
+    if missing:
+        raise CheckpointError(f"{path} lacks field(s) {', '.join(missing)}")
+    for k in ("step", "tokens"):
+        if not isinstance(progress[k], int) or progress[k] < 0:
+            raise CheckpointError(f"{path}: {k} must be a non-negative integer, got {progress[k]!r}")
+    if not all(isinstance(progress[k], (int, float)) and math.isfinite(progress[k]) for k in ("flops", "elapsed")):
+        raise CheckpointError(f"{path}: flops and elapsed must be finite numbers")
+    return progress

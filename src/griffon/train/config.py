@@ -35,6 +35,8 @@ class DataConfig:
     """Sequences per micro-batch on each rank."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    verify: bool = True
+    """Check the token shards against the SHA-256 sums in ``meta.json`` when a run starts."""
 
     def validate(self) -> None:
         check_types(self)
@@ -133,6 +135,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    max_weight_abs: float | None = 1e4
+    """Refuse to save a checkpoint holding a weight larger in magnitude than this, and stop: the
+    weights have exploded (a finite step can do that). ``None`` checks finiteness only."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -158,6 +163,8 @@ class TrainConfig:
         for name in ("eval_every", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_weight_abs is not None and self.max_weight_abs <= 0:
+            raise ConfigError(f"max_weight_abs must be positive, got {self.max_weight_abs}")
         if self.goldfish_k < 0 or self.goldfish_k == 1:
             raise ConfigError(f"goldfish_k must be 0 (off) or >= 2, got {self.goldfish_k}")
 
@@ -171,6 +178,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a train config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         if isinstance(d.get("model"), str):  # a preset name
             d["model"] = get_preset(d["model"]).to_dict()
@@ -183,8 +192,31 @@ class TrainConfig:
             raise ConfigError(f"config file not found: {path}")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+# What ``griffon train --resume RUN --set ...`` may change: budgets, the learning rate and
+# clipping (to continue a run that diverged), and bookkeeping. The model, data and batch shape
+# define what the checkpoint means and stay as they were.
+RESUME_OVERRIDES = (
+    "max_steps", "max_tokens", "max_flops", "max_minutes", "optim.lr", "optim.min_lr_ratio", "optim.grad_clip",
+    "optim.agc", "eval_every", "eval_batches", "final_eval_batches", "log_every", "save_every", "keep_checkpoints",
+    "max_bad_steps", "max_weight_abs", "data.verify",
+)  # fmt: skip
+
+
+def apply_resume_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``cfg`` with ``key=value`` overrides, each of a key in :data:`RESUME_OVERRIDES`."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(
+                f"--set {key} cannot change when resuming a run; these can: {', '.join(RESUME_OVERRIDES)}"
+            )
+    return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -9,6 +9,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from griffon.atomic import atomic_write
+
+CSV_FIELDS = ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
+
+
+class LogWriteError(RuntimeError):
+    """The run's log cannot be written (a full disk, say). Checkpoints already written stay valid."""
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``. A last line cut short (a crash or a full disk during a
+    write) is dropped; any other malformed line is an error naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if lineno == len(lines):
+                break
+            raise ValueError(f"{path}:{lineno}: malformed log record ({e})") from None
+        records.append(record)
+    return records
+
 
 class RunLogger:
     """Append-only metrics log of a run (rank 0 only)."""
@@ -34,9 +62,9 @@ class RunLogger:
     def _truncate(self, step: int) -> None:
         if not self.jsonl.is_file():
             return
-        records = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r.get("step", 0) <= step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        records = [r for r in read_records(self.jsonl) if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.jsonl, lambda tmp: tmp.write_text(text))
         self.csv.unlink(missing_ok=True)
         for r in records:
             self._write_csv(r)
@@ -46,20 +74,18 @@ class RunLogger:
         with open(self.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s"])
-            w.writerow(
-                [
-                    record.get(k, "")
-                    for k in ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
-                ]
-            )
+                w.writerow(CSV_FIELDS)
+            w.writerow([record.get(k, "") for k in CSV_FIELDS])
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._write_csv(record)
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._write_csv(record)
+        except OSError as e:
+            raise LogWriteError(f"cannot write the log in {self.run_dir}: {e.strerror or e}") from None
         if not sys.stderr.isatty():  # no progress bar in logs: print the record instead
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
             sys.stderr.write(" ".join(f"{k}={v}" for k, v in shown.items()) + "\n")
@@ -107,7 +133,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     path = run_dir / "log.jsonl"
     if not path.is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "train"]
     val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] in ("eval", "final_eval")]
     if not train:

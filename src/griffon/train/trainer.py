@@ -9,10 +9,13 @@ DDP/FSDP2) from outside, feeds it packed documents, and owns the run directory:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,21 +24,24 @@ from torch.utils.checkpoint import checkpoint
 
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
+from griffon.atomic import atomic_write
 from griffon.checkpoint import CheckpointError
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
-from griffon.data.prepare import prepare
+from griffon.data.prepare import prepare, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
 from griffon.model import Griffon
 from griffon.train import distributed as D
-from griffon.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint, set_rng_state
+from griffon.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from griffon.train.config import TrainConfig
 from griffon.train.logging import RunLogger, plot_losses
 from griffon.train.losses import goldfish_mask, next_token_loss
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
+from griffon.train.run_dir import RunLock, clean_run_dir, holds_run
 from griffon.train.self_guided import SelfGuidance, plan_guided_run
+from griffon.train.signals import StopRequest, TrainingInterrupted
 
 
 class TrainingError(RuntimeError):
@@ -84,29 +90,46 @@ def apply_activation_checkpointing(model: Griffon) -> None:
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
-def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
-    """The prepared data directory: the configured one, or the embedded corpus prepared into the run."""
+def check_data_source(cfg: TrainConfig) -> Tokenizer:
+    """Validate the run's data before anything is written: a configured prepared directory (its
+    meta.json, tokenizer and, with ``data.verify``, the shards' SHA-256), or the tokenizer the
+    embedded corpus will be prepared with. Returns the tokenizer; raises on anything wrong."""
     if cfg.data.path is not None:
         path = Path(cfg.data.path)
-        if not (path / "meta.json").is_file():
-            raise DataError(f"{path} is not a prepared data directory (no meta.json); run `griffon data prepare`")
-        return path
-    data_dir = run_dir / "data"
-    if is_main and not (data_dir / "meta.json").is_file():
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        prepare([default_corpus()], tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=0, progress=False)
-    D.barrier()
-    return data_dir
+        read_meta(path)
+        tokenizer = load_tokenizer(path)
+        _check_vocab(tokenizer, cfg)
+        if cfg.data.verify:
+            verify(path)
+        return tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    _check_vocab(tokenizer, cfg)
+    return tokenizer
 
 
-def check_data(data_dir: Path, cfg: TrainConfig) -> tuple[Tokenizer, np.ndarray]:
-    tokenizer = load_tokenizer(data_dir)
+def _check_vocab(tokenizer: Tokenizer, cfg: TrainConfig) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
-    return tokenizer, np.load(data_dir / "token_bytes.npy")
+
+
+def ensure_data(cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer, is_main: bool) -> Path:
+    """The prepared data directory: the configured one, or the embedded corpus prepared into the
+    run (atomically, so a kill midway leaves nothing to mistake for data)."""
+    if cfg.data.path is not None:
+        return Path(cfg.data.path)
+    data_dir = run_dir / "data"
+    if is_main:
+        if not data_dir.exists():
+            prepare([default_corpus()], tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=0, progress=False)
+        elif read_meta(data_dir)["tokenizer"] != tokenizer.describe():
+            raise DataError(f"{data_dir} was prepared with another tokenizer than data.tokenizer; remove it")
+        elif cfg.data.verify:
+            verify(data_dir)
+    D.barrier()
+    return data_dir
 
 
 @torch.no_grad()
@@ -159,9 +182,17 @@ def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, mode: str, sta
         opt.load_state_dict(state)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train (or resume) the run in ``run_dir`` according to ``cfg``."""
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: str | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` according to ``cfg``.
+
+    Nothing is written before the config and data have been checked, and the run directory holds
+    a run (its ``config.json``) only once it is complete. One process trains a run at a time (an
+    exclusive lock on the directory). Resuming a run with no checkpoint starts it from step 0;
+    ``checkpoint`` names the checkpoint to resume from (default: the newest). On SIGINT or
+    SIGTERM the current step completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
+    """
     run_dir = Path(run_dir)
+    tokenizer = check_data_source(cfg)
     device = resolve_device(cfg.device)
     info = D.init_distributed(cfg.distributed, device)
     if device.type == "cuda":
@@ -169,21 +200,38 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainR
         torch.cuda.set_device(device)
     keep_freed_memory()
     try:
-        return _train(cfg, run_dir, resume, device, info)
+        with RunLock(run_dir) if info.is_main else contextlib.nullcontext():
+            return _train(cfg, run_dir, resume, checkpoint, tokenizer, device, info)
     finally:
         D.shutdown()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, info: D.DistInfo) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    checkpoint: str | None,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    info: D.DistInfo,
+) -> TrainResult:
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
-    data_dir = ensure_data(cfg, run_dir, info.is_main)
-    tokenizer, token_bytes_np = check_data(data_dir, cfg)
-    if info.is_main:
-        tokenizer.save(run_dir)
-    token_bytes = torch.from_numpy(token_bytes_np)
+        if resume and not holds_run(run_dir):
+            raise ConfigError(f"{run_dir} holds no run (no config.json) to resume")
+        if not resume and holds_run(run_dir):
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
+            )
+        clean_run_dir(run_dir)
+    data_dir = ensure_data(cfg, run_dir, tokenizer, info.is_main)
+    tokenizer = load_tokenizer(data_dir)
+    _check_vocab(tokenizer, cfg)
+    token_bytes = torch.from_numpy(np.load(data_dir / "token_bytes.npy", allow_pickle=False))
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
+    if info.is_main:  # the run is complete from here on: its config is written last
+        tokenizer.save(run_dir)
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(cfg.to_json()))
+    D.barrier()
 
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
@@ -210,10 +258,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     progress = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
     payload = None
     if resume:
-        ckpts = checkpoint_dirs(run_dir)
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-        payload, progress = load_checkpoint(ckpts[-1], raw)
+        payload, progress = _resume_from(run_dir, raw, checkpoint, info.is_main)
+    if payload is not None:
         loader.load_state_dict(progress["loader"])
         if guidance is not None and progress["step"] >= guide_steps:
             guidance.remove()
@@ -230,7 +276,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         guidance.add_to(opt, cfg.optim.weight_decay)
     if payload is not None:
         _load_optimizer(model, opt, cfg.distributed, payload["optimizer"])
-        set_rng_state(payload["rng"])
     if cfg.compile:
         model = torch.compile(model)
 
@@ -242,6 +287,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         return torch.autocast(device.type, dtype=dtype)
 
     logger = RunLogger(run_dir, info.is_main, truncate_after_step=progress["step"] if resume else None)
+    saved_step = progress["step"] if payload is not None else None
+    stop = StopRequest()
     bad_steps = 0
     start = time.time() - progress["elapsed"]
     window_t, window_tokens = time.time(), 0
@@ -249,6 +296,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     step_loss, tps = float("nan"), 0.0
     try:
         while not _done(cfg, progress, total_steps, start):
+            if D.any_rank(stop.requested, device):
+                if saved_step != progress["step"]:
+                    _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
+                raise TrainingInterrupted(
+                    f"interrupted at step {progress['step']}, checkpoint saved; continue with: "
+                    f"griffon train --resume {run_dir}"
+                )
             step = progress["step"]
             lr = lr_at(step, _schedule_steps(cfg, step, total_steps, start), cfg.optim)
             for group in opt.param_groups:
@@ -278,9 +332,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 opt.zero_grad(set_to_none=True)
                 logger.log({"kind": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
                 if bad_steps >= cfg.max_bad_steps:
+                    newest = (
+                        "no checkpoint was saved yet"
+                        if saved_step is None
+                        else f"the newest checkpoint (step {saved_step}) is from before them"
+                    )
                     raise TrainingError(
                         f"stopping: {bad_steps} steps in a row had a non-finite loss or gradient "
-                        f"(last loss {step_loss}); the newest checkpoint is from before them"
+                        f"(last loss {step_loss}); {newest}"
                     )
                 continue
             bad_steps = 0
@@ -309,12 +368,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.eval_batches)
                 logger.log({"kind": "eval", "step": step, "tokens": progress["tokens"], **last_eval})
             if step % cfg.save_every == 0:
-                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance)
+                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
+                saved_step = step
         last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.final_eval_batches)
         logger.log({"kind": "final_eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
-        if progress["step"] % cfg.save_every != 0:
-            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance)
+        if saved_step != progress["step"]:
+            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
     finally:
+        stop.restore()
         logger.close()
     elapsed = time.time() - start
     if info.is_main:
@@ -338,18 +399,61 @@ def _clip(raw: Griffon, model: nn.Module, cfg: TrainConfig, guidance: SelfGuidan
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance) -> None:
+def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step) -> None:
     progress = dict(progress, loader=loader.state_dict(), elapsed=time.time() - start)
     model_sd, opt_sd = _state_dicts(model, raw, opt, cfg.distributed)
-    extra = {"self_guided": guidance.state_dict()} if guidance is not None else {}
+    training_state = {"optimizer": opt_sd}
+    if guidance is not None:
+        training_state["self_guided"] = guidance.state_dict()
     if info.is_main:
+        to_save = raw
         if cfg.distributed == "fsdp":
-            clone = Griffon(cfg.model)
-            clone.load_state_dict(model_sd)
-            save_checkpoint(run_dir, clone, opt_sd, progress, cfg.keep_checkpoints, extra)
-        else:
-            save_checkpoint(run_dir, raw, opt_sd, progress, cfg.keep_checkpoints, extra)
+            to_save = Griffon(cfg.model)
+            to_save.load_state_dict(model_sd)
+        try:
+            save_checkpoint(run_dir, to_save, training_state, progress, cfg.keep_checkpoints, cfg.max_weight_abs)
+        except CheckpointError as e:
+            newest = "none was saved before" if saved_step is None else f"the newest is step {saved_step}"
+            raise TrainingError(f"stopping at step {progress['step']}: {e}; {newest}") from None
     D.barrier()
+
+
+def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, dict[str, Any]]:
+    """Load the checkpoint to resume from into ``model``: ``name``, else the newest; none: step 0.
+
+    A newest checkpoint that does not load is an error that names the newest one that does; with
+    ``name`` set to an older checkpoint, the newer ones are renamed ``discarded_step_*`` (kept for
+    inspection, never resumed) so the run continues from the chosen one.
+    """
+    ckpts = checkpoint_dirs(run_dir)
+    fresh = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
+    if name is None:
+        if not ckpts:
+            if is_main:
+                sys.stderr.write(f"{run_dir} has no checkpoint yet: starting it from step 0\n")
+            return None, fresh
+        chosen = ckpts[-1]
+    else:
+        chosen = run_dir / "checkpoints" / Path(name).name
+        if chosen not in ckpts:
+            names = ", ".join(p.name for p in ckpts) or "none"
+            raise CheckpointError(f"{run_dir} has no checkpoint {name!r} (it has: {names})")
+    try:
+        payload, progress = load_checkpoint(chosen, model)
+    except CheckpointError as e:
+        for p in reversed([p for p in ckpts if p < chosen]):
+            try:
+                load_checkpoint(p, copy.deepcopy(model))
+            except CheckpointError:
+                continue
+            raise CheckpointError(
+                f"{e}; checkpoint {p.name} loads: resume from it with --resume {run_dir} --checkpoint {p.name}"
+            ) from None
+        raise
+    if is_main:
+        for newer in (p for p in ckpts if p > chosen):
+            newer.rename(newer.with_name(f"discarded_{newer.name}"))
+    return payload, progress
 
 
 def _planned_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, steps_per_epoch: int) -> int:
