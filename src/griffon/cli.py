@@ -183,6 +183,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"{split}: {m['documents']} documents, {m['tokens']:,} tokens, {m['bytes']:,} bytes")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from griffon.data.prepare import verify
+
+    meta = verify(args.directory)
+    tokens = sum(m["tokens"] for m in meta["splits"].values())
+    print(f"{args.directory}: {tokens:,} tokens, every shard matches the SHA-256 in meta.json")
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from griffon.data.sources import iter_documents
     from griffon.data.tokenizers import train_bpe
@@ -267,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--field", default="text", help="JSONL/parquet/dataset column holding the text")
     d.set_defaults(fn=cmd_prepare)
+    d = dsub.add_parser("verify", help="check a prepared directory's token shards against meta.json's SHA-256")
+    d.add_argument("directory")
+    d.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("tokenizer", help="tokenizers")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

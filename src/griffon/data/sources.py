@@ -27,10 +27,12 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     elif name.endswith(".parquet"):
         yield from _parquet(path, field)
     elif name.endswith((".txt", ".md", ".text")) or "." not in name:
+        data = path.read_bytes()
         try:
-            yield path.read_text(encoding="utf-8")
+            yield data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text: {e}") from None
+            line = data[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
     else:
         raise DataError(f"{path}: unsupported input (use .txt, .jsonl[.gz], .parquet or a saved HF dataset directory)")
 
@@ -38,8 +40,12 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
 def _jsonl(path: Path, field: str) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
                 if not line.strip():
                     continue
                 try:
