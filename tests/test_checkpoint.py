@@ -1,6 +1,7 @@
 """save_pretrained / from_pretrained round trips and their errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,26 @@ def test_bad_config_in_checkpoint(saved):
         from_pretrained(path)
 
 
-def test_save_overwrites_atomically_and_leaves_no_temp_files(saved):
+def test_save_overwrites_atomically_and_leaves_no_temp_files(saved, monkeypatch):
     model, path = saved
     save_pretrained(model, path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    import griffon.checkpoint as checkpoint
+
+    real_save = checkpoint.save_file
+
+    def crash_midway(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])  # half the file is on disk...
+        raise KeyboardInterrupt  # ...when the process is stopped
+
+    other = Griffon(get_preset("griffin-tiny"))
+    monkeypatch.setattr(checkpoint, "save_file", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(other, path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = from_pretrained(path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )

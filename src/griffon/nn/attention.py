@@ -148,9 +148,10 @@ class Attention(nn.Module):
         visible = (kp >= 0) & (kp >= qp - seg)  # (B, 1, 1, S): cached keys are all in the past
         if self.history is not None:
             visible &= qp - kp <= self.history
-        # Scores and softmax in float32 whatever the compute dtype, as SDPA does.
-        old = torch.matmul(qg, keys).float().masked_fill(~visible, float("-inf"))  # (B, H_kv, g, S)
-        new = (qg * k.view(B, Hkv, 1, hd)).sum(-1, keepdim=True).float()  # (B, H_kv, g, 1): always visible
+        # Scores and softmax in float32 for bf16/fp16/fp32 inputs (float64 for float64), as SDPA does.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        old = torch.matmul(qg, keys).to(acc).masked_fill(~visible, float("-inf"))  # (B, H_kv, g, S)
+        new = (qg * k.view(B, Hkv, 1, hd)).sum(-1, keepdim=True).to(acc)  # (B, H_kv, g, 1): always visible
         p = torch.cat([old, new], dim=-1).softmax(-1).to(q.dtype)
         S = old.shape[-1]
         out = torch.matmul(p[..., :S], values) + p[..., S:] * v.view(B, Hkv, 1, hd)  # (B, H_kv, g, hd)

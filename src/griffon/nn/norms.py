@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * (1 + scale)``, computed in float32 and cast back to the input dtype."""
+    """``x / sqrt(mean(x^2) + eps) * (1 + scale)``, computed in float32 (float64 for float64 inputs)
+    and cast back to the input dtype."""
 
     def __init__(self, width: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -19,8 +20,9 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics: in bfloat16 the mean of squares loses too many bits.
-        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.scale.float(), self.eps).to(x.dtype)
+        # float32 statistics at least: in bfloat16 the mean of squares loses too many bits.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.scale.to(acc), self.eps).to(x.dtype)
 
 
 def make_norm(norm_type: str, width: int, eps: float) -> nn.Module:
