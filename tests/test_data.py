@@ -179,3 +179,19 @@ def test_loader_rejects_too_little_data(split):
 
 def test_token_bytes_saved(split, tmp_path):
     assert np.load(tmp_path / "data" / "token_bytes.npy").sum() == 256
+
+
+def test_failed_preparation_leaves_nothing(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError, match="training split is empty"):
+        prepare([tmp_path / "empty.jsonl"], ByteTokenizer(), tmp_path / "o", 0.34, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no shards, no temporary directory
+
+
+def test_non_utf8_input_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"line one\nline two \xff\n")
+    with pytest.raises(DataError, match=r"a.txt:2: not UTF-8 text \(byte 0xff"):
+        prepare([tmp_path / "a.txt"], ByteTokenizer(), tmp_path / "o", 0.0, progress=False)
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        prepare([tmp_path / "b.jsonl"], ByteTokenizer(), tmp_path / "o", 0.0, progress=False)

@@ -9,17 +9,9 @@ from griffon.config import ModelConfig
 from griffon.nn.attention import Attention
 from griffon.nn.conv1d import CausalConv1D
 from griffon.nn.rglru import RGLRU
+from test_model import _doc_positions
 
-
-def _segment_pos(T: int, starts: list[int]) -> torch.Tensor:
-    pos, p = [], 0
-    for t in range(T):
-        p = 0 if t == 0 or t in starts else p + 1
-        pos.append(p)
-    return torch.tensor(pos)
-
-
-SEG = torch.stack([_segment_pos(23, [9]), _segment_pos(23, []), _segment_pos(23, [1, 2, 15])])  # (3, 23)
+SEG = torch.stack([_doc_positions(23, [9]), _doc_positions(23, []), _doc_positions(23, [1, 2, 15])])  # (3, 23)
 
 
 def _doc_ids(seg: torch.Tensor) -> torch.Tensor:
@@ -176,7 +168,7 @@ def test_a_local_attention_model_sees_exactly_its_window(semantics, reach):
                       attention_window=4, window_semantics=semantics, mlp_width=32)  # fmt: skip
     model = Griffon(cfg).eval()
     tokens = torch.randint(0, 32, (1, 20))
-    seg = _segment_pos(20, [12])[None]
+    seg = _doc_positions(20, [12])[None]
     with torch.no_grad():
         base, _ = model(tokens, seg)
         for j in (2, 9, 11):

@@ -34,7 +34,7 @@ class TokenSplit:
         if not meta_path.is_file():
             raise DataError(f"{directory} is not a prepared data directory (no meta.json); run `griffon data prepare`")
         meta = json.loads(meta_path.read_text())
-        offsets = np.load(directory / f"{split}.docs.npy")
+        offsets = np.load(directory / f"{split}.docs.npy", allow_pickle=False)
         n = int(offsets[-1])
         if n == 0:
             raise DataError(f"{directory}: the {split} split is empty")
