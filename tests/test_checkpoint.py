@@ -93,3 +93,22 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(saved, monkeypatch)
     assert all(
         torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
     )
+
+
+def test_resolve_finds_the_checkpoint_and_its_tokenizer(tmp_path):
+    from griffon import resolve
+    from griffon.data.tokenizers import ByteTokenizer
+
+    model = Griffon(get_preset("griffin-tiny"))
+    run = tmp_path / "run"
+    for step in (2, 10):  # numbered so that text order is step order
+        save_pretrained(model, run / "checkpoints" / f"step_{step:06d}")
+    ByteTokenizer().save(run)
+    ckpt, tok = resolve(run)
+    assert ckpt == run / "checkpoints" / "step_000010" and tok.kind == "bytes"
+    ckpt, tok = resolve(run / "checkpoints" / "step_000002")
+    assert ckpt == run / "checkpoints" / "step_000002" and tok.kind == "bytes"
+    save_pretrained(model, tmp_path / "exported")
+    assert resolve(tmp_path / "exported") == (tmp_path / "exported", None)
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        resolve(tmp_path)

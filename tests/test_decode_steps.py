@@ -7,10 +7,13 @@ import shutil
 import pytest
 import torch
 
-from griffon import Griffon, compiled_decode, fused_decode, generation
+from griffon import Griffon
 from griffon.config import LinearStructure, ModelConfig
-from griffon.fused_decode import FusedDecoder, _geglu, _soft_cap
-from griffon.generation import _prefill_all, generate
+from griffon.decode import GenerationError, compiled, kernels, steps
+from griffon.decode.fused import FusedDecoder
+from griffon.decode.generate import generate, prefill
+from griffon.decode.kernels import _geglu, _soft_cap
+from griffon.decode.steps import make_step
 from griffon.model import Cache
 from griffon.nn.attention import AttentionState
 
@@ -62,7 +65,7 @@ def _check_step_by_step(model: Griffon, step) -> None:
     # rows at different positions, one of them fresh (position 0: a document starts, conv taps and
     # the recurrence's carried state are masked) and one past the window before decoding starts
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (9, 1, 4, 9)]
-    _, cache = _prefill_all(model, prompts, chunk=4)
+    _, cache = prefill(model, prompts, chunk=4)
     fresh = model.init_cache(1)
     cache = Cache.stack([cache, fresh])
     ref = copy.deepcopy(cache)
@@ -78,7 +81,7 @@ def _check_step_by_step(model: Griffon, step) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.inference_mode()
 def test_fused_step_equals_model_step(name, parallel, monkeypatch):
-    monkeypatch.setattr(fused_decode, "PARALLEL_MIN_ROWS", 1 if parallel else 10**9)
+    monkeypatch.setattr("griffon.decode.fused.PARALLEL_MIN_ROWS", 1 if parallel else 10**9)
     model = _model(CONFIGS[name])
     _check_step_by_step(model, FusedDecoder(model).step)
 
@@ -94,7 +97,7 @@ def test_compiled_step_equals_model_step():
 
     model = _model(CONFIGS["griffin"])
     graphs = counters["stats"]["unique_graphs"]
-    _check_step_by_step(model, generation.decoder(model, compile=True))
+    _check_step_by_step(model, make_step(model, "compiled"))
     assert counters["stats"]["unique_graphs"] - graphs == 1  # the cache's layout does not change across steps
 
 
@@ -103,21 +106,21 @@ def test_compiled_step_equals_model_step():
 def test_compiled_step_follows_a_growing_global_attention_cache(monkeypatch):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})  # the shapes matter here, not the GEMM kernels
+    monkeypatch.setattr(compiled, "COMPILE_OPTIONS", {})  # the shapes matter here, not the GEMM kernels
     model = _model(CONFIGS["mqa-global"])
     graphs = counters["stats"]["unique_graphs"]
-    _check_step_by_step(model, generation.decoder(model, compile=True))
+    _check_step_by_step(model, make_step(model, "compiled"))
     assert counters["stats"]["unique_graphs"] - graphs <= 2  # not one compile per cache length
 
 
 @needs_compiler
 @torch.inference_mode()
 def test_compiled_steps_of_two_models_keep_their_own_weights(monkeypatch):
-    monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})
+    monkeypatch.setattr(compiled, "COMPILE_OPTIONS", {})
     a, b = _model(CONFIGS["hawk"]), Griffon(ModelConfig(**{**BASE, **CONFIGS["hawk"]})).eval()
     tokens = torch.tensor([3, 5])
     for model in (a, b, a):
-        got = generation.decoder(model, compile=True)(tokens, model.init_cache(2))
+        got = make_step(model, "compiled")(tokens, model.init_cache(2))
         torch.testing.assert_close(got, model(tokens[:, None])[0][:, -1], rtol=1e-5, atol=2e-5)
 
 
@@ -125,7 +128,7 @@ def test_generation_uses_the_fused_step_and_matches_the_model_step():
     model = _model(CONFIGS["griffin"])
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (7, 2, 11)]
     fused = generate(model, prompts, 30, temperature=0.0)
-    plain = generate(model, prompts, 30, temperature=0.0, fused=False)
+    plain = generate(model, prompts, 30, temperature=0.0, step="model")
     assert fused == plain
 
 
@@ -155,23 +158,25 @@ def test_written_out_gelu_and_tanh_match_torch_over_a_wide_range():
     torch.testing.assert_close(logits[0], torch.tanh(x * 10 / 30.0) * 30.0, rtol=2e-6, atol=1e-5)
 
 
-def test_decoder_fuses_by_default_only_up_to_the_size_limit(monkeypatch):
+def test_auto_step_fuses_only_up_to_the_size_limit(monkeypatch):
     model = _model(CONFIGS["griffin"])
-    assert isinstance(generation.decoder(model).__self__, FusedDecoder)
-    monkeypatch.setattr(generation, "AUTO_FUSE_MAX_BYTES", 1000)
-    assert not hasattr(generation.decoder(model), "__self__")  # the model's own step
-    assert isinstance(generation.decoder(model, fused=True).__self__, FusedDecoder)
-    assert not hasattr(generation.decoder(model, fused=False), "__self__")
+    assert isinstance(make_step(model).__self__, FusedDecoder)
+    monkeypatch.setattr(steps, "AUTO_FUSE_MAX_BYTES", 1000)
+    assert not hasattr(make_step(model), "__self__")  # the model's own step
+    assert isinstance(make_step(model, "fused").__self__, FusedDecoder)
+    assert not hasattr(make_step(model, "model"), "__self__")
 
 
-def test_compile_is_refused_with_fused_and_without_a_compiler():
+def test_unknown_uncovered_and_uncompilable_steps_are_refused():
     from torch._inductor import config
 
     model = _model(CONFIGS["hawk"])
-    with pytest.raises(ValueError, match="choose one"):
-        generation.decoder(model, fused=True, compile=True)
+    with pytest.raises(ValueError, match="step 'fast' is not one of"):
+        make_step(model, "fast")
+    with pytest.raises(ValueError, match="does not cover this model: it implements RMSNorm only"):
+        make_step(_model(dict(norm_type="layernorm")), "fused")
     with config.patch({"cpp.cxx": (None, "no-such-compiler-here")}), pytest.raises(RuntimeError, match="C.. compiler"):
-        generation.decoder(model, compile=True)
+        make_step(model, "compiled")
 
 
 SPECIAL_FLOATS = [0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 20.0, -20.0, 86.9, -86.9, 88.0, -88.0, 103.0, -103.0, 1e10,
@@ -192,7 +197,7 @@ def test_written_out_transcendentals_match_torch_for_every_float(name, ref, atol
     """NaN, infinities and huge values once indexed the exponential's table out of bounds (SIGSEGV)."""
     import numpy as np
 
-    f = getattr(fused_decode, name)
+    f = getattr(kernels, name)
     xs = [x for x in SPECIAL_FLOATS if name != "_exp_neg" or not x > 0]  # exp_neg's domain is x <= 0
     xs += torch.empty(2000).uniform_(-100, 100 if name != "_exp_neg" else 0).tolist()
     got = torch.tensor([float(f(np.float32(x))) for x in xs])
@@ -224,5 +229,5 @@ def test_fused_step_survives_overflowing_activations():
 @pytest.mark.parametrize("step", ["fused", "model"])
 def test_generation_refuses_non_finite_logits(step):
     model = _overflowing(_model(CONFIGS["griffin"]))
-    with pytest.raises(generation.GenerationError, match="NaN or infinite logits after the prompt"):
-        generate(model, [[1, 2, 3]], 4, temperature=0.0, fused=step == "fused")
+    with pytest.raises(GenerationError, match="NaN or infinite logits after the prompt"):
+        generate(model, [[1, 2, 3]], 4, temperature=0.0, step=step)

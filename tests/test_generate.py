@@ -7,7 +7,7 @@ import torch
 
 from griffon import Griffon, get_preset
 from griffon.config import ModelConfig
-from griffon.generation import generate, generate_stream
+from griffon.decode import generate, generate_stream
 
 from oracles import deepmind, deepmind_pair
 
@@ -140,7 +140,7 @@ def test_greedy_matches_the_deepmind_sampler():
 
 def test_stop_strings_cut_the_text_and_stop_only_their_row():
     from griffon.data.tokenizers import ByteTokenizer
-    from griffon.generation import generate_text
+    from griffon.decode import generate_text
 
     model, tok = _model("hawk-tiny"), ByteTokenizer()
     prompts = ["To be, or", "Wherefore art thou"]
@@ -177,9 +177,9 @@ def test_bench_sample_command_writes_results(tmp_path, capsys):
 
 def test_package_level_generate():
     import griffon
-    import griffon.generation
+    import griffon.decode
 
-    assert griffon.generate is griffon.generation.generate
+    assert griffon.generate is griffon.decode.generate
     assert len(griffon.generate(_model("hawk-tiny"), [[1, 2, 3]], 4, temperature=0.0)[0]) == 4
 
 

@@ -9,14 +9,13 @@ import torch
 from griffon.accounting import ffn_params, forward_flops_per_token, structuredffn_counts
 from griffon.cli import main
 from griffon.config import ConfigError, LinearStructure, ModelConfig
-from griffon.generation import generate
+from griffon.decode import calibrate_merge_thresholds, generate
 from griffon.model import Griffon
 from griffon.nn.structured import (
     BlockDenseLinear,
     BlockShuffleLinear,
     LowRankLinear,
     StructuredLinear,
-    calibrate_merge_thresholds,
     linear_params,
 )
 from griffon.presets import get_preset
@@ -174,13 +173,15 @@ def test_pre_merged_generation_matches_the_structured_path():
     assert any(m._merged is not None for m in model.modules() if isinstance(m, StructuredLinear))
 
 
-def test_generation_calibrates_unset_merge_thresholds():
+def test_calibration_sets_unset_merge_thresholds_and_generation_changes_nothing():
     cfg = get_preset("hawk-tiny", ffn_structure=LinearStructure(kind="lowrank", rank=16))
     model = Griffon(cfg)
     layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
     assert all(m.merge_threshold is None for m in layers)
-    rng = torch.get_rng_state()
     generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, seed=0)
+    assert all(m.merge_threshold is None for m in layers)  # generation leaves the model as it was
+    rng = torch.get_rng_state()
+    calibrate_merge_thresholds(model)
     assert torch.equal(torch.get_rng_state(), rng)  # calibration leaves the global RNG alone
     by_shape: dict[tuple, set] = {}
     for m in layers:  # one measurement per shape: 64 -> 192 (gate, up) and 192 -> 64 (down)

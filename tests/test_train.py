@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from griffon import compiled_decode
 from griffon.cli import main
+from griffon.decode import compiled
 from griffon.model import Griffon
 from griffon.presets import get_preset
 from griffon.train.config import OptimConfig, TrainConfig, apply_overrides
@@ -139,8 +139,8 @@ def test_training_writes_a_self_contained_run(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     free = capsys.readouterr().out[len("KING") : -1]
     if shutil.which("g++"):  # the compiled decode step (torch.compile needs a C++ compiler); no autotuning
-        monkeypatch.setattr(compiled_decode, "COMPILE_OPTIONS", {})
-        assert main(argv + ["--compile"]) == 0
+        monkeypatch.setattr(compiled, "COMPILE_OPTIONS", {})
+        assert main(argv + ["--step", "compiled"]) == 0
         assert capsys.readouterr().out == "KING" + free + "\n"
     stop = free[3:5]  # a piece of the greedy continuation
     assert main(argv + ["--stop", stop, "--stop", "never-seen"]) == 0

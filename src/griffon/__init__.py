@@ -1,8 +1,8 @@
 """griffon: train, evaluate, sample and benchmark Griffin, Hawk and MQA-transformer language models."""
 
-from griffon.checkpoint import from_pretrained, save_pretrained
+from griffon.checkpoint import from_pretrained, resolve, save_pretrained
 from griffon.config import ConfigError, LinearStructure, ModelConfig
-from griffon.generation import generate, generate_stream, generate_text
+from griffon.decode import generate, generate_stream, generate_text
 from griffon.model import Cache, Griffon
 from griffon.presets import get_preset, preset_names
 
@@ -20,5 +20,6 @@ __all__ = [
     "generate_text",
     "get_preset",
     "preset_names",
+    "resolve",
     "save_pretrained",
 ]

@@ -10,10 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError, ModelConfig
+from griffon.data.tokenizers import Tokenizer, load_tokenizer
 from griffon.model import Griffon
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# A training run keeps its checkpoints in RUN/checkpoints/step_NNNNNN (griffon.train.checkpoint).
+RUN_CHECKPOINTS = "checkpoints"
 
 
 class CheckpointError(ValueError):
@@ -91,4 +94,31 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype)
 
 
-__all__ = ["CheckpointError", "from_pretrained", "save_pretrained"]
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A training run's checkpoint directories, oldest first (complete or not: loading checks)."""
+    root = Path(run_dir) / RUN_CHECKPOINTS
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
+    """The checkpoint a path stands for, and the tokenizer that goes with it (None if there is none).
+
+    ``path`` is a checkpoint directory (``save_pretrained``, ``griffon convert``, a run's
+    ``checkpoints/step_*``) or a training run (its newest checkpoint). The tokenizer is the
+    nearest ``tokenizer.json``/``tokenizer.model`` in the checkpoint or a directory above it.
+    """
+    path = Path(path)
+    if (path / WEIGHTS_NAME).is_file():
+        ckpt = path
+    else:
+        ckpts = run_checkpoints(path)
+        if not ckpts:
+            raise CheckpointError(f"{path} is neither a checkpoint ({WEIGHTS_NAME}) nor a run with checkpoints")
+        ckpt = ckpts[-1]
+    for d in (ckpt, *ckpt.resolve().parents):
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
+            return ckpt, load_tokenizer(d)
+    return ckpt, None
+
+
+__all__ = ["CheckpointError", "from_pretrained", "resolve", "save_pretrained"]

@@ -12,16 +12,17 @@ from pathlib import Path
 import torch
 
 from griffon.config import ModelConfig
+from griffon.decode.steps import STEPS
 from griffon.presets import get_preset, preset_names
 
 
 def resolve_config(name_or_path: str) -> ModelConfig:
-    """A preset name, a JSON config file, or a checkpoint directory holding config.json."""
+    """A preset name, a JSON config file, a checkpoint directory or a run (its newest checkpoint's config)."""
     path = Path(name_or_path)
     if path.is_dir():
-        from griffon.checkpoint import load_config
+        from griffon.checkpoint import load_config, resolve
 
-        return load_config(path)
+        return load_config(resolve(path)[0])
     if path.suffix == ".json" or path.is_file():
         return ModelConfig.from_json(path)
     return get_preset(name_or_path)
@@ -96,9 +97,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import resolve
     from griffon.convert import export_hf
 
-    export_hf(args.src, args.dst)
+    export_hf(resolve(args.src)[0], args.dst)
     print(f"wrote HF RecurrentGemma checkpoint to {args.dst}")
 
 
@@ -124,54 +126,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained
-    from griffon.data.tokenizers import load_tokenizer
-    from griffon.generation import find_stop, stream_tokens
-    from griffon.train.checkpoint import checkpoint_dirs
+    from griffon.checkpoint import from_pretrained, resolve
+    from griffon.decode import TextStream, calibrate_merge_thresholds, stream_tokens
 
-    path = Path(args.model)
-    if (path / "model.safetensors").is_file():
-        ckpt = path
-    else:
-        ckpts = checkpoint_dirs(path)
-        if not ckpts:
-            raise ValueError(f"{path} is neither a checkpoint (model.safetensors) nor a run with checkpoints")
-        ckpt = ckpts[-1]
-    tok_dir = next((d for d in (ckpt, *ckpt.parents) if (d / "tokenizer.json").is_file()), None)
-    if tok_dir is None:
-        raise ValueError(f"no tokenizer.json found in {ckpt} or its parent directories")
-    tokenizer = load_tokenizer(tok_dir)
+    ckpt, tokenizer = resolve(args.model)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
     model = from_pretrained(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-    prompt = tokenizer.encode(args.prompt)
-    ids: list[int] = []
-    shown = ""
+    calibrate_merge_thresholds(model)  # structured FFNs: pre-merge where this machine makes it faster
+    text = TextStream(tokenizer, args.stop)
     sys.stdout.write(args.prompt)
-    # Hold back as many characters as the longest stop string could still need to complete.
-    hold = max((len(s) for s in args.stop), default=1) - 1
     stream = stream_tokens(
-        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-        eos_id=tokenizer.eos_id, compile=args.compile,
+        model, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        args.seed, eos_id=tokenizer.eos_id, step=args.step,
     )  # fmt: skip
-    text = ""
     for token in stream:
-        if token == tokenizer.eos_id:
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+        if text.done:
             break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        cut = find_stop(text, args.stop)
-        if cut is not None:
-            text = text[:cut]
-            break
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            continue
-        ready = text[: len(text) - hold] if hold else text
-        if len(ready) > len(shown):
-            sys.stdout.write(ready[len(shown) :])
-            sys.stdout.flush()
-            shown = ready
-    sys.stdout.write(text[len(shown) :] + "\n")
+    sys.stdout.write(text.flush() + "\n")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -261,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable); the tokenizer's EOS also stops")  # fmt: skip
-    s.add_argument("--compile", action="store_true",
-                   help="decode with the torch.compile'd step: a minute or so to compile, then faster")  # fmt: skip
+    s.add_argument("--step", choices=STEPS, default="auto",
+                   help="decode step: the model's own, fused CPU kernels, or torch.compile'd (a minute or so to "
+                        "compile, then faster); auto: fused where it covers the model")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("data", help="data preparation")

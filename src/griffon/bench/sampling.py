@@ -10,7 +10,7 @@ step time against its roofline bound: max((parameter bytes + batch x state bytes
 bandwidth, 2 x parameters x batch / matmul peak), both measured in the same run. HF
 ``RecurrentGemmaForCausalLM.generate`` runs the Griffin configuration at the batch sizes given
 by ``--hf-batches``. With ``--compile`` it also times the ``torch.compile``'d step
-(``generate(..., compile=True)``) beside the default one; the goals then take the faster of the two.
+(``generate(..., step="compiled")``) beside the default one; the goals then take the faster of the two.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 
 from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
 from griffon.config import ModelConfig
-from griffon.fused_decode import FusedDecoder
-from griffon.generation import _prefill, decoder, sample_next
+from griffon.decode.fused import FusedDecoder
+from griffon.decode.generate import prefill, sample_next
+from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import StructuredLinear
 
@@ -40,19 +41,17 @@ def configs(width: int, layers: int, window: int) -> dict[str, ModelConfig]:
 
 
 @torch.inference_mode()
-def time_decode(
-    model: Griffon, batch: int, length: int, prompt_len: int = 16, fused: bool | None = None, compile: bool = False
-) -> tuple[float, int]:
-    """Seconds for ``length`` greedy decode steps of ``batch`` rows (the step generation uses, or the
-    model's own with ``fused=False``, or the compiled one), and the final cache bytes."""
+def time_decode(model: Griffon, batch: int, length: int, prompt_len: int = 16, step: str = "auto") -> tuple[float, int]:
+    """Seconds for ``length`` greedy decode steps of ``batch`` rows by the decode step named
+    ``step`` (:func:`~griffon.decode.steps.make_step`), and the final cache bytes."""
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
-    logits, cache = _prefill(model, [prompt], 1024)  # one row, copied: the prefill is not timed
+    logits, cache = prefill(model, [prompt])  # one row, copied: the prefill is not timed
     if batch > 1:
         cache, logits = Cache.stack([cache] * batch), logits.expand(batch, -1)
-    step = decoder(model, fused, compile)
+    decode_step = make_step(model, step)
     t0 = time.perf_counter()
     for _ in range(length):
-        logits = step(sample_next(logits, 0.0, None, None, None), cache)
+        logits = decode_step(sample_next(logits, 0.0, None, None, None), cache)
     return time.perf_counter() - t0, cache.nbytes()
 
 
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         param_bytes = 4 * n
         floors = {batch: matmul_seconds(model, batch) for batch in batches}
         # the model's own (unfused) step, for comparison: 64 steps after the prompt
-        plain = {batch: time_decode(model, batch, 64, fused=False)[0] / 64 for batch in batches}
+        plain = {batch: time_decode(model, batch, 64, step="model")[0] / 64 for batch in batches}
         for length in lengths:
             for batch in batches:
                 time_decode(model, batch, 2)  # warm-up
@@ -99,8 +98,8 @@ def run(args: argparse.Namespace) -> dict:
                 results["runs"].append(run)
                 compiled = ""
                 if args.compile:
-                    time_decode(model, batch, 2, compile=True)  # compiles, once per batch size
-                    step = time_decode(model, batch, length, compile=True)[0] / length
+                    time_decode(model, batch, 2, step="compiled")  # compiles, once per batch size
+                    step = time_decode(model, batch, length, step="compiled")[0] / length
                     run.update(compiled_ms_per_step=1e3 * step, compiled_step_vs_roofline=step / bound)
                     compiled = (
                         f", compiled {run['compiled_ms_per_step']:6.2f} ({run['compiled_step_vs_roofline']:4.1f}x)"
@@ -125,9 +124,7 @@ def matmul_seconds(model: Griffon, batch: int, repeats: int = 20) -> float:
     whatever happens around them. The matrices are those of the step generation runs: the fused
     step's merged ones where it covers the model, else the model's layers and its tied head."""
     if FusedDecoder.reason(model) is None:
-        fused = FusedDecoder(model)
-        mats = [layer[k] for layer in fused.layers for k in ("w_in", "w_out", "mlp_in", "mlp_out") if k in layer]
-        mats.append(fused.head)
+        mats = FusedDecoder(model).matrices()
         inputs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w in mats}
 
         def step() -> None:
@@ -231,8 +228,8 @@ def hf_runs(results: dict, args, batches: list[int]) -> None:
                "griffon_tokens_per_s": batch * length / ours_s}  # fmt: skip
         compiled = ""
         if args.compile:
-            time_decode(ours, batch, 2, compile=True)
-            run["griffon_compiled_tokens_per_s"] = batch * length / time_decode(ours, batch, length, compile=True)[0]
+            time_decode(ours, batch, 2, step="compiled")
+            run["griffon_compiled_tokens_per_s"] = batch * length / time_decode(ours, batch, length, step="compiled")[0]
             compiled = f", compiled {run['griffon_compiled_tokens_per_s']:8.0f}"
         results["runs"].append(run)
         print(f"  HF generate (griffin) batch {batch:>4} len {length}: {run['tokens_per_s']:8.0f} tok/s "

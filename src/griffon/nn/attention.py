@@ -26,13 +26,40 @@ class AttentionState:
     positions: torch.Tensor  # (B, S) stream position of each slot, -1 where empty
 
 
+def inverse_frequencies(rope_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """(rope_dim / 2,) float32 RoPE frequencies ``base^(-2i / rope_dim)``, computed as both references do."""
+    return 1.0 / base ** (torch.arange(rope_dim // 2, device=device, dtype=torch.float32) * 2 / rope_dim)
+
+
 def rope_tables(segment_pos: torch.Tensor, rope_dim: int, base: float, dtype: torch.dtype):
     """sin and cos (B, T, 1, rope_dim / 2) of the RoPE angles, computed in float32 as both
     references do, then cast to ``dtype``."""
-    half = rope_dim // 2
-    inv_freq = 1.0 / base ** (torch.arange(half, device=segment_pos.device, dtype=torch.float32) * 2 / rope_dim)
+    inv_freq = inverse_frequencies(rope_dim, base, segment_pos.device)
     angles = segment_pos.to(torch.float32)[..., None, None] * inv_freq  # (B, T, 1, half)
     return torch.sin(angles).to(dtype), torch.cos(angles).to(dtype)
+
+
+def visible_keys(
+    key_pos: torch.Tensor, query_pos: torch.Tensor, query_seg: torch.Tensor, history: int | None
+) -> torch.Tensor:
+    """Which keys each query sees (shapes broadcast): a key is visible if it exists (position >= 0),
+    is not in the future, lies in the query's document (which began ``query_seg`` tokens before
+    the query) and, for local attention, at most ``history`` tokens back."""
+    visible = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos >= query_pos - query_seg)
+    if history is not None:
+        visible &= query_pos - key_pos <= history
+    return visible
+
+
+def append_to_global_cache(
+    state: AttentionState, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> AttentionState:
+    """A global-attention cache with new keys/values (B, T, H_kv, hd) at ``positions`` (B, T) appended."""
+    return AttentionState(
+        keys=torch.cat([state.keys, keys.to(state.keys.dtype)], dim=1),
+        values=torch.cat([state.values, values.to(state.values.dtype)], dim=1),
+        positions=torch.cat([state.positions, positions], dim=1),
+    )
 
 
 def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -145,9 +172,7 @@ class Attention(nn.Module):
         keys = state.keys.to(q.dtype).permute(0, 2, 3, 1)  # (B, H_kv, hd, S)
         values = state.values.to(q.dtype).transpose(1, 2)  # (B, H_kv, S, hd)
         kp, qp, seg = state.positions[:, None, None, :], positions[:, :, None, None], segment_pos[:, :, None, None]
-        visible = (kp >= 0) & (kp >= qp - seg)  # (B, 1, 1, S): cached keys are all in the past
-        if self.history is not None:
-            visible &= qp - kp <= self.history
+        visible = visible_keys(kp, qp, seg, self.history)  # (B, 1, 1, S)
         # Scores and softmax in float32 for bf16/fp16/fp32 inputs (float64 for float64), as SDPA does.
         acc = torch.promote_types(q.dtype, torch.float32)
         old = torch.matmul(qg, keys).to(acc).masked_fill(~visible, float("-inf"))  # (B, H_kv, g, S)
@@ -159,12 +184,7 @@ class Attention(nn.Module):
 
     def _attend(self, q, keys, values, q_pos, q_seg, key_pos) -> torch.Tensor:
         """q (B, H, t, hd); keys/values (B, H_kv, s, hd); q_pos, q_seg (B, t); key_pos (B, s)."""
-        # A key is visible if it exists, is not in the future, lies in the query's document
-        # (the document began segment_pos tokens before the query) and inside the window.
-        qp, kp = q_pos[:, :, None], key_pos[:, None, :]  # (B, t, 1), (B, 1, s)
-        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - q_seg[:, :, None])
-        if self.history is not None:
-            mask &= qp - kp <= self.history
+        mask = visible_keys(key_pos[:, None, :], q_pos[:, :, None], q_seg[:, :, None], self.history)  # (B, t, s)
         # SDPA keeps the softmax in float32 for float32 inputs; its fused CPU/GPU kernels also
         # accumulate bf16 inputs in float32.
         return F.scaled_dot_product_attention(
@@ -176,11 +196,7 @@ class Attention(nn.Module):
         if self.history is None:  # global attention: the cache is everything seen so far
             if state is None:
                 return AttentionState(keys=k, values=v, positions=positions)
-            return AttentionState(
-                keys=torch.cat([state.keys, k.to(state.keys.dtype)], dim=1),
-                values=torch.cat([state.values, v.to(state.values.dtype)], dim=1),
-                positions=torch.cat([state.positions, positions], dim=1),
-            )
+            return append_to_global_cache(state, k, v, positions)
         if state is None:
             state = self.init_state(k.shape[0], k.dtype, k.device)
         if self.history == 0:

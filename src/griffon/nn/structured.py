@@ -18,7 +18,6 @@ reads more weight bytes. :func:`calibrate_merge_thresholds` measures the crossov
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -311,51 +310,3 @@ def linear_params(in_features: int, out_features: int, structure: LinearStructur
         q = min(in_features, out_features) // s.blocks  # type: ignore[operator]
         return q * (in_features + out_features)
     return s.rank * in_features // s.blocks + out_features * s.rank  # type: ignore[operator]
-
-
-def _call_seconds(fn, x: torch.Tensor, repeats: int) -> float:
-    """Best of ``repeats`` timings of ``fn(x)`` (after one warm-up call)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    fn(x)
-    best = math.inf
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn(x)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@torch.no_grad()
-def calibrate_merge_threshold(layer: StructuredLinear, max_tokens: int = 512, repeats: int = 7) -> int:
-    """The largest call size (a power of two up to ``max_tokens``) at which the merged dense weight
-    is faster than the factors on this machine; 0 if the factors win already at one token."""
-    p = layer.factors()[0]
-    weight = layer.merged_weight()
-    threshold, n = 0, 1
-    g = torch.Generator(device=p.device).manual_seed(0)  # leave the global RNG alone
-    while n <= max_tokens:
-        x = torch.randn(n, layer.in_features, dtype=p.dtype, device=p.device, generator=g)
-        structured = _call_seconds(layer.forward_structured, x, repeats)
-        merged = _call_seconds(lambda x: F.linear(x, weight), x, repeats)
-        if merged >= structured:  # the factors' advantage grows with the call size
-            break
-        threshold, n = n, 2 * n
-    return threshold
-
-
-def calibrate_merge_thresholds(model: nn.Module, force: bool = False) -> dict[str, int]:
-    """Give every structured layer without a threshold (or all, with ``force``) the one measured
-    for its shape, kind, dtype and device; return the thresholds by layer name."""
-    measured: dict[tuple, int] = {}
-    chosen = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, StructuredLinear) or (layer.merge_threshold is not None and not force):
-            continue
-        p = layer.factors()[0]
-        key = (type(layer), tuple(f.shape for f in layer.factors()), p.dtype, p.device)
-        if key not in measured:
-            measured[key] = calibrate_merge_threshold(layer)
-        layer.merge_threshold = chosen[name] = measured[key]
-    return chosen

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, remove_tree
-from griffon.checkpoint import CheckpointError, from_pretrained, write_model
+from griffon.checkpoint import CheckpointError, from_pretrained, run_checkpoints, write_model
 from griffon.model import Griffon
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
 
@@ -31,14 +31,6 @@ STATE_NAME = "state.json"
 PROGRESS_FIELDS = ("step", "tokens", "flops", "elapsed", "loader")
 # Written by earlier griffon versions; read only as a restricted (weights-only) pickle.
 LEGACY_OPTIMIZER_NAME = "optimizer.pt"
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories, oldest first (complete or not: :func:`load_checkpoint` checks)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir())
 
 
 def check_weights(model: Griffon, max_abs: float | None) -> None:
@@ -79,7 +71,7 @@ def save_checkpoint(
             (tmp / STATE_NAME).write_text(json.dumps(progress, indent=2) + "\n")
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_error(e)}") from None
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    for old in run_checkpoints(run_dir)[:-keep]:
         remove_tree(old)
     return final
 

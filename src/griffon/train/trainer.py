@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write
-from griffon.checkpoint import CheckpointError
+from griffon.checkpoint import CheckpointError, run_checkpoints
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
@@ -34,7 +34,7 @@ from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
 from griffon.model import Griffon
 from griffon.train import distributed as D
-from griffon.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from griffon.train.checkpoint import load_checkpoint, save_checkpoint
 from griffon.train.config import TrainConfig
 from griffon.train.logging import RunLogger, plot_losses
 from griffon.train.losses import goldfish_mask, next_token_loss
@@ -425,7 +425,7 @@ def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool)
     ``name`` set to an older checkpoint, the newer ones are renamed ``discarded_step_*`` (kept for
     inspection, never resumed) so the run continues from the chosen one.
     """
-    ckpts = checkpoint_dirs(run_dir)
+    ckpts = run_checkpoints(run_dir)
     fresh = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
     if name is None:
         if not ckpts:

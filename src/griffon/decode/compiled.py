@@ -1,9 +1,9 @@
-"""The model's own decode step compiled by ``torch.compile``: ``generate(..., compile=True)``.
+"""The model's own decode step compiled by ``torch.compile``: ``generate(..., step="compiled")``.
 
 Inductor turns the step into a few generated C++ (CPU) or Triton (GPU) kernels with the small ops
 fused, and with ``max_autotune`` times each matmul against its own GEMM kernels, which beat MKL at
 a decode step's few rows on the CPU (docs/sampling.md). Those need the weights frozen (folded in
-as constants), so, as with :class:`~griffon.fused_decode.FusedDecoder`, a compiled step reads the
+as constants), so, as with :class:`~griffon.decode.fused.FusedDecoder`, a compiled step reads the
 weights once: build a new one after changing the model.
 
 Shapes are static (``dynamic=False``): each batch size compiles once (autotuning costs seconds per
@@ -38,7 +38,9 @@ def compiled_step(model: Griffon) -> Callable[[torch.Tensor, Cache], torch.Tenso
     if model.embed.weight.device.type == "cpu":
         cxx = inductor_config.cpp.cxx[-1]  # $CXX, else g++ (clang++ on macOS)
         if shutil.which(cxx) is None:
-            raise RuntimeError(f"compile=True on the CPU needs a C++ compiler ({cxx}, or set CXX); none found")
+            raise RuntimeError(
+                f"the compiled decode step on the CPU needs a C++ compiler ({cxx}, or set CXX); none found"
+            )
     forward = torch.compile(model, dynamic=False, options=COMPILE_OPTIONS)
     growing = [
         i for i, b in enumerate(model.blocks) if isinstance(b.temporal, Attention) and b.temporal.history is None

@@ -1,25 +1,13 @@
-"""Fused single-token decoding on the CPU: the model's decode step with its small ops merged.
+"""The numba kernels of the fused CPU decode step (:mod:`griffon.decode.fused`).
 
-A decode step of a small model on a CPU spends most of its time between the matmuls: a
-:class:`~griffon.model.Griffon` step at width 256 runs several hundred tensor ops of a few
-microseconds each around 37 matmuls (docs/sampling.md). :class:`FusedDecoder` computes the same
-step with
+Everything between a decode step's matmuls, for one token per row: residual add + bias +
+RMSNorm; the Conv1D step; the RG-LRU step with the GeLU branch's product; the GeGLU; the
+attention of one query against the cache, RoPE and the ring-buffer write included; the logit
+soft cap. Each kernel is written for one batch row and compiled twice over the rows, serially
+and in parallel (:data:`SERIAL`, :data:`PARALLEL`).
 
-* the projections that share an input merged into one matrix (``linear_x | linear_y``,
-  ``gate | up``, ``q | k | v``), stored transposed as ``(in, out)`` for ``x @ W``, and run by
-  PyTorch (MKL) as before;
-* everything between the matmuls in one numba kernel per stretch: residual add + bias + RMSNorm;
-  the Conv1D step; the RG-LRU step with the GeLU branch's product; the GeGLU; the attention of
-  one query against the cache, RoPE and the ring-buffer write included.
-
-It reads and updates the same :class:`~griffon.model.Cache` as the model's own step, which stays
-the reference: ``tests/test_fused_decode.py`` compares the two step by step (logits and caches),
-past the attention window, at rows in different positions and at document starts. Where a model
-is outside what the kernels cover (not float32 on the CPU, LayerNorm), :meth:`FusedDecoder.reason`
-says why and generation uses the model's step.
-
-Numerics: float32 throughout, as the model's float32 step; the kernels sum in a different order
-than PyTorch (and take sin/cos/tanh from libm), so logits agree to about 1e-5, not bitwise.
+Numerics: float32 throughout; the kernels sum in a different order than PyTorch (and take
+sin/cos from libm), so results agree with the model's step to about 1e-5, not bitwise.
 """
 
 from __future__ import annotations
@@ -29,15 +17,6 @@ from types import SimpleNamespace
 
 import numba
 import numpy as np
-import torch
-from torch.nn import functional as F
-
-from griffon.model import BlockState, Cache, Griffon
-from griffon.nn.attention import AttentionState
-from griffon.nn.mlp import GatedMLP
-from griffon.nn.norms import RMSNorm
-from griffon.nn.recurrent import RecurrentBlock, RecurrentState
-from griffon.nn.rglru import _C
 
 # Reassociation lets LLVM vectorise the reductions; no nnan/ninf, so masks and infinities stay exact.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -232,14 +211,14 @@ def _geglu_parallel(gate_up, out):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
+def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, visible, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
     """One query per row against its cache, then (if ``write``) the new key/value into its ring slot.
 
     qkv (B, (H + 2 H_kv) hd) = [q | k | v]; RoPE (rotate-half) turns the first ``2 len(inv_freq)``
     dims of each q and k head by ``segment_pos`` x inv_freq. keys/values (B, S, H_kv, hd), key_pos
-    (B, S) (-1: empty). A cached key is visible if it exists, lies in the query's document and,
-    for ``history >= 0``, at most ``history`` tokens back; the new key always is. Softmax in float32
-    with the maximum subtracted, as SDPA. out (B, H hd).
+    (B, S) (-1: empty); visible (B, S) says which cached keys the query sees
+    (:func:`griffon.nn.attention.visible_keys`); the new key always is. Softmax in float32 with
+    the maximum subtracted, as SDPA. out (B, H hd).
     """
     S = keys.shape[1]
     hd = keys.shape[3]
@@ -261,10 +240,7 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
                 x1, x2 = t[n, i], t[n, half + i]
                 t[n, i] = x1 * cos[i] - x2 * sin[i]
                 t[n, half + i] = x2 * cos[i] + x1 * sin[i]
-    visible = np.empty(S, np.bool_)
-    for s in range(S):
-        kp = key_pos[b, s]
-        visible[s] = kp >= 0 and kp >= pos - seg and (history < 0 or pos - kp <= history)
+    vis = visible[b]
     q *= scale  # as the model: the query is scaled before both products
     probs = np.empty((g, S + 1), np.float32)  # slot S: the new key
     # the g query heads sharing a key/value head go together: each cached key is read once
@@ -276,7 +252,7 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
                 dot += qs[n, i] * k[kv, i]
             probs[n, S] = dot
         for s in range(S):
-            if visible[s]:
+            if vis[s]:
                 ks = keys[b, s, kv]
                 for n in range(g):
                     dot = np.float32(0.0)
@@ -286,11 +262,11 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
         for n in range(g):
             top = probs[n, S]
             for s in range(S):
-                if visible[s]:
+                if vis[s]:
                     top = max(top, probs[n, s])
             total = np.float32(0.0)
             for s in range(S + 1):
-                e = _exp_neg(probs[n, s] - top) if s == S or visible[s] else np.float32(0.0)
+                e = _exp_neg(probs[n, s] - top) if s == S or vis[s] else np.float32(0.0)
                 probs[n, s] = e
                 total += e
             for s in range(S + 1):
@@ -300,7 +276,7 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
             for i in range(hd):
                 ob[n, i] = probs[n, S] * v[kv, i]
         for s in range(S):
-            if visible[s]:
+            if vis[s]:
                 vs = values[b, s, kv]
                 for n in range(g):
                     p = probs[n, s]
@@ -316,15 +292,15 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
 
 
 @numba.njit(cache=True, fastmath=_FAST)
-def _attention_step(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
+def _attention_step(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, visible, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
     for b in range(qkv.shape[0]):
-        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out)  # fmt: skip
+        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, visible, write, new_k, new_v, out)  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _attention_step_parallel(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
+def _attention_step_parallel(qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, visible, write, new_k, new_v, out):  # fmt: skip  # pragma: no cover - compiled
     for b in numba.prange(qkv.shape[0]):
-        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, history, write, new_k, new_v, out)  # fmt: skip
+        _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, position, keys, values, key_pos, visible, write, new_k, new_v, out)  # fmt: skip
 
 
 @numba.njit(inline="always", fastmath=_FAST)
@@ -347,164 +323,9 @@ def _soft_cap_parallel(logits, cap):  # pragma: no cover - compiled
         _soft_cap_row(b, logits, cap)
 
 
-_SERIAL = SimpleNamespace(norm=_residual_norm, conv=_conv_step, rglru=_rglru_step, geglu=_geglu,
+SERIAL = SimpleNamespace(norm=_residual_norm, conv=_conv_step, rglru=_rglru_step, geglu=_geglu,
                           attention=_attention_step, soft_cap=_soft_cap)  # fmt: skip
-_PARALLEL = SimpleNamespace(norm=_residual_norm_parallel, conv=_conv_step_parallel, rglru=_rglru_step_parallel,
+PARALLEL = SimpleNamespace(norm=_residual_norm_parallel, conv=_conv_step_parallel, rglru=_rglru_step_parallel,
                             geglu=_geglu_parallel, attention=_attention_step_parallel, soft_cap=_soft_cap_parallel)  # fmt: skip
 # Batches from this size on use the parallel kernels (on 2 cores, parallel was as fast or faster from 16 rows on).
 PARALLEL_MIN_ROWS = 8
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
-
-
-def _gain(norm: RMSNorm) -> np.ndarray:
-    return _np((1.0 + norm.scale.detach()).float())
-
-
-def _transposed(*linears: torch.nn.Linear) -> np.ndarray:
-    """The weights of ``linears`` side by side, as one contiguous (in, sum of outs) matrix."""
-    return torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
-
-
-def _bias(*linears: torch.nn.Linear) -> torch.Tensor:
-    return torch.cat([lin.bias.detach() for lin in linears])
-
-
-class FusedDecoder:
-    """The decode step of a float32 CPU :class:`~griffon.model.Griffon` with fused kernels.
-
-    ``FusedDecoder(model).step(tokens, cache)`` equals ``model(tokens[:, None], cache=cache)``
-    (logits to about 1e-5) and updates ``cache`` in place. The weights are copied, merged and
-    transposed when the decoder is built: build a new one after changing the model.
-    """
-
-    def __init__(self, model: Griffon) -> None:
-        reason = self.reason(model)
-        if reason:
-            raise ValueError(f"the fused decode step does not cover this model: {reason}")
-        cfg = model.config
-        self.config = cfg
-        # Operands of PyTorch matmuls stay tensors; what only the kernels read is kept as numpy.
-        self.embedding = model.embed.weight.detach().clone()  # (V, D)
-        self.embed_scale = model.embed.scale
-        self.head = self.embedding.t().contiguous()  # (D, V): the tied output head
-        self.final_gain = _gain(model.final_norm)
-        self.layers: list[dict] = []
-        for block in model.blocks:
-            t, mlp = block.temporal, block.mlp
-            layer: dict = {"temporal_gain": _gain(block.temporal_norm), "channel_gain": _gain(block.channel_norm)}
-            if isinstance(t, RecurrentBlock):
-                gates = (t.rglru.input_gate, t.rglru.a_gate)
-                layer.update(
-                    kind="recurrent",
-                    w_in=_transposed(t.linear_x, t.linear_y),  # (D, 2L): conv branch | GeLU branch
-                    b_in=_bias(t.linear_x, t.linear_y),
-                    conv_w=_np(t.conv.weight).copy(),  # (K, L)
-                    conv_b=_np(t.conv.bias).copy(),
-                    gate_w=torch.cat([g.weight.detach() for g in gates], dim=-1),  # (H, L/H, 2 L/H)
-                    gate_b=torch.cat([g.bias.detach() for g in gates], dim=-1)[:, None, :].contiguous(),
-                    log_a_scale=_np(-_C * F.softplus(t.rglru.a_param.detach())).copy(),  # (L,)
-                    w_out=_transposed(t.linear_out),
-                    b_out=_np(t.linear_out.bias).copy(),
-                )
-            else:
-                half = cfg.rope_dim // 2
-                inv_freq = 1.0 / cfg.rope_base ** (torch.arange(half, dtype=torch.float32) * 2 / cfg.rope_dim)
-                layer.update(
-                    kind="attention",
-                    w_in=_transposed(t.q, t.k, t.v),  # (D, (H + 2 H_kv) hd)
-                    inv_freq=_np(inv_freq),
-                    history=-1 if t.history is None else t.history,
-                    w_out=_transposed(t.o),
-                    b_out=_np(t.o.bias).copy(),
-                )
-            if all(isinstance(p, torch.nn.Linear) for p in (mlp.gate, mlp.up, mlp.down)):
-                layer.update(mlp_in=_transposed(mlp.gate, mlp.up), mlp_in_b=_bias(mlp.gate, mlp.up),
-                             mlp_out=_transposed(mlp.down), mlp_out_b=_np(mlp.down.bias).copy())  # fmt: skip
-            else:  # structured projections keep their own forward (and its pre-merge rule)
-                layer.update(mlp=mlp, mlp_out_b=np.zeros(cfg.width, np.float32))
-            self.layers.append(layer)
-
-    @staticmethod
-    def reason(model: Griffon) -> str | None:
-        """Why the fused step cannot run ``model`` (None if it can)."""
-        weight = model.embed.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            return f"it runs float32 on the CPU, the model is {weight.dtype} on {weight.device.type}"
-        if not all(isinstance(b.temporal_norm, RMSNorm) for b in model.blocks):
-            return "it implements RMSNorm only"
-        if not all(isinstance(b.mlp, GatedMLP) for b in model.blocks):
-            return "it implements the gated (GeGLU) MLP only"
-        return None
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """Consume one token per row (``tokens`` (B,)) and return the next logits (B, V)."""
-        cfg = self.config
-        seg, pos = _np(cache.segment_pos), _np(cache.position)
-        k = _PARALLEL if tokens.shape[0] >= PARALLEL_MIN_ROWS else _SERIAL
-        x = self.embedding[tokens] * self.embed_scale  # (B, D), a new tensor: the residual stream
-        normed = torch.empty_like(x)
-        delta, bias = np.empty((0, 0), np.float32), self.final_gain  # nothing to add before the first norm
-        for i, layer in enumerate(self.layers):
-            k.norm(_np(x), delta, bias, layer["temporal_gain"], cfg.norm_eps, _np(normed))
-            if layer["kind"] == "recurrent":
-                h = self._recurrent(k, layer, normed, cache.blocks[i], seg)
-            else:
-                h = self._attention(k, layer, normed, cache, i, seg, pos)
-            delta = _np(h @ layer["w_out"])  # (B, D)
-            k.norm(_np(x), delta, layer["b_out"], layer["channel_gain"], cfg.norm_eps, _np(normed))
-            if "mlp" in layer:
-                delta = _np(layer["mlp"](normed))
-            else:
-                gate_up = torch.addmm(layer["mlp_in_b"], normed, layer["mlp_in"])  # (B, 2F)
-                act = torch.empty(x.shape[0], gate_up.shape[1] // 2)
-                k.geglu(_np(gate_up), _np(act))
-                delta = _np(act @ layer["mlp_out"])
-            bias = layer["mlp_out_b"]
-        k.norm(_np(x), delta, bias, self.final_gain, cfg.norm_eps, _np(normed))
-        logits = normed @ self.head  # (B, V)
-        if cfg.logit_soft_cap:
-            k.soft_cap(_np(logits), np.float32(cfg.logit_soft_cap))
-        cache.position += 1
-        cache.segment_pos += 1
-        return logits
-
-    @staticmethod
-    def _recurrent(k, layer: dict, normed: torch.Tensor, state: BlockState, seg: np.ndarray) -> torch.Tensor:
-        assert isinstance(state, RecurrentState)
-        B = normed.shape[0]
-        xy = torch.addmm(layer["b_in"], normed, layer["w_in"])  # (B, 2L): conv branch | GeLU branch
-        conv = torch.empty(B, layer["conv_b"].shape[0])  # (B, L)
-        k.conv(_np(xy), layer["conv_w"], layer["conv_b"], _np(state.conv), seg, _np(conv))
-        H = layer["gate_w"].shape[0]
-        # the input and recurrence gates of each block in one batched matmul: (H, B, 2 L/H)
-        gates = torch.baddbmm(layer["gate_b"], conv.view(B, H, -1).transpose(0, 1), layer["gate_w"])
-        out = torch.empty_like(conv)
-        k.rglru(_np(gates), layer["log_a_scale"], _np(conv), _np(xy), seg, _np(state.rglru), _np(out))
-        return out
-
-    def _attention(
-        self, k, layer: dict, normed: torch.Tensor, cache: Cache, i: int, seg: np.ndarray, pos: np.ndarray
-    ) -> torch.Tensor:
-        state = cache.blocks[i]
-        assert isinstance(state, AttentionState)
-        cfg = self.config
-        B = normed.shape[0]
-        qkv = normed @ layer["w_in"]  # (B, (H + 2 H_kv) hd)
-        out = torch.empty(B, cfg.num_heads * cfg.resolved_head_dim)
-        new_k = torch.empty(B, cfg.num_kv_heads, cfg.resolved_head_dim)
-        new_v = torch.empty_like(new_k)
-        history = layer["history"]
-        k.attention(_np(qkv), cfg.num_heads, cfg.num_kv_heads, layer["inv_freq"], seg, pos, _np(state.keys),
-                        _np(state.values), _np(state.positions), history, history > 0, _np(new_k), _np(new_v),
-                        _np(out))  # fmt: skip
-        if history < 0:  # global attention: the cache grows by one slot
-            cache.blocks[i] = AttentionState(
-                keys=torch.cat([state.keys, new_k[:, None]], dim=1),
-                values=torch.cat([state.values, new_v[:, None]], dim=1),
-                positions=torch.cat([state.positions, cache.position[:, None]], dim=1),
-            )
-        return out

@@ -1,4 +1,4 @@
-"""Sampling from a model: chunked prefill through the cache, then single-token steps."""
+"""Sampling from a model: chunked prefill through the cache, then single-token decode steps."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from griffon.compiled_decode import compiled_step
 from griffon.data.tokenizers import Tokenizer
-from griffon.fused_decode import FusedDecoder
+from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
-from griffon.nn.structured import calibrate_merge_thresholds
 
 
 class GenerationError(RuntimeError):
@@ -55,7 +53,7 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def _prefill(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
+def _prefill_equal(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
     """Run prompts of one length through a cache in chunks; return their last logits (n, V) and the cache."""
     device = model.embed.weight.device
     tokens = torch.tensor([list(p) for p in prompts], device=device)  # (n, T)
@@ -65,13 +63,14 @@ def _prefill(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tu
     return logits[:, -1], cache
 
 
-def _prefill_all(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
-    """Prefill prompts of any lengths: those of equal length together, as one batch (no padding
-    enters any state), then stack the caches back into the prompts' order."""
+def prefill(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int = 1024) -> tuple[torch.Tensor, Cache]:
+    """Run prompts of any lengths through a fresh cache in chunks of ``chunk`` tokens; return
+    their last logits (B, V) and the cache. Prompts of equal length go together, as one batch
+    (no padding enters any state); the caches are then stacked back into the prompts' order."""
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
-    parts = [(rows, *_prefill(model, [prompts[i] for i in rows], chunk)) for rows in groups.values()]
+    parts = [(rows, *_prefill_equal(model, [prompts[i] for i in rows], chunk)) for rows in groups.values()]
     logits = torch.cat([part[1] for part in parts])  # (B, V) in group order
     cache = Cache.stack([part[2] for part in parts])
     order = [i for part in parts for i in part[0]]
@@ -111,32 +110,29 @@ def generate_stream(
     stop_sequences: Sequence[Sequence[int]] = (),
     prefill_chunk: int = 1024,
     stop_check: Callable[[int, list[int]], bool] | None = None,
-    fused: bool | None = None,
-    compile: bool = False,
+    step: str = "auto",
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts of any lengths; yield, per step, each row's new token
     (``None`` for rows that have stopped).
 
-    Prompts are prefilled through the cache in chunks of ``prefill_chunk``, those of equal length
-    as one batch, so no padding enters any recurrent, conv or attention state; the caches are
-    then stacked and all rows advance together with their own positions. Structured FFN layers without a configured
-    ``merge_threshold`` get a measured one first. A row stops at ``eos_id`` (which it emits),
-    after emitting one of ``stop_sequences``, when ``stop_check(row, tokens_so_far)`` returns True
-    (stop strings, see :func:`generate_text`), or after ``max_new_tokens``.
-    Decode steps run fused (:class:`~griffon.fused_decode.FusedDecoder`) where that covers the
-    model, else through the model's forward; with ``compile=True``, the model's step compiled by
-    ``torch.compile`` instead (see :func:`decoder`).
+    Prompts are prefilled through the cache in chunks of ``prefill_chunk`` (:func:`prefill`); then
+    all rows advance together with their own positions, by the decode step named ``step``
+    (:func:`~griffon.decode.steps.make_step`: ``auto``, ``model``, ``fused`` or ``compiled``). A
+    row stops at ``eos_id`` (which it emits), after emitting one of ``stop_sequences``, when
+    ``stop_check(row, tokens_so_far)`` returns True (stop strings, see :func:`generate_text`), or
+    after ``max_new_tokens``. The model is not changed (structured FFNs decode with the
+    ``merge_threshold`` they have: see :func:`~griffon.decode.calibration.calibrate_merge_thresholds`).
+    Raises :class:`GenerationError` if the model's logits are NaN or infinite.
     """
     _check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
     model.eval()
-    calibrate_merge_thresholds(model)  # structured FFNs: pre-merge where this machine makes it faster
     device = model.embed.weight.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
-    logits, cache = _prefill_all(model, prompts, prefill_chunk)  # (B, V)
+    logits, cache = prefill(model, prompts, prefill_chunk)  # (B, V)
     _check_logits(logits, 0)
-    decode_step = decoder(model, fused, compile)
+    decode_step = make_step(model, step)
     B = len(prompts)
     active = [True] * B
     produced: list[list[int]] = [[] for _ in range(B)]
@@ -161,37 +157,6 @@ def generate_stream(
         _check_logits(logits, step + 1)
 
 
-# The fused step keeps merged copies of the weight matrices; by default it does so up to this size.
-AUTO_FUSE_MAX_BYTES = 2**30
-
-
-def decoder(
-    model: Griffon, fused: bool | None = None, compile: bool = False
-) -> Callable[[torch.Tensor, Cache], torch.Tensor]:
-    """``step(tokens (B,), cache) -> logits (B, V)``, updating ``cache``.
-
-    By default the fused step where it covers the model, else the model's own forward.
-    ``fused=None`` fuses while the weights' copy stays under :data:`AUTO_FUSE_MAX_BYTES`; ``True``
-    fuses whatever the size; ``False`` never. ``compile=True`` takes the model's own step compiled
-    by ``torch.compile`` instead (:func:`~griffon.compiled_decode.compiled_step`; it compiles on the
-    first call of each batch size).
-    """
-    if compile:
-        if fused:
-            raise ValueError("fused=True and compile=True are two different decode steps; choose one")
-        return compiled_step(model)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if fused is not False and FusedDecoder.reason(model) is None and (fused or size <= AUTO_FUSE_MAX_BYTES):
-        return FusedDecoder(model).step
-
-    def step(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-        logits, new = model(tokens[:, None], cache=cache)
-        cache.advance_to(new)
-        return logits[:, -1]
-
-    return step
-
-
 def generate(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """The new tokens of every row (see :func:`generate_stream` for the arguments)."""
     rows: list[list[int]] = [[] for _ in prompts]
@@ -212,11 +177,11 @@ def stream_tokens(
     seed: int | None = None,
     prefill_chunk: int = 1024,
     eos_id: int | None = None,
-    compile: bool = False,
+    step: str = "auto",
 ) -> Iterator[int]:
     """Yield generated token ids one at a time for a single prompt."""
     stream = generate_stream(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id, (), prefill_chunk, compile=compile
+        model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id, (), prefill_chunk, step=step
     )
     for step in stream:
         if step[0] is not None:
@@ -227,6 +192,49 @@ def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Where the earliest of ``stop_strings`` begins in ``text`` (None if none occurs)."""
     hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
     return min(hits) if hits else None
+
+
+class TextStream:
+    """Token ids in, text out, for one row: the text that can be shown as tokens arrive, cut
+    before the first stop string. Text that could still become the start of a stop string (the
+    longest one's length minus one characters) or that ends in an incomplete UTF-8 character is
+    held back until it cannot. ``done`` turns True at the tokenizer's EOS or a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.done = False
+        self._shown = 0
+        self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text that is safe to show (often empty)."""
+        if self.done:
+            return ""
+        if token == self.tokenizer.eos_id:
+            self.done = True
+            return self.flush()
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        cut = find_stop(self.text, self.stop_strings)
+        if cut is not None:
+            self.text, self.done = self.text[:cut], True
+            return self.flush()
+        if self.text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        return self._take(len(self.text) - self._hold)
+
+    def flush(self) -> str:
+        """Everything not shown yet (when generation ends)."""
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self._shown:
+            return ""
+        piece, self._shown = self.text[self._shown : end], end
+        return piece
 
 
 def generate_text(
@@ -240,18 +248,12 @@ def generate_text(
     """Continue text prompts; each row stops at the tokenizer's EOS, after ``max_new_tokens``, or
     at the first of ``stop_strings``, which is cut off with everything after it. Other arguments
     as :func:`generate_stream`."""
-    # A stop string of n bytes lies within the last n tokens (every token is at least one byte),
-    # so only that tail needs decoding after each new token.
-    tail = max((len(s.encode()) for s in stop_strings), default=0)
+    streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
 
     def hit(row: int, tokens: list[int]) -> bool:
-        return find_stop(tokenizer.decode(tokens[-tail:]), stop_strings) is not None
+        streams[row].push(tokens[-1])
+        return streams[row].done
 
     ids = [tokenizer.encode(p) for p in prompts]
-    rows = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_check=hit if tail else None, **kwargs)
-    texts = []
-    for row in rows:
-        text = tokenizer.decode(row[:-1] if row and row[-1] == tokenizer.eos_id else row)
-        cut = find_stop(text, stop_strings)
-        texts.append(text if cut is None else text[:cut])
-    return texts
+    generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_check=hit, **kwargs)
+    return [s.text for s in streams]
