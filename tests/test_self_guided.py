@@ -63,6 +63,16 @@ def test_guide_starts_as_the_dense_equivalent_permutations_included():
     torch.testing.assert_close(layer(x), layer.forward_structured(x) + layer.bias)
 
 
+@pytest.mark.parametrize("keep_first_dense", [True, False])
+def test_guide_flops_are_six_per_guide_weight(keep_first_dense):
+    from griffon.accounting import self_guided_flops_per_token
+
+    structure = LinearStructure(kind="lowrank", rank=16, keep_first_dense=keep_first_dense)
+    cfg = get_preset("griffin-tiny", ffn_structure=structure)
+    guidance = SelfGuidance(Griffon(cfg))
+    assert self_guided_flops_per_token(cfg) == 6 * sum(g.numel() for g in guidance.parameters())
+
+
 def test_remove_leaves_no_guide_in_model_or_optimizer():
     model = Griffon(get_preset("hawk-tiny", ffn_structure=LinearStructure(kind="lowrank", rank=16)))
     opt = make_optimizer(model, config().optim)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from griffon.accounting import ffn_params, forward_flops_per_token, structuredffn_counts
+from griffon.accounting import ffn_params, forward_flops_per_token, linear_params, structuredffn_counts
 from griffon.cli import main
 from griffon.config import ConfigError, LinearStructure, ModelConfig
 from griffon.decode import calibrate_merge_thresholds, generate
@@ -16,7 +16,6 @@ from griffon.nn.structured import (
     BlockShuffleLinear,
     LowRankLinear,
     StructuredLinear,
-    linear_params,
 )
 from griffon.presets import get_preset
 

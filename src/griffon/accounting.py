@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from griffon.config import ModelConfig
-from griffon.nn.structured import linear_params
+from griffon.config import LinearStructure, ModelConfig
 
 
 def decode_state_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -37,12 +36,35 @@ def mean_visible_keys(cfg: ModelConfig, seq_len: int) -> float:
     return (h * (h + 1) / 2 + (seq_len - h) * (h + 1)) / seq_len
 
 
+def linear_params(in_features: int, out_features: int, structure: LinearStructure) -> int:
+    """Weight parameters (no bias) of an ``in -> out`` layer of kind ``structure`` (= its forward
+    multiply-adds per token)."""
+    s = structure
+    if s.kind == "dense":
+        return in_features * out_features
+    if s.kind == "lowrank":
+        return s.rank * (in_features + out_features)  # type: ignore[operator]
+    if s.kind == "blockshuffle":
+        q = min(in_features, out_features) // s.blocks  # type: ignore[operator]
+        return q * (in_features + out_features)
+    return s.rank * in_features // s.blocks + out_features * s.rank  # type: ignore[operator]
+
+
 def ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
     """Weight parameters (no biases) of layer ``layer``'s FFN projections."""
     D, E = cfg.width, cfg.resolved_mlp_width
     structure = cfg.ffn_structure_of(layer)
     n_in = 2 if cfg.mlp_type == "geglu" else 1  # gate and up, or up alone
     return n_in * linear_params(D, E, structure) + linear_params(E, D, structure)
+
+
+def self_guided_flops_per_token(cfg: ModelConfig) -> float:
+    """Extra training FLOPs per token while self-guided training's dense guides run
+    (:mod:`griffon.train.self_guided`): each structured FFN projection has a dense guide of its
+    full shape, costing 2 FLOPs per weight forward and 4 backward (input and weight gradients)."""
+    dense = cfg.replace(ffn_structure=LinearStructure())
+    guided = [i for i in range(cfg.num_layers) if cfg.ffn_structure_of(i).is_structured()]
+    return 6.0 * sum(ffn_matmul_params(dense, i) for i in guided)
 
 
 def ffn_params(cfg: ModelConfig) -> int:

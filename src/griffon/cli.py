@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from griffon.config import ModelConfig
+from griffon.config import ModelConfig, apply_overrides
 from griffon.decode.steps import STEPS
 from griffon.presets import get_preset, preset_names
 
@@ -42,8 +42,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.seq_len is None:
         args.seq_len = cfg.max_seq_len or 8192
     if args.set:
-        from griffon.train.config import apply_overrides
-
         cfg = ModelConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
     with torch.device("meta"):
         model = Griffon(cfg)

@@ -8,6 +8,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -278,6 +279,33 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def apply_overrides(
+    d: dict[str, Any], overrides: list[str], expand: dict[str, Callable[[Any], Any]] | None = None
+) -> dict[str, Any]:
+    """A copy of config dict ``d`` with ``key.sub=value`` strings applied (``--set`` on the command
+    line). Values parse as JSON, else are taken as strings; ``expand[key]`` may turn a value into
+    a section (a preset name into its config, say) so that later overrides can reach inside it."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a config section")
+            node = node[p]
+        if expand and key in expand:
+            value = expand[key](value)
+        node[leaf] = value
+    return d
 
 
 def dataclass_from_dict(cls: Any, d: Any, what: str) -> Any:

@@ -296,17 +296,3 @@ def init_linear_(layer: nn.Module, std: float) -> None:
     nn.init.normal_(layer.weight, std=std)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
-
-
-def linear_params(in_features: int, out_features: int, structure: LinearStructure) -> int:
-    """Weight parameters (no bias) of an ``in -> out`` layer of kind ``structure`` (= its forward
-    multiply-adds per token)."""
-    s = structure
-    if s.kind == "dense":
-        return in_features * out_features
-    if s.kind == "lowrank":
-        return s.rank * (in_features + out_features)  # type: ignore[operator]
-    if s.kind == "blockshuffle":
-        q = min(in_features, out_features) // s.blocks  # type: ignore[operator]
-        return q * (in_features + out_features)
-    return s.rank * in_features // s.blocks + out_features * s.rank  # type: ignore[operator]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from griffon.config import ConfigError, ModelConfig, check_types, dataclass_from_dict
+from griffon.config import apply_overrides as config_overrides
 from griffon.presets import get_preset
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -220,24 +221,10 @@ def apply_resume_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfi
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to a config dict. Values parse as JSON, else as strings;
-    ``model=PRESET`` swaps in a preset."""
-    d = json.loads(json.dumps(d))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        node = d
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a config section")
-            node = node[p]
-        if key == "model" and isinstance(value, str):
-            value = get_preset(value).to_dict()
-        node[leaf] = value
-    return d
+    """A train-config dict with ``key.sub=value`` overrides (:func:`griffon.config.apply_overrides`);
+    ``model=PRESET`` swaps in a preset's model config, which later overrides may then change."""
+    return config_overrides(d, overrides, expand={"model": _preset_dict})
+
+
+def _preset_dict(value: Any) -> Any:
+    return get_preset(value).to_dict() if isinstance(value, str) else value

@@ -81,11 +81,6 @@ class SelfGuidance:
             for name, g in zip(self.names, self.guides, strict=True):
                 g.copy_(state[name])
 
-    def train_flops_per_token(self) -> float:
-        """Extra training FLOPs per token while the guide runs: its matmul forward (2 per weight)
-        and backward (4 per weight: input and weight gradients)."""
-        return 6.0 * sum(p.numel() for p in self.guides)
-
     def set_step(self, step: int, guide_steps: int, reduce_flop: bool, seed: int) -> bool:
         """Set the coefficient for ``step``; return whether the dense branch runs."""
         self.coefficient = guide_coefficient(step, guide_steps)

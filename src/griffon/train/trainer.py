@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from griffon.accounting import train_flops_per_token
+from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write
 from griffon.checkpoint import CheckpointError, run_checkpoints
@@ -243,7 +243,7 @@ def _train(
     guidance = SelfGuidance(raw) if sg.enabled else None
     guide_steps, guide_flops_per_token = 0, 0.0
     if guidance is not None:
-        guide_flops_per_token = guidance.train_flops_per_token()
+        guide_flops_per_token = self_guided_flops_per_token(cfg.model)
         dense_fpt = train_flops_per_token(cfg.model.replace(ffn_structure=LinearStructure()), cfg.data.seq_len)
         planned = total_steps
         if sg.mode == "fixed_flops":  # the budget is the dense model's: plan its steps
