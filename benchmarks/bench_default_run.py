@@ -25,7 +25,8 @@ from griffon.model import Griffon
 from griffon.train.config import TrainConfig
 from griffon.train.losses import next_token_loss
 from griffon.train.optim import make_optimizer
-from griffon.train.trainer import cpu_has_native_bf16, ensure_data
+from griffon.train.parallelize import cpu_has_native_bf16
+from griffon.train.trainer import check_data_source, ensure_data
 
 from common import machine, matmul_peak_flops
 
@@ -38,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory()
     cfg = TrainConfig()
-    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), True)
+    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), check_data_source(cfg), True)
     split = TokenSplit.open(data_dir, "train")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)

@@ -19,10 +19,10 @@ from griffon.checkpoint import CheckpointError
 from griffon.cli import main
 from griffon.model import Griffon
 from griffon.presets import get_preset
-from griffon.train import checkpoint as run_checkpoint
-from griffon.train.checkpoint import check_weights, load_checkpoint, save_checkpoint
+from griffon.train import state as run_state
 from griffon.train.logging import read_records
 from griffon.train.run_dir import RunLock, RunLockedError
+from griffon.train.state import Progress, check_weights, load_checkpoint, save_checkpoint
 from griffon.train.trainer import TrainingError, train
 from test_train import TINY, _fails, _run_cli, losses, tiny_config
 
@@ -88,7 +88,7 @@ def test_legacy_optimizer_pt_still_resumes(run, tmp_path):
     (ckpt / "optimizer.safetensors").unlink()
     model = Griffon(get_preset("griffin-tiny"))
     state, progress = load_checkpoint(ckpt, model)
-    assert progress["step"] == 2 and "state" in state["optimizer"]
+    assert progress.step == 2 and "state" in state["optimizer"]
 
 
 def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(run, tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_full_disk_during_a_checkpoint_names_it(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(run_checkpoint, "save_tree", full)
+    monkeypatch.setattr(run_state, "save_tree", full)
     with pytest.raises(TrainingError, match="cannot write checkpoint .*step_000002: no space left on device; none was"):
         train(tiny_config("max_steps=2", "save_every=2"), tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints" / "step_000002").exists()
@@ -227,7 +227,7 @@ def test_full_disk_during_a_checkpoint_names_it(tmp_path, monkeypatch):
 
 def test_exploded_or_non_finite_weights_are_never_saved(tmp_path):
     model = Griffon(get_preset("griffin-tiny"))
-    progress = {"step": 1, "tokens": 0, "flops": 0.0, "elapsed": 0.0, "loader": {}}
+    progress = Progress(step=1)
     check_weights(model, 1e4)
     with torch.no_grad():
         model.blocks[1].mlp.up.weight[3, 2] = 2e4
@@ -237,7 +237,7 @@ def test_exploded_or_non_finite_weights_are_never_saved(tmp_path):
     with torch.no_grad():
         model.embed.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="'embed.weight' is not finite"):
-        save_checkpoint(tmp_path, model, {"optimizer": {}}, dict(progress, step=2), keep=2, max_weight_abs=None)
+        save_checkpoint(tmp_path, model, {"optimizer": {}}, Progress(step=2), keep=2, max_weight_abs=None)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]
     # in a run: a limit the weights exceed at the first save stops it without a checkpoint
     with pytest.raises(TrainingError, match="stopping at step 2: .*the weights have exploded; none was saved before"):

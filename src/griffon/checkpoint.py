@@ -15,7 +15,7 @@ from griffon.model import Griffon
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# A training run keeps its checkpoints in RUN/checkpoints/step_NNNNNN (griffon.train.checkpoint).
+# A training run keeps its checkpoints in RUN/checkpoints/step_NNNNNN (griffon.train.state).
 RUN_CHECKPOINTS = "checkpoints"
 
 

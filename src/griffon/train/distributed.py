@@ -1,4 +1,5 @@
-"""Multi-process training with PyTorch's own DDP and FSDP2 under ``torchrun`` (nothing home-made)."""
+"""The process group of multi-process training under ``torchrun`` and the few collectives the
+trainer calls itself (the wrapping, DDP or FSDP2, is in :mod:`griffon.train.parallelize`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass
@@ -30,22 +30,6 @@ def init_distributed(mode: str, device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Wrap ``model`` for data parallelism: DDP, or FSDP2 sharding each residual block then the root."""
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    return model
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

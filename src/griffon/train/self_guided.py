@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from griffon.nn.structured import StructuredLinear
+from griffon.train.config import SelfGuidedConfig
 
 
 def guide_coefficient(step: int, guide_steps: int) -> float:
@@ -103,6 +104,61 @@ class SelfGuidance:
         for hook in self._hooks:
             hook.remove()
         self._hooks, self.guides, self.names = [], [], []
+
+
+class GuidedPhase:
+    """Self-guided training as the training loop sees it: hooks it calls around each optimizer step.
+
+    :meth:`before_step` sets the guides' coefficient and returns the step's extra FLOPs per token;
+    :meth:`after_step` ends the phase after ``guide_steps`` steps (the guides leave model and
+    optimizer); :meth:`parameters` are the guides, reduced across ranks and clipped with the
+    model's; :meth:`state` joins the checkpoint's training state and :meth:`resume` restores it;
+    :meth:`log_fields` adds the coefficient to the log. With self-guided training off, or once the
+    phase is over, the hooks do nothing.
+    """
+
+    def __init__(self, model: nn.Module, cfg: SelfGuidedConfig, seed: int, guide_steps: int, flops_per_token: float):
+        self.cfg, self.seed, self.guide_steps, self.flops_per_token = cfg, seed, guide_steps, flops_per_token
+        self.guidance = SelfGuidance(model) if cfg.enabled else None
+
+    def resume(self, step: int, training_state: dict) -> None:
+        if self.guidance is None:
+            return
+        if step >= self.guide_steps:
+            self._end(None)
+        else:
+            self.guidance.load_state_dict(training_state["self_guided"])
+
+    def add_to(self, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+        if self.guidance is not None:
+            self.guidance.add_to(optimizer, weight_decay)
+
+    def before_step(self, step: int) -> float:
+        """Set up optimizer step ``step`` (0-based); return its extra training FLOPs per token."""
+        if self.guidance is None:
+            return 0.0
+        runs = self.guidance.set_step(step, self.guide_steps, self.cfg.reduce_flop, self.seed)
+        return self.flops_per_token if runs else 0.0
+
+    def after_step(self, steps_done: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.guidance is not None and steps_done >= self.guide_steps:
+            self._end(optimizer)  # no guide survives in model or optimizer
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.guidance is None else self.guidance.parameters()
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {} if self.guidance is None else {"self_guided": self.guidance.state_dict()}
+
+    def log_fields(self) -> dict[str, float]:
+        if not self.cfg.enabled:
+            return {}
+        return {"guide": 0.0 if self.guidance is None else self.guidance.coefficient}
+
+    def _end(self, optimizer: torch.optim.Optimizer | None) -> None:
+        assert self.guidance is not None
+        self.guidance.remove(optimizer)
+        self.guidance = None
 
 
 def plan_guided_run(

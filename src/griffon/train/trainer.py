@@ -1,9 +1,10 @@
 """The training loop: ``train(config, run_dir)``.
 
-The model stays single-device code; this module wraps it (activation checkpointing, compile,
-DDP/FSDP2) from outside, feeds it packed documents, and owns the run directory:
-``config.json``, ``tokenizer.json``, ``data/`` (the embedded corpus, prepared), ``log.jsonl``,
-``log.csv``, ``loss.png``, ``checkpoints/step_*``.
+The model stays single-device code; :mod:`griffon.train.parallelize` wraps it (precision,
+activation checkpointing, DDP/FSDP2) from outside. This module feeds it packed documents, runs
+the loop and owns the run directory: ``config.json``, ``tokenizer.json``, ``data/`` (the embedded
+corpus, prepared), ``log.jsonl``, ``log.csv``, ``loss.png``, ``checkpoints/step_*``
+(:mod:`griffon.train.state`).
 """
 
 from __future__ import annotations
@@ -13,35 +14,44 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write
-from griffon.checkpoint import CheckpointError, run_checkpoints
+from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, run_checkpoints
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
 from griffon.data.prepare import prepare, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
+from griffon.evaluate import evaluate
 from griffon.model import Griffon
 from griffon.train import distributed as D
-from griffon.train.checkpoint import load_checkpoint, save_checkpoint
 from griffon.train.config import TrainConfig
 from griffon.train.logging import RunLogger, plot_losses
 from griffon.train.losses import goldfish_mask, next_token_loss
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
+from griffon.train.parallelize import (
+    apply_activation_checkpointing,
+    autocast,
+    full_state_dicts,
+    load_optimizer_state,
+    parallelize,
+    resolve_device,
+    resolve_dtype,
+)
 from griffon.train.run_dir import RunLock, clean_run_dir, holds_run
-from griffon.train.self_guided import SelfGuidance, plan_guided_run
+from griffon.train.self_guided import GuidedPhase, plan_guided_run
 from griffon.train.signals import StopRequest, TrainingInterrupted
+from griffon.train.state import Progress, load_checkpoint, save_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -57,37 +67,6 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     tokens_per_s: float
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). ``auto`` avoids bf16 on CPUs without bf16 matmul
-    instructions, where PyTorch falls back to scalar code (100x slower than fp32 on AVX2)."""
-    if name == "fp32":
-        return None
-    if name == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def apply_activation_checkpointing(model: Griffon) -> None:
-    """Recompute each residual block in the backward pass instead of storing its activations."""
-    for block in model.blocks:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
 def check_data_source(cfg: TrainConfig) -> Tokenizer:
@@ -132,56 +111,6 @@ def ensure_data(cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer, is_main: 
     return data_dir
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    cfg: TrainConfig,
-    split: TokenSplit,
-    token_bytes: torch.Tensor,
-    device: torch.device,
-    autocast,
-    max_batches: int | None,
-) -> dict:
-    """Validation loss (nats/token) and bits per byte over the held-out documents
-    (``max_batches`` batches spread over them, or all of them)."""
-    model.eval()
-    total_nats = total_tokens = total_bytes = 0.0
-    bs = cfg.data.batch_size
-    for tokens, seg in eval_batches(split, cfg.data.seq_len, bs, max_batches):
-        tokens, seg = tokens.to(device), seg.to(device)
-        with autocast():
-            logits, _ = model(tokens[:, :-1], seg[:, :-1])
-        losses = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
-        )
-        total_nats += losses.item()
-        total_tokens += tokens[:, 1:].numel()
-        total_bytes += token_bytes[tokens[:, 1:].flatten().cpu()].sum().item()
-    stats = torch.tensor([total_nats, total_tokens, total_bytes], dtype=torch.float64, device=device)
-    stats = D.all_reduce_mean(stats)
-    model.train()
-    nats, n, nbytes = stats.tolist()
-    return {"val_loss": nats / n, "val_bpb": nats / math.log(2) / nbytes}
-
-
-def _state_dicts(model: nn.Module, raw: Griffon, opt: torch.optim.Optimizer, mode: str):
-    """Full (unsharded) model and optimizer state, gathered for saving."""
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return raw.state_dict(), opt.state_dict()
-
-
-def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, mode: str, state: dict) -> None:
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state)
-
-
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: str | None = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir`` according to ``cfg``.
 
@@ -215,6 +144,91 @@ def _train(
     device: torch.device,
     info: D.DistInfo,
 ) -> TrainResult:
+    data_dir = _open_run(cfg, run_dir, resume, tokenizer, info)
+    token_bytes = torch.from_numpy(np.load(data_dir / "token_bytes.npy", allow_pickle=False))
+    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
+
+    torch.manual_seed(cfg.seed)
+    raw = Griffon(cfg.model).to(device)
+    loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
+    plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
+    guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
+    training_state, progress = _resume_from(run_dir, raw, checkpoint, info.is_main) if resume else (None, Progress())
+    if training_state is not None:
+        loader.load_state_dict(progress.loader)
+        guided.resume(progress.step, training_state)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(raw)
+    model = parallelize(raw, cfg.distributed, device)
+    opt = make_optimizer(raw, cfg.optim)  # after parallelize: FSDP2 replaces the parameters with shards
+    guided.add_to(opt, cfg.optim.weight_decay)
+    if training_state is not None:
+        load_optimizer_state(model, opt, cfg.distributed, training_state["optimizer"])
+    if cfg.compile:
+        model = torch.compile(model)
+
+    run = _Session(cfg, run_dir, info, device, raw, model, opt, loader, guided, progress, plan,
+                   autocast(device, resolve_dtype(cfg.dtype, device)),
+                   saved_step=progress.step if training_state is not None else None)  # fmt: skip
+
+    def evaluate_on(max_batches: int | None) -> dict[str, float]:
+        batches = eval_batches(val_split, cfg.data.seq_len, cfg.data.batch_size, max_batches)
+        return evaluate(model, batches, token_bytes, device, run.autocast, D.all_reduce_mean)
+
+    logger = RunLogger(run_dir, info.is_main, truncate_after_step=progress.step if resume else None)
+    stop = StopRequest()
+    last_eval: dict = {}
+    try:
+        while not run.done():
+            if D.any_rank(stop.requested, device):
+                run.save()
+                raise TrainingInterrupted(
+                    f"interrupted at step {progress.step}, checkpoint saved; continue with: "
+                    f"griffon train --resume {run_dir}"
+                )
+            lr = run.set_lr()
+            extra_flops_per_token = guided.before_step(progress.step)
+            loss = run.forward_backward()
+            grad_norm = run.clip()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                run.skip(logger, loss, grad_norm)
+                continue
+            run.bad_steps = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens += plan.tokens_per_step
+            progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
+            guided.after_step(progress.step, opt)
+
+            step = progress.step
+            run.log(logger, loss, lr, grad_norm)
+            if step % cfg.eval_every == 0:
+                last_eval = evaluate_on(cfg.eval_batches)
+                logger.log({"kind": "eval", "step": step, "tokens": progress.tokens, **last_eval})
+            if step % cfg.save_every == 0:
+                run.save()
+        last_eval = evaluate_on(cfg.final_eval_batches)
+        logger.log({"kind": "final_eval", "step": progress.step, "tokens": progress.tokens, **last_eval})
+        run.save()
+    finally:
+        stop.restore()
+        logger.close()
+    if info.is_main:
+        plot_losses(run_dir)
+    return TrainResult(
+        steps=progress.step,
+        tokens=progress.tokens,
+        flops=progress.flops,
+        val_loss=last_eval.get("val_loss"),
+        val_bpb=last_eval.get("val_bpb"),
+        tokens_per_s=progress.tokens / max(run.elapsed(), 1e-9),
+    )
+
+
+def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, tokenizer: Tokenizer, info: D.DistInfo) -> Path:
+    """Make ``run_dir`` a run (or check that it is one), prepare the data; return the data directory.
+    The config is written last: until then the directory holds no run."""
     if info.is_main:
         if resume and not holds_run(run_dir):
             raise ConfigError(f"{run_dir} holds no run (no config.json) to resume")
@@ -226,199 +240,187 @@ def _train(
     data_dir = ensure_data(cfg, run_dir, tokenizer, info.is_main)
     tokenizer = load_tokenizer(data_dir)
     _check_vocab(tokenizer, cfg)
-    token_bytes = torch.from_numpy(np.load(data_dir / "token_bytes.npy", allow_pickle=False))
-    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
-    if info.is_main:  # the run is complete from here on: its config is written last
+    if info.is_main:
         tokenizer.save(run_dir)
         atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(cfg.to_json()))
     D.barrier()
+    return data_dir
 
-    torch.manual_seed(cfg.seed)
-    raw = Griffon(cfg.model).to(device)
-    loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
-    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum * info.world_size
+
+@dataclass
+class RunPlan:
+    """What a run will do, fixed before its first step."""
+
+    tokens_per_step: int
+    """Tokens per optimizer step, all ranks and micro-batches together."""
+    flops_per_token: float
+    """Training FLOPs per token of the model (:func:`griffon.accounting.train_flops_per_token`)."""
+    total_steps: int
+    """Steps the schedule spans (a time budget may stop earlier)."""
+    guide_steps: int = 0
+    """Self-guided training: the guided steps (the first ones)."""
+    guide_flops_per_token: float = 0.0
+    """Self-guided training: the guides' extra FLOPs per token on steps where they run."""
+
+
+def plan_run(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> RunPlan:
+    """The run's steps from its budgets (the tightest wins) and, with self-guided training, its guided steps."""
+    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum * world_size
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    total_steps = _planned_steps(cfg, tokens_per_step, flops_per_token, loader.steps_per_epoch)
+    total_steps = _planned_steps(cfg, tokens_per_step, flops_per_token, steps_per_epoch)
     sg = cfg.self_guided
-    guidance = SelfGuidance(raw) if sg.enabled else None
-    guide_steps, guide_flops_per_token = 0, 0.0
-    if guidance is not None:
-        guide_flops_per_token = self_guided_flops_per_token(cfg.model)
-        dense_fpt = train_flops_per_token(cfg.model.replace(ffn_structure=LinearStructure()), cfg.data.seq_len)
-        planned = total_steps
-        if sg.mode == "fixed_flops":  # the budget is the dense model's: plan its steps
-            planned = _planned_steps(cfg, tokens_per_step, dense_fpt, loader.steps_per_epoch)
-        total_steps, guide_steps = plan_guided_run(
-            sg.fraction, sg.mode, sg.reduce_flop, cfg.seed, planned,
-            step_flops=tokens_per_step * flops_per_token,
-            guide_step_flops=tokens_per_step * guide_flops_per_token,
-            dense_step_flops=tokens_per_step * dense_fpt,
-            flop_budget=cfg.max_flops,
-        )  # fmt: skip
-    progress = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
-    payload = None
-    if resume:
-        payload, progress = _resume_from(run_dir, raw, checkpoint, info.is_main)
-    if payload is not None:
-        loader.load_state_dict(progress["loader"])
-        if guidance is not None and progress["step"] >= guide_steps:
-            guidance.remove()
-            guidance = None
-        elif guidance is not None:
-            guidance.load_state_dict(payload["self_guided"])
-
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(raw)
-    model: nn.Module = D.parallelize(raw, cfg.distributed, device)
-    # After parallelize: FSDP2 replaces the parameters with sharded ones.
-    opt = make_optimizer(raw, cfg.optim)
-    if guidance is not None:
-        guidance.add_to(opt, cfg.optim.weight_decay)
-    if payload is not None:
-        _load_optimizer(model, opt, cfg.distributed, payload["optimizer"])
-    if cfg.compile:
-        model = torch.compile(model)
-
-    dtype = resolve_dtype(cfg.dtype, device)
-
-    def autocast():
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
-    logger = RunLogger(run_dir, info.is_main, truncate_after_step=progress["step"] if resume else None)
-    saved_step = progress["step"] if payload is not None else None
-    stop = StopRequest()
-    bad_steps = 0
-    start = time.time() - progress["elapsed"]
-    window_t, window_tokens = time.time(), 0
-    last_eval: dict = {}
-    step_loss, tps = float("nan"), 0.0
-    try:
-        while not _done(cfg, progress, total_steps, start):
-            if D.any_rank(stop.requested, device):
-                if saved_step != progress["step"]:
-                    _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
-                raise TrainingInterrupted(
-                    f"interrupted at step {progress['step']}, checkpoint saved; continue with: "
-                    f"griffon train --resume {run_dir}"
-                )
-            step = progress["step"]
-            lr = lr_at(step, _schedule_steps(cfg, step, total_steps, start), cfg.optim)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            step_flops_per_token = flops_per_token
-            if guidance is not None and guidance.set_step(step, guide_steps, sg.reduce_flop, cfg.seed):
-                step_flops_per_token += guide_flops_per_token
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.data.grad_accum):
-                tokens, seg = next(loader)
-                tokens, seg = tokens.to(device), seg.to(device)
-                inputs, targets = tokens[:, :-1], tokens[:, 1:]
-                mask = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h) if cfg.goldfish_k else None
-                sync = micro == cfg.data.grad_accum - 1 or cfg.distributed != "ddp"
-                with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-                    logits, _ = model(inputs, seg[:, :-1])
-                loss, _ = next_token_loss(logits, targets, mask)
-                (loss / cfg.data.grad_accum).backward()
-                loss_sum += loss.detach()
-            step_loss = D.all_reduce_mean(loss_sum / cfg.data.grad_accum).item()
-
-            if guidance is not None:
-                D.all_reduce_grads_(guidance.parameters())  # the guides live outside the DDP wrapper
-            grad_norm = _clip(raw, model, cfg, guidance)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                logger.log({"kind": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
-                if bad_steps >= cfg.max_bad_steps:
-                    newest = (
-                        "no checkpoint was saved yet"
-                        if saved_step is None
-                        else f"the newest checkpoint (step {saved_step}) is from before them"
-                    )
-                    raise TrainingError(
-                        f"stopping: {bad_steps} steps in a row had a non-finite loss or gradient "
-                        f"(last loss {step_loss}); {newest}"
-                    )
-                continue
-            bad_steps = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-            progress["step"] += 1
-            progress["tokens"] += tokens_per_step
-            progress["flops"] += tokens_per_step * step_flops_per_token
-            if guidance is not None and progress["step"] >= guide_steps:
-                guidance.remove(opt)  # the guided phase is over: no guide survives in model or optimizer
-                guidance = None
-            window_tokens += tokens_per_step
-            step = progress["step"]
-            if step % cfg.log_every == 0 or step == 1:
-                now = time.time()
-                tps = window_tokens / max(now - window_t, 1e-9)
-                window_t, window_tokens = now, 0
-                record = {"kind": "train", "step": step, "tokens": progress["tokens"], "loss": step_loss,
-                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "time": now - start}  # fmt: skip
-                if sg.enabled:
-                    record["guide"] = 0.0 if guidance is None else guidance.coefficient
-                logger.log(record)
-            logger.progress(step, _fraction(cfg, progress, total_steps, start), tps, step_loss)
-            if step % cfg.eval_every == 0:
-                last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.eval_batches)
-                logger.log({"kind": "eval", "step": step, "tokens": progress["tokens"], **last_eval})
-            if step % cfg.save_every == 0:
-                _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
-                saved_step = step
-        last_eval = evaluate(model, cfg, val_split, token_bytes, device, autocast, cfg.final_eval_batches)
-        logger.log({"kind": "final_eval", "step": progress["step"], "tokens": progress["tokens"], **last_eval})
-        if saved_step != progress["step"]:
-            _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step)
-    finally:
-        stop.restore()
-        logger.close()
-    elapsed = time.time() - start
-    if info.is_main:
-        plot_losses(run_dir)
-    return TrainResult(
-        steps=progress["step"],
-        tokens=progress["tokens"],
-        flops=progress["flops"],
-        val_loss=last_eval.get("val_loss"),
-        val_bpb=last_eval.get("val_bpb"),
-        tokens_per_s=progress["tokens"] / max(elapsed, 1e-9),
-    )
+    if not sg.enabled:
+        return RunPlan(tokens_per_step, flops_per_token, total_steps)
+    guide_flops_per_token = self_guided_flops_per_token(cfg.model)
+    dense_fpt = train_flops_per_token(cfg.model.replace(ffn_structure=LinearStructure()), cfg.data.seq_len)
+    planned = total_steps
+    if sg.mode == "fixed_flops":  # the budget is the dense model's: plan its steps
+        planned = _planned_steps(cfg, tokens_per_step, dense_fpt, steps_per_epoch)
+    total_steps, guide_steps = plan_guided_run(
+        sg.fraction, sg.mode, sg.reduce_flop, cfg.seed, planned,
+        step_flops=tokens_per_step * flops_per_token,
+        guide_step_flops=tokens_per_step * guide_flops_per_token,
+        dense_step_flops=tokens_per_step * dense_fpt,
+        flop_budget=cfg.max_flops,
+    )  # fmt: skip
+    return RunPlan(tokens_per_step, flops_per_token, total_steps, guide_steps, guide_flops_per_token)
 
 
-def _clip(raw: Griffon, model: nn.Module, cfg: TrainConfig, guidance: SelfGuidance | None) -> float:
-    if cfg.optim.agc is not None:
-        adaptive_grad_clip(raw, cfg.optim.agc)
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-    params = list(model.parameters()) + (guidance.parameters() if guidance is not None else [])
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+@dataclass
+class _Session:
+    """One training process's view of a run: what the loop's steps read and change."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    info: D.DistInfo
+    device: torch.device
+    raw: Griffon
+    """The model itself; ``model`` is it as wrapped for training (DDP, FSDP2, compile)."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    loader: PackedLoader
+    guided: GuidedPhase
+    progress: Progress
+    plan: RunPlan
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    saved_step: int | None
+    """The step of the newest checkpoint (None: none yet)."""
+    bad_steps: int = 0
+    start: float = field(default=0.0)
+    window: tuple[float, int] = (0.0, 0)
+    """(time, tokens) since the last logged step, for tokens/s."""
+    tokens_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = time.time() - self.progress.elapsed
+        self.window = (time.time(), 0)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def done(self) -> bool:
+        if self.progress.step >= self.plan.total_steps:
+            return True
+        return bool(self.cfg.max_minutes) and self.elapsed() >= 60 * self.cfg.max_minutes
+
+    def fraction(self) -> float:
+        f = self.progress.step / self.plan.total_steps
+        if self.cfg.max_minutes:
+            f = max(f, self.elapsed() / (60 * self.cfg.max_minutes))
+        return min(1.0, f)
+
+    def set_lr(self) -> float:
+        """Set the learning rate of the step about to run. Under a time budget the schedule spans
+        the steps that will fit at the pace so far, so that it still decays before time runs out."""
+        step, steps = self.progress.step, self.plan.total_steps
+        if self.cfg.max_minutes and step >= 10:
+            used = self.elapsed() / (60 * self.cfg.max_minutes)
+            steps = min(steps, max(step + 1, int(step / max(used, 1e-9))))
+        lr = lr_at(step, steps, self.cfg.optim)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def forward_backward(self) -> float:
+        """Accumulate the gradients of one optimizer step; return its mean loss over all ranks."""
+        cfg, accum = self.cfg, self.cfg.data.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            tokens, seg = next(self.loader)
+            tokens, seg = tokens.to(self.device), seg.to(self.device)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            mask = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h) if cfg.goldfish_k else None
+            # DDP reduces gradients on the last micro-batch only
+            sync = micro == accum - 1 or cfg.distributed != "ddp"
+            with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
+                logits, _ = self.model(inputs, seg[:, :-1])
+            loss, _ = next_token_loss(logits, targets, mask)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        return D.all_reduce_mean(loss_sum / accum).item()
+
+    def clip(self) -> float:
+        """Clip the gradients (AGC, then the global norm, the guides included); return the norm."""
+        D.all_reduce_grads_(self.guided.parameters())  # the guides live outside the DDP wrapper
+        if self.cfg.optim.agc is not None:
+            adaptive_grad_clip(self.raw, self.cfg.optim.agc)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + self.guided.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def skip(self, logger: RunLogger, loss: float, grad_norm: float) -> None:
+        """Drop a step with a non-finite loss or gradient; stop after ``max_bad_steps`` in a row."""
+        self.bad_steps += 1
+        self.opt.zero_grad(set_to_none=True)
+        logger.log({"kind": "skip", "step": self.progress.step + 1, "loss": loss, "grad_norm": grad_norm})
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            newest = (
+                "no checkpoint was saved yet"
+                if self.saved_step is None
+                else f"the newest checkpoint (step {self.saved_step}) is from before them"
+            )
+            raise TrainingError(
+                f"stopping: {self.bad_steps} steps in a row had a non-finite loss or gradient "
+                f"(last loss {loss}); {newest}"
+            )
+
+    def log(self, logger: RunLogger, loss: float, lr: float, grad_norm: float) -> None:
+        step = self.progress.step
+        t0, tokens = self.window
+        tokens += self.plan.tokens_per_step
+        if step % self.cfg.log_every == 0 or step == 1:
+            now = time.time()
+            self.tokens_per_s = tokens / max(now - t0, 1e-9)
+            t0, tokens = now, 0
+            record = {"kind": "train", "step": step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_s, "time": now - self.start}  # fmt: skip
+            logger.log(record | self.guided.log_fields())
+        self.window = (t0, tokens)
+        logger.progress(step, self.fraction(), self.tokens_per_s, loss)
+
+    def save(self) -> None:
+        """Checkpoint the current step (unless it is already saved)."""
+        if self.saved_step == self.progress.step:
+            return
+        self.progress.loader, self.progress.elapsed = self.loader.state_dict(), self.elapsed()
+        model_sd, opt_sd = full_state_dicts(self.model, self.raw, self.opt, self.cfg.distributed)
+        if self.info.is_main:
+            to_save = self.raw
+            if self.cfg.distributed == "fsdp":
+                to_save = Griffon(self.cfg.model)
+                to_save.load_state_dict(model_sd)
+            training_state = {"optimizer": opt_sd} | self.guided.state()
+            try:
+                save_checkpoint(self.run_dir, to_save, training_state, self.progress, self.cfg.keep_checkpoints,
+                                self.cfg.max_weight_abs)  # fmt: skip
+            except CheckpointError as e:
+                newest = "none was saved before" if self.saved_step is None else f"the newest is step {self.saved_step}"
+                raise TrainingError(f"stopping at step {self.progress.step}: {e}; {newest}") from None
+        D.barrier()
+        self.saved_step = self.progress.step
 
 
-def _save(run_dir, raw, model, opt, cfg, progress, loader, start, info, guidance, saved_step) -> None:
-    progress = dict(progress, loader=loader.state_dict(), elapsed=time.time() - start)
-    model_sd, opt_sd = _state_dicts(model, raw, opt, cfg.distributed)
-    training_state = {"optimizer": opt_sd}
-    if guidance is not None:
-        training_state["self_guided"] = guidance.state_dict()
-    if info.is_main:
-        to_save = raw
-        if cfg.distributed == "fsdp":
-            to_save = Griffon(cfg.model)
-            to_save.load_state_dict(model_sd)
-        try:
-            save_checkpoint(run_dir, to_save, training_state, progress, cfg.keep_checkpoints, cfg.max_weight_abs)
-        except CheckpointError as e:
-            newest = "none was saved before" if saved_step is None else f"the newest is step {saved_step}"
-            raise TrainingError(f"stopping at step {progress['step']}: {e}; {newest}") from None
-    D.barrier()
-
-
-def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, dict[str, Any]]:
+def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, Progress]:
     """Load the checkpoint to resume from into ``model``: ``name``, else the newest; none: step 0.
 
     A newest checkpoint that does not load is an error that names the newest one that does; with
@@ -426,15 +428,14 @@ def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool)
     inspection, never resumed) so the run continues from the chosen one.
     """
     ckpts = run_checkpoints(run_dir)
-    fresh = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed": 0.0}
     if name is None:
         if not ckpts:
             if is_main:
                 sys.stderr.write(f"{run_dir} has no checkpoint yet: starting it from step 0\n")
-            return None, fresh
+            return None, Progress()
         chosen = ckpts[-1]
     else:
-        chosen = run_dir / "checkpoints" / Path(name).name
+        chosen = run_dir / RUN_CHECKPOINTS / Path(name).name
         if chosen not in ckpts:
             names = ", ".join(p.name for p in ckpts) or "none"
             raise CheckpointError(f"{run_dir} has no checkpoint {name!r} (it has: {names})")
@@ -468,25 +469,3 @@ def _planned_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_token: floa
     if not candidates:  # time budget only: plan for one epoch, the time limit may stop earlier
         candidates.append(steps_per_epoch)
     return max(1, min(candidates))
-
-
-def _done(cfg: TrainConfig, progress: dict, total_steps: int, start: float) -> bool:
-    if progress["step"] >= total_steps:
-        return True
-    return bool(cfg.max_minutes) and time.time() - start >= 60 * cfg.max_minutes
-
-
-def _fraction(cfg: TrainConfig, progress: dict, total_steps: int, start: float) -> float:
-    f = progress["step"] / total_steps
-    if cfg.max_minutes:
-        f = max(f, (time.time() - start) / (60 * cfg.max_minutes))
-    return min(1.0, f)
-
-
-def _schedule_steps(cfg: TrainConfig, step: int, total_steps: int, start: float) -> int:
-    """Steps the LR schedule spans. Under a time budget, project the steps that will fit from the
-    pace so far, so the schedule still decays before time runs out."""
-    if not cfg.max_minutes or step < 10:
-        return total_steps
-    used = (time.time() - start) / (60 * cfg.max_minutes)
-    return min(total_steps, max(step + 1, int(step / max(used, 1e-9))))

@@ -1,4 +1,5 @@
-"""Run checkpoints: model, optimizer, progress and data position, written atomically, read without pickle.
+"""Run state: a training run's checkpoints of model, optimizer, progress and data position,
+written atomically and read without pickle.
 
 ``RUN/checkpoints/step_000100/`` holds ``config.json`` + ``model.safetensors`` (a loadable
 griffon checkpoint), ``optimizer.safetensors`` (optimizer state and any other training-only
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,54 @@ import torch
 from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, remove_tree
-from griffon.checkpoint import CheckpointError, from_pretrained, run_checkpoints, write_model
+from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, from_pretrained, run_checkpoints, write_model
 from griffon.model import Griffon
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "state.json"
-PROGRESS_FIELDS = ("step", "tokens", "flops", "elapsed", "loader")
 # Written by earlier griffon versions; read only as a restricted (weights-only) pickle.
 LEGACY_OPTIMIZER_NAME = "optimizer.pt"
+
+
+@dataclass
+class Progress:
+    """How far a run has come: what ``state.json`` holds."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    tokens: int = 0
+    """Training tokens consumed, all ranks together."""
+    flops: float = 0.0
+    """Training FLOPs spent (:mod:`griffon.accounting`, the self-guided guides included)."""
+    elapsed: float = 0.0
+    """Seconds of training so far, across resumes."""
+    loader: dict[str, int] = field(default_factory=dict)
+    """The data loader's position (:meth:`griffon.data.loader.PackedLoader.state_dict`)."""
+
+    @classmethod
+    def read(cls, path: Path) -> Progress:
+        """Read ``state.json``; :class:`CheckpointError` naming the file for anything malformed."""
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is corrupted or truncated: {e}") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise CheckpointError(f"{path} lacks field(s) {', '.join(missing)}")
+        for k in ("step", "tokens"):
+            if not isinstance(d[k], int) or d[k] < 0:
+                raise CheckpointError(f"{path}: {k} must be a non-negative integer, got {d[k]!r}")
+        if not all(isinstance(d[k], (int, float)) and math.isfinite(d[k]) for k in ("flops", "elapsed")):
+            raise CheckpointError(f"{path}: flops and elapsed must be finite numbers")
+        if not isinstance(d["loader"], dict):
+            raise CheckpointError(f"{path}: loader must be an object")
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
 
 
 def check_weights(model: Griffon, max_abs: float | None) -> None:
@@ -53,22 +94,22 @@ def save_checkpoint(
     run_dir: Path,
     model: Griffon,
     training_state: dict[str, Any],
-    progress: dict[str, Any],
+    progress: Progress,
     keep: int,
     max_weight_abs: float | None = None,
 ) -> Path:
-    """Write checkpoint ``step_{progress['step']}`` atomically, then drop all but the newest ``keep``.
+    """Write checkpoint ``step_{progress.step}`` atomically, then drop all but the newest ``keep``.
 
     ``training_state`` (the optimizer's ``state_dict`` and whatever else training needs, a tree
     of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
     """
     check_weights(model, max_weight_abs)
-    final = run_dir / "checkpoints" / f"step_{progress['step']:06d}"
+    final = run_dir / RUN_CHECKPOINTS / f"step_{progress.step:06d}"
     try:
         with atomic_directory(final) as tmp:
             write_model(model, tmp)
             save_tree(training_state, tmp / OPTIMIZER_NAME)
-            (tmp / STATE_NAME).write_text(json.dumps(progress, indent=2) + "\n")
+            (tmp / STATE_NAME).write_text(progress.to_json())
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_error(e)}") from None
     for old in run_checkpoints(run_dir)[:-keep]:
@@ -85,7 +126,7 @@ def describe_write_error(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], Progress]:
     """Load weights into ``model``; return (training state, progress).
 
     Raises :class:`CheckpointError` naming the file for anything missing, corrupt or made by another config.
@@ -97,7 +138,7 @@ def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], dict[st
     if loaded.config.to_dict() != model.config.to_dict():
         raise CheckpointError(f"checkpoint {path} was made with another model config than this run's")
     training_state = _read_training_state(path)
-    progress = _read_progress(path / STATE_NAME)
+    progress = Progress.read(path / STATE_NAME)
     model.load_state_dict(loaded.state_dict())
     return training_state, progress
 
@@ -117,21 +158,3 @@ def _read_training_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "optimizer" not in state:
         raise CheckpointError(f"checkpoint {path}: the training state holds no optimizer state")
     return state
-
-
-def _read_progress(path: Path) -> dict[str, Any]:
-    try:
-        progress = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupted or truncated: {e}") from None
-    if not isinstance(progress, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    missing = [k for k in PROGRESS_FIELDS if k not in progress]
-    if missing:
-        raise CheckpointError(f"{path} lacks field(s) {', '.join(missing)}")
-    for k in ("step", "tokens"):
-        if not isinstance(progress[k], int) or progress[k] < 0:
-            raise CheckpointError(f"{path}: {k} must be a non-negative integer, got {progress[k]!r}")
-    if not all(isinstance(progress[k], (int, float)) and math.isfinite(progress[k]) for k in ("flops", "elapsed")):
-        raise CheckpointError(f"{path}: flops and elapsed must be finite numbers")
-    return progress
