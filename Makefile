@@ -32,8 +32,8 @@ run: install
 	$(VENV)/bin/griffon sample $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 0
 
 lint: $(PY)
-	$(VENV)/bin/ruff check src tests benchmarks experiments
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
 
 test: install-test lint
 	$(PY) -m pytest -q

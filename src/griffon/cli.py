@@ -265,11 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks that ship with the package")
     bsub = s.add_subparsers(dest="bench_command", required=True)
-    from griffon.bench import sampling
+    import importlib
 
-    b = bsub.add_parser("sample", help="decode tokens/s, latency and state vs batch and length; HF generate")
-    sampling.add_arguments(b)
-    b.set_defaults(fn=sampling.run)
+    from griffon.bench import BENCHMARKS
+
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(f"griffon.bench.{module_name}")
+        b = bsub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        module.add_arguments(b)
+        b.set_defaults(fn=module.run)
 
     s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
     s.add_argument("src")

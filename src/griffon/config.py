@@ -45,7 +45,7 @@ class LinearStructure:
     merge_threshold: int | None = None
     """Calls with at most this many tokens and autograd off use the pre-merged dense weight.
     ``None``: measured per layer shape when generation starts
-    (:func:`griffon.nn.structured.calibrate_merge_thresholds`), never merged before that; the
+    (:func:`griffon.decode.calibrate_merge_thresholds`, which `griffon sample` calls), never merged before that; the
     crossover depends on the machine, the width and the kind (docs/structured_ffn.md)."""
 
     def __post_init__(self) -> None:

@@ -1,1 +1,18 @@
-"""Benchmarks that ship with the package (``griffon bench ...``); the others are scripts in ``benchmarks/``."""
+"""The benchmarks, one module each, run as ``griffon bench NAME``; each prints its figures and
+writes them as JSON with ``--json``. Run them on an otherwise idle machine: ratios measured in
+one run compare, absolute figures drift.
+
+* ``sample``: decode tokens/s, latency and state vs batch and length; HF ``generate`` (:mod:`.sampling`)
+* ``train``: training throughput against the HF and DeepMind references (:mod:`.train`)
+* ``default-run``: throughput and MFU of the default ``griffon train`` model, fp32 and bf16 (:mod:`.default_run`)
+* ``ffn``: structured FFN training and decode speed against dense (:mod:`.ffn`)
+* ``scan``: the linear scan against its memory bound (:mod:`.scan`)
+"""
+
+BENCHMARKS = {
+    "sample": "sampling",
+    "train": "train",
+    "default-run": "default_run",
+    "ffn": "ffn",
+    "scan": "scan",
+}

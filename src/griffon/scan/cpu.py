@@ -1,6 +1,6 @@
 """Fast CPU linear scan: numba kernels, parallel over (batch, channel block), sequential in time.
 
-The scan is memory-bound (reference.md §3): forward reads ``a`` and ``x`` and writes ``h``
+The scan is memory-bound (a few flops per element moved): forward reads ``a`` and ``x`` and writes ``h``
 (12 B/element in fp32); the backward reads ``dh``, ``a`` and ``h`` and writes ``dx`` and ``da``
 (20 B/element). Each kernel touches every array exactly once, so fwd+bwd is close to that bound.
 Work is split into independent (batch row, channel block) jobs; each walks time sequentially with
@@ -15,7 +15,9 @@ import torch
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _scan_forward(a, x, reset, h0, h, h_last, n_split):  # pragma: no cover - compiled
+def scan_forward(a, x, reset, h0, h, h_last, n_split):  # pragma: no cover - compiled
+    """h (B, T, D) and h_last (B, D), written in place, of ``h_t = a_t h_{t-1} + x_t`` (h_{-1} = h0,
+    dropped where ``reset``); jobs are (batch row, one of ``n_split`` channel blocks)."""
     B, T, D = x.shape
     block = (D + n_split - 1) // n_split
     for job in numba.prange(B * n_split):
@@ -38,7 +40,9 @@ def _scan_forward(a, x, reset, h0, h, h_last, n_split):  # pragma: no cover - co
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _scan_backward(a, reset, h0, h, grad_h, grad_last, grad_a, grad_x, grad_h0, n_split):  # pragma: no cover
+def scan_backward(a, reset, h0, h, grad_h, grad_last, grad_a, grad_x, grad_h0, n_split):  # pragma: no cover
+    """grad_a, grad_x (B, T, D) and grad_h0 (B, D), written in place: the reverse scan of
+    :func:`scan_forward` given the output gradients grad_h and grad_last."""
     B, T, D = h.shape
     block = (D + n_split - 1) // n_split
     for job in numba.prange(B * n_split):
@@ -61,7 +65,7 @@ def _scan_backward(a, reset, h0, h, grad_h, grad_last, grad_a, grad_x, grad_h0, 
         grad_h0[b, d0:d1] = carry
 
 
-def _n_split(batch: int) -> int:
+def row_split(batch: int) -> int:
     """Channel blocks per batch row: just enough jobs to occupy every thread.
 
     Whole rows keep each time step's reads contiguous (a 128-channel block touched a new page
@@ -79,7 +83,7 @@ class _CpuScan(torch.autograd.Function):
     def forward(ctx, a, x, h0, reset):  # type: ignore[override]
         h = torch.empty_like(x)
         h_last = torch.empty_like(h0)
-        _scan_forward(_np(a), _np(x), _np(reset), _np(h0), _np(h), _np(h_last), _n_split(x.shape[0]))
+        scan_forward(_np(a), _np(x), _np(reset), _np(h0), _np(h), _np(h_last), row_split(x.shape[0]))
         ctx.save_for_backward(a, h0, reset, h)
         return h, h_last
 
@@ -89,9 +93,9 @@ class _CpuScan(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if grad_h is None else grad_h.contiguous()
         grad_last = torch.zeros_like(h0) if grad_last is None else grad_last.contiguous()
         grad_a, grad_x, grad_h0 = torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
-        _scan_backward(
+        scan_backward(
             _np(a), _np(reset), _np(h0), _np(h), _np(grad_h), _np(grad_last),
-            _np(grad_a), _np(grad_x), _np(grad_h0), _n_split(h.shape[0]),
+            _np(grad_a), _np(grad_x), _np(grad_h0), row_split(h.shape[0]),
         )  # fmt: skip
         return grad_a, grad_x, grad_h0, None
 

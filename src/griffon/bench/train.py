@@ -1,6 +1,6 @@
 """Training throughput of griffon vs HF RecurrentGemma vs the DeepMind port, on one small config.
 
-    python benchmarks/bench_train.py [--preset griffin-small --batch 2 --seq 2048] [--json out.json]
+    griffon bench train [--preset griffin-small --batch 2 --seq 2048] [--json out.json]
 
 All three train the same model (the same weights, converted) with the same step: forward,
 cross-entropy, backward, AdamW. Tokens/s are measured in one run, so their ratios are
@@ -14,36 +14,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from griffon import Griffon, get_preset
+from griffon import Griffon, get_preset, references
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
-
-from common import best_time, machine, matmul_peak_flops
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from griffon.bench.machine import best_time, machine, matmul_peak_flops
 
 
 def reference_models(cfg):
     """(HF model, DeepMind model) with griffon's config, or None where the package is missing."""
-    import oracles  # tests/oracles.py builds the references offline
-
     models = {}
     try:
-        models["deepmind"], ours = oracles.deepmind_pair(cfg)
-    except BaseException as e:  # pytest.skip raises a BaseException subclass
+        models["deepmind"], ours = references.deepmind_pair(cfg)
+    except references.ReferenceUnavailable as e:
         print(f"deepmind port unavailable: {e}")
         ours = Griffon(cfg)
     try:
-        models["hf"], _ = oracles.hf_pair(
+        models["hf"], _ = references.hf_pair(
             cfg.replace(attention_window=cfg.attention_history + 1, window_semantics="hf")
         )
-    except BaseException as e:
+    except references.ReferenceUnavailable as e:
         print(f"HF transformers unavailable: {e}")
     return ours, models
 
@@ -70,16 +63,16 @@ def make_step(kind, model, tokens, segment_pos):
     return step
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="griffin-small")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", default="griffon,hf,deepmind")
     p.add_argument("--json", help="write results here")
-    args = p.parse_args()
 
+
+def run(args: argparse.Namespace) -> None:
     keep_freed_memory()  # as `griffon train` does; applies to all three implementations
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
@@ -122,7 +115,3 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

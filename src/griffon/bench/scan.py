@@ -1,8 +1,8 @@
 """Linear scan fwd+bwd time against the memory bound, per backend.
 
-    python benchmarks/bench_scan.py [--batch 4 --seq 2048 --dim 1024] [--json out.json]
+    griffon bench scan [--batch 4 --seq 2048 --dim 1024] [--json out.json]
 
-The bound is 32 bytes per element for fwd+bwd in fp32 (reference.md §3: the forward reads a, x
+The bound is 32 bytes per element for fwd+bwd in fp32 (the forward reads a, x
 and writes h; the backward reads dh, a, h and writes da, dx) over the copy bandwidth measured in
 the same run. "kernel" times the numba kernels on preallocated buffers; "autograd" goes through
 ``linear_scan`` and autograd, allocating fresh outputs as training does: first with glibc's
@@ -18,21 +18,21 @@ import numba
 import torch
 
 from griffon.allocator import keep_freed_memory
+from griffon.bench.machine import best_time, copy_bandwidth, machine
 from griffon.scan import linear_scan
-from griffon.scan.cpu import _n_split, _scan_backward, _scan_forward
-
-from common import best_time, copy_bandwidth, machine
+from griffon.scan.cpu import row_split, scan_backward, scan_forward
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--loop", action="store_true", help="also time the portable loop backend (slow)")
     p.add_argument("--json", help="write results here")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     B, T, D = args.batch, args.seq, args.dim
     n = B * T * D
 
@@ -47,11 +47,11 @@ def main() -> None:
     # Kernels alone, on preallocated buffers.
     h, last = torch.empty_like(x), torch.empty_like(h0)
     ga, gx, gh0 = torch.empty_like(x), torch.empty_like(x), torch.empty_like(h0)
-    ns = _n_split(B)
+    ns = row_split(B)
     arrs = [t.numpy() for t in (a, x, reset, h0, h, last)]
-    fwd = best_time(lambda: _scan_forward(*arrs, ns), args.repeats)
+    fwd = best_time(lambda: scan_forward(*arrs, ns), args.repeats)
     bargs = [t.numpy() for t in (a, reset, h0, h, g, last, ga, gx, gh0)]
-    bwd = best_time(lambda: _scan_backward(*bargs, ns), args.repeats)
+    bwd = best_time(lambda: scan_backward(*bargs, ns), args.repeats)
 
     results = {
         "machine": machine() | {"numba_threads": numba.get_num_threads()},
@@ -87,7 +87,3 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Structured FFN speed on this machine: training step and decode-time latency against dense.
 
-    python benchmarks/bench_ffn.py [--widths 1024 2048] [--tokens 4096] [--json out.json]
+    griffon bench ffn [--widths 1024 2048] [--tokens 4096] [--json out.json]
 
 FFN = the StructuredFFN papers' GeLU MLP (width -> 4 width -> width, biases), fp32. For each width:
 
@@ -9,7 +9,7 @@ FFN = the StructuredFFN papers' GeLU MLP (width -> 4 width -> width, biases), fp
    BlockDense B = 4 with R = 3w/4, 3w/8, the paper's xl rows scaled), with the speedup over dense.
 2. Decode latency (forward, no autograd) at 1, 4, 16, 64 tokens per call: dense, structured
    factors, pre-merged dense weight, and the thresholds that
-   :func:`griffon.nn.structured.calibrate_merge_thresholds` measures (what generation uses).
+   :func:`griffon.decode.calibrate_merge_thresholds` measures (what `griffon sample` uses).
 
 All ratios come from one run; run it on an otherwise idle machine.
 """
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from griffon.allocator import keep_freed_memory
+from griffon.bench.machine import best_time, machine, matmul_peak_flops
 from griffon.config import LinearStructure
+from griffon.decode.calibration import calibrate_merge_thresholds
 from griffon.nn.mlp import GeluMLP
-from griffon.nn.structured import StructuredLinear, calibrate_merge_thresholds
-
-from common import best_time, machine, matmul_peak_flops
+from griffon.nn.structured import StructuredLinear
 
 
 def kinds(width: int) -> dict[str, LinearStructure]:
@@ -62,13 +62,14 @@ def call_time(mlp: nn.Module, x: torch.Tensor, repeats: int) -> float:
         return best_time(lambda: mlp(x), repeats, warmup=3)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write results here")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     keep_freed_memory()  # as the trainer does: no page faults on every fresh activation
     torch.manual_seed(0)
     out: dict = {"machine": machine(), "peak_fp32_flops": matmul_peak_flops(), "tokens": args.tokens, "widths": {}}
@@ -92,7 +93,7 @@ def main() -> None:
             if structure.kind == "dense":
                 res["decode_us"][name] = {n: call_time(mlp, torch.randn(n, width), 20) * 1e6 for n in sizes}
                 continue
-            calibrated = calibrate_merge_thresholds(mlp)  # what generation does first
+            calibrated = calibrate_merge_thresholds(mlp)  # what griffon sample does first
             res["crossover_tokens"][name] = calibrated
             row = {}
             for n in sizes:
@@ -126,7 +127,3 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

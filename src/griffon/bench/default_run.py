@@ -1,6 +1,6 @@
 """Training throughput of the default run (`griffon train` defaults) in fp32 and bf16, with MFU.
 
-    python benchmarks/bench_default_run.py [--steps 5] [--json out.json]
+    griffon bench default-run [--steps 5] [--json out.json]
 
 Times optimizer steps of the default model and batch on the embedded corpus (after one warm-up
 step) under each precision, and divides the model's training FLOPs by the matmul throughput of
@@ -20,6 +20,7 @@ import torch
 
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
+from griffon.bench.machine import machine, matmul_peak_flops
 from griffon.data.loader import PackedLoader, TokenSplit
 from griffon.model import Griffon
 from griffon.train.config import TrainConfig
@@ -28,15 +29,14 @@ from griffon.train.optim import make_optimizer
 from griffon.train.parallelize import cpu_has_native_bf16
 from griffon.train.trainer import check_data_source, ensure_data
 
-from common import machine, matmul_peak_flops
 
-
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--bf16-steps", type=int, default=2, help="bf16 can be 100x slower on CPUs without bf16 matmuls")
     p.add_argument("--json")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     keep_freed_memory()
     cfg = TrainConfig()
     data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), check_data_source(cfg), True)
@@ -77,7 +77,3 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
