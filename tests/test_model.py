@@ -5,15 +5,9 @@ import torch
 
 from griffon import Griffon, get_preset
 
+from segments import doc_positions
+
 TOL = 1e-5
-
-
-def _doc_positions(T: int, starts: list[int]) -> torch.Tensor:
-    pos, p = [], 0
-    for t in range(T):
-        p = 0 if t == 0 or t in starts else p + 1
-        pos.append(p)
-    return torch.tensor(pos)
 
 
 @pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "mqa-tiny"])
@@ -23,7 +17,7 @@ def test_any_split_into_chunks_and_steps_gives_full_forward_logits(preset, seed)
     B, T = 2, 53  # griffin-tiny's window is 16: several windows long
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 256, (B, T), generator=g)
-    seg = torch.stack([_doc_positions(T, [19]), _doc_positions(T, [5, 40])])
+    seg = torch.stack([doc_positions(T, [19]), doc_positions(T, [5, 40])])
     # Random chunk lengths, many of them single steps.
     cuts, t = [0], 0
     while t < T:
@@ -42,7 +36,7 @@ def test_any_split_into_chunks_and_steps_gives_full_forward_logits(preset, seed)
 def test_query_blocks_do_not_change_attention(preset, monkeypatch):
     model = Griffon(get_preset(preset)).eval()
     tokens = torch.randint(0, 256, (2, 300))
-    seg = torch.stack([_doc_positions(300, [40, 211]), _doc_positions(300, [])])
+    seg = torch.stack([doc_positions(300, [40, 211]), doc_positions(300, [])])
     with torch.no_grad():
         want, _ = model(tokens, seg)
         monkeypatch.setattr("griffon.nn.attention._QUERY_BLOCK", 7)
@@ -87,7 +81,7 @@ def test_gradients_match_reference_scan():
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny").replace(num_layers=2)).double()
     tokens = torch.randint(0, 256, (2, 23))
-    seg = torch.stack([_doc_positions(23, [9]), _doc_positions(23, [])])
+    seg = torch.stack([doc_positions(23, [9]), doc_positions(23, [])])
     grads = {}
     for backend in ("cpu", "reference"):
         model.zero_grad()
@@ -103,7 +97,7 @@ def test_bf16_autocast_follows_the_float32_model():
     recurrence and norms stay float32, so logits and gradients stay close to float32's."""
     model = Griffon(get_preset("griffin-tiny"))
     tokens = torch.randint(0, 256, (2, 40))
-    seg = torch.stack([_doc_positions(40, [17]), _doc_positions(40, [])])
+    seg = torch.stack([doc_positions(40, [17]), doc_positions(40, [])])
     results = {}
     for name, ctx in [
         ("fp32", torch.autocast("cpu", enabled=False)),

@@ -94,7 +94,6 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Output projections start smaller in deeper models (the references' 2/num_layers).
         out_scale = 2.0 / cfg.num_layers
-        self.block_type = block_type
         self.temporal_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
         if block_type == "recurrent":
             self.temporal: RecurrentBlock | Attention = RecurrentBlock(
