@@ -148,6 +148,61 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sys.stdout.write(text.flush() + "\n")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import from_pretrained, resolve
+    from griffon.evaluate import plot_by_position, score_documents
+
+    results = {}
+    for name in args.models:
+        ckpt, tokenizer = resolve(name)
+        if tokenizer is None:
+            raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+        model = from_pretrained(ckpt, device=args.device)
+        docs = _eval_documents(args, tokenizer)
+        scores = score_documents(
+            model, docs, torch.from_numpy(tokenizer.token_bytes()), args.seq_len, args.batch_size, args.stride,
+            per_doc=args.per_doc, by_position=args.by_position or bool(args.png), max_len=args.max_len,
+            progress=sys.stderr.isatty(),
+        )  # fmt: skip
+        if scores.tokens == 0:
+            raise ValueError("nothing to score: every document holds fewer than 2 tokens")
+        s = scores.summary()
+        how = "sliding window" if model.config.has_global_attention else "whole documents, state carried"
+        print(f"{name}: loss {s['loss']:.4f} nats/token, perplexity {s['perplexity']:.3f}, "
+              f"{s['bits_per_byte']:.4f} bits/byte on {s['tokens']:,} tokens of {s['documents']} documents ({how})")  # fmt: skip
+        results[name] = scores.to_dict() | {"checkpoint": str(ckpt), "seq_len": args.seq_len}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+    if args.png:
+        plot_by_position(results, args.png, args.train_len)
+
+
+def _eval_documents(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    """The documents to score, as token ids of ``tokenizer``: a prepared split, or raw files."""
+    from griffon.data.loader import TokenSplit
+    from griffon.data.prepare import read_meta
+    from griffon.data.sources import DataError, iter_documents
+
+    if args.data:
+        meta = read_meta(args.data)
+        if meta["tokenizer"] != tokenizer.describe():
+            raise DataError(f"{args.data} was prepared with another tokenizer ({meta['tokenizer']}) than the model's")
+        split = TokenSplit.open(args.data, args.split)
+        offsets = split.doc_offsets
+        return [split.tokens[offsets[i] : offsets[i + 1]].astype("int64").tolist() for i in range(split.n_docs)]
+    files = args.text + args.jsonl
+    if not files:
+        raise ValueError("give the documents to score: --data DIR, --text FILE... or --jsonl FILE...")
+    return [tokenizer.encode(doc) for f in files for doc in iter_documents(f, args.field)]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from griffon.data.prepare import prepare
     from griffon.data.tokenizers import load_tokenizer
@@ -239,6 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode step: the model's own, fused CPU kernels, or torch.compile'd (a minute or so to "
                         "compile, then faster); auto: fused where it covers the model")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("eval", help="loss, perplexity and bits per byte of whole documents")
+    s.add_argument("models", nargs="+", help="runs, checkpoints or exported models (several: compared)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a prepared data directory (griffon data prepare)")
+    src.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text files, one document each")
+    src.add_argument("--jsonl", nargs="+", default=[], metavar="FILE", help="JSONL files, one document per line")
+    s.add_argument("--split", default="val", choices=["train", "val"], help="with --data: the split (default val)")
+    s.add_argument("--field", default="text", help="JSONL field holding the text")
+    s.add_argument("--seq-len", type=_positive, default=1024,
+                   help="tokens per forward chunk (the cache carries across chunks); global attention: the window")  # fmt: skip
+    s.add_argument("--stride", type=_positive, default=None, help="global attention: window stride (default seq-len/2)")
+    s.add_argument("--batch-size", type=_positive, default=8, help="documents per batch")
+    s.add_argument("--max-len", type=_positive, default=None, help="score only the first N tokens of each document")
+    s.add_argument("--per-doc", action="store_true", help="also give each document's scores (in --json)")
+    s.add_argument("--by-position", action="store_true", help="loss by token position (log-spaced buckets, in --json)")
+    s.add_argument("--png", help="plot loss by position here (implies --by-position)")
+    s.add_argument("--train-len", type=_positive, default=None, help="mark this training length in the plot")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", help="write the results here")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("data", help="data preparation")
     dsub = s.add_subparsers(dest="data_command", required=True)

@@ -1,14 +1,24 @@
-"""Validation loss and bits per byte: the core the trainer calls and a standalone evaluator builds on."""
+"""Validation loss, perplexity and bits per byte.
+
+:func:`evaluate` scores packed batches (the trainer's periodic and final evaluations);
+:func:`score_documents` scores whole documents of any length, the cache carried across chunks
+(``griffon eval``), with per-document and per-position breakdowns.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
+
+from griffon.model import Griffon
 
 
 @torch.no_grad()
@@ -29,16 +39,212 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    total_nats = total_tokens = total_bytes = 0.0
+    total = [0.0, 0, 0]  # nats, tokens, bytes
     for tokens, seg in batches:
         tokens, seg = tokens.to(device), seg.to(device)
         with autocast():
             logits, _ = model(tokens[:, :-1], seg[:, :-1])
-        targets = tokens[:, 1:].flatten()
-        total_nats += F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum").item()
-        total_tokens += targets.numel()
-        total_bytes += token_bytes[targets.cpu()].sum().item()
-    stats = reduce(torch.tensor([total_nats, total_tokens, total_bytes], dtype=torch.float64, device=device))
+        targets = tokens[:, 1:]
+        everything = torch.ones_like(targets, dtype=torch.bool)
+        _accumulate(logits, targets, seg[:, 1:], everything, token_bytes.to(device), [total] * len(targets), None)
+    stats = reduce(torch.tensor(total, dtype=torch.float64, device=device))
     model.train(was_training)
     nats, n, nbytes = stats.tolist()
     return {"val_loss": nats / n, "val_bpb": nats / math.log(2) / nbytes}
+
+
+@dataclass
+class Scores:
+    """Summed next-token scores of a set of documents (float64 sums).
+
+    Every token of a document but its first is scored, conditioned on all the tokens before it
+    in its document (recurrent and local-attention models) or on the last ``window`` tokens
+    (global attention, see :func:`score_documents`).
+    """
+
+    nats: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    documents: int = 0
+    per_doc: list[dict[str, float]] | None = None
+    by_position: dict[int, list[float]] | None = None
+    """Bucket k holds target positions in [2^k, 2^(k+1)) within their document: [nats, tokens, bytes]."""
+
+    def summary(self) -> dict[str, float]:
+        loss = self.nats / max(self.tokens, 1)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": self.nats / math.log(2) / max(self.bytes, 1),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+        }
+
+    def to_dict(self) -> dict:
+        out: dict = self.summary()
+        if self.per_doc is not None:
+            out["per_doc"] = self.per_doc
+        if self.by_position is not None:
+            out["by_position"] = [
+                {"from": 2**k, "to": 2 ** (k + 1), "loss": n / max(t, 1), "tokens": t, "bytes": b}
+                for k, (n, t, b) in sorted(self.by_position.items())
+            ]
+        return out
+
+
+@torch.no_grad()
+def score_documents(
+    model: Griffon,
+    documents: Sequence[Sequence[int]],
+    token_bytes: torch.Tensor,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    stride: int | None = None,
+    per_doc: bool = False,
+    by_position: bool = False,
+    max_len: int | None = None,
+    progress: bool = False,
+) -> Scores:
+    """Score whole documents (lists of token ids) with ``model``.
+
+    Recurrent and local-attention models read each document in chunks of ``seq_len`` tokens,
+    carrying their cache from chunk to chunk, so every token is conditioned on its whole document
+    and the result does not depend on ``seq_len`` or ``batch_size`` (to float32 rounding of the
+    logits; sums are float64). Global-attention models, whose cache grows without bound, read
+    windows of ``seq_len`` tokens every ``stride`` tokens (default ``seq_len // 2``) and score
+    each token once, in the first window that holds it after the window's first ``seq_len -
+    stride`` tokens (the first window scores all of its tokens): each token sees at least
+    ``seq_len - stride`` tokens of context, up to ``seq_len - 1``.
+
+    ``token_bytes`` (V,) gives each token's UTF-8 length (bits per byte count the scored tokens'
+    bytes). ``max_len`` scores only the first ``max_len`` tokens of each document.
+    """
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}")
+    model.eval()
+    device = model.embed.weight.device
+    token_bytes = token_bytes.to(device)
+    docs = [list(d)[:max_len] if max_len else list(d) for d in documents]
+    scores = Scores(per_doc=[] if per_doc else None, by_position={} if by_position else None)
+    per_doc_rows: dict[int, list[float]] = {i: [0.0, 0, 0] for i in range(len(docs))}
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))  # longest first: batches shrink
+    bar = tqdm(total=sum(max(len(d) - 1, 0) for d in docs), unit="tok", disable=not progress, desc="scoring")
+    for start in range(0, len(order), batch_size):
+        rows = [i for i in order[start : start + batch_size] if len(docs[i]) > 1]
+        if not rows:
+            continue
+        if model.config.has_global_attention:
+            for i in rows:
+                _score_windows(model, docs[i], seq_len, stride or max(1, seq_len // 2), token_bytes,
+                               per_doc_rows[i], scores.by_position, bar)  # fmt: skip
+        else:
+            _score_stateful(model, [docs[i] for i in rows], seq_len, token_bytes,
+                            [per_doc_rows[i] for i in rows], scores.by_position, bar)  # fmt: skip
+    bar.close()
+    for i in range(len(docs)):
+        nats, n, nbytes = per_doc_rows[i]
+        scores.nats += nats
+        scores.tokens += int(n)
+        scores.bytes += int(nbytes)
+        scores.documents += 1
+        if scores.per_doc is not None:
+            scores.per_doc.append({"tokens": int(n), "bytes": int(nbytes), "loss": nats / max(n, 1),
+                                   "bits_per_byte": nats / math.log(2) / max(nbytes, 1)})  # fmt: skip
+    return scores
+
+
+def _accumulate(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    token_bytes: torch.Tensor,
+    rows: list[list[float]],
+    by_position: dict[int, list[float]] | None,
+) -> None:
+    """Add the scores of ``targets`` (b, t) at document ``positions`` where ``valid`` to each row's sums."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+    nll = torch.where(valid, nll.double(), 0.0)
+    nbytes = torch.where(valid, token_bytes[targets], 0)
+    for r, row in enumerate(rows):
+        row[0] += nll[r].sum().item()
+        row[1] += int(valid[r].sum())
+        row[2] += int(nbytes[r].sum())
+    if by_position is not None:
+        bucket = torch.log2(positions.clamp_min(1).double()).floor().long()
+        for k in bucket[valid].unique().tolist():
+            sel = valid & (bucket == k)
+            acc = by_position.setdefault(k, [0.0, 0, 0])
+            acc[0] += nll[sel].sum().item()
+            acc[1] += int(sel.sum())
+            acc[2] += int(nbytes[sel].sum())
+
+
+def _score_stateful(model, docs, seq_len, token_bytes, rows, by_position, bar) -> None:
+    """Documents in lockstep, ``seq_len`` tokens at a time, the cache carried across chunks."""
+    device = model.embed.weight.device
+    lengths = torch.tensor([len(d) for d in docs])
+    L = int(lengths.max())
+    padded = torch.zeros(len(docs), L + 1, dtype=torch.long)
+    for r, d in enumerate(docs):
+        padded[r, : len(d)] = torch.tensor(d)
+    active = list(range(len(docs)))  # rows still reading (longest first, so a prefix)
+    cache = model.init_cache(len(docs))
+    for c0 in range(0, L - 1, seq_len):
+        still = [r for r in active if lengths[r] - 1 > c0]
+        if len(still) < len(active):
+            cache = cache.select(torch.tensor([active.index(r) for r in still], device=device))
+            active = still
+        c1 = min(c0 + seq_len, L - 1)
+        inputs = padded[active, c0:c1].to(device)  # (b, t): token p predicts token p + 1
+        targets = padded[active, c0 + 1 : c1 + 1].to(device)
+        positions = torch.arange(c0 + 1, c1 + 1, device=device).expand_as(targets)  # of the targets
+        seg = torch.arange(c0, c1, device=device).expand_as(inputs)
+        logits, cache = model(inputs, seg, cache=cache)
+        valid = positions < lengths[active][:, None].to(device)
+        _accumulate(logits, targets, positions, valid, token_bytes, [rows[r] for r in active], by_position)
+        bar.update(int(valid.sum()))
+
+
+def _score_windows(model, doc, window, stride, token_bytes, row, by_position, bar) -> None:
+    """One document through sliding windows of ``window`` tokens every ``stride`` tokens."""
+    device = model.embed.weight.device
+    tokens = torch.tensor(doc, device=device)
+    scored = 0  # targets up to this position are done
+    start = 0
+    while scored < len(doc) - 1:
+        end = min(start + window, len(doc))
+        inputs, targets = tokens[start : end - 1][None], tokens[start + 1 : end][None]
+        logits, _ = model(inputs, torch.arange(end - 1 - start, device=device)[None])
+        positions = torch.arange(start + 1, end, device=device)[None]
+        valid = positions > scored
+        _accumulate(logits, targets, positions, valid, token_bytes, [row], by_position)
+        bar.update(int(valid.sum()))
+        scored = end - 1
+        start += stride
+
+
+def plot_by_position(results: dict[str, dict], path: str | Path, train_len: int | None = None) -> None:
+    """Loss against token position (log-spaced buckets), one line per evaluated model, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        buckets = [b for b in result["by_position"] if b["tokens"]]
+        ax.plot([math.sqrt(b["from"] * b["to"]) for b in buckets], [b["loss"] for b in buckets], "o-", ms=3, label=name)
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"training length {train_len}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position in document")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

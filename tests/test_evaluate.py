@@ -1,0 +1,145 @@
+"""Scoring whole documents: chunk- and batch-size invariance, equality with one full forward,
+per-position buckets, sliding windows for global attention, and ``griffon eval``'s errors."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from griffon import Griffon, get_preset, save_pretrained
+from griffon.cli import main
+from griffon.data.tokenizers import ByteTokenizer
+from griffon.evaluate import score_documents
+
+BYTES = torch.ones(256, dtype=torch.long)
+
+
+def _docs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def _full_forward_nats(model, doc):
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(doc)[None])
+    return F.cross_entropy(logits[0, :-1].double(), torch.tensor(doc[1:]), reduction="sum").item()
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny"])
+def test_scores_do_not_depend_on_chunk_or_batch_size(preset):
+    torch.manual_seed(0)
+    model = Griffon(get_preset(preset))
+    docs = _docs([1, 2, 300, 1100, 57, 64, 65])
+    want = score_documents(model, docs, BYTES, seq_len=1024, batch_size=1)
+    assert want.tokens == sum(len(d) - 1 for d in docs if d) and want.documents == 7
+    for seq_len in (64, 257, 1024):
+        for batch_size in (1, 3, 8):
+            got = score_documents(model, docs, BYTES, seq_len=seq_len, batch_size=batch_size)
+            assert (got.tokens, got.bytes) == (want.tokens, want.bytes)
+            assert got.nats == pytest.approx(want.nats, rel=1e-6), (seq_len, batch_size)
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny"])
+def test_stateful_scoring_equals_one_full_forward_per_document(preset):
+    torch.manual_seed(0)
+    model = Griffon(get_preset(preset)).eval()
+    docs = _docs([40, 300, 129])  # longer than the window (16) and than the chunks
+    got = score_documents(model, docs, BYTES, seq_len=50, batch_size=2, per_doc=True)
+    for doc, row in zip(docs, got.per_doc, strict=True):
+        assert row["loss"] * row["tokens"] == pytest.approx(_full_forward_nats(model, doc), rel=1e-6)
+    assert got.nats == pytest.approx(sum(_full_forward_nats(model, d) for d in docs), rel=1e-6)
+
+
+def test_position_buckets_sum_to_the_total():
+    torch.manual_seed(0)
+    model = Griffon(get_preset("griffin-tiny"))
+    docs = _docs([3, 300, 700])
+    result = score_documents(model, docs, torch.randint(1, 4, (256,)), seq_len=128, by_position=True).to_dict()
+    buckets = result["by_position"]
+    assert [b["from"] for b in buckets] == [2**k for k in range(10)]  # positions 1 .. 699
+    assert sum(b["tokens"] for b in buckets) == result["tokens"]
+    assert sum(b["bytes"] for b in buckets) == result["bytes"]
+    assert sum(b["loss"] * b["tokens"] for b in buckets) == pytest.approx(result["loss"] * result["tokens"], rel=1e-9)
+    assert buckets[3]["tokens"] == 2 * 8  # positions 8..15 of the two long documents
+
+
+def test_global_attention_scores_every_token_once_in_sliding_windows():
+    torch.manual_seed(0)
+    model = Griffon(get_preset("mqa-tiny").replace(max_seq_len=None)).eval()
+    docs = _docs([100, 37])
+    whole = score_documents(model, docs, BYTES, seq_len=128)
+    assert whole.nats == pytest.approx(sum(_full_forward_nats(model, d) for d in docs), rel=1e-6)
+    windows = score_documents(model, docs, BYTES, seq_len=32, stride=8)
+    assert windows.tokens == whole.tokens
+    # the first window's tokens see the same context as in the full forward
+    first = score_documents(model, [docs[0][:32]], BYTES, seq_len=32)
+    assert first.nats == pytest.approx(_full_forward_nats(model, docs[0][:32]), rel=1e-6)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = Griffon(get_preset("griffin-tiny"))
+    save_pretrained(model, tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _fails(argv, capsys, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+
+
+def test_griffon_eval_command(checkpoint, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 30)
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "a short one"}) + "\n" + json.dumps({"text": "x" * 80}) + "\n"
+    )
+    out = tmp_path / "r.json"
+    argv = [
+        "eval",
+        str(checkpoint),
+        "--text",
+        str(tmp_path / "a.txt"),
+        "--seq-len",
+        "100",
+        "--per-doc",
+        "--json",
+        str(out),
+    ]
+    assert main(argv + ["--png", str(tmp_path / "p.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 30 * 44 - 1 and len(result["per_doc"]) == 1 and result["by_position"]
+    assert math.isclose(result["bits_per_byte"], result["loss"] / math.log(2))  # bytes: one byte per token
+    assert (tmp_path / "p.png").stat().st_size > 0
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    assert main(["eval", str(checkpoint), str(other), "--jsonl", str(tmp_path / "b.jsonl"), "--json", str(out)]) == 0
+    both = json.loads(out.read_text())
+    assert set(both) == {str(checkpoint), str(other)} and both[str(other)]["tokens"] == 10 + 79
+    capsys.readouterr()
+
+
+def test_griffon_eval_errors(checkpoint, tmp_path, capsys):
+    from griffon.data.prepare import prepare
+    from griffon.data.tokenizers import train_bpe
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\n")
+    (tmp_path / "ok.txt").write_text("some text " * 20)
+    _fails(["eval", str(checkpoint), "--text", str(tmp_path / "empty.txt")], capsys, "nothing to score")
+    _fails(["eval", str(checkpoint), "--text", str(tmp_path / "bad.txt")], capsys, "bad.txt:2: not UTF-8 text")
+    _fails(["eval", str(checkpoint)], capsys, "give the documents to score")
+    bare = tmp_path / "bare"
+    save_pretrained(Griffon(get_preset("griffin-tiny")), bare)
+    _fails(["eval", str(bare), "--text", str(tmp_path / "ok.txt")], capsys, "no tokenizer.json or tokenizer.model")
+    texts = [f"text number {i} " * 30 for i in range(20)]
+    tok = train_bpe(iter(texts), 300, tmp_path / "tok.json")
+    prepare([tmp_path / "ok.txt"] * 4, tok, tmp_path / "data", val_fraction=0.25, progress=False)
+    _fails(["eval", str(checkpoint), "--data", str(tmp_path / "data")], capsys, "prepared with another tokenizer")
+    with pytest.raises(SystemExit):
+        main(["eval", str(checkpoint), "--text", str(tmp_path / "ok.txt"), "--seq-len", "0"])
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
