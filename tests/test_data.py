@@ -195,3 +195,41 @@ def test_non_utf8_input_is_named_by_file_and_line(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"b.jsonl:2: not UTF-8 text \(byte 0xe9"):
         prepare([tmp_path / "b.jsonl"], ByteTokenizer(), tmp_path / "o", 0.0, progress=False)
+
+
+def _metaspace_tokenizer(path):
+    """An HF tokenizer.json in the Llama style: Metaspace pre-tokenizer ("▁" prepended) and byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", *alphabet]))
+    tok.save(str(path))
+    return load_tokenizer(path)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "metaspace", "sentencepiece"])
+def test_token_byte_counts_sum_to_the_decoded_text(kind, tmp_path):
+    """Bits per byte divide by these counts: the first token of a text must not count a
+    word-boundary marker the decoded text does not hold ("to be or not to be" is 18 bytes)."""
+    if kind == "bytes":
+        tok = ByteTokenizer()
+    elif kind == "bpe":
+        tok = train_bpe(iter(TEXTS), 300, tmp_path / "tok.json")
+    elif kind == "metaspace":
+        tok = _metaspace_tokenizer(tmp_path / "tok.json")
+    else:
+        spm = pytest.importorskip("sentencepiece")
+        (tmp_path / "corpus.txt").write_text("\n".join(TEXTS * 5))
+        spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                       vocab_size=290, byte_fallback=True, minloglevel=2)  # fmt: skip
+        tok = load_tokenizer(tmp_path / "sp.model")
+    for text in ["to be or not to be", "ünïcödé ✓ and 日本語, not in any training text", " leading space", "x"]:
+        ids = tok.encode(text)
+        decoded = tok.decode(ids)
+        assert tok.byte_counts(ids).sum() == len(decoded.encode("utf-8")), (text, decoded)
+        if decoded == text:
+            assert tok.byte_counts(ids).sum() == len(text.encode("utf-8"))
+    assert tok.byte_counts(tok.encode("to be or not to be")).sum() == 18

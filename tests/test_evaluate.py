@@ -14,7 +14,7 @@ from griffon.cli import main
 from griffon.data.tokenizers import ByteTokenizer
 from griffon.evaluate import score_documents
 
-BYTES = torch.ones(256, dtype=torch.long)
+BYTES = torch.ones(2, 256, dtype=torch.long)
 
 
 def _docs(lengths, seed=0):
@@ -57,7 +57,7 @@ def test_position_buckets_sum_to_the_total():
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny"))
     docs = _docs([3, 300, 700])
-    result = score_documents(model, docs, torch.randint(1, 4, (256,)), seq_len=128, by_position=True).to_dict()
+    result = score_documents(model, docs, torch.randint(1, 4, (2, 256)), seq_len=128, by_position=True).to_dict()
     buckets = result["by_position"]
     assert [b["from"] for b in buckets] == [2**k for k in range(10)]  # positions 1 .. 699
     assert sum(b["tokens"] for b in buckets) == result["tokens"]
@@ -143,3 +143,17 @@ def test_griffon_eval_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(checkpoint), "--text", str(tmp_path / "ok.txt"), "--seq-len", "0"])
     assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_packed_evaluation_counts_a_document_start_with_its_own_bytes():
+    """A sentencepiece-style first token decodes without its word-boundary space: row 1 of the table."""
+    from griffon.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = Griffon(get_preset("griffin-tiny"))
+    tokens = torch.randint(0, 256, (1, 21))
+    seg = torch.cat([torch.arange(9), torch.arange(12)])[None]  # a document starts at position 9
+    table = torch.stack([torch.full((256,), 3), torch.full((256,), 2)])
+    got = evaluate(model, [(tokens, seg)], table, torch.device("cpu"))
+    # 20 targets: the one at position 9 starts a document (2 bytes), the other 19 have 3
+    assert got["val_loss"] / math.log(2) / got["val_bpb"] == pytest.approx((19 * 3 + 2) / 20)

@@ -150,7 +150,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained, resolve
-    from griffon.evaluate import plot_by_position, score_documents
+    from griffon.evaluate import byte_table, plot_by_position, score_documents
 
     results = {}
     for name in args.models:
@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = from_pretrained(ckpt, device=args.device)
         docs = _eval_documents(args, tokenizer)
         scores = score_documents(
-            model, docs, torch.from_numpy(tokenizer.token_bytes()), args.seq_len, args.batch_size, args.stride,
+            model, docs, byte_table(tokenizer), args.seq_len, args.batch_size, args.stride,
             per_doc=args.per_doc, by_position=args.by_position or bool(args.png), max_len=args.max_len,
             progress=sys.stderr.isatty(),
         )  # fmt: skip

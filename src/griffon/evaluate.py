@@ -13,12 +13,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from griffon.data.tokenizers import Tokenizer
 from griffon.model import Griffon
+
+
+def byte_table(tokenizer: Tokenizer) -> torch.Tensor:
+    """(2, V) UTF-8 bytes per token: row 0 inside a document, row 1 as a document's first token
+    (:meth:`~griffon.data.tokenizers.Tokenizer.token_bytes`), the denominators of bits per byte."""
+    return torch.from_numpy(np.stack([tokenizer.token_bytes(), tokenizer.token_bytes(document_start=True)]))
 
 
 @torch.no_grad()
@@ -33,8 +41,8 @@ def evaluate(
     """Mean next-token loss (nats/token) and bits per byte over ``batches`` of (tokens, segment_pos),
     each (B, T + 1): the model reads the first T tokens of each row and predicts the last T.
 
-    ``token_bytes`` (V,) gives each token's UTF-8 length, so bits per byte compare models whatever
-    their tokenizers. Sums are float64; ``reduce`` combines them across ranks (a mean). The
+    ``token_bytes`` (:func:`byte_table`) gives each token's UTF-8 length, so bits per byte compare
+    models whatever their tokenizers. Sums are float64; ``reduce`` combines them across ranks (a mean). The
     model is put back in training mode if it was in it.
     """
     was_training = model.training
@@ -117,8 +125,8 @@ def score_documents(
     stride`` tokens (the first window scores all of its tokens): each token sees at least
     ``seq_len - stride`` tokens of context, up to ``seq_len - 1``.
 
-    ``token_bytes`` (V,) gives each token's UTF-8 length (bits per byte count the scored tokens'
-    bytes). ``max_len`` scores only the first ``max_len`` tokens of each document.
+    ``token_bytes`` (:func:`byte_table`) gives each token's UTF-8 length (bits per byte count the
+    scored tokens' bytes). ``max_len`` scores only the first ``max_len`` tokens of each document.
     """
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
@@ -168,7 +176,7 @@ def _accumulate(
     """Add the scores of ``targets`` (b, t) at document ``positions`` where ``valid`` to each row's sums."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
     nll = torch.where(valid, nll.double(), 0.0)
-    nbytes = torch.where(valid, token_bytes[targets], 0)
+    nbytes = torch.where(valid, token_bytes[(positions == 0).long(), targets], 0)  # a document's first: row 1
     for r, row in enumerate(rows):
         row[0] += nll[r].sum().item()
         row[1] += int(valid[r].sum())

@@ -7,7 +7,9 @@ can be sampled or resumed alone.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,9 +36,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
-    def token_bytes(self) -> np.ndarray:
-        """(vocab_size,) UTF-8 byte length of each token (0 for special tokens)."""
+    def token_bytes(self, document_start: bool = False) -> np.ndarray:
+        """(vocab_size,) UTF-8 byte length of each token (0 for special tokens), as it decodes
+        inside a text; with ``document_start``, as the first token of a text, where a tokenizer
+        that prepends a word-boundary marker (sentencepiece's dummy prefix) decodes it without its
+        leading space. So for the ids of any text, the first counted with ``document_start``, the
+        counts sum to the UTF-8 length of the decoded text."""
         raise NotImplementedError
+
+    def byte_counts(self, ids: list[int]) -> np.ndarray:
+        """UTF-8 bytes of each token of a text's ids (sums to the decoded text's length)."""
+        counts = self.token_bytes()[np.asarray(ids, dtype=np.int64)]
+        if len(ids):
+            counts[0] = self.token_bytes(document_start=True)[ids[0]]
+        return counts
 
     def save(self, directory: Path) -> None:
         """Write ``tokenizer.json`` (and any model file) into ``directory``."""
@@ -58,7 +71,7 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self, document_start: bool = False) -> np.ndarray:
         return np.ones(256, dtype=np.int64)
 
     def save(self, directory: Path) -> None:
@@ -95,14 +108,25 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_bytes(self) -> np.ndarray:
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+    def token_bytes(self, document_start: bool = False) -> np.ndarray:
+        spec = json.loads(self._tok.to_str())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        # A Metaspace pre-tokenizer that prepends "▁" to the text: its decoder drops that space again
+        prefix = document_start and _prepends_space(spec.get("pre_tokenizer"))
+        inverse = _byte_level_inverse() if byte_level else {}
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):
             piece = self._tok.id_to_token(i)
-            if piece is None or piece in special:
+            if piece is not None and _BYTE_FALLBACK.fullmatch(piece):
+                lengths[i] = 1  # a byte-fallback token, whether or not it is registered as special
+            elif piece is None or piece in special:
                 continue
-            lengths[i] = len(self._tok.decode([i]).encode("utf-8"))
+            elif byte_level and all(c in inverse for c in piece):
+                lengths[i] = len(piece)  # each character of the byte-level alphabet is one byte
+            else:
+                text = piece.replace("\u2581", " ")
+                lengths[i] = len(text.encode("utf-8")) - (1 if prefix and text.startswith(" ") else 0)
         return lengths
 
     def save(self, directory: Path) -> None:
@@ -134,7 +158,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self, document_start: bool = False) -> np.ndarray:
+        # The dummy prefix: sentencepiece prepends "▁" to a text and drops its space when decoding.
+        prefix = document_start and self._sp.encode("a", out_type=str)[0].startswith("\u2581")
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):
             if self._sp.is_control(i) or self._sp.is_unknown(i):
@@ -142,13 +168,46 @@ class SentencePieceTokenizer(Tokenizer):
             if self._sp.is_byte(i):
                 lengths[i] = 1
             else:
-                lengths[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                text = self._sp.id_to_piece(i).replace("\u2581", " ")
+                lengths[i] = len(text.encode("utf-8")) - (1 if prefix and text.startswith(" ") else 0)
         return lengths
 
     def save(self, directory: Path) -> None:
         atomic_write(Path(directory) / "tokenizer.model", lambda tmp: shutil.copyfile(self.path, tmp))
         text = json.dumps({"griffon_tokenizer": "sentencepiece", "model": "tokenizer.model"}) + "\n"
         atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text))
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@functools.cache
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (HF ``ByteLevel``): printable characters standing for bytes."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _prepends_space(pre_tokenizer: dict | None) -> bool:
+    """Whether an HF pre-tokenizer (possibly a sequence) is a Metaspace that prepends "▁" to a text."""
+    if not pre_tokenizer:
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_prepends_space(p) for p in pre_tokenizer.get("pretokenizers", []))
+    if pre_tokenizer.get("type") != "Metaspace":
+        return False
+    return pre_tokenizer.get("prepend_scheme", "always") in ("always", "first") or bool(
+        pre_tokenizer.get("add_prefix_space")
+    )
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:

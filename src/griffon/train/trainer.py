@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +31,7 @@ from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
 from griffon.data.prepare import prepare, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
-from griffon.evaluate import evaluate
+from griffon.evaluate import byte_table, evaluate
 from griffon.model import Griffon
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
@@ -145,7 +144,7 @@ def _train(
     info: D.DistInfo,
 ) -> TrainResult:
     data_dir = _open_run(cfg, run_dir, resume, tokenizer, info)
-    token_bytes = torch.from_numpy(np.load(data_dir / "token_bytes.npy", allow_pickle=False))
+    token_bytes = byte_table(load_tokenizer(data_dir))
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
 
     torch.manual_seed(cfg.seed)
