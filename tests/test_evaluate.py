@@ -74,6 +74,8 @@ def test_global_attention_scores_every_token_once_in_sliding_windows():
     assert whole.nats == pytest.approx(sum(_full_forward_nats(model, d) for d in docs), rel=1e-6)
     windows = score_documents(model, docs, BYTES, seq_len=32, stride=8)
     assert windows.tokens == whole.tokens
+    capped = score_documents(Griffon(get_preset("mqa-tiny")), _docs([300]), BYTES, seq_len=1024)  # max_seq_len 128
+    assert capped.tokens == 299  # windows of 128 tokens every 64, each token scored once
     # the first window's tokens see the same context as in the full forward
     first = score_documents(model, [docs[0][:32]], BYTES, seq_len=32)
     assert first.nats == pytest.approx(_full_forward_nats(model, docs[0][:32]), rel=1e-6)

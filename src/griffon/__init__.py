@@ -3,6 +3,7 @@
 from griffon.checkpoint import from_pretrained, resolve, save_pretrained
 from griffon.config import ConfigError, LinearStructure, ModelConfig
 from griffon.decode import generate, generate_stream, generate_text
+from griffon.evaluate import score_documents
 from griffon.model import Cache, Griffon
 from griffon.presets import get_preset, preset_names
 
@@ -22,4 +23,5 @@ __all__ = [
     "preset_names",
     "resolve",
     "save_pretrained",
+    "score_documents",
 ]

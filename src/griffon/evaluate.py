@@ -120,7 +120,8 @@ def score_documents(
     carrying their cache from chunk to chunk, so every token is conditioned on its whole document
     and the result does not depend on ``seq_len`` or ``batch_size`` (to float32 rounding of the
     logits; sums are float64). Global-attention models, whose cache grows without bound, read
-    windows of ``seq_len`` tokens every ``stride`` tokens (default ``seq_len // 2``) and score
+    windows of ``seq_len`` tokens (at most the model's ``max_seq_len``; positions restart at 0 in
+    each window) every ``stride`` tokens (default half a window) and score
     each token once, in the first window that holds it after the window's first ``seq_len -
     stride`` tokens (the first window scores all of its tokens): each token sees at least
     ``seq_len - stride`` tokens of context, up to ``seq_len - 1``.
@@ -145,8 +146,9 @@ def score_documents(
         if not rows:
             continue
         if model.config.has_global_attention:
+            window = min(seq_len, model.config.max_seq_len or seq_len)
             for i in rows:
-                _score_windows(model, docs[i], seq_len, stride or max(1, seq_len // 2), token_bytes,
+                _score_windows(model, docs[i], window, min(stride or max(1, window // 2), window), token_bytes,
                                per_doc_rows[i], scores.by_position, bar)  # fmt: skip
         else:
             _score_stateful(model, [docs[i] for i in rows], seq_len, token_bytes,
