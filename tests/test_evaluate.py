@@ -159,3 +159,33 @@ def test_packed_evaluation_counts_a_document_start_with_its_own_bytes():
     got = evaluate(model, [(tokens, seg)], table, torch.device("cpu"))
     # 20 targets: the one at position 9 starts a document (2 bytes), the other 19 have 3
     assert got["val_loss"] / math.log(2) / got["val_bpb"] == pytest.approx((19 * 3 + 2) / 20)
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "mqa-tiny"])
+def test_continuations_share_their_context_and_match_a_full_forward(preset, monkeypatch):
+    from griffon.evaluate import score_continuations
+
+    torch.manual_seed(0)
+    model = Griffon(get_preset(preset)).eval()
+    ctx_a, ctx_b = _docs([40, 7], seed=1)
+    requests = [(ctx_a, [5]), (ctx_a, [7, 8, 9]), (ctx_b, [1, 2]), (ctx_a, list(range(30)))]
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda tokens, *a, **k: (calls.append(tokens[0].tolist()), forward(tokens, *a, **k))[1]
+    )
+    got = score_continuations(model, requests, batch_size=2, chunk=16)
+    chunks = [c[i : i + 16] for c in (ctx_a, ctx_b) for i in range(0, len(c), 16)]
+    assert sorted(map(tuple, chunks)) == sorted(tuple(c) for c in calls if c in chunks)  # each context read once
+    assert len(calls) == len(chunks) + 3  # and the continuations in three batches: (0, 1), (3), (2)
+    monkeypatch.undo()
+    for (context, continuation), (logprob, greedy) in zip(requests, got, strict=True):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor(context + continuation)[None])
+        logp = logits[0, len(context) - 1 : -1].double().log_softmax(-1)
+        want = logp[torch.arange(len(continuation)), torch.tensor(continuation)].sum().item()
+        assert logprob == pytest.approx(want, abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(continuation)).all())
+    with torch.no_grad():  # a continuation greedy decoding produces is flagged greedy
+        greedy_next = int(model(torch.tensor(ctx_b)[None])[0][0, -1].argmax())
+    assert score_continuations(model, [(ctx_b, [greedy_next])])[0][1]

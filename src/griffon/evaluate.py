@@ -237,6 +237,53 @@ def _score_windows(model, doc, window, stride, token_bytes, row, by_position, ba
         start += stride
 
 
+@torch.no_grad()
+def score_continuations(
+    model: Griffon,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    chunk: int = 1024,
+) -> list[tuple[float, bool]]:
+    """For each ``(context, continuation)`` pair of token ids: the log-probability of the
+    continuation given the context, and whether greedy decoding would produce it (what
+    lm-evaluation-harness asks of ``loglikelihood``).
+
+    Requests that share a context (the choices of a multiple-choice question) prefill it once;
+    each continuation then starts from a copy of that cache, row by row in batches of
+    ``batch_size`` (a recurrent model's state is fixed-size, so the copies are cheap). A
+    continuation is padded at its end only, where padding cannot reach the scored tokens.
+    """
+    model.eval()
+    device = model.embed.weight.device
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, continuation) in enumerate(requests):
+        if len(context) == 0 or len(continuation) == 0:
+            raise ValueError(f"request {i}: context and continuation must both hold tokens")
+        by_context.setdefault(tuple(context), []).append(i)
+    for context, members in by_context.items():
+        ids = torch.tensor(context, device=device)[None]
+        cache = model.init_cache(1)
+        for start in range(0, ids.shape[1], chunk):
+            logits, cache = model(ids[:, start : start + chunk], cache=cache)
+        first = logits[0, -1].float().log_softmax(-1)  # predicts each continuation's first token
+        for b in range(0, len(members), batch_size):
+            rows = members[b : b + batch_size]
+            conts = [list(requests[i][1]) for i in rows]
+            T = max(len(c) for c in conts)
+            tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+            for r, c in enumerate(conts):
+                tokens[r, : len(c)] = torch.tensor(c)
+            copies = cache.select(torch.zeros(len(rows), dtype=torch.long, device=device))
+            logits, _ = model(tokens[:, :-1], cache=copies) if T > 1 else (None, None)
+            for r, c in enumerate(conts):
+                logp = [first] + ([] if logits is None else list(logits[r, : len(c) - 1].float().log_softmax(-1)))
+                total = sum(lp[t].item() for lp, t in zip(logp, c, strict=True))
+                greedy = all(int(lp.argmax()) == t for lp, t in zip(logp, c, strict=True))
+                results[rows[r]] = (total, greedy)
+    return results  # type: ignore[return-value]
+
+
 def plot_by_position(results: dict[str, dict], path: str | Path, train_len: int | None = None) -> None:
     """Loss against token position (log-spaced buckets), one line per evaluated model, as a PNG."""
     import matplotlib
