@@ -203,6 +203,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    try:
+        from griffon.harness import main as harness_main
+    except ImportError as e:
+        raise ValueError(f"griffon lm-eval needs lm-evaluation-harness: pip install 'griffon[eval]' ({e})") from None
+    rest = args.lm_eval_args
+    harness_main(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from griffon.data.prepare import prepare
     from griffon.data.tokenizers import load_tokenizer
@@ -316,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the results here")
     s.set_defaults(fn=cmd_eval)
 
+    s = sub.add_parser("lm-eval", add_help=False,
+                       help="lm-evaluation-harness with the griffon model and the offline tasks (needs griffon[eval])")  # fmt: skip
+    s.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
+    s.set_defaults(fn=cmd_lm_eval)
+
     s = sub.add_parser("data", help="data preparation")
     dsub = s.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("prepare", help="tokenize text/JSONL/parquet/HF-dataset inputs into token shards")
@@ -362,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from griffon.train.signals import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm_eval's, options included
+        argv = ["lm-eval", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

@@ -1,0 +1,127 @@
+"""griffon as an lm-evaluation-harness model: ``griffon lm-eval --model griffon --model_args pretrained=RUN ...``.
+
+Needs the optional extra ``griffon[eval]`` (``lm_eval``). Importing this module registers the model
+class :class:`GriffonLM` as ``griffon`` with lm-eval; ``griffon lm-eval`` does so and then runs
+lm-eval's own command line, so every lm-eval option works.
+
+Speed comes from the fixed-size state of recurrent models: requests that share a context (the
+choices of a multiple-choice question) prefill it once and continue each choice from a copy of
+the cache (:func:`griffon.evaluate.score_continuations`); rolling loglikelihood reads a document
+once with the state carried across chunks (:func:`griffon.evaluate.score_documents`) instead of
+re-encoding overlapping windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from griffon.checkpoint import from_pretrained, resolve
+from griffon.decode import generate_text
+from griffon.evaluate import byte_table, score_continuations, score_documents
+
+TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
+"""The offline task pack (``griffon_next_line``, ``griffon_last_word``): ``--include_path`` it."""
+
+
+@register_model("griffon")
+class GriffonLM(TemplateLM):
+    """A griffon run, checkpoint or exported model (``pretrained=PATH``) under lm-eval.
+
+    Model arguments: ``pretrained`` (required), ``batch_size`` (default 8), ``device`` (``cpu``;
+    ``cuda``, lm-eval's default, falls back to the CPU where there is no GPU),
+    ``max_length`` (tokens per chunk when reading long texts, default 1024), ``step`` (the decode
+    step for generation: ``auto``, ``model``, ``fused`` or ``compiled``).
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        batch_size: int | str = 8,
+        device: str = "cpu",
+        max_length: int = 1024,
+        step: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        ckpt, tokenizer = resolve(pretrained)
+        self.model_path = ckpt
+        if tokenizer is None:
+            raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's command line asks for cuda by default
+        self.model = from_pretrained(ckpt, device=device).eval()
+        self.griffon_tokenizer = tokenizer
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self.max_length = int(max_length)
+        self.step = step
+
+    @property
+    def eot_token_id(self) -> int:
+        # Without an EOS (the byte tokenizer), the newline byte conditions an empty context, as a
+        # document boundary would.
+        eos = self.griffon_tokenizer.eos_id
+        return eos if eos is not None else self.griffon_tokenizer.encode("\n")[-1]
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.griffon_tokenizer.encode(string)
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.griffon_tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        return score_continuations(self.model, pairs, self.batch_size, self.max_length)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-probability, its first token conditioned on the end-of-text token; the
+        text is read once, with the state carried across chunks of ``max_length`` tokens."""
+        table = byte_table(self.griffon_tokenizer)
+        out = []
+        for request in requests:
+            (text,) = request.args
+            ids = [self.eot_token_id, *self.tok_encode(text)]
+            scores = score_documents(self.model, [ids], table, self.max_length, 1)
+            out.append(-scores.nats)
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Continue each context until one of ``until`` (stop strings; default the end-of-text
+        token only) or ``max_gen_toks`` tokens; greedy unless ``do_sample`` or ``temperature > 0``."""
+        out = []
+        for request in requests:
+            context, gen_kwargs = request.args
+            kwargs = dict(gen_kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            temperature = float(kwargs.pop("temperature", 0.0))
+            if not kwargs.pop("do_sample", temperature > 0):
+                temperature = 0.0
+            text = generate_text(
+                self.model, self.griffon_tokenizer, [context or "\n"], max_new, stop_strings=until,
+                temperature=temperature, top_p=kwargs.pop("top_p", None), top_k=kwargs.pop("top_k", None),
+                seed=kwargs.pop("seed", 0), step=self.step,
+            )[0]  # fmt: skip
+            out.append(text)
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``griffon`` model registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in argv:  # the offline task pack, unless another is given
+        argv += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm_eval", *argv]
+    torch.set_grad_enabled(False)
+    cli_evaluate()

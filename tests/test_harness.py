@@ -1,0 +1,70 @@
+"""griffon under lm-evaluation-harness: the offline tasks end to end, and each request type against
+griffon's own scoring and generation."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from griffon import Griffon, get_preset, save_pretrained  # noqa: E402
+from griffon.data.tokenizers import ByteTokenizer  # noqa: E402
+from griffon.harness import TASKS_DIR, GriffonLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt")
+    save_pretrained(Griffon(get_preset("griffin-tiny")), path)
+    ByteTokenizer().save(path)
+    return GriffonLM(pretrained=str(path), batch_size=3, max_length=64)
+
+
+def test_offline_tasks_run_end_to_end(lm):
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["griffon_next_line", "griffon_last_word"], task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        limit=6,
+    )["results"]  # fmt: skip
+    assert 0.0 <= results["griffon_next_line"]["acc,none"] <= 1.0
+    assert results["griffon_last_word"]["perplexity,none"] > 1.0
+
+
+def _full_logprob(model, ids):
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(ids)[None])
+    return -F.cross_entropy(logits[0, :-1].double(), torch.tensor(ids[1:]), reduction="sum").item()
+
+
+def test_request_types_match_griffon(lm):
+    text = "Now is the winter of our discontent made glorious summer by this sun of York. " * 3
+    request = Instance("loglikelihood_rolling", {}, (text,), 0)
+    (rolling,) = lm.loglikelihood_rolling([request])
+    assert rolling == pytest.approx(_full_logprob(lm.model, [lm.eot_token_id, *lm.tok_encode(text)]), abs=1e-3)
+
+    requests = [
+        Instance("loglikelihood", {}, ("To be, or not", choice), i) for i, choice in enumerate([" to be", " so"])
+    ]
+    for (logprob, _), (_, choice) in zip(lm.loglikelihood(requests), (r.args for r in requests), strict=True):
+        ids = lm.tok_encode("To be, or not" + choice)
+        want = _full_logprob(lm.model, ids) - _full_logprob(lm.model, lm.tok_encode("To be, or not"))
+        assert logprob == pytest.approx(want, abs=1e-3)
+
+    free = lm.generate_until([Instance("generate_until", {}, ("KING:", {"until": [], "max_gen_toks": 12}), 0)])[0]
+    assert len(lm.tok_encode(free)) == 12  # greedy, byte tokens: 12 of them
+    stop = free[4:6]
+    cut = lm.generate_until([Instance("generate_until", {}, ("KING:", {"until": [stop], "max_gen_toks": 12}), 0)])[0]
+    assert cut == free[: free.find(stop)]
+
+
+def test_griffon_lm_eval_command(lm, tmp_path, capsys):
+    from griffon.cli import main
+
+    ckpt = lm.model_path
+    argv = ["lm-eval", "--model", "griffon", "--model_args", f"pretrained={ckpt}", "--tasks", "griffon_next_line",
+            "--limit", "3", "--output_path", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert "griffon_next_line" in capsys.readouterr().out
