@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--include_path" not in argv:  # the offline task pack, unless another is given
         argv += ["--include_path", str(TASKS_DIR)]
-    sys.argv = ["lm_eval", *argv]
-    torch.set_grad_enabled(False)
-    cli_evaluate()
+    saved, sys.argv = sys.argv, ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
