@@ -7,6 +7,7 @@ beside its destination, then renamed, with the modes the user's umask gives.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -91,3 +92,14 @@ def remove_leftovers(directory: Path) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return found
+
+
+def describe_os_error(e: BaseException) -> str:
+    """One line for a failed file operation: a full disk named as such, whichever library noticed
+    it (safetensors reports it in its own words), else the OS's message and the paths involved."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
+        return "no space left on device"
+    if isinstance(e, OSError) and e.strerror:
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{e.strerror}: {where}" if where else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from griffon.atomic import describe_os_error
     from griffon.train.signals import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -392,15 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"griffon {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that is missing, not a directory, not writable, or a full disk
-        print(f"griffon {args.command}: error: {_describe_os_error(e)}", file=sys.stderr)
+        print(f"griffon {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _describe_os_error(e: OSError) -> str:
-    where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-    what = e.strerror or str(e)
-    return f"{what}: {where}" if where else what
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ def evaluate(
         tokens, seg = tokens.to(device), seg.to(device)
         with autocast():
             logits, _ = model(tokens[:, :-1], seg[:, :-1])
-        targets = tokens[:, 1:]
+        targets = tokens[:, 1:].reshape(1, -1)  # the batch as one row: one sum for all of it
         everything = torch.ones_like(targets, dtype=torch.bool)
-        _accumulate(logits, targets, seg[:, 1:], everything, token_bytes.to(device), [total] * len(targets), None)
+        _accumulate(logits.reshape(1, targets.shape[1], -1), targets, seg[:, 1:].reshape(1, -1), everything,
+                    token_bytes.to(device), [total], None)  # fmt: skip
     stats = reduce(torch.tensor(total, dtype=torch.float64, device=device))
     model.train(was_training)
     nats, n, nbytes = stats.tolist()
@@ -161,7 +162,7 @@ def score_documents(
         scores.bytes += int(nbytes)
         scores.documents += 1
         if scores.per_doc is not None:
-            scores.per_doc.append({"tokens": int(n), "bytes": int(nbytes), "loss": nats / max(n, 1),
+            scores.per_doc.append({"tokens": int(n), "bytes": int(nbytes), "nats": nats, "loss": nats / max(n, 1),
                                    "bits_per_byte": nats / math.log(2) / max(nbytes, 1)})  # fmt: skip
     return scores
 

@@ -82,14 +82,10 @@ class GriffonLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Each text's log-probability, its first token conditioned on the end-of-text token; the
         text is read once, with the state carried across chunks of ``max_length`` tokens."""
-        table = byte_table(self.griffon_tokenizer)
-        out = []
-        for request in requests:
-            (text,) = request.args
-            ids = [self.eot_token_id, *self.tok_encode(text)]
-            scores = score_documents(self.model, [ids], table, self.max_length, 1)
-            out.append(-scores.nats)
-        return out
+        docs = [[self.eot_token_id, *self.tok_encode(request.args[0])] for request in requests]
+        scores = score_documents(self.model, docs, byte_table(self.griffon_tokenizer), self.max_length,
+                                 self.batch_size, per_doc=True)  # fmt: skip
+        return [-row["nats"] for row in scores.per_doc]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continue each context until one of ``until`` (stop strings; default the end-of-text

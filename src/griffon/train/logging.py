@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from griffon.atomic import atomic_write
+from griffon.atomic import atomic_write, describe_os_error
 
 CSV_FIELDS = ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
 
@@ -85,7 +85,7 @@ class RunLogger:
                 f.write(json.dumps(record) + "\n")
             self._write_csv(record)
         except OSError as e:
-            raise LogWriteError(f"cannot write the log in {self.run_dir}: {e.strerror or e}") from None
+            raise LogWriteError(f"cannot write the log in {self.run_dir}: {describe_os_error(e)}") from None
         if not sys.stderr.isatty():  # no progress bar in logs: print the record instead
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
             sys.stderr.write(" ".join(f"{k}={v}" for k, v in shown.items()) + "\n")

@@ -13,7 +13,6 @@ self-guided draws are seeded by step), so no RNG state is saved: resuming is exa
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from griffon.atomic import atomic_directory, remove_tree
+from griffon.atomic import atomic_directory, describe_os_error, remove_tree
 from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, from_pretrained, run_checkpoints, write_model
 from griffon.model import Griffon
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
@@ -111,19 +110,10 @@ def save_checkpoint(
             save_tree(training_state, tmp / OPTIMIZER_NAME)
             (tmp / STATE_NAME).write_text(progress.to_json())
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_error(e)}") from None
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_os_error(e)}") from None
     for old in run_checkpoints(run_dir)[:-keep]:
         remove_tree(old)
     return final
-
-
-def describe_write_error(e: BaseException) -> str:
-    """One line for a failed write; a full disk is named as such, whichever library noticed it."""
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
-        return "no space left on device"
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], Progress]:

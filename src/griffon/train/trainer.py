@@ -144,7 +144,7 @@ def _train(
     info: D.DistInfo,
 ) -> TrainResult:
     data_dir = _open_run(cfg, run_dir, resume, tokenizer, info)
-    token_bytes = byte_table(load_tokenizer(data_dir))
+    token_bytes = byte_table(tokenizer)  # check_data_source's: the data's (ensure_data checks it is)
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
 
     torch.manual_seed(cfg.seed)
@@ -237,8 +237,6 @@ def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, tokenizer: Tokenize
             )
         clean_run_dir(run_dir)
     data_dir = ensure_data(cfg, run_dir, tokenizer, info.is_main)
-    tokenizer = load_tokenizer(data_dir)
-    _check_vocab(tokenizer, cfg)
     if info.is_main:
         tokenizer.save(run_dir)
         atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(cfg.to_json()))
