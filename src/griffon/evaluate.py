@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from griffon.data.tokenizers import Tokenizer
+from griffon.decode.generate import prefill
 from griffon.model import Griffon
 
 
@@ -263,11 +264,8 @@ def score_continuations(
             raise ValueError(f"request {i}: context and continuation must both hold tokens")
         by_context.setdefault(tuple(context), []).append(i)
     for context, members in by_context.items():
-        ids = torch.tensor(context, device=device)[None]
-        cache = model.init_cache(1)
-        for start in range(0, ids.shape[1], chunk):
-            logits, cache = model(ids[:, start : start + chunk], cache=cache)
-        first = logits[0, -1].float().log_softmax(-1)  # predicts each continuation's first token
+        last, cache = prefill(model, [context], chunk)
+        first = last[0].float().log_softmax(-1)  # predicts each continuation's first token
         for b in range(0, len(members), batch_size):
             rows = members[b : b + batch_size]
             conts = [list(requests[i][1]) for i in rows]
