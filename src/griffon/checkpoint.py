@@ -101,7 +101,8 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
-    """The checkpoint a path stands for, and the tokenizer that goes with it (None if there is none).
+    """The checkpoint a path stands for, and the tokenizer that goes with it (None if there is none;
+    :func:`resolve_with_tokenizer` where one is needed).
 
     ``path`` is a checkpoint directory (``save_pretrained``, ``griffon convert``, a run's
     ``checkpoints/step_*``) or a training run (its newest checkpoint). The tokenizer is the
@@ -121,4 +122,12 @@ def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
     return ckpt, None
 
 
-__all__ = ["CheckpointError", "from_pretrained", "resolve", "save_pretrained"]
+def resolve_with_tokenizer(path: str | Path) -> tuple[Path, Tokenizer]:
+    """:func:`resolve`, for commands that need the tokenizer: :class:`CheckpointError` if there is none."""
+    ckpt, tokenizer = resolve(path)
+    if tokenizer is None:
+        raise CheckpointError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+    return ckpt, tokenizer
+
+
+__all__ = ["CheckpointError", "from_pretrained", "resolve", "resolve_with_tokenizer", "save_pretrained"]

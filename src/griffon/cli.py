@@ -124,12 +124,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained, resolve
+    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.decode import TextStream, calibrate_merge_thresholds, stream_tokens
 
-    ckpt, tokenizer = resolve(args.model)
-    if tokenizer is None:
-        raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+    ckpt, tokenizer = resolve_with_tokenizer(args.model)
     model = from_pretrained(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
@@ -149,14 +147,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained, resolve
+    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.evaluate import byte_table, plot_by_position, score_documents
 
     results = {}
     for name in args.models:
-        ckpt, tokenizer = resolve(name)
-        if tokenizer is None:
-            raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+        ckpt, tokenizer = resolve_with_tokenizer(name)
         model = from_pretrained(ckpt, device=args.device)
         docs = _eval_documents(args, tokenizer)
         scores = score_documents(

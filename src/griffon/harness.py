@@ -20,7 +20,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from griffon.checkpoint import from_pretrained, resolve
+from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
 from griffon.decode import generate_text
 from griffon.evaluate import byte_table, score_continuations, score_documents
 
@@ -48,10 +48,8 @@ class GriffonLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        ckpt, tokenizer = resolve(pretrained)
+        ckpt, tokenizer = resolve_with_tokenizer(pretrained)
         self.model_path = ckpt
-        if tokenizer is None:
-            raise ValueError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default
         self.model = from_pretrained(ckpt, device=device).eval()
