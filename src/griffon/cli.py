@@ -147,6 +147,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from griffon.atomic import atomic_write
     from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.evaluate import byte_table, plot_by_position, score_documents
 
@@ -168,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"{s['bits_per_byte']:.4f} bits/byte on {s['tokens']:,} tokens of {s['documents']} documents ({how})")  # fmt: skip
         results[name] = scores.to_dict() | {"checkpoint": str(ckpt), "seq_len": args.seq_len}
     if args.json:
-        Path(args.json).write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+        text = json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
     if args.png:
         plot_by_position(results, args.png, args.train_len)
 
