@@ -210,26 +210,48 @@ def _metaspace_tokenizer(path):
     return load_tokenizer(path)
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bpe", "metaspace", "sentencepiece"])
+TOKENIZER_KINDS = ["bytes", "bpe", "metaspace", "sentencepiece"]
+UNSEEN_TEXTS = ["to be or not to be", "ünïcödé ✓ and 日本語, not in any training text", " leading space", "x"]
+
+
+def _tokenizer(kind, tmp_path):
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return train_bpe(iter(TEXTS), 300, tmp_path / "tok.json")
+    if kind == "metaspace":
+        return _metaspace_tokenizer(tmp_path / "tok.json")
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(TEXTS * 5))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=290, byte_fallback=True, minloglevel=2)  # fmt: skip
+    return load_tokenizer(tmp_path / "sp.model")
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
 def test_token_byte_counts_sum_to_the_decoded_text(kind, tmp_path):
     """Bits per byte divide by these counts: the first token of a text must not count a
     word-boundary marker the decoded text does not hold ("to be or not to be" is 18 bytes)."""
-    if kind == "bytes":
-        tok = ByteTokenizer()
-    elif kind == "bpe":
-        tok = train_bpe(iter(TEXTS), 300, tmp_path / "tok.json")
-    elif kind == "metaspace":
-        tok = _metaspace_tokenizer(tmp_path / "tok.json")
-    else:
-        spm = pytest.importorskip("sentencepiece")
-        (tmp_path / "corpus.txt").write_text("\n".join(TEXTS * 5))
-        spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                       vocab_size=290, byte_fallback=True, minloglevel=2)  # fmt: skip
-        tok = load_tokenizer(tmp_path / "sp.model")
-    for text in ["to be or not to be", "ünïcödé ✓ and 日本語, not in any training text", " leading space", "x"]:
+    tok = _tokenizer(kind, tmp_path)
+    for text in UNSEEN_TEXTS:
         ids = tok.encode(text)
         decoded = tok.decode(ids)
         assert tok.byte_counts(ids).sum() == len(decoded.encode("utf-8")), (text, decoded)
         if decoded == text:
             assert tok.byte_counts(ids).sum() == len(text.encode("utf-8"))
     assert tok.byte_counts(tok.encode("to be or not to be")).sum() == 18
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_hf_export_encodes_like_griffon(kind, tmp_path):
+    """``save_hf`` writes what ``AutoTokenizer`` loads, with the same ids for every text (special
+    tokens requested or not: none is added) and the same decoded text."""
+    transformers = pytest.importorskip("transformers")
+    tok = _tokenizer(kind, tmp_path)
+    tok.save_hf(tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*UNSEEN_TEXTS, "a\n\nb  c\t", TEXTS[3]]:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=True) == hf.encode(text, add_special_tokens=False) == ids, text
+        assert hf.decode(ids) == tok.decode(ids)
+    assert hf.eos_token_id == (tok.eos_id if tok.eos_id is not None else ord("\n"))

@@ -47,6 +47,26 @@ def test_mixed_length_batch_equals_rows_alone(name):
         assert row == generate(model, [prompt], 25, temperature=0.0)[0]
 
 
+@pytest.mark.parametrize("name", PRESETS)
+@torch.inference_mode()
+def test_padded_prefill_equals_each_prompt_alone(name):
+    """Left padding is a document of its own: each prompt's last logits, and the logits of a chunk
+    continued from its cache, equal the prompt's own. Prompts longer and shorter than the window,
+    prefilled in chunks that split them unevenly."""
+    from griffon.decode.generate import prefill
+
+    model = _model(name)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (1, 37, 5, 18)]
+    nxt = torch.randint(0, 256, (len(prompts), 23))
+    last, cache = prefill(model, prompts, chunk=16, pad=True)
+    after, _ = model(nxt, cache=cache)
+    for row, prompt in enumerate(prompts):
+        want_last, alone = prefill(model, [prompt], chunk=16)
+        want_after, _ = model(nxt[row : row + 1], cache=alone)
+        torch.testing.assert_close(last[row], want_last[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after[row], want_after[0], rtol=1e-5, atol=1e-5)
+
+
 def _cut_after(tokens, stop):
     """tokens up to and including the first occurrence of the sequence ``stop``."""
     for i in range(len(stop), len(tokens) + 1):

@@ -68,3 +68,34 @@ def test_griffon_lm_eval_command(lm, tmp_path, capsys):
             "--limit", "3", "--output_path", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0
     assert "griffon_next_line" in capsys.readouterr().out
+
+
+def test_same_loglikelihoods_as_lm_eval_hf_model_on_the_export(lm, tmp_path):
+    """The checkpoint exported with ``griffon export-hf`` and scored by lm-eval's own ``hf`` model
+    gives every request the same loglikelihood (fp32, within 1e-4) and greedy flag: griffon's
+    prefill-once scoring changes the cost, not the numbers. The tasks' texts are longer than the
+    model's attention window."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import lm_eval.models  # noqa: F401 - registers lm-eval's own models, ``hf`` among them
+
+    from griffon.cli import main
+
+    assert main(["export-hf", str(lm.model_path), str(tmp_path / "hf")]) == 0
+    tasks = ["griffon_next_line", "griffon_last_word"]
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    ours = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=8, log_samples=True)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+                                     device="cpu", batch_size=3, tasks=tasks, task_manager=manager, limit=8,
+                                     log_samples=True)  # fmt: skip
+    assert torch.is_grad_enabled()
+    for task in tasks:
+        pairs = [
+            (mine, hf)
+            for a, b in zip(ours["samples"][task], theirs["samples"][task], strict=True)
+            for mine, hf in zip(a["resps"], b["resps"], strict=True)
+        ]
+        assert len(pairs) >= 8
+        for (mine,), (hf,) in pairs:
+            assert mine[0] == pytest.approx(hf[0], abs=1e-4)
+            assert bool(mine[1]) == bool(hf[1])

@@ -98,8 +98,11 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     from griffon.checkpoint import resolve
     from griffon.convert import export_hf
 
-    export_hf(resolve(args.src)[0], args.dst)
+    ckpt, tokenizer = resolve(args.src)
+    export_hf(ckpt, args.dst, tokenizer)
     print(f"wrote HF RecurrentGemma checkpoint to {args.dst}")
+    if tokenizer is None:
+        print(f"no tokenizer found for {args.src}: {args.dst} holds the model only")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

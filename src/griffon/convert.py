@@ -24,6 +24,7 @@ from griffon.checkpoint import (
     save_state_dict,
 )
 from griffon.config import ConfigError, ModelConfig
+from griffon.data.tokenizers import Tokenizer
 from griffon.model import Griffon
 from griffon.presets import get_preset
 
@@ -352,8 +353,9 @@ def convert(
     return cfg
 
 
-def export_hf(model_dir: str | Path, dst: str | Path) -> None:
-    """Write a griffon checkpoint as an HF RecurrentGemma directory (config.json + model.safetensors)."""
+def export_hf(model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    """Write a griffon checkpoint as an HF RecurrentGemma directory (config.json + model.safetensors),
+    with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)."""
     from griffon.checkpoint import load_config
 
     cfg = load_config(model_dir)
@@ -366,6 +368,8 @@ def export_hf(model_dir: str | Path, dst: str | Path) -> None:
     with atomic_directory(dst) as tmp:
         save_state_dict(hf_state, tmp / "model.safetensors", {"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_hf(tmp)
 
 
 __all__ = ["ConversionError", "convert", "export_hf", "config_from_deepmind", "config_from_hf"]

@@ -2,7 +2,8 @@
 
 Every tokenizer maps text to ids and back, knows its vocabulary size and how many UTF-8 bytes
 each id stands for (for bits-per-byte), and saves itself into a run directory so that the run
-can be sampled or resumed alone.
+can be sampled or resumed alone, or into an exported HF directory in a form that
+``transformers.AutoTokenizer`` loads and that encodes every text to the same ids.
 """
 
 from __future__ import annotations
@@ -55,8 +56,18 @@ class Tokenizer:
         """Write ``tokenizer.json`` (and any model file) into ``directory``."""
         raise NotImplementedError
 
+    def save_hf(self, directory: Path) -> None:
+        """Write the files ``transformers.AutoTokenizer.from_pretrained(directory)`` reads, encoding
+        every text as :meth:`encode` does (no special tokens added)."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
+
+
+def _write_tokenizer_config(directory: Path, fields: dict) -> None:
+    text = json.dumps(fields, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(Path(directory) / "tokenizer_config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class ByteTokenizer(Tokenizer):
@@ -77,6 +88,24 @@ class ByteTokenizer(Tokenizer):
     def save(self, directory: Path) -> None:
         text = json.dumps({"griffon_tokenizer": "bytes"}) + "\n"
         atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text))
+
+    def save_hf(self, directory: Path) -> None:
+        """A byte-level BPE without merges: GPT-2's byte alphabet, the character for byte b at id b.
+
+        HF tokenizers need an end-of-text token and the 256 ids leave no room for one, so the
+        newline (id 10) is declared as such, as griffon's lm-eval model uses it; HF's
+        ``decode(..., skip_special_tokens=True)`` then drops newlines.
+        """
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers
+
+        alphabet = _byte_level_inverse()
+        tok = _Tok(models.BPE(vocab=dict(alphabet), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
+        newline = next(char for char, byte in alphabet.items() if byte == ord("\n"))
+        _write_tokenizer_config(directory, {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": newline})
 
 
 class HFTokenizer(Tokenizer):
@@ -132,6 +161,13 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: Path) -> None:
         atomic_write(Path(directory) / "tokenizer.json", lambda tmp: shutil.copyfile(self.path, tmp))
 
+    def save_hf(self, directory: Path) -> None:
+        self.save(directory)
+        fields: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.eos_id is not None:
+            fields["eos_token"] = self._tok.id_to_token(self.eos_id)
+        _write_tokenizer_config(directory, fields)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece ``.model`` file, such as Gemma's (needs the ``sentencepiece`` package)."""
@@ -176,6 +212,15 @@ class SentencePieceTokenizer(Tokenizer):
         atomic_write(Path(directory) / "tokenizer.model", lambda tmp: shutil.copyfile(self.path, tmp))
         text = json.dumps({"griffon_tokenizer": "sentencepiece", "model": "tokenizer.model"}) + "\n"
         atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text))
+
+    def save_hf(self, directory: Path) -> None:
+        """``tokenizer.model`` as a generic fast tokenizer, which transformers (5 and later) builds
+        from the model file's own settings; ``GemmaTokenizer`` would impose Gemma's normalisation
+        on any other model. No BOS or EOS is added, as in :meth:`encode`."""
+        atomic_write(Path(directory) / "tokenizer.model", lambda tmp: shutil.copyfile(self.path, tmp))
+        _write_tokenizer_config(
+            directory, {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False}
+        )
 
 
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -53,24 +53,47 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def _prefill_equal(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
-    """Run prompts of one length through a cache in chunks; return their last logits (n, V) and the cache."""
+def _prefill_batch(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
+    """Run prompts through one batch of caches in chunks; return their last logits (n, V) and the cache.
+
+    Shorter prompts are left-padded, the padding a document of its own: each prompt starts a new
+    document (``segment_pos`` 0) at its first token, where the recurrence and convolution restart
+    and attention stops looking back, so no padding reaches a prompt's state or logits. Positions
+    inside the document (RoPE) are the same as without padding.
+    """
     device = model.embed.weight.device
-    tokens = torch.tensor([list(p) for p in prompts], device=device)  # (n, T)
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # (n, T)
+    segment_pos = torch.arange(T, device=device).repeat(len(prompts), 1)  # (n, T)
+    for row, p in enumerate(prompts):
+        pad = T - len(p)
+        tokens[row, pad:] = torch.as_tensor(list(p), device=device)
+        segment_pos[row, pad:] -= pad
     cache = model.init_cache(tokens.shape[0])
-    for start in range(0, tokens.shape[1], chunk):
-        logits, cache = model(tokens[:, start : start + chunk], cache=cache)
+    for start in range(0, T, chunk):
+        logits, cache = model(tokens[:, start : start + chunk], segment_pos[:, start : start + chunk], cache=cache)
     return logits[:, -1], cache
 
 
-def prefill(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int = 1024) -> tuple[torch.Tensor, Cache]:
+def prefill(
+    model: Griffon, prompts: Sequence[Sequence[int]], chunk: int = 1024, pad: bool = False
+) -> tuple[torch.Tensor, Cache]:
     """Run prompts of any lengths through a fresh cache in chunks of ``chunk`` tokens; return
-    their last logits (B, V) and the cache. Prompts of equal length go together, as one batch
-    (no padding enters any state); the caches are then stacked back into the prompts' order."""
+    their last logits (B, V) and the cache.
+
+    By default prompts of equal length go together, as one batch, and the caches are then stacked
+    back into the prompts' order: no compute is spent on padding, which suits a few prompts of
+    very different lengths. With ``pad``, all prompts run as one batch, the shorter ones
+    left-padded by a document of their own that no prompt can see: fewer, larger calls, which
+    suits many prompts of similar lengths (scoring). Both give the same logits and states, to
+    float rounding.
+    """
+    if pad:
+        return _prefill_batch(model, prompts, chunk)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
-    parts = [(rows, *_prefill_equal(model, [prompts[i] for i in rows], chunk)) for rows in groups.values()]
+    parts = [(rows, *_prefill_batch(model, [prompts[i] for i in rows], chunk)) for rows in groups.values()]
     logits = torch.cat([part[1] for part in parts])  # (B, V) in group order
     cache = Cache.stack([part[2] for part in parts])
     order = [i for part in parts for i in part[0]]
