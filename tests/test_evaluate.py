@@ -169,15 +169,22 @@ def test_continuations_share_their_context_and_match_a_full_forward(preset, monk
     model = Griffon(get_preset(preset)).eval()
     ctx_a, ctx_b = _docs([40, 7], seed=1)
     requests = [(ctx_a, [5]), (ctx_a, [7, 8, 9]), (ctx_b, [1, 2]), (ctx_a, list(range(30)))]
-    calls = []
-    forward = model.forward
+    prefilled, calls = [], []
+    import griffon.evaluate
+
+    prefill, forward = griffon.evaluate.prefill, model.forward
     monkeypatch.setattr(
-        model, "forward", lambda tokens, *a, **k: (calls.append(tokens[0].tolist()), forward(tokens, *a, **k))[1]
+        griffon.evaluate, "prefill", lambda m, p, *a, **k: (prefilled.extend(p), prefill(m, p, *a, **k))[1]
     )
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
     got = score_continuations(model, requests, batch_size=2, chunk=16)
-    chunks = [c[i : i + 16] for c in (ctx_a, ctx_b) for i in range(0, len(c), 16)]
-    assert sorted(map(tuple, chunks)) == sorted(tuple(c) for c in calls if c in chunks)  # each context read once
-    assert len(calls) == len(chunks) + 3  # and the continuations in three batches: (0, 1), (3), (2)
+    assert sorted(map(list, prefilled)) == sorted([ctx_a, ctx_b])  # each context read once, both in one batch
+    # three chunks of 16 for the prefill; the continuations two rows at a time, longest first:
+    # range(30) with [7, 8, 9], then [1, 2] with [5]
+    assert len(calls) == 3 + 2
+    for batch_size in (1, 3, 8):
+        for a, b in zip(score_continuations(model, requests, batch_size, chunk=16), got, strict=True):
+            assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
     monkeypatch.undo()
     for (context, continuation), (logprob, greedy) in zip(requests, got, strict=True):
         with torch.no_grad():

@@ -251,9 +251,11 @@ def score_continuations(
     lm-evaluation-harness asks of ``loglikelihood``).
 
     Requests that share a context (the choices of a multiple-choice question) prefill it once;
-    each continuation then starts from a copy of that cache, row by row in batches of
-    ``batch_size`` (a recurrent model's state is fixed-size, so the copies are cheap). A
-    continuation is padded at its end only, where padding cannot reach the scored tokens.
+    each continuation then starts from a copy of that cache (a recurrent model's state is
+    fixed-size, so the copies are cheap). Up to ``batch_size`` distinct contexts are prefilled
+    together (:func:`~griffon.decode.generate.prefill` with padding, longest first so that
+    neighbours have similar lengths), then their continuations run ``batch_size`` rows at a
+    time, longest first, padded at their ends only, where padding cannot reach the scored tokens.
     """
     model.eval()
     device = model.embed.weight.device
@@ -263,23 +265,33 @@ def score_continuations(
         if len(context) == 0 or len(continuation) == 0:
             raise ValueError(f"request {i}: context and continuation must both hold tokens")
         by_context.setdefault(tuple(context), []).append(i)
-    for context, members in by_context.items():
-        last, cache = prefill(model, [context], chunk)
-        first = last[0].float().log_softmax(-1)  # predicts each continuation's first token
-        for b in range(0, len(members), batch_size):
-            rows = members[b : b + batch_size]
-            conts = [list(requests[i][1]) for i in rows]
-            T = max(len(c) for c in conts)
-            tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+    contexts = sorted(by_context, key=len, reverse=True)
+    for g in range(0, len(contexts), batch_size):
+        group = contexts[g : g + batch_size]
+        last, cache = prefill(model, group, chunk, pad=True)  # (n, V): predicts each first token
+        rows = [(c, i) for c, context in enumerate(group) for i in by_context[context]]
+        rows.sort(key=lambda row: len(requests[row[1]][1]), reverse=True)  # little padding in each batch
+        for b in range(0, len(rows), batch_size):
+            part = rows[b : b + batch_size]
+            conts = [list(requests[i][1]) for _, i in part]
+            which = torch.tensor([c for c, _ in part], device=device)
+            targets = torch.zeros(len(part), max(map(len, conts)), dtype=torch.long, device=device)  # (R, T)
             for r, c in enumerate(conts):
-                tokens[r, : len(c)] = torch.tensor(c)
-            copies = cache.select(torch.zeros(len(rows), dtype=torch.long, device=device))
-            logits, _ = model(tokens[:, :-1], cache=copies) if T > 1 else (None, None)
-            for r, c in enumerate(conts):
-                logp = [first] + ([] if logits is None else list(logits[r, : len(c) - 1].float().log_softmax(-1)))
-                total = sum(lp[t].item() for lp, t in zip(logp, c, strict=True))
-                greedy = all(int(lp.argmax()) == t for lp, t in zip(logp, c, strict=True))
-                results[rows[r]] = (total, greedy)
+                targets[r, : len(c)] = torch.as_tensor(c, device=device)
+            logits = last[which][:, None]  # (R, 1, V)
+            if targets.shape[1] > 1:
+                more, _ = model(targets[:, :-1], cache=cache.select(which))  # (R, T-1, V)
+                logits = torch.cat([logits, more], dim=1)
+            # log-softmax in float32 whatever the compute dtype; each sum in float64
+            logp = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]  # (R, T)
+            scored = (
+                torch.arange(targets.shape[1], device=device)
+                < torch.tensor(list(map(len, conts)), device=device)[:, None]
+            )
+            totals = logp.double().masked_fill(~scored, 0.0).sum(-1).tolist()
+            greedy = ((logits.argmax(-1) == targets) | ~scored).all(-1).tolist()
+            for (_, i), total, hit in zip(part, totals, greedy, strict=True):
+                results[i] = (total, hit)
     return results  # type: ignore[return-value]
 
 

@@ -157,6 +157,7 @@ class Griffon(nn.Module):
         segment_pos: torch.Tensor | None = None,
         cache: Cache | None = None,
         return_cache: bool = False,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, Cache | None]:
         """Args:
             tokens: (B, T) token ids.
@@ -165,6 +166,8 @@ class Griffon(nn.Module):
             cache: state to continue from. Continue with the returned cache: this one is consumed (its
                 local-attention buffers are written in place, its other states replaced).
             return_cache: with ``cache=None``, also build and return the cache after this chunk.
+            last_only: compute the logits of the last position only, (B, 1, V): a prefill needs no
+                others, and with a large vocabulary the output layer is much of a token's cost.
 
         Returns:
             logits (B, T, V) in the compute dtype, and the cache (None if neither asked nor given).
@@ -186,7 +189,9 @@ class Griffon(nn.Module):
         for i, block in enumerate(self.blocks):
             x, s = block(x, segment_pos, positions, None if cache is None else cache.blocks[i], build)
             new_states.append(s)
-        logits = self.embed.decode(self.final_norm(x))  # (B, T, V)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.embed.decode(self.final_norm(x))  # (B, T, V), or (B, 1, V) with last_only
         cap = self.config.logit_soft_cap
         if cap:
             logits = torch.tanh(logits / cap) * cap

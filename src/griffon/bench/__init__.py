@@ -7,6 +7,7 @@ one run compare, absolute figures drift.
 * ``default-run``: throughput and MFU of the default ``griffon train`` model, fp32 and bf16 (:mod:`.default_run`)
 * ``ffn``: structured FFN training and decode speed against dense (:mod:`.ffn`)
 * ``scan``: the linear scan against its memory bound (:mod:`.scan`)
+* ``eval``: lm-evaluation-harness requests/s against lm-eval's own ``hf`` model (:mod:`.evaluation`)
 """
 
 BENCHMARKS = {
@@ -15,4 +16,5 @@ BENCHMARKS = {
     "default-run": "default_run",
     "ffn": "ffn",
     "scan": "scan",
+    "eval": "evaluation",
 }

@@ -71,7 +71,8 @@ def _prefill_batch(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int)
         segment_pos[row, pad:] -= pad
     cache = model.init_cache(tokens.shape[0])
     for start in range(0, T, chunk):
-        logits, cache = model(tokens[:, start : start + chunk], segment_pos[:, start : start + chunk], cache=cache)
+        span = slice(start, start + chunk)
+        logits, cache = model(tokens[:, span], segment_pos[:, span], cache=cache, last_only=True)
     return logits[:, -1], cache
 
 

@@ -19,3 +19,7 @@ def next_line(**kwargs) -> dict[str, datasets.Dataset]:
 
 def last_word(**kwargs) -> dict[str, datasets.Dataset]:
     return _load("last_word")
+
+
+def next_line_long(**kwargs) -> dict[str, datasets.Dataset]:
+    return _load("next_line_long")
