@@ -80,6 +80,48 @@ def test_published_parameter_counts(name, total, non_embedding):
     assert model.num_params(non_embedding=True) == pytest.approx(non_embedding, abs=0.5e6)
 
 
+# The Griffin paper's scaling study (arXiv 2402.19427, Table 2): D, D_RNN, depth, heads, tokens.
+PAPER_LADDER = {
+    "100m": (768, 1024, 12, 6, 1.9e9),
+    "200m": (1024, 1536, 12, 8, 3.9e9),
+    "400m": (1536, 2048, 12, 12, 7.8e9),
+    "1.3b": (2048, 2560, 24, 16, 25e9),
+    "3b": (3072, 4096, 24, 24, 60e9),
+    "7b": (4096, 5632, 32, 32, 132.5e9),
+    "14b": (5120, 8192, 40, 40, 300e9),
+}
+
+
+def _params_from_the_equations(cfg):
+    """Parameters of a Griffin-family model counted from its definition, layer by layer."""
+    D, R, M, V = cfg.width, cfg.resolved_lru_width, cfg.resolved_mlp_width, cfg.vocab_size
+    hd, blocks = cfg.resolved_head_dim, cfg.resolved_lru_num_blocks
+    recurrent = 2 * (D * R + R) + cfg.conv_width * R + R + R + 2 * (R * R // blocks + R) + R * D + D
+    attention = D * cfg.num_heads * hd + 2 * D * cfg.num_kv_heads * hd + cfg.num_heads * hd * D + D
+    mlp = 2 * (D * M + M) + M * D + D
+    layers = sum((recurrent if kind == "recurrent" else attention) + mlp + 2 * D for kind in cfg.block_types)
+    return V * D + layers + D
+
+
+@pytest.mark.parametrize("size", PAPER_LADDER)
+def test_ladder_is_the_papers(size):
+    from griffon.presets import preset_tokens
+
+    D, D_rnn, depth, heads, tokens = PAPER_LADDER[size]
+    nominal = float(size[:-1]) * (1e6 if size.endswith("m") else 1e9)
+    for family in ("griffin", "hawk", "mqa"):
+        cfg = get_preset(f"{family}-{size}")
+        assert (cfg.width, cfg.resolved_lru_width, cfg.num_layers, cfg.num_heads) == (D, D_rnn, depth, heads)
+        assert cfg.resolved_head_dim == 128 and cfg.resolved_mlp_width == 3 * D and cfg.num_kv_heads == 1
+        assert cfg.attention_window == (None if family == "mqa" else 1024)
+        assert preset_tokens(f"{family}-{size}") == tokens
+        with torch.device("meta"):
+            model = Griffon(cfg)
+        assert model.num_params() == _params_from_the_equations(cfg)
+        if family == "griffin":  # with a 32k vocabulary the totals land on the sizes' names
+            assert 0.85 * nominal <= model.num_params() <= 1.2 * nominal
+
+
 @pytest.mark.parametrize("name", ["griffin-small", "hawk-tiny", "mqa-tiny", "griffin-100m"])
 def test_matmul_flops_count_every_weight_matrix(name):
     from griffon.accounting import forward_flops_per_token

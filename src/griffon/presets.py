@@ -94,22 +94,39 @@ def _rg_9b() -> ModelConfig:
 
 
 # ----- scaling ladder -------------------------------------------------------------------------
-# Sizes follow the shape of the Griffin paper's scaling study (width, recurrent width ~4/3 of it,
-# MLP expansion 3, MQA with head_dim 128 where it divides), with a 32k vocabulary so that the
-# non-embedding share resembles the paper's models. Griffin's window is 1024 as in the paper;
-# the MQA transformer baseline attends globally.
+# The Griffin paper's scaling study (arXiv 2402.19427, Table 2 in Appendix C): model width D,
+# RNN width D_RNN, depth N, attention heads H and training tokens of each size, the same shapes
+# for Hawk, Griffin and the MQA transformer; MLP expansion factor 3, local attention window 1024,
+# training sequence 2048, head dimension 128 (D / H in every row). griffon's own choices, not
+# given there: a 32k vocabulary (with it, Griffin's total parameter counts land on the sizes'
+# names: 115M, 198M, 404M, 1.31B, 2.92B, 6.88B, 13.8B; the non-embedding counts are close to them
+# too), RG-LRU gate blocks equal to the heads where they divide D_RNN and D_RNN / 128 where they
+# do not (100M, 400M, 3B, 14B), RecurrentGemma's embedding scaling by sqrt(D) and logit soft cap
+# 30, global attention with a 2048-token limit for the MQA transformer, and the 20m and 60m sizes
+# below the paper's range (for CPU studies; 14M and 45M parameters as Griffin), whose token
+# budgets follow the paper's ratio of about 20 tokens per parameter of the size's name.
 _LADDER = {
-    # name: (width, lru_width, layers, heads)
-    "20m": (256, 384, 6, 2),
-    "60m": (512, 768, 8, 4),
-    "100m": (768, 1024, 12, 6),
-    "400m": (1024, 1536, 24, 8),
-    "1b": (1536, 2048, 24, 12),
-    "3b": (2048, 3072, 32, 16),
-    "7b": (4096, 5632, 32, 32),
-    "14b": (5120, 8192, 40, 40),
+    # name: (D, D_RNN, N, H, training tokens)
+    "20m": (256, 384, 6, 2, 0.4e9),
+    "60m": (512, 768, 8, 4, 1.2e9),
+    "100m": (768, 1024, 12, 6, 1.9e9),
+    "200m": (1024, 1536, 12, 8, 3.9e9),
+    "400m": (1536, 2048, 12, 12, 7.8e9),
+    "1.3b": (2048, 2560, 24, 16, 25e9),
+    "3b": (3072, 4096, 24, 24, 60e9),
+    "7b": (4096, 5632, 32, 32, 132.5e9),
+    "14b": (5120, 8192, 40, 40, 300e9),
 }
-for _size, (_w, _lru, _layers, _heads) in _LADDER.items():
+_TOKENS: dict[str, float] = {}
+
+
+def preset_tokens(name: str) -> float | None:
+    """The training tokens the preset's paper gives its size (None for presets without one)."""
+    get_preset(name)  # unknown names fail here, with a suggestion
+    return _TOKENS.get(name)
+
+
+for _size, (_w, _lru, _layers, _heads, _tokens) in _LADDER.items():
     for _family, _pattern in _PATTERNS.items():
 
         def _rung(
@@ -125,13 +142,20 @@ for _size, (_w, _lru, _layers, _heads) in _LADDER.items():
             )  # fmt: skip
 
         register(f"{_family}-{_size}")(_rung)
+        _TOKENS[f"{_family}-{_size}"] = _tokens
 
 
 # ----- the StructuredFFN papers' transformers (arXiv 2406.16450) -------------------------------
 # GPT-2 style: LayerNorm, GeLU MLP with biases (4x), full RoPE, multi-head global attention,
 # context 1024, tied embeddings, 32k vocabulary. Structured variants: set model.ffn_structure.
-_STRUCTUREDFFN = {"s": (768, 12, 12), "m": (1024, 24, 16), "l": (1536, 24, 12), "xl": (2048, 24, 16)}
-for _size, (_w, _layers, _heads) in _STRUCTUREDFFN.items():
+_STRUCTUREDFFN = {
+    # name: (width, layers, heads, training tokens)
+    "s": (768, 12, 12, 2.2e9),
+    "m": (1024, 24, 16, 6.7e9),
+    "l": (1536, 24, 12, 14.58e9),
+    "xl": (2048, 24, 16, 25.5e9),
+}
+for _size, (_w, _layers, _heads, _tokens) in _STRUCTUREDFFN.items():
 
     def _sffn(w: int = _w, layers: int = _layers, heads: int = _heads) -> ModelConfig:
         return ModelConfig(
@@ -141,3 +165,4 @@ for _size, (_w, _layers, _heads) in _STRUCTUREDFFN.items():
         )  # fmt: skip
 
     register(f"structuredffn-{_size}")(_sffn)
+    _TOKENS[f"structuredffn-{_size}"] = _tokens
