@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from griffon.atomic import atomic_write
 from griffon.config import ModelConfig, apply_overrides
 from griffon.decode.steps import STEPS
 from griffon.presets import get_preset, preset_names
@@ -239,6 +240,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({tok.vocab_size} tokens)")
 
 
+def cmd_scaling_fit(args: argparse.Namespace) -> None:
+    from griffon.scaling.fit import fit_table, plot, read_runs, summary
+
+    columns = {c: getattr(args, f"{c}_column") for c in ("params", "tokens", "loss", "flops", "family")}
+    runs = read_runs(args.results, columns, args.exclude_top_loss)
+    fits = fit_table(runs, args.bootstrap, args.seed)
+    print(summary(fits))
+    if args.json:
+        text = json.dumps(fits, indent=2)
+        atomic_write(Path(args.json), lambda path: path.write_text(text))
+    if args.png:
+        plot(runs, fits, args.png)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="griffon", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -366,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         module.add_arguments(b)
         b.set_defaults(fn=module.run)
+
+    s = sub.add_parser("scaling", help="scaling-law fits")
+    ssub = s.add_subparsers(dest="scaling_command", required=True)
+    f = ssub.add_parser("fit", help="frontier, IsoFLOP and L(N, D) fits with bootstrap intervals")
+    f.add_argument("results", help="CSV with columns params, tokens, loss (and optionally family, flops)")
+    for column in ("params", "tokens", "loss", "flops", "family"):
+        f.add_argument(f"--{column}-column", default=column, help=f"the table's column for {column}")
+    f.add_argument("--exclude-top-loss", type=int, default=0, help="drop the K highest-loss runs of each family")
+    f.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (0: none)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", help="write the fits here")
+    f.add_argument("--png", help="plot loss vs FLOPs, IsoFLOP profiles and N*(C) here")
+    f.set_defaults(fn=cmd_scaling_fit)
 
     s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
     s.add_argument("src")

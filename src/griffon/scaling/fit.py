@@ -1,0 +1,405 @@
+"""Scaling-law fits with bootstrap intervals: ``griffon scaling fit RESULTS.csv``.
+
+Three views of one table of training runs (parameters N, tokens D, training FLOPs C, final loss L):
+
+* **Frontier**: the runs no cheaper run beats (lowest loss so far in order of compute), fitted with
+  L(C) = E + A C^-alpha.
+* **IsoFLOP profiles** (Hoffmann et al. 2022, Approach 2): runs grouped by compute budget, a
+  parabola of loss in log N through each group, its minimum N*(C) and D*(C) = C / (6 N*), and the
+  power laws N* = k C^a, D* = k' C^b fitted through the minima.
+* **Parametric law** (Approach 3): L(N, D) = E + A / N^alpha + B / D^beta, fitted as Besiroglu et al.
+  2024 corrected the original: in log space (log L = LSE(e, a - alpha log N, b - beta log D), with
+  E = exp(e), A = exp(a), B = exp(b)), a Huber loss with delta 1e-3 summed over the runs, L-BFGS from
+  every point of a grid of initialisations, the best fit kept. The compute-optimal allocation
+  follows: N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = (C/6)^(alpha/(alpha+beta)) / G with
+  G = (alpha A / (beta B))^(1/(alpha+beta)).
+
+Every parameter gets a percentile bootstrap interval: the runs are resampled with replacement and
+each fit repeated; resamples on which a fit is not defined (too few distinct budgets) are counted
+and reported, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HUBER_DELTA = 1e-3
+# Initialisation grid of Hoffmann et al. 2022 (Appendix D.2), as Besiroglu et al. 2024 reran it.
+GRID = {
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+}
+MIN_POINTS = 5
+
+
+class ScalingFitError(ValueError):
+    """The table cannot be fitted: missing columns, bad values, too few runs, no convergence."""
+
+
+@dataclass
+class Runs:
+    """One row per training run; ``flops`` defaults to 6 N D where the table has none."""
+
+    params: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+    flops: np.ndarray
+    family: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def take(self, index: np.ndarray) -> Runs:
+        return Runs(self.params[index], self.tokens[index], self.loss[index], self.flops[index], self.family[index])
+
+
+def read_runs(path: str | Path, columns: dict[str, str] | None = None, exclude_top_loss: int = 0) -> Runs:
+    """Read a results table (CSV) with columns ``params``, ``tokens``, ``loss`` and optionally
+    ``family`` and ``flops`` (``columns`` maps these names to the table's own). Drops the
+    ``exclude_top_loss`` highest-loss runs of each family, as Besiroglu et al. drop outliers."""
+    columns = {name: name for name in ("params", "tokens", "loss", "flops", "family")} | (columns or {})
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ScalingFitError(f"cannot read {path}: {e}") from None
+    if not rows:
+        raise ScalingFitError(f"{path} holds no runs")
+    missing = [columns[c] for c in ("params", "tokens", "loss") if columns[c] not in rows[0]]
+    if missing:
+        raise ScalingFitError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(rows[0])})")
+
+    def number(row: int, name: str) -> float:
+        text = rows[row].get(columns[name]) or ""
+        try:
+            value = float(text)
+        except ValueError:
+            raise ScalingFitError(f"{path} row {row + 2}: {columns[name]} is {text!r}, not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ScalingFitError(f"{path} row {row + 2}: {columns[name]} must be positive and finite, got {text}")
+        return value
+
+    has_flops = columns["flops"] in rows[0]
+    params = np.array([number(i, "params") for i in range(len(rows))])
+    tokens = np.array([number(i, "tokens") for i in range(len(rows))])
+    loss = np.array([number(i, "loss") for i in range(len(rows))])
+    flops = np.array([number(i, "flops") for i in range(len(rows))]) if has_flops else 6 * params * tokens
+    family = np.array([r.get(columns["family"]) or "all" for r in rows], dtype=object)
+    runs = Runs(params, tokens, loss, flops, family)
+    if exclude_top_loss:
+        keep = np.ones(len(runs), dtype=bool)
+        for name in set(family):
+            members = np.flatnonzero(family == name)
+            keep[members[np.argsort(loss[members])[len(members) - exclude_top_loss :]]] = False
+        runs = runs.take(np.flatnonzero(keep))
+    return runs
+
+
+# ----- the parametric law L(N, D) ----------------------------------------------------------------
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber loss of residuals and its derivative."""
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    return value, np.where(small, r, delta * np.sign(r))
+
+
+def _parametric_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray):
+    e, a, b, alpha, beta = theta
+    terms = np.stack([np.full_like(log_n, e), a - alpha * log_n, b - beta * log_d])  # (3, runs)
+    top = terms.max(0)
+    weights = np.exp(terms - top)
+    lse = top + np.log(weights.sum(0))
+    weights /= weights.sum(0)  # d lse / d term
+    value, slope = _huber(lse - log_l, HUBER_DELTA)
+    grad = np.array([
+        (slope * weights[0]).sum(),
+        (slope * weights[1]).sum(),
+        (slope * weights[2]).sum(),
+        -(slope * weights[1] * log_n).sum(),
+        -(slope * weights[2] * log_d).sum(),
+    ])  # fmt: skip
+    return value.sum(), grad
+
+
+def _grid_objective(terms: np.ndarray, log_l: np.ndarray) -> np.ndarray:
+    """The Huber objective at many parameter points at once: ``terms`` (points, terms, runs)."""
+    value, _ = _huber(np.logaddexp.reduce(terms, axis=1) - log_l, HUBER_DELTA)
+    return value.sum(-1)
+
+
+def _best_starts(grid: np.ndarray, values: np.ndarray, keep: int) -> list[np.ndarray]:
+    """The ``keep`` points of ``grid`` with the lowest objective ``values``."""
+    return [grid[i] for i in np.argsort(values)[:keep]]
+
+
+def _lbfgs(objective, starts: list[np.ndarray], args: tuple, bounds: list) -> np.ndarray:
+    from scipy.optimize import minimize
+
+    best = None
+    for x0 in starts:
+        # The Huber objective is tiny near a good fit (residuals ~ delta = 1e-3): scipy's default
+        # gradient tolerance (1e-5) would stop far from the optimum.
+        result = minimize(objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})  # fmt: skip
+        if result.success and np.all(np.isfinite(result.x)) and (best is None or result.fun < best.fun):
+            best = result
+    if best is None:
+        raise ScalingFitError("the fit did not converge from any initialisation")
+    return best.x
+
+
+PARAMETRIC_GRID = np.array(list(itertools.product(*GRID.values())), dtype=float)
+
+
+def fit_parametric(runs: Runs, keep: int = 32) -> dict[str, float]:
+    """L(N, D) = E + A/N^alpha + B/D^beta. The objective is evaluated at every point of the
+    initialisation grid (4500 points), L-BFGS runs from the ``keep`` best of them, and the fit
+    with the lowest objective is kept."""
+    log_n, log_d, log_l = args = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
+    e, a, b, alpha, beta = (PARAMETRIC_GRID[:, i, None] for i in range(5))  # (points, 1) each
+    terms = np.stack(np.broadcast_arrays(e, a - alpha * log_n, b - beta * log_d), axis=1)  # (points, 3, runs)
+    starts = _best_starts(PARAMETRIC_GRID, _grid_objective(terms, log_l), keep)
+    try:
+        theta = _lbfgs(_parametric_objective, starts, args, [(None, None)] * 3 + [(0.0, None)] * 2)
+    except ScalingFitError:
+        raise ScalingFitError("the parametric fit L(N, D) did not converge from any initialisation") from None
+    e, a, b, alpha, beta = theta
+    fit = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta),
+           "objective": float(_parametric_objective(theta, *args)[0]), "theta": theta.tolist()}  # fmt: skip
+    if alpha > 0 and beta > 0:
+        fit["a"] = float(beta / (alpha + beta))  # N_opt ~ C^a
+        fit["b"] = float(alpha / (alpha + beta))  # D_opt ~ C^b
+        fit["G"] = (alpha * fit["A"] / (beta * fit["B"])) ** (1 / (alpha + beta))
+    return fit
+
+
+def compute_optimal(fit: dict[str, float], flops: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """N_opt and D_opt for a compute budget C under a parametric fit (C = 6 N D)."""
+    c = np.asarray(flops, dtype=float) / 6
+    return fit["G"] * c ** fit["a"], c ** fit["b"] / fit["G"]
+
+
+# ----- the frontier L(C) ---------------------------------------------------------------------------
+def frontier(runs: Runs) -> np.ndarray:
+    """Indices of the runs that no run of less or equal compute beats, in order of compute."""
+    order = np.lexsort((runs.loss, runs.flops))
+    keep, best = [], math.inf
+    for i in order:
+        if runs.loss[i] < best:
+            keep.append(i)
+            best = runs.loss[i]
+    return np.array(keep, dtype=int)
+
+
+def _power_objective(theta: np.ndarray, log_c: np.ndarray, log_l: np.ndarray):
+    e, a, alpha = theta
+    terms = np.stack([np.full_like(log_c, e), a - alpha * log_c])
+    top = terms.max(0)
+    weights = np.exp(terms - top)
+    lse = top + np.log(weights.sum(0))
+    weights /= weights.sum(0)
+    value, slope = _huber(lse - log_l, HUBER_DELTA)
+    grad = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), -(slope * weights[1] * log_c).sum()])
+    return value.sum(), grad
+
+
+FRONTIER_GRID = np.array(list(itertools.product(GRID["e"], GRID["a"], (0.05, 0.1, 0.2, 0.5, 1.0))), dtype=float)
+
+
+def fit_frontier(runs: Runs, keep: int = 8) -> dict[str, float]:
+    """L(C) = E + A C^-alpha through the frontier, fitted like the parametric law."""
+    idx = frontier(runs)
+    if len(idx) < 3:
+        raise ScalingFitError(f"the loss-compute frontier has {len(idx)} runs; a power law needs at least 3")
+    log_c, log_l = args = (np.log(runs.flops[idx]), np.log(runs.loss[idx]))
+    e, a, alpha = (FRONTIER_GRID[:, i, None] for i in range(3))
+    terms = np.stack(np.broadcast_arrays(e, a - alpha * log_c), axis=1)  # (points, 2, runs)
+    starts = _best_starts(FRONTIER_GRID, _grid_objective(terms, log_l), keep)
+    try:
+        theta = _lbfgs(_power_objective, starts, args, [(None, None), (None, None), (0.0, None)])
+    except ScalingFitError:
+        raise ScalingFitError("the frontier fit L(C) did not converge from any initialisation") from None
+    e, a, alpha = theta
+    return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha), "runs": idx.tolist()}
+
+
+# ----- IsoFLOP profiles ----------------------------------------------------------------------------
+def isoflop_groups(runs: Runs, tolerance: float = 0.05) -> list[np.ndarray]:
+    """Runs grouped by compute budget: budgets within ``tolerance`` (relative) of each other."""
+    order = np.argsort(runs.flops)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and runs.flops[i] <= runs.flops[groups[-1][0]] * (1 + tolerance):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return [np.array(g) for g in groups]
+
+
+def fit_isoflop(runs: Runs) -> dict:
+    """A parabola in log N through each budget's runs (3 or more sizes); N*(C), D*(C) = C/(6N*);
+    then N* = k C^a and D* = k' C^b by least squares in log space (needs 2 or more budgets)."""
+    profiles = []
+    for group in isoflop_groups(runs):
+        if len(np.unique(runs.params[group])) < 3:
+            continue
+        x, y = np.log(runs.params[group]), runs.loss[group]
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        if c2 <= 0:
+            continue  # no minimum: the sizes do not bracket the optimum
+        log_n = -c1 / (2 * c2)
+        flops = float(np.exp(np.log(runs.flops[group]).mean()))
+        n_opt = math.exp(log_n)
+        profiles.append({"flops": flops, "n_opt": n_opt, "d_opt": flops / (6 * n_opt),
+                         "loss_opt": c0 + c1 * log_n + c2 * log_n**2, "parabola": [c2, c1, c0],
+                         "runs": group.tolist()})  # fmt: skip
+    if len(profiles) < 2:
+        raise ScalingFitError(
+            f"{len(profiles)} compute budget(s) have 3 or more sizes bracketing a minimum; IsoFLOP needs 2"
+        )
+    log_c = np.log([p["flops"] for p in profiles])
+    a, log_k = np.polyfit(log_c, np.log([p["n_opt"] for p in profiles]), 1)
+    b, log_k2 = np.polyfit(log_c, np.log([p["d_opt"] for p in profiles]), 1)
+    return {"profiles": profiles, "a": a, "k": math.exp(log_k), "b": b, "k_d": math.exp(log_k2)}
+
+
+# ----- everything, with intervals -----------------------------------------------------------------
+_PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta", "a", "b")
+
+
+def fit_family(runs: Runs, bootstrap: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+    """All three fits of one family's runs, each parameter with a bootstrap interval."""
+    if len(runs) < MIN_POINTS:
+        raise ScalingFitError(f"{len(runs)} runs; a scaling fit needs at least {MIN_POINTS}")
+    out: dict = {"runs": len(runs)}
+    fits = {"parametric": _try(fit_parametric, runs), "frontier": _try(fit_frontier, runs),
+            "isoflop": _try(fit_isoflop, runs)}  # fmt: skip
+    if all("error" in f for f in fits.values()):
+        raise ScalingFitError("no fit succeeded: " + "; ".join(f"{k}: {v['error']}" for k, v in fits.items()))
+    rng = np.random.default_rng(seed)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in fits}
+    failures = dict.fromkeys(fits, 0)
+    for _ in range(bootstrap):
+        sample = runs.take(rng.integers(0, len(runs), len(runs)))
+        for name, fn in (("parametric", lambda r: fit_parametric(r, keep=8)), ("frontier", fit_frontier),
+                         ("isoflop", fit_isoflop)):  # fmt: skip
+            if "error" in fits[name]:
+                continue
+            try:
+                result = fn(sample)
+            except ScalingFitError:
+                failures[name] += 1
+                continue
+            for key, value in result.items():
+                if isinstance(value, float):
+                    samples[name].setdefault(key, []).append(value)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    for name, result in fits.items():
+        if "error" not in result and bootstrap:
+            result["intervals"] = {
+                key: [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
+                for key, values in samples[name].items()
+            }
+            result["bootstrap"] = {"resamples": bootstrap, "failed": failures[name], "level": level}
+        out[name] = result
+    return out
+
+
+def _try(fn, runs: Runs) -> dict:
+    try:
+        return fn(runs)
+    except ScalingFitError as e:
+        return {"error": str(e)}
+
+
+def fit_table(runs: Runs, bootstrap: int = 200, seed: int = 0) -> dict[str, dict]:
+    """:func:`fit_family` for each family of the table."""
+    return {
+        str(name): fit_family(runs.take(np.flatnonzero(runs.family == name)), bootstrap, seed)
+        for name in sorted(set(runs.family))
+    }
+
+
+def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
+    """Loss vs FLOPs per family with the frontier fits; IsoFLOP profiles; N*(C)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, fit) in enumerate(fits.items()):
+        color = colors[k % len(colors)]
+        mine = runs.take(np.flatnonzero(runs.family == name))
+        axes[0].scatter(mine.flops, mine.loss, s=12, color=color, alpha=0.6)
+        c = np.geomspace(mine.flops.min(), mine.flops.max() * 4, 100)
+        if "error" not in fit["frontier"]:
+            f = fit["frontier"]
+            axes[0].plot(c, f["E"] + f["A"] * c ** -f["alpha"], color=color,
+                         label=f"{name}: L = {f['E']:.2f} + {f['A']:.3g} C^-{f['alpha']:.3f}")  # fmt: skip
+        if "error" not in fit["isoflop"]:
+            for p in fit["isoflop"]["profiles"]:
+                group = mine.take(np.array(p["runs"]))
+                axes[1].scatter(group.params, group.loss, s=12, color=color, alpha=0.6)
+                n = np.geomspace(group.params.min(), group.params.max(), 50)
+                axes[1].plot(n, np.polyval(p["parabola"], np.log(n)), color=color, lw=1)
+            iso = fit["isoflop"]
+            budgets = [p["flops"] for p in iso["profiles"]]
+            axes[2].scatter(budgets, [p["n_opt"] for p in iso["profiles"]], color=color, s=16)
+            axes[2].plot(
+                c, iso["k"] * c ** iso["a"], color=color, ls="--", label=f"{name} IsoFLOP: N* ~ C^{iso['a']:.2f}"
+            )
+        if "error" not in fit["parametric"] and "a" in fit["parametric"]:
+            axes[2].plot(c, compute_optimal(fit["parametric"], c)[0], color=color,
+                         label=f"{name} L(N, D): N_opt ~ C^{fit['parametric']['a']:.2f}")  # fmt: skip
+    for ax, (xl, yl, title) in zip(axes, [("training FLOPs", "loss", "loss vs compute"),
+                                          ("parameters", "loss", "IsoFLOP profiles"),
+                                          ("training FLOPs", "parameters", "compute-optimal size")], strict=True):  # fmt: skip
+        ax.set_xscale("log")
+        if ax is axes[2]:
+            ax.set_yscale("log")
+        ax.set(xlabel=xl, ylabel=yl, title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(fits: dict[str, dict]) -> str:
+    """The fitted parameters with their intervals, a few lines per family."""
+
+    def show(result: dict, keys: tuple[str, ...]) -> str:
+        intervals = result.get("intervals", {})
+        parts = []
+        for key in keys:
+            if key in result:
+                span = intervals.get(key)
+                parts.append(f"{key} {result[key]:.4g}" + (f" [{span[0]:.4g}, {span[1]:.4g}]" if span else ""))
+        return ", ".join(parts)
+
+    lines = []
+    for name, fit in fits.items():
+        lines.append(
+            f"{name} ({fit['runs']} runs; intervals: {fit['parametric'].get('bootstrap', {}).get('level', 0.95):.0%} bootstrap)"
+        )
+        for kind, keys in (
+            ("parametric", _PARAMETRIC_KEYS),
+            ("frontier", ("E", "A", "alpha")),
+            ("isoflop", ("a", "b")),
+        ):
+            result = fit[kind]
+            lines.append(f"  {kind}: " + (result["error"] if "error" in result else show(result, keys)))
+    return "\n".join(lines)

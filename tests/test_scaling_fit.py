@@ -1,0 +1,138 @@
+"""Scaling-law fits: known laws recovered from noisy synthetic runs within their bootstrap
+intervals; bad tables and failed fits stop with one clear line."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy")
+
+from griffon.cli import main  # noqa: E402
+from griffon.scaling.fit import (  # noqa: E402
+    Runs,
+    ScalingFitError,
+    fit_family,
+    fit_frontier,
+    fit_isoflop,
+    frontier,
+    read_runs,
+)
+
+TRUE = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.28}
+
+
+def _synthetic(noise=0.005, seed=0, budgets=(1e15, 3e15, 1e16, 3e16, 1e17), sizes=7):
+    """Runs on IsoFLOP grids drawn from L(N, D) = E + A/N^alpha + B/D^beta with log-normal noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in budgets:
+        for n in np.geomspace(1e6, 1e8, sizes):
+            d = c / (6 * n)
+            loss = TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+            rows.append((n, d, loss * math.exp(rng.normal(0, noise))))
+    n, d, loss = map(np.array, zip(*rows, strict=True))
+    return Runs(n, d, loss, 6 * n * d, np.array(["x"] * len(loss), dtype=object))
+
+
+def _write(path, header, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_parametric_law_recovered_within_its_intervals():
+    fit = fit_family(_synthetic(), bootstrap=30)["parametric"]
+    a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    for key, value in {**TRUE, "a": a_true, "b": 1 - a_true}.items():
+        lo, hi = fit["intervals"][key]
+        assert lo <= value <= hi, (key, value, lo, hi)
+        assert lo <= fit[key] <= hi
+    assert fit["bootstrap"] == {"resamples": 30, "failed": 0, "level": 0.95}
+    # the intervals are informative, not the whole parameter range
+    assert fit["intervals"]["beta"][1] - fit["intervals"]["beta"][0] < 0.05
+
+
+def test_frontier_keeps_only_runs_no_cheaper_run_beats():
+    runs = Runs(*(np.array(v, dtype=float) for v in ([1] * 5, [1] * 5, [5, 4, 4.5, 3, 3.2], [1, 2, 3, 4, 5])),
+                np.array(["x"] * 5, dtype=object))  # fmt: skip
+    assert frontier(runs).tolist() == [0, 1, 3]
+
+
+def test_frontier_power_law_recovered():
+    rng = np.random.default_rng(1)
+    c = np.geomspace(1e14, 1e19, 12)
+    loss = (2.0 + 3e3 * c**-0.2) * np.exp(rng.normal(0, 1e-3, c.size))
+    runs = Runs(np.ones_like(c), np.ones_like(c), loss, c, np.array(["x"] * c.size, dtype=object))
+    fit = fit_frontier(runs)
+    assert fit["E"] == pytest.approx(2.0, rel=0.05) and fit["alpha"] == pytest.approx(0.2, rel=0.05)
+
+
+def test_isoflop_minima_follow_the_planted_power_law():
+    """Exact parabolas in log N around N*(C) = 0.1 C^0.5: the fit finds N* and the exponent."""
+    rows = []
+    for c in (1e15, 1e16, 1e17):
+        n_opt = 0.1 * c**0.5
+        for n in n_opt * np.geomspace(0.2, 5, 5):
+            rows.append((n, c / (6 * n), 3.0 + 0.05 * math.log(n / n_opt) ** 2, c))
+    n, d, loss, c = map(np.array, zip(*rows, strict=True))
+    fit = fit_isoflop(Runs(n, d, loss, c, np.array(["x"] * len(loss), dtype=object)))
+    assert fit["a"] == pytest.approx(0.5, abs=1e-6) and fit["k"] == pytest.approx(0.1, rel=1e-4)
+    assert [p["n_opt"] for p in fit["profiles"]] == pytest.approx([0.1 * c**0.5 for c in (1e15, 1e16, 1e17)])
+
+
+def test_command_writes_fits_and_plot(tmp_path, capsys):
+    runs = _synthetic(budgets=(1e15, 1e16, 1e17), sizes=5)
+    rows = [("griffin", n, d, loss) for n, d, loss in zip(runs.params, runs.tokens, runs.loss, strict=True)]
+    rows += [("hawk", n, d, loss * 1.02) for n, d, loss in zip(runs.params, runs.tokens, runs.loss, strict=True)]
+    _write(tmp_path / "runs.csv", ["model", "N", "tokens", "val_loss"], rows)
+    argv = ["scaling", "fit", str(tmp_path / "runs.csv"), "--family-column", "model", "--params-column", "N",
+            "--loss-column", "val_loss", "--bootstrap", "3", "--json", str(tmp_path / "fit.json"),
+            "--png", str(tmp_path / "fit.png"), "--exclude-top-loss", "1"]  # fmt: skip
+    assert main(argv) == 0
+    fits = json.loads((tmp_path / "fit.json").read_text())
+    assert set(fits) == {"griffin", "hawk"} and fits["griffin"]["runs"] == 14  # 15 less the worst
+    assert "parametric: E" in capsys.readouterr().out
+    assert (tmp_path / "fit.png").stat().st_size > 0
+
+
+def test_bad_tables_give_one_line(tmp_path, capsys):
+    cases = {
+        "missing.csv": (["params", "loss"], [(1, 2)], "no column tokens"),
+        "zero.csv": (["params", "tokens", "loss"], [(1e6, 0, 3.0)], "tokens must be positive"),
+        "text.csv": (["params", "tokens", "loss"], [(1e6, "many", 3.0)], "not a number"),
+        "few.csv": (["params", "tokens", "loss"], [(1e6 * i, 1e8, 3.0) for i in range(1, 4)], "at least 5"),
+    }
+    for name, (header, rows, message) in cases.items():
+        _write(tmp_path / name, header, rows)
+        assert main(["scaling", "fit", str(tmp_path / name), "--bootstrap", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (name, err)
+    assert main(["scaling", "fit", str(tmp_path / "absent.csv")]) == 2
+
+
+def test_a_fit_that_never_converges_says_so(monkeypatch, capsys):
+    """A fit that fails is reported as such beside the ones that worked; if all fail, one error."""
+    from griffon.scaling.fit import fit_parametric, summary
+
+    class Failed:
+        success, x, fun = False, np.zeros(5), 0.0
+
+    monkeypatch.setattr("scipy.optimize.minimize", lambda *a, **k: Failed())
+    runs = _synthetic(budgets=(1e15, 1e16), sizes=3)
+    with pytest.raises(ScalingFitError, match="L\\(N, D\\) did not converge"):
+        fit_parametric(runs)
+    fits = fit_family(runs, bootstrap=0)
+    assert "did not converge" in fits["parametric"]["error"] and "a" in fits["isoflop"]
+    assert "parametric: the parametric fit L(N, D) did not converge" in summary({"x": fits})
+    with pytest.raises(ScalingFitError, match="no fit succeeded"):
+        fit_family(_synthetic(budgets=(1e15,), sizes=5), bootstrap=0)
+
+
+def test_read_runs_defaults_flops_to_6nd(tmp_path):
+    _write(tmp_path / "r.csv", ["params", "tokens", "loss"], [(2e6, 3e8, 3.1)])
+    runs = read_runs(tmp_path / "r.csv")
+    assert runs.flops.tolist() == [6 * 2e6 * 3e8] and runs.family.tolist() == ["all"]
