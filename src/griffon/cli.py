@@ -240,6 +240,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({tok.vocab_size} tokens)")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from griffon.scaling.sweep import sweep
+
+    sweep(args.spec, args.out, dry_run=args.dry_run, emit_kind=args.emit, only=args.run, collect_only=args.collect)
+
+
 def cmd_scaling_fit(args: argparse.Namespace) -> None:
     from griffon.scaling.fit import fit_table, plot, read_runs, summary
 
@@ -381,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         module.add_arguments(b)
         b.set_defaults(fn=module.run)
+
+    s = sub.add_parser("sweep", help="train the runs of a scaling sweep (resumable), or emit their launch scripts")
+    s.add_argument("spec", help="sweep spec, JSON or TOML (see griffon.scaling.sweep)")
+    s.add_argument("--out", required=True, help="sweep directory: runs/, results.csv, launch/")
+    s.add_argument("--dry-run", action="store_true", help="list the runs with their params, tokens and FLOPs")
+    s.add_argument("--emit", choices=["torchrun", "slurm"], help="write one launch script per run instead")
+    s.add_argument("--run", help="train this run only (what the launch scripts call)")
+    s.add_argument("--collect", action="store_true", help="gather results.csv from the finished runs")
+    s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("scaling", help="scaling-law fits")
     ssub = s.add_subparsers(dest="scaling_command", required=True)

@@ -1,0 +1,121 @@
+"""``griffon sweep``: a 3-run sweep end to end, resumable; dry run, launch scripts, collection;
+bad specs refused with one line before anything runs."""
+
+import csv
+import json
+import subprocess
+
+import pytest
+
+from griffon.cli import main
+from griffon.scaling.sweep import load_spec, plan
+
+BASE = {"max_minutes": None, "data.seq_len": 32, "data.batch_size": 2, "eval_every": 1000, "save_every": 1000,
+        "log_every": 1000, "final_eval_batches": 2}  # fmt: skip
+
+
+def _spec(tmp_path, **changes):
+    spec = {"base": BASE, "families": {"griffin": {"model": "griffin-tiny"}},
+            "sizes": {"w32": {"model.width": 32, "model.mlp_width": 96}},
+            "budgets": {"tokens": [640], "flops": [3e8], "tokens_per_param": [0.02]}} | changes  # fmt: skip
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _rows(out):
+    with (out / "results.csv").open() as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def test_three_run_sweep_resumes_and_skips(tmp_path, monkeypatch):
+    spec, out = _spec(tmp_path), tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    rows = _rows(out)
+    planned = {r.name: r for r in plan(load_spec(spec))}
+    assert set(rows) == set(planned) and len(rows) == 3
+    for name, row in rows.items():
+        run = planned[name]
+        assert int(row["tokens"]) == run.tokens and int(row["steps"]) == run.steps
+        assert float(row["flops"]) == pytest.approx(run.flops, rel=1e-9)  # exact accounting, as planned
+        assert float(row["flops_6nd"]) == 6 * int(row["params"]) * run.tokens
+        assert float(row["val_loss"]) > 0 and float(row["val_bpb"]) > 0 and row["config_hash"]
+    assert rows["griffin-w32-t640"]["tokens"] == "640"
+    # a killed run (its result missing) resumes from its checkpoint; finished runs are not touched
+    (out / "runs" / "griffin-w32-t640" / "result.json").unlink()
+    import griffon.train.trainer
+
+    calls = []
+    train = griffon.train.trainer.train
+    monkeypatch.setattr(griffon.train.trainer, "train", lambda cfg, d, resume: (calls.append((d.name, resume)), train(cfg, d, resume))[1])  # fmt: skip
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert calls == [("griffin-w32-t640", True)]
+    again = _rows(out)
+    assert again["griffin-w32-t640"]["val_loss"] == rows["griffin-w32-t640"]["val_loss"]
+
+
+def test_dry_run_and_launch_scripts(tmp_path, capsys):
+    spec, out = _spec(tmp_path), tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "griffin-w32-t640" in printed and "3 runs" in printed and not out.exists()
+    for kind, suffix, needle in (("torchrun", "sh", "torchrun --standalone"), ("slurm", "sbatch", "srun torchrun")):
+        assert main(["sweep", str(spec), "--out", str(out), "--emit", kind]) == 0
+        scripts = sorted((out / "launch").glob(f"*.{suffix}"))
+        assert len(scripts) == 3
+        text = scripts[0].read_text()
+        assert needle in text and f"--run {scripts[0].stem}" in text
+        assert subprocess.run(["bash", "-n", str(scripts[0])]).returncode == 0
+    assert main(["sweep", str(spec), "--out", str(out), "--collect"]) == 0
+    assert _rows(out) == {}
+
+
+def test_one_run_by_name(tmp_path):
+    spec, out = _spec(tmp_path), tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--run", "griffin-w32-t640"]) == 0
+    assert [p.name for p in (out / "runs").iterdir()] == ["griffin-w32-t640"]
+    assert main(["sweep", str(spec), "--out", str(out), "--collect"]) == 0
+    assert list(_rows(out)) == ["griffin-w32-t640"]
+
+
+def test_isoflop_grid_picks_sizes_around_the_guess(tmp_path):
+    """A budget at which 20 tokens per parameter is exactly width 64's: it and a neighbour train,
+    each for the tokens the budget buys it, to the step."""
+    import torch
+
+    from griffon import Griffon
+    from griffon.accounting import train_flops_per_token
+    from griffon.config import ModelConfig
+
+    sizes = {f"w{w}": {"model.width": w, "model.mlp_width": 3 * w} for w in (16, 32, 64, 128)}
+    w64 = ModelConfig.from_dict({**plan(load_spec(_spec(tmp_path)))[0].config.model.to_dict(), "width": 64,
+                                 "mlp_width": 192})  # fmt: skip
+    with torch.device("meta"):
+        params = Griffon(w64).num_params()
+    budget = 20 * params * train_flops_per_token(w64, BASE["data.seq_len"])
+    runs = plan(load_spec(_spec(tmp_path, sizes=sizes, budgets={}, isoflop={"flops": [budget], "per_budget": 2})))
+    assert len(runs) == 2 and sorted(r.size for r in runs) in (["w32", "w64"], ["w128", "w64"])
+    for r in runs:
+        assert budget - r.flops / r.steps < r.flops <= budget
+    (chosen,) = [r for r in runs if r.size == "w64"]
+    assert chosen.tokens == pytest.approx(20 * params, abs=64)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"budgets": {"tokens": [10]}}, "less than one step"),
+        ({"families": {"griffin": {"model": "grifin-tiny"}}}, "did you mean 'griffin-tiny'"),
+        ({"sizes": {"odd": {"model.width": 33}}}, "sweep run griffin/odd"),
+        ({"famlies": {}}, "unknown key(s) famlies"),
+        ({"budgets": {"steps": [3]}}, "'budgets' takes tokens, flops, tokens_per_param"),
+        ({"families": {}}, "'families' must be a non-empty object"),
+    ],
+    ids=["budget-too-small", "unknown-preset", "impossible-size", "unknown-key", "unknown-budget", "no-family"],
+)
+def test_bad_specs_refused_before_anything_runs(tmp_path, capsys, changes, message):
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(_spec(tmp_path, **changes)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not out.exists()
