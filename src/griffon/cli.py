@@ -106,6 +106,18 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
         print(f"no tokenizer found for {args.src}: {args.dst} holds the model only")
 
 
+def _train_base(config: str | None):
+    """The config ``griffon train`` starts from: a JSON file, a recipe's name, or the default."""
+    from griffon.train.config import TrainConfig
+    from griffon.train.recipes import get_recipe, recipe_names
+
+    if config is None:
+        return TrainConfig()
+    if not Path(config).exists() and config in recipe_names():
+        return get_recipe(config)
+    return TrainConfig.load(config)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
     from griffon.train.trainer import train
@@ -118,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.checkpoint:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
-        base = TrainConfig.load(args.config).to_dict() if args.config else TrainConfig().to_dict()
+        base = _train_base(args.config).to_dict()
         cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
         run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     result = train(cfg, run_dir, resume=bool(args.resume), checkpoint=args.checkpoint)
@@ -301,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("train", help="train a model (no arguments: a small Griffin on the embedded corpus)")
-    s.add_argument("config", nargs="?", help="training config JSON (default: built-in defaults)")
+    s.add_argument(
+        "config", nargs="?", help="training config JSON or a recipe (structuredffn-s, ...); default: built-in defaults"
+    )
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 --set model=hawk-tiny")  # fmt: skip
     s.add_argument("--out", default=None, help="run directory, must not hold a run (default: runs/DATE-TIME)")

@@ -19,6 +19,7 @@ WINDOW_SEMANTICS: tuple[str, ...] = ("deepmind", "hf")
 LINEAR_KINDS: tuple[str, ...] = ("dense", "lowrank", "blockshuffle", "blockdense")
 MLP_TYPES: tuple[str, ...] = ("geglu", "gelu")
 NORM_TYPES: tuple[str, ...] = ("rmsnorm", "layernorm")
+INIT_SCHEMES: tuple[str, ...] = ("griffin", "gpt2")
 
 
 class ConfigError(ValueError):
@@ -136,12 +137,21 @@ class ModelConfig:
     """RoPE maximum wavelength."""
     max_seq_len: int | None = None
     """Longest sequence the model is meant for (bounds generation with global attention); None: no limit."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (GPT-2 and the StructuredFFN papers' models)."""
+    init: str = "griffin"
+    """``griffin``: the references' fan-in scaled initialisation, structured FFN factors scaled to a
+    dense layer's norm; ``gpt2``: every linear layer, gate and the embedding N(0, ``init_std``^2),
+    LowRank from the SVD of such a draw and orthogonal block factors unscaled, as in the
+    StructuredFFN papers' code."""
+    init_std: float = 0.02
+    """Standard deviation of the ``gpt2`` initialisation."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Free-form metadata (for example, where a converted checkpoint came from). Not used by the model."""
 
     def __post_init__(self) -> None:
         self.block_pattern = tuple(self.block_pattern)
-        for name in ("logit_soft_cap", "norm_eps", "rope_fraction", "rope_base"):
+        for name in ("logit_soft_cap", "norm_eps", "rope_fraction", "rope_base", "init_std"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))  # JSON writes 30.0 as 30
@@ -236,6 +246,8 @@ class ModelConfig:
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         need(self.mlp_type in MLP_TYPES, f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
         need(self.norm_type in NORM_TYPES, f"norm_type {self.norm_type!r} is not one of {NORM_TYPES}")
+        need(self.init in INIT_SCHEMES, f"init {self.init!r} is not one of {INIT_SCHEMES}")
+        need(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
         self.ffn_structure.validate()
         E = self.resolved_mlp_width
         self.ffn_structure.check_shape(self.width, E)

@@ -113,6 +113,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         problems.append("lru_num_blocks != num_heads")
     if cfg.attention_window is None:
         problems.append("global attention (attention_window=None)")
+    if cfg.qkv_bias:
+        problems.append("qkv_bias=True (HF has no query, key or value biases)")
     if problems:
         raise ConversionError("HF RecurrentGemma cannot express this model: " + "; ".join(problems))
     assert cfg.attention_history is not None

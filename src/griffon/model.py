@@ -13,6 +13,8 @@ from griffon.nn.embedding import Embedding
 from griffon.nn.mlp import make_mlp
 from griffon.nn.norms import make_norm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
+from griffon.nn.rglru import BlockDiagonalLinear
+from griffon.nn.structured import StructuredLinear
 
 BlockState = RecurrentState | AttentionState
 
@@ -102,7 +104,7 @@ class ResidualBlock(nn.Module):
         else:
             self.temporal = Attention(
                 cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
-                cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale,
+                cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale, cfg.qkv_bias,
             )  # fmt: skip
         self.channel_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
         self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, cfg.ffn_structure_of(layer))
@@ -138,6 +140,8 @@ class Griffon(nn.Module):
         self.embed = Embedding(config.vocab_size, config.width, config.embed_scale)
         self.blocks = nn.ModuleList(ResidualBlock(config, t, i) for i, t in enumerate(config.block_types))
         self.final_norm = make_norm(config.norm_type, config.width, config.norm_eps)
+        if config.init == "gpt2":
+            init_gpt2_(self, config.init_std)
 
     def init_cache(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -230,3 +234,18 @@ class Griffon(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+@torch.no_grad()
+def init_gpt2_(model: nn.Module, std: float) -> None:
+    """GPT-2's initialisation, as the StructuredFFN papers' code applies it: every linear layer,
+    RG-LRU gate and the embedding N(0, std^2), biases zero; structured layers from the SVD of such
+    a draw (LowRank) or with orthogonal factors left at unit singular values (BlockShuffle,
+    BlockDense). Norm gains, convolution taps and the RG-LRU's ``a_param`` keep their own."""
+    for module in model.modules():
+        if isinstance(module, StructuredLinear):
+            module.reset_parameters(std, match_dense_norm=False)
+        elif isinstance(module, nn.Linear | BlockDiagonalLinear | Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)

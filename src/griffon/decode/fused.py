@@ -166,6 +166,8 @@ class FusedDecoder:
             return "it implements RMSNorm only"
         if not all(isinstance(b.mlp, GatedMLP) for b in model.blocks):
             return "it implements the gated (GeGLU) MLP only"
+        if model.config.qkv_bias:
+            return "it has no biases on the query, key and value projections"
         return None
 
     def matrices(self) -> list[torch.Tensor]:

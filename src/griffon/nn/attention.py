@@ -84,14 +84,15 @@ class Attention(nn.Module):
         rope_dim: int,
         rope_base: float,
         out_init_scale: float = 1.0,
+        qkv_bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.history = history
         self.rope_dim, self.rope_base = rope_dim, rope_base
-        self.q = nn.Linear(width, num_heads * head_dim, bias=False)
-        self.k = nn.Linear(width, num_kv_heads * head_dim, bias=False)
-        self.v = nn.Linear(width, num_kv_heads * head_dim, bias=False)
+        self.q = nn.Linear(width, num_heads * head_dim, bias=qkv_bias)
+        self.k = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
         self.o = nn.Linear(num_heads * head_dim, width, bias=True)
         self.out_init_scale = out_init_scale
         self.reset_parameters()
@@ -100,6 +101,8 @@ class Attention(nn.Module):
         width = self.q.in_features
         for lin in (self.q, self.k, self.v):
             nn.init.normal_(lin.weight, std=math.sqrt(1.0 / width))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o.weight, std=math.sqrt(self.out_init_scale / self.o.in_features))
         nn.init.zeros_(self.o.bias)
 

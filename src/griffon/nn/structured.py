@@ -48,8 +48,10 @@ class StructuredLinear(nn.Module):
         """``x @ to_dense().T (+ bias)`` through the factors. x (..., in)."""
         raise NotImplementedError
 
-    def reset_parameters(self, std: float) -> None:
-        """The paper's initialisation, scaled to match a dense N(0, std^2) layer (see subclasses)."""
+    def reset_parameters(self, std: float, match_dense_norm: bool = True) -> None:
+        """The paper's initialisation, scaled to match a dense N(0, std^2) layer (see subclasses);
+        without ``match_dense_norm``, orthogonal factors keep unit singular values, as the
+        StructuredFFN papers' code leaves them."""
         raise NotImplementedError
 
     def _init(self, std: float | None) -> None:
@@ -124,7 +126,8 @@ class LowRankLinear(StructuredLinear):
         self.U = nn.Parameter(torch.empty(out_features, rank))
         self._init(std)
 
-    def reset_parameters(self, std: float) -> None:
+    def reset_parameters(self, std: float, match_dense_norm: bool = True) -> None:
+        # the SVD of a dense N(0, std^2) draw has that draw's norm either way
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if self.V.is_meta:
@@ -157,7 +160,7 @@ class _OrthogonalFactors(StructuredLinear):
     w1: nn.Parameter
     w2: nn.Parameter
 
-    def reset_parameters(self, std: float) -> None:
+    def reset_parameters(self, std: float, match_dense_norm: bool = True) -> None:
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if self.w1.is_meta:
@@ -165,7 +168,8 @@ class _OrthogonalFactors(StructuredLinear):
         for w in (self.w1, self.w2):
             nn.init.normal_(w)
             _orthogonalise_(w)
-        self._scale_to_dense_norm(std)
+        if match_dense_norm:
+            self._scale_to_dense_norm(std)
 
     def factors(self) -> tuple[torch.Tensor, ...]:
         return (self.w1, self.w2)

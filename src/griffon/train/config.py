@@ -13,6 +13,7 @@ from griffon.config import apply_overrides as config_overrides
 from griffon.presets import get_preset
 
 SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
@@ -55,13 +56,19 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine and WSD)."""
     weight_decay: float = 0.1
-    """AdamW decay, applied to matrices only (not norms, biases, embeddings or ``a_param``)."""
+    """AdamW decay (see ``decay``)."""
+    decay: str = "matrices"
+    """``matrices``: decay weight matrices only (not norms, biases, embeddings or ``a_param``);
+    ``all``: every parameter, as the StructuredFFN papers' code does (one AdamW group)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     schedule: str = "cosine"
     """``cosine`` (warmup then cosine), ``wsd`` (warmup, stable, linear decay) or ``constant``."""
     warmup_steps: int = 30
+    warmup_fraction: float | None = None
+    """Warm up over this fraction of the planned steps instead of ``warmup_steps`` (0.1 in the
+    StructuredFFN papers)."""
     decay_fraction: float = 0.2
     """WSD: the final fraction of steps over which the rate decays."""
     grad_clip: float | None = 1.0
@@ -75,6 +82,10 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.decay not in DECAY_SCOPES:
+            raise ConfigError(f"optim.decay {self.decay!r} is not one of {DECAY_SCOPES}")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
 
 
 @dataclass

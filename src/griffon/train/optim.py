@@ -10,9 +10,12 @@ from torch import nn
 from griffon.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, scope: str = "matrices") -> list[dict]:
     """Decay matrices only: norms' scales, biases, embeddings and the RG-LRU ``a_param`` are exempt
-    (decaying ``a_param`` would pull every decay rate towards one value)."""
+    (decaying ``a_param`` would pull every decay rate towards one value). With ``scope="all"``
+    every parameter decays, as in the StructuredFFN papers' code."""
+    if scope == "all":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -24,19 +27,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        param_groups(model, cfg.weight_decay, cfg.decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_steps if cfg.warmup_fraction is None else int(cfg.warmup_fraction * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: stable at the peak, then linear decay over the last decay_fraction of the steps
     decay_start = total_steps - int(cfg.decay_fraction * total_steps)
