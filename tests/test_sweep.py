@@ -101,6 +101,18 @@ def test_isoflop_grid_picks_sizes_around_the_guess(tmp_path):
     assert chosen.tokens == pytest.approx(20 * params, abs=64)
 
 
+def test_family_overrides_per_size(tmp_path):
+    """A family may add overrides for some sizes, applied after the size's own (a LowRank rank
+    that follows the width, say)."""
+    families = {"dense": {"model": "griffin-tiny"},
+                "lowrank": {"model": "griffin-tiny", "model.ffn_structure.kind": "lowrank",
+                            "sizes": {"w32": {"model.ffn_structure.rank": 8}}}}  # fmt: skip
+    runs = {r.family: r for r in plan(load_spec(_spec(tmp_path, families=families, budgets={"tokens": [640]})))}
+    assert runs["lowrank"].config.model.ffn_structure.rank == 8 and runs["lowrank"].config.model.width == 32
+    assert runs["dense"].config.model.ffn_structure.kind == "dense"
+    assert runs["lowrank"].params < runs["dense"].params
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

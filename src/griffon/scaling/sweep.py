@@ -5,7 +5,10 @@ A spec (JSON or TOML) crosses model families with sizes and training budgets::
     {
       "base": {"max_minutes": null, "data.seq_len": 128},            # train-config overrides for every run
       "families": {"griffin": {"model": "griffin-demo"},             # "model": a preset; other keys: overrides
-                   "hawk": {"model": "griffin-demo", "model.block_pattern": ["recurrent"]}},
+                   "hawk": {"model": "griffin-demo", "model.block_pattern": ["recurrent"]},
+                   "griffin-lowrank": {"model": "griffin-demo", "model.ffn_structure.kind": "lowrank",
+                                       "sizes": {"w64": {"model.ffn_structure.rank": 16},   # per size,
+                                                 "w128": {"model.ffn_structure.rank": 32}}}},  # after the size's
       "sizes": {"w64": {"model.width": 64, "model.num_heads": 1},    # overrides per size
                 "w128": {"model.width": 128, "model.num_heads": 2}},
       "budgets": {"tokens": [1e6, 4e6]},                             # or "flops", or "tokens_per_param"
@@ -123,8 +126,12 @@ def _overrides(section: dict[str, Any]) -> list[str]:
 
 
 def _config(spec: dict[str, Any], family: str, size: str) -> TrainConfig:
-    overrides = [*_overrides(spec.get("base", {})), *_overrides(spec["families"][family] or {}),
-                 *_overrides(spec["sizes"][size] or {}), f"seed={int(spec.get('seed', 0))}"]  # fmt: skip
+    own = dict(spec["families"][family] or {})
+    per_size = own.pop("sizes", {})  # the family's own overrides for some sizes (a LowRank rank, say)
+    if not isinstance(per_size, dict) or set(per_size) - set(spec["sizes"]):
+        raise SweepError(f"sweep spec: families.{family}.sizes must map sizes of the spec to overrides")
+    overrides = [*_overrides(spec.get("base", {})), *_overrides(own), *_overrides(spec["sizes"][size] or {}),
+                 *_overrides(per_size.get(size) or {}), f"seed={int(spec.get('seed', 0))}"]  # fmt: skip
     try:
         return _train_config(overrides)
     except (ConfigError, TypeError, ValueError) as e:
