@@ -136,3 +136,15 @@ def test_read_runs_defaults_flops_to_6nd(tmp_path):
     _write(tmp_path / "r.csv", ["params", "tokens", "loss"], [(2e6, 3e8, 3.1)])
     runs = read_runs(tmp_path / "r.csv")
     assert runs.flops.tolist() == [6 * 2e6 * 3e8] and runs.family.tolist() == ["all"]
+
+
+def test_isoflop_leaves_out_budgets_whose_sizes_miss_the_optimum():
+    rows = []
+    for c, shift in ((1e15, 1.0), (1e16, 1.0), (1e17, 30.0)):  # the last budget's sizes all lie above N*
+        n_opt = 0.1 * c**0.5
+        for n in n_opt * shift * np.geomspace(0.2, 5, 5):
+            rows.append((n, c / (6 * n), 3.0 + 0.05 * math.log(n / n_opt) ** 2, c))
+    n, d, loss, c = map(np.array, zip(*rows, strict=True))
+    fit = fit_isoflop(Runs(n, d, loss, c, np.array(["x"] * len(loss), dtype=object)))
+    assert len(fit["profiles"]) == 2 and fit["unbracketed_budgets"] == pytest.approx([1e17])
+    assert fit["a"] == pytest.approx(0.5, abs=1e-6)

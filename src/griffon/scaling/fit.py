@@ -6,7 +6,8 @@ Three views of one table of training runs (parameters N, tokens D, training FLOP
   L(C) = E + A C^-alpha.
 * **IsoFLOP profiles** (Hoffmann et al. 2022, Approach 2): runs grouped by compute budget, a
   parabola of loss in log N through each group, its minimum N*(C) and D*(C) = C / (6 N*), and the
-  power laws N* = k C^a, D* = k' C^b fitted through the minima.
+  power laws N* = k C^a, D* = k' C^b fitted through the minima. A budget whose minimum lies
+  outside the sizes trained at it is left out (and listed): its optimum is not bracketed.
 * **Parametric law** (Approach 3): L(N, D) = E + A / N^alpha + B / D^beta, fitted as Besiroglu et al.
   2024 corrected the original: in log space (log L = LSE(e, a - alpha log N, b - beta log D), with
   E = exp(e), A = exp(a), B = exp(b)), a Huber loss with delta 1e-3 summed over the runs, L-BFGS from
@@ -249,15 +250,17 @@ def isoflop_groups(runs: Runs, tolerance: float = 0.05) -> list[np.ndarray]:
 def fit_isoflop(runs: Runs) -> dict:
     """A parabola in log N through each budget's runs (3 or more sizes); N*(C), D*(C) = C/(6N*);
     then N* = k C^a and D* = k' C^b by least squares in log space (needs 2 or more budgets)."""
-    profiles = []
+    profiles, unbracketed = [], []
     for group in isoflop_groups(runs):
         if len(np.unique(runs.params[group])) < 3:
             continue
         x, y = np.log(runs.params[group]), runs.loss[group]
         c2, c1, c0 = np.polyfit(x, y, 2)
-        if c2 <= 0:
-            continue  # no minimum: the sizes do not bracket the optimum
-        log_n = -c1 / (2 * c2)
+        log_n = -c1 / (2 * c2) if c2 > 0 else math.nan
+        if not x.min() <= log_n <= x.max():
+            # no minimum, or one outside the sizes trained: the sizes do not bracket the optimum
+            unbracketed.append(float(np.exp(np.log(runs.flops[group]).mean())))
+            continue
         flops = float(np.exp(np.log(runs.flops[group]).mean()))
         n_opt = math.exp(log_n)
         profiles.append({"flops": flops, "n_opt": n_opt, "d_opt": flops / (6 * n_opt),
@@ -266,11 +269,13 @@ def fit_isoflop(runs: Runs) -> dict:
     if len(profiles) < 2:
         raise ScalingFitError(
             f"{len(profiles)} compute budget(s) have 3 or more sizes bracketing a minimum; IsoFLOP needs 2"
+            + (f" (not bracketed: {', '.join(f'{c:.3g}' for c in unbracketed)} FLOPs)" if unbracketed else "")
         )
     log_c = np.log([p["flops"] for p in profiles])
     a, log_k = np.polyfit(log_c, np.log([p["n_opt"] for p in profiles]), 1)
     b, log_k2 = np.polyfit(log_c, np.log([p["d_opt"] for p in profiles]), 1)
-    return {"profiles": profiles, "a": a, "k": math.exp(log_k), "b": b, "k_d": math.exp(log_k2)}
+    return {"profiles": profiles, "a": a, "k": math.exp(log_k), "b": b, "k_d": math.exp(log_k2),
+            "unbracketed_budgets": unbracketed}  # fmt: skip
 
 
 # ----- everything, with intervals -----------------------------------------------------------------
