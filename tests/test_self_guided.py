@@ -167,3 +167,27 @@ def test_ddp_guided_run_matches_single_process(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, 7))
     for step in want:  # the guides' gradients are averaged across ranks like the model's
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+def test_fixed_flop_extra_steps_can_reread_the_guided_batches(tmp_path, monkeypatch):
+    """With ``extra_steps_data=reread`` the steps beyond the dense run's read the data again from
+    its start, once, at the step the plan names; the default reads on."""
+    from griffon.data.loader import PackedLoader
+
+    resets = []
+    load = PackedLoader.load_state_dict
+
+    def record(self, state):
+        resets.append((self.epoch, self.step, dict(state)))
+        load(self, state)
+
+    monkeypatch.setattr(PackedLoader, "load_state_dict", record)
+    common = (*LOWRANK, "max_steps=20", "self_guided.enabled=true", "self_guided.mode=fixed_flops")
+    train(config(*common), tmp_path / "continue")
+    assert resets == []
+    result = train(config(*common, "self_guided.extra_steps_data=reread"), tmp_path / "reread")
+    assert result.steps > 20
+    ((epoch, step, state),) = resets
+    assert (epoch, step) == (0, 20) and state["step"] == 0  # after the dense run's 20 steps, from the start
+    with pytest.raises(ConfigError, match="needs self_guided.mode=fixed_flops"):
+        config(*LOWRANK, "max_steps=20", "self_guided.enabled=true", "self_guided.extra_steps_data=reread")

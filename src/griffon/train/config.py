@@ -100,6 +100,10 @@ class SelfGuidedConfig:
     as many extra unguided steps as make the run spend the dense-FFN model's FLOPs."""
     reduce_flop: bool = False
     """Run the dense branch only with probability equal to its coefficient (one draw per step)."""
+    extra_steps_data: str = "continue"
+    """``fixed_flops``: what the steps beyond the dense run's read. ``continue``: the data that
+    follows; ``reread``: the run's data again from its start (the guided phase's batches), as
+    the StructuredFFN papers' code does."""
 
     def validate(self) -> None:
         check_types(self)
@@ -107,6 +111,10 @@ class SelfGuidedConfig:
             raise ConfigError(f"self_guided.fraction must lie in (0, 1], got {self.fraction}")
         if self.mode not in GUIDE_MODES:
             raise ConfigError(f"self_guided.mode {self.mode!r} is not one of {GUIDE_MODES}")
+        if self.extra_steps_data not in ("continue", "reread"):
+            raise ConfigError(f"self_guided.extra_steps_data {self.extra_steps_data!r} is not continue or reread")
+        if self.extra_steps_data == "reread" and self.mode != "fixed_flops":
+            raise ConfigError("self_guided.extra_steps_data=reread needs self_guided.mode=fixed_flops")
 
 
 @dataclass

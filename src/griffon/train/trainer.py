@@ -185,6 +185,8 @@ def _train(
                     f"interrupted at step {progress.step}, checkpoint saved; continue with: "
                     f"griffon train --resume {run_dir}"
                 )
+            if progress.step == plan.reread_from:  # the extra steps re-read the guided phase's batches
+                loader.load_state_dict({"epoch": 0, "step": 0, "seed": cfg.seed})
             lr = run.set_lr()
             extra_flops_per_token = guided.before_step(progress.step)
             loss = run.forward_backward()
@@ -258,6 +260,9 @@ class RunPlan:
     """Self-guided training: the guided steps (the first ones)."""
     guide_flops_per_token: float = 0.0
     """Self-guided training: the guides' extra FLOPs per token on steps where they run."""
+    reread_from: int | None = None
+    """Self-guided ``fixed_flops`` with ``extra_steps_data=reread``: the step from which the run
+    reads its data again from the start."""
 
 
 def plan_run(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> RunPlan:
@@ -280,7 +285,9 @@ def plan_run(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> RunPlan
         dense_step_flops=tokens_per_step * dense_fpt,
         flop_budget=cfg.max_flops,
     )  # fmt: skip
-    return RunPlan(tokens_per_step, flops_per_token, total_steps, guide_steps, guide_flops_per_token)
+    reread = sg.extra_steps_data == "reread" and total_steps > planned
+    return RunPlan(tokens_per_step, flops_per_token, total_steps, guide_steps, guide_flops_per_token,
+                   reread_from=planned if reread else None)  # fmt: skip
 
 
 @dataclass
