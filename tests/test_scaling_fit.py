@@ -95,6 +95,9 @@ def test_command_writes_fits_and_plot(tmp_path, capsys):
     assert main(argv) == 0
     fits = json.loads((tmp_path / "fit.json").read_text())
     assert set(fits) == {"griffin", "hawk"} and fits["griffin"]["runs"] == 14  # 15 less the worst
+    best = {round(math.log10(b["flops"])): b for b in fits["hawk"]["budgets"]}
+    group = [(loss * 1.02, n) for n, d, loss in zip(runs.params, runs.tokens, runs.loss, strict=True)][5:10]
+    assert (best[16]["loss"], best[16]["params"]) == pytest.approx(min(group))  # the 1e16 budget's best run
     assert "parametric: E" in capsys.readouterr().out
     assert (tmp_path / "fit.png").stat().st_size > 0
 

@@ -278,6 +278,17 @@ def fit_isoflop(runs: Runs) -> dict:
             "unbracketed_budgets": unbracketed}  # fmt: skip
 
 
+def best_per_budget(runs: Runs) -> list[dict[str, float]]:
+    """For each compute budget (:func:`isoflop_groups`), the run with the lowest loss."""
+    out = []
+    for group in isoflop_groups(runs):
+        best = group[np.argmin(runs.loss[group])]
+        out.append({"flops": float(np.exp(np.log(runs.flops[group]).mean())), "runs": len(group),
+                     "loss": float(runs.loss[best]), "params": float(runs.params[best]),
+                     "tokens": float(runs.tokens[best])})  # fmt: skip
+    return out
+
+
 # ----- everything, with intervals -----------------------------------------------------------------
 _PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta", "a", "b")
 
@@ -286,7 +297,7 @@ def fit_family(runs: Runs, bootstrap: int = 200, seed: int = 0, level: float = 0
     """All three fits of one family's runs, each parameter with a bootstrap interval."""
     if len(runs) < MIN_POINTS:
         raise ScalingFitError(f"{len(runs)} runs; a scaling fit needs at least {MIN_POINTS}")
-    out: dict = {"runs": len(runs)}
+    out: dict = {"runs": len(runs), "budgets": best_per_budget(runs)}
     fits = {"parametric": _try(fit_parametric, runs), "frontier": _try(fit_frontier, runs),
             "isoflop": _try(fit_isoflop, runs)}  # fmt: skip
     if all("error" in f for f in fits.values()):
@@ -397,9 +408,11 @@ def summary(fits: dict[str, dict]) -> str:
 
     lines = []
     for name, fit in fits.items():
-        lines.append(
-            f"{name} ({fit['runs']} runs; intervals: {fit['parametric'].get('bootstrap', {}).get('level', 0.95):.0%} bootstrap)"
-        )
+        level = fit["parametric"].get("bootstrap", {}).get("level", 0.95)
+        lines.append(f"{name} ({fit['runs']} runs; intervals: {level:.0%} bootstrap)")
+        for b in fit["budgets"]:
+            lines.append(f"  best at {b['flops']:.3g} FLOPs: loss {b['loss']:.4f} ({b['params']:.3g} params, "
+                         f"{b['tokens']:.3g} tokens; {b['runs']} runs)")  # fmt: skip
         for kind, keys in (
             ("parametric", _PARAMETRIC_KEYS),
             ("frontier", ("E", "A", "alpha")),
