@@ -125,7 +125,7 @@ def test_a_fit_that_never_converges_says_so(monkeypatch, capsys):
         success, x, fun = False, np.zeros(5), 0.0
 
     monkeypatch.setattr("scipy.optimize.minimize", lambda *a, **k: Failed())
-    runs = _synthetic(budgets=(1e15, 1e16), sizes=3)
+    runs = _synthetic(budgets=(1e16, 1e17), sizes=5)  # sizes that bracket both budgets' optima
     with pytest.raises(ScalingFitError, match="L\\(N, D\\) did not converge"):
         fit_parametric(runs)
     fits = fit_family(runs, bootstrap=0)

@@ -40,6 +40,9 @@ GRID = {
     "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
 }
 MIN_POINTS = 5
+# Box for L-BFGS: log-coefficients up to 300 (exp(300) is still a float) and exponents up to 10,
+# far beyond any real law, so that a flat direction cannot run off to overflow.
+LOG_BOUND, EXPONENT_BOUND = (-300.0, 300.0), (0.0, 10.0)
 
 
 class ScalingFitError(ValueError):
@@ -143,6 +146,11 @@ def _best_starts(grid: np.ndarray, values: np.ndarray, keep: int) -> list[np.nda
     return [grid[i] for i in np.argsort(values)[:keep]]
 
 
+def _at_bound(theta: np.ndarray, bounds: list) -> bool:
+    """Whether a fitted parameter sits on its box: the data do not pin that direction down."""
+    return any(math.isclose(x, b, abs_tol=1e-6) for x, pair in zip(theta, bounds, strict=True) for b in pair)
+
+
 def _lbfgs(objective, starts: list[np.ndarray], args: tuple, bounds: list) -> np.ndarray:
     from scipy.optimize import minimize
 
@@ -171,12 +179,13 @@ def fit_parametric(runs: Runs, keep: int = 32) -> dict[str, float]:
     terms = np.stack(np.broadcast_arrays(e, a - alpha * log_n, b - beta * log_d), axis=1)  # (points, 3, runs)
     starts = _best_starts(PARAMETRIC_GRID, _grid_objective(terms, log_l), keep)
     try:
-        theta = _lbfgs(_parametric_objective, starts, args, [(None, None)] * 3 + [(0.0, None)] * 2)
+        theta = _lbfgs(_parametric_objective, starts, args, [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2)
     except ScalingFitError:
         raise ScalingFitError("the parametric fit L(N, D) did not converge from any initialisation") from None
     e, a, b, alpha, beta = theta
     fit = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta),
-           "objective": float(_parametric_objective(theta, *args)[0]), "theta": theta.tolist()}  # fmt: skip
+           "objective": float(_parametric_objective(theta, *args)[0]), "theta": theta.tolist(),
+           "at_bound": _at_bound(theta, [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2)}  # fmt: skip
     if alpha > 0 and beta > 0:
         fit["a"] = float(beta / (alpha + beta))  # N_opt ~ C^a
         fit["b"] = float(alpha / (alpha + beta))  # D_opt ~ C^b
@@ -227,11 +236,12 @@ def fit_frontier(runs: Runs, keep: int = 8) -> dict[str, float]:
     terms = np.stack(np.broadcast_arrays(e, a - alpha * log_c), axis=1)  # (points, 2, runs)
     starts = _best_starts(FRONTIER_GRID, _grid_objective(terms, log_l), keep)
     try:
-        theta = _lbfgs(_power_objective, starts, args, [(None, None), (None, None), (0.0, None)])
+        theta = _lbfgs(_power_objective, starts, args, [LOG_BOUND, LOG_BOUND, EXPONENT_BOUND])
     except ScalingFitError:
         raise ScalingFitError("the frontier fit L(C) did not converge from any initialisation") from None
     e, a, alpha = theta
-    return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha), "runs": idx.tolist()}
+    return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha), "runs": idx.tolist(),
+            "at_bound": _at_bound(theta, [LOG_BOUND, LOG_BOUND, EXPONENT_BOUND])}  # fmt: skip
 
 
 # ----- IsoFLOP profiles ----------------------------------------------------------------------------
@@ -419,5 +429,8 @@ def summary(fits: dict[str, dict]) -> str:
             ("isoflop", ("a", "b")),
         ):
             result = fit[kind]
-            lines.append(f"  {kind}: " + (result["error"] if "error" in result else show(result, keys)))
+            text = result["error"] if "error" in result else show(result, keys)
+            if result.get("at_bound"):
+                text += " (a parameter sits on its bound: not determined by these runs)"
+            lines.append(f"  {kind}: {text}")
     return "\n".join(lines)
