@@ -374,10 +374,12 @@ def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
             f = fit["frontier"]
             axes[0].plot(c, f["E"] + f["A"] * c ** -f["alpha"], color=color,
                          label=f"{name}: L = {f['E']:.2f} + {f['A']:.3g} C^-{f['alpha']:.3f}")  # fmt: skip
+        for group in isoflop_groups(mine):  # every budget's runs, bracketed or not
+            order = group[np.argsort(mine.params[group])]
+            axes[1].plot(mine.params[order], mine.loss[order], "o-", ms=3, lw=0.8, color=color, alpha=0.6)
         if "error" not in fit["isoflop"]:
             for p in fit["isoflop"]["profiles"]:
                 group = mine.take(np.array(p["runs"]))
-                axes[1].scatter(group.params, group.loss, s=12, color=color, alpha=0.6)
                 n = np.geomspace(group.params.min(), group.params.max(), 50)
                 axes[1].plot(n, np.polyval(p["parabola"], np.log(n)), color=color, lw=1)
             iso = fit["isoflop"]
@@ -386,7 +388,7 @@ def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
             axes[2].plot(
                 c, iso["k"] * c ** iso["a"], color=color, ls="--", label=f"{name} IsoFLOP: N* ~ C^{iso['a']:.2f}"
             )
-        if "error" not in fit["parametric"] and "a" in fit["parametric"]:
+        if "error" not in fit["parametric"] and "a" in fit["parametric"] and not fit["parametric"]["at_bound"]:
             axes[2].plot(c, compute_optimal(fit["parametric"], c)[0], color=color,
                          label=f"{name} L(N, D): N_opt ~ C^{fit['parametric']['a']:.2f}")  # fmt: skip
     for ax, (xl, yl, title) in zip(axes, [("training FLOPs", "loss", "loss vs compute"),
