@@ -163,7 +163,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from griffon.atomic import atomic_write
     from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.evaluate import byte_table, plot_by_position, score_documents
 

@@ -117,28 +117,31 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     return value, np.where(small, r, delta * np.sign(r))
 
 
-def _parametric_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray):
-    e, a, b, alpha, beta = theta
-    terms = np.stack([np.full_like(log_n, e), a - alpha * log_n, b - beta * log_d])  # (3, runs)
-    top = terms.max(0)
-    weights = np.exp(terms - top)
-    lse = top + np.log(weights.sum(0))
-    weights /= weights.sum(0)  # d lse / d term
+def _log_terms(theta: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The log of each term of L = E + sum_i C_i exp(x_i)^-k_i, both laws' form: ``theta``
+    (..., 1 + 2m) holds (log E, log C_1..C_m, k_1..k_m), ``xs`` (m, runs) the log-inputs (log N
+    and log D, or log C). Returns (..., 1 + m, runs)."""
+    m = xs.shape[0]
+    log_e = np.broadcast_to(theta[..., :1, None], (*theta.shape[:-1], 1, xs.shape[1]))
+    return np.concatenate([log_e, theta[..., 1 : 1 + m, None] - theta[..., 1 + m :, None] * xs], axis=-2)
+
+
+def _objective(theta: np.ndarray, xs: np.ndarray, log_l: np.ndarray) -> tuple[float, np.ndarray]:
+    """The Huber loss of log L = LSE(terms) against the runs' log-losses, summed, and its gradient."""
+    terms = _log_terms(theta, xs)  # (1 + m, runs)
+    lse = np.logaddexp.reduce(terms, axis=0)
+    weights = np.exp(terms - lse)  # d lse / d term
     value, slope = _huber(lse - log_l, HUBER_DELTA)
-    grad = np.array([
-        (slope * weights[0]).sum(),
-        (slope * weights[1]).sum(),
-        (slope * weights[2]).sum(),
-        -(slope * weights[1] * log_n).sum(),
-        -(slope * weights[2] * log_d).sum(),
-    ])  # fmt: skip
-    return value.sum(), grad
+    grad_logs = (slope * weights).sum(-1)  # log E and each log C_i
+    grad_exponents = -(slope * weights[1:] * xs).sum(-1)
+    return value.sum(), np.concatenate([grad_logs, grad_exponents])
 
 
-def _grid_objective(terms: np.ndarray, log_l: np.ndarray) -> np.ndarray:
-    """The Huber objective at many parameter points at once: ``terms`` (points, terms, runs)."""
-    value, _ = _huber(np.logaddexp.reduce(terms, axis=1) - log_l, HUBER_DELTA)
-    return value.sum(-1)
+def _fit_law(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray, keep: int, bounds: list) -> np.ndarray:
+    """L-BFGS from the ``keep`` points of ``grid`` (points, parameters) with the lowest objective,
+    evaluated at every grid point at once; the best fit's parameters."""
+    values, _ = _huber(np.logaddexp.reduce(_log_terms(grid, xs), axis=-2) - log_l, HUBER_DELTA)
+    return _lbfgs(_objective, _best_starts(grid, values.sum(-1), keep), (xs, log_l), bounds)
 
 
 def _best_starts(grid: np.ndarray, values: np.ndarray, keep: int) -> list[np.ndarray]:
@@ -174,18 +177,16 @@ def fit_parametric(runs: Runs, keep: int = 32) -> dict[str, float]:
     """L(N, D) = E + A/N^alpha + B/D^beta. The objective is evaluated at every point of the
     initialisation grid (4500 points), L-BFGS runs from the ``keep`` best of them, and the fit
     with the lowest objective is kept."""
-    log_n, log_d, log_l = args = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
-    e, a, b, alpha, beta = (PARAMETRIC_GRID[:, i, None] for i in range(5))  # (points, 1) each
-    terms = np.stack(np.broadcast_arrays(e, a - alpha * log_n, b - beta * log_d), axis=1)  # (points, 3, runs)
-    starts = _best_starts(PARAMETRIC_GRID, _grid_objective(terms, log_l), keep)
+    xs, log_l = np.log(np.stack([runs.params, runs.tokens])), np.log(runs.loss)
+    bounds = [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2
     try:
-        theta = _lbfgs(_parametric_objective, starts, args, [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2)
+        theta = _fit_law(PARAMETRIC_GRID, xs, log_l, keep, bounds)
     except ScalingFitError:
         raise ScalingFitError("the parametric fit L(N, D) did not converge from any initialisation") from None
     e, a, b, alpha, beta = theta
     fit = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta),
-           "objective": float(_parametric_objective(theta, *args)[0]), "theta": theta.tolist(),
-           "at_bound": _at_bound(theta, [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2)}  # fmt: skip
+           "objective": float(_objective(theta, xs, log_l)[0]), "theta": theta.tolist(),
+           "at_bound": _at_bound(theta, bounds)}  # fmt: skip
     if alpha > 0 and beta > 0:
         fit["a"] = float(beta / (alpha + beta))  # N_opt ~ C^a
         fit["b"] = float(alpha / (alpha + beta))  # D_opt ~ C^b
@@ -211,18 +212,6 @@ def frontier(runs: Runs) -> np.ndarray:
     return np.array(keep, dtype=int)
 
 
-def _power_objective(theta: np.ndarray, log_c: np.ndarray, log_l: np.ndarray):
-    e, a, alpha = theta
-    terms = np.stack([np.full_like(log_c, e), a - alpha * log_c])
-    top = terms.max(0)
-    weights = np.exp(terms - top)
-    lse = top + np.log(weights.sum(0))
-    weights /= weights.sum(0)
-    value, slope = _huber(lse - log_l, HUBER_DELTA)
-    grad = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), -(slope * weights[1] * log_c).sum()])
-    return value.sum(), grad
-
-
 FRONTIER_GRID = np.array(list(itertools.product(GRID["e"], GRID["a"], (0.05, 0.1, 0.2, 0.5, 1.0))), dtype=float)
 
 
@@ -231,17 +220,14 @@ def fit_frontier(runs: Runs, keep: int = 8) -> dict[str, float]:
     idx = frontier(runs)
     if len(idx) < 3:
         raise ScalingFitError(f"the loss-compute frontier has {len(idx)} runs; a power law needs at least 3")
-    log_c, log_l = args = (np.log(runs.flops[idx]), np.log(runs.loss[idx]))
-    e, a, alpha = (FRONTIER_GRID[:, i, None] for i in range(3))
-    terms = np.stack(np.broadcast_arrays(e, a - alpha * log_c), axis=1)  # (points, 2, runs)
-    starts = _best_starts(FRONTIER_GRID, _grid_objective(terms, log_l), keep)
+    bounds = [LOG_BOUND, LOG_BOUND, EXPONENT_BOUND]
     try:
-        theta = _lbfgs(_power_objective, starts, args, [LOG_BOUND, LOG_BOUND, EXPONENT_BOUND])
+        theta = _fit_law(FRONTIER_GRID, np.log(runs.flops[idx])[None], np.log(runs.loss[idx]), keep, bounds)
     except ScalingFitError:
         raise ScalingFitError("the frontier fit L(C) did not converge from any initialisation") from None
     e, a, alpha = theta
     return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha), "runs": idx.tolist(),
-            "at_bound": _at_bound(theta, [LOG_BOUND, LOG_BOUND, EXPONENT_BOUND])}  # fmt: skip
+            "at_bound": _at_bound(theta, bounds)}  # fmt: skip
 
 
 # ----- IsoFLOP profiles ----------------------------------------------------------------------------

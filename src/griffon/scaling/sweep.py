@@ -144,12 +144,11 @@ def _train_config(overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict({**d, "max_tokens": 1})
 
 
-def _counts(cfg: TrainConfig) -> tuple[int, int, int, float]:
-    """Parameters (total, non-embedding, FFN) and training FLOPs per token of a config."""
+def _counts(cfg: TrainConfig) -> tuple[int, int, float]:
+    """Parameters (total and non-embedding) and training FLOPs per token of a config."""
     with torch.device("meta"):
         model = Griffon(cfg.model)
-    return (model.num_params(), model.num_params(non_embedding=True), ffn_params(cfg.model),
-            train_flops_per_token(cfg.model, cfg.data.seq_len))  # fmt: skip
+    return model.num_params(), model.num_params(non_embedding=True), train_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
@@ -157,8 +156,9 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     config that cannot be built or a budget too small for one optimizer step."""
     runs: list[PlannedRun] = []
     shapes = {(f, s): _config(spec, f, s) for f in spec["families"] for s in spec["sizes"]}
+    counts = {key: _counts(cfg) for key, cfg in shapes.items()}  # (params, non-embedding, FLOPs per token)
     for (family, size), cfg in shapes.items():
-        params, non_embedding, _, per_token = _counts(cfg)
+        params, non_embedding, per_token = counts[(family, size)]
         for kind, values in spec.get("budgets", {}).items():
             for value in values:
                 tokens = {"tokens": value, "flops": value / per_token, "tokens_per_param": value * params}[kind]
@@ -169,14 +169,15 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         ratio, keep = float(iso.get("tokens_per_param", 20)), int(iso.get("per_budget", 3))
         for budget in iso["flops"]:
             for family in spec["families"]:
-                sized = [(size, _counts(shapes[(family, size)])) for size in spec["sizes"]]
-                # the size whose tokens at this ratio spend the budget: C = per_token * ratio * N
-                guess = [abs(math.log(c[0] * c[3] * ratio / budget)) for _, c in sized]
-                for (size, (params, non_embedding, _, per_token)), _ in sorted(zip(sized, guess, strict=True),
-                                                                              key=lambda x: x[1])[:keep]:  # fmt: skip
-                    cfg = shapes[(family, size)]
-                    runs.append(_planned(family, size, f"iso{budget:.3g}", cfg, params, non_embedding,
-                                         budget / per_token, per_token))  # fmt: skip
+                # the sizes nearest the one whose tokens at this ratio spend the budget: C = per_token * ratio * N
+                def distance(size: str, family: str = family, budget: float = budget) -> float:
+                    params, _, per_token = counts[(family, size)]
+                    return abs(math.log(params * per_token * ratio / budget))
+
+                for size in sorted(spec["sizes"], key=distance)[:keep]:
+                    params, non_embedding, per_token = counts[(family, size)]
+                    runs.append(_planned(family, size, f"iso{budget:.3g}", shapes[(family, size)], params,
+                                         non_embedding, budget / per_token, per_token))  # fmt: skip
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SweepError("sweep spec: two runs share a name (a budget listed twice?)")
