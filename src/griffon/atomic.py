@@ -48,6 +48,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_savefig(fig, path: str | Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure through :func:`atomic_write`, in the format its suffix names."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=dpi))
+
+
 @contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``final``; when the block completes it is renamed

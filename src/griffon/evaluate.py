@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from griffon.atomic import atomic_savefig
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import prefill
 from griffon.model import Griffon
@@ -314,5 +315,5 @@ def plot_by_position(results: dict[str, dict], path: str | Path, train_len: int 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path)
     plt.close(fig)

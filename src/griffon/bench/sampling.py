@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from griffon.atomic import atomic_savefig
 from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
 from griffon.config import ModelConfig
 from griffon.decode.fused import FusedDecoder
@@ -271,5 +272,5 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path)
     plt.close(fig)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from griffon.atomic import atomic_savefig
+
 HUBER_DELTA = 1e-3
 # Initialisation grid of Hoffmann et al. 2022 (Appendix D.2), as Besiroglu et al. 2024 reran it.
 GRID = {
@@ -388,7 +390,7 @@ def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

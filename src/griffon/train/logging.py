@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from griffon.atomic import atomic_write, describe_os_error
+from griffon.atomic import atomic_savefig, atomic_write, describe_os_error
 
 CSV_FIELDS = ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
 
@@ -149,6 +149,6 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.legend()
     out = run_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_savefig(fig, out)
     plt.close(fig)
     return out
