@@ -134,7 +134,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_in_one_line_and_resumes_exactly(tmp_pat
 def test_refusals_write_nothing(tmp_path, capsys):
     run = tmp_path / "r"
     out = ["--out", str(run), *SETS]
-    _fails(["train", *out, f"--set=data.path={tmp_path / 'nodata'}"], capsys, "not a prepared data directory")
+    _fails(["train", *out, f"--set=data.path={tmp_path / 'nodata'}"], capsys, "nodata not found")
     _fails(["train", *out, "--set=optim.lr=NaN"], capsys, "lr must be a finite number, got nan")
     _fails(["train", *out, "--set=optim.beta2=Infinity"], capsys, "beta2 must be a finite number")
     _fails(

@@ -113,6 +113,17 @@ def test_family_overrides_per_size(tmp_path):
     assert runs["lowrank"].params < runs["dense"].params
 
 
+def test_min_steps_leaves_out_short_runs(tmp_path):
+    """``min_steps``: a budget that buys a size fewer steps is not run for that size (and a budget
+    below one step is then no error); the others are planned as without it."""
+    sizes = {f"w{w}": {"model.width": w, "model.mlp_width": 3 * w} for w in (16, 64)}
+    spec = {"sizes": sizes, "budgets": {"tokens": [10, 640, 6400]}}
+    every = {r.name: r for r in plan(load_spec(_spec(tmp_path, sizes=sizes, budgets={"tokens": [640, 6400]})))}
+    kept = {r.name: r for r in plan(load_spec(_spec(tmp_path, **spec, min_steps=50)))}
+    assert set(kept) == {n for n, r in every.items() if r.steps >= 50} and len(kept) == 2
+    assert all(kept[n].tokens == every[n].tokens for n in kept)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -122,8 +133,19 @@ def test_family_overrides_per_size(tmp_path):
         ({"famlies": {}}, "unknown key(s) famlies"),
         ({"budgets": {"steps": [3]}}, "'budgets' takes tokens, flops, tokens_per_param"),
         ({"families": {}}, "'families' must be a non-empty object"),
+        ({"min_steps": 0}, "min_steps must be a positive integer"),
+        ({"min_steps": 10**6}, "no run has 1000000 steps or more"),
     ],
-    ids=["budget-too-small", "unknown-preset", "impossible-size", "unknown-key", "unknown-budget", "no-family"],
+    ids=[
+        "budget-too-small",
+        "unknown-preset",
+        "impossible-size",
+        "unknown-key",
+        "unknown-budget",
+        "no-family",
+        "bad-min-steps",
+        "every-run-too-short",
+    ],  # fmt: skip
 )
 def test_bad_specs_refused_before_anything_runs(tmp_path, capsys, changes, message):
     out = tmp_path / "sweep"

@@ -224,7 +224,7 @@ def test_bad_inputs(tmp_path, capsys):
     _fails(["train", *out, "--set", "nosuch.key=1"], capsys, "'nosuch' is not a config section")
     _fails(["train", str(tmp_path / "none.json"), *out], capsys, "config file not found")
     _fails(["train", *out, *[f"--set={s}" for s in TINY], "--set=max_steps=2", f"--set=data.path={tmp_path / 'nodata'}"], capsys,
-           "not a prepared data directory")  # fmt: skip
+           "nodata not found")  # fmt: skip
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

@@ -106,22 +106,32 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
         print(f"no tokenizer found for {args.src}: {args.dst} holds the model only")
 
 
-def _train_base(config: str | None):
-    """The config ``griffon train`` starts from: a JSON file, a recipe's name, or the default."""
+def _train_base(config: str | None, overrides: list[str]) -> dict:
+    """The config dict ``griffon train`` starts from: a JSON file, a recipe's name, or the defaults
+    with ``model=auto`` when no override names a model."""
     from griffon.train.config import TrainConfig
     from griffon.train.recipes import get_recipe, recipe_names
 
     if config is None:
-        return TrainConfig()
+        d = TrainConfig().to_dict()
+        if not any(o.split("=", 1)[0].split(".")[0] == "model" for o in overrides):
+            d["model"] = "auto"
+        return d
     if not Path(config).exists() and config in recipe_names():
-        return get_recipe(config)
-    return TrainConfig.load(config)
+        return get_recipe(config).to_dict()
+    path = Path(config)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return TrainConfig.load(path).to_dict()  # raises the config loader's clear error
+    return d if isinstance(d, dict) and d.get("model") == "auto" else TrainConfig.load(path).to_dict()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
     from griffon.train.trainer import train
 
+    plan = None
     if args.resume:
         run_dir = Path(args.resume)
         if args.config or args.out:
@@ -130,13 +140,40 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.checkpoint:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
-        base = _train_base(args.config).to_dict()
-        cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
+        d = apply_overrides(_train_base(args.config, args.set), args.set)
         run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+        if d.get("model") == "auto":
+            plan = _plan_auto(d, run_dir)
+            d = plan.config
+        cfg = TrainConfig.from_dict(d)
     result = train(cfg, run_dir, resume=bool(args.resume), checkpoint=args.checkpoint)
+    if plan is not None:
+        text = json.dumps(plan.to_dict(), indent=2) + "\n"
+        atomic_write(run_dir / "auto.json", lambda tmp: tmp.write_text(text))
     bpb = f", validation {result.val_bpb:.3f} bits/byte (loss {result.val_loss:.3f})" if result.val_bpb else ""
     print(f"trained {result.steps} steps, {result.tokens:,} tokens at {result.tokens_per_s:,.0f} tokens/s{bpb}")
     print(f"run directory: {run_dir}")
+
+
+def _plan_auto(d: dict, run_dir: Path):
+    """Resolve ``model=auto`` (:mod:`griffon.train.auto`), after the checks that need no model."""
+    from griffon.config import ConfigError
+    from griffon.data.corpus import default_corpus
+    from griffon.train import auto
+    from griffon.train.config import TrainConfig
+    from griffon.train.run_dir import holds_run
+    from griffon.train.trainer import is_prepared
+
+    if holds_run(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, checked before planning
+    path = d.get("data", {}).get("path")
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"data.path {path} not found")
+    sources = [Path(path)] if path is not None and not is_prepared(path) else [default_corpus()]
+    plan = auto.plan(d, sources)
+    print(plan.explain(), flush=True)
+    return plan
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -255,6 +292,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from griffon.scaling.sweep import sweep
 
     sweep(args.spec, args.out, dry_run=args.dry_run, emit_kind=args.emit, only=args.run, collect_only=args.collect)
+
+
+def cmd_scaling_calibrate(args: argparse.Namespace) -> None:
+    from griffon.scaling.calibrate import calibrate
+    from griffon.train.auto import user_law_path
+
+    law = calibrate(args.out, args.law)
+    print(f"{law.describe()}\nwritten to {args.law or user_law_path()}")
 
 
 def cmd_scaling_fit(args: argparse.Namespace) -> None:
@@ -422,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", help="write the fits here")
     f.add_argument("--png", help="plot loss vs FLOPs, IsoFLOP profiles and N*(C) here")
     f.set_defaults(fn=cmd_scaling_fit)
+    c = ssub.add_parser(
+        "calibrate", help="fit the scaling law model=auto plans with, on this machine (~25 min on 2 cores)"
+    )
+    c.add_argument("--out", default="runs/calibration", help="sweep directory (resumable)")
+    c.add_argument(
+        "--law", default=None, help="write the law here (default: this machine's law file, used by model=auto)"
+    )
+    c.set_defaults(fn=cmd_scaling_calibrate)
 
     s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
     s.add_argument("src")

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     keep_freed_memory()
     cfg = TrainConfig()
-    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), check_data_source(cfg), True)
+    check_data_source(cfg)
+    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), True)
     split = TokenSplit.open(data_dir, "train")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from griffon.atomic import atomic_directory
 from griffon.data.sources import DataError, iter_documents
-from griffon.data.tokenizers import Tokenizer
+from griffon.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
 
@@ -58,10 +59,7 @@ def prepare(
     n_docs = sum(1 for p in inputs for _ in iter_documents(p, field))
     if n_docs == 0:
         raise DataError(f"no documents found in {', '.join(map(str, inputs))}")
-    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
-    if n_val >= n_docs:
-        raise DataError(f"{n_docs} document(s) cannot be split into train and validation; give more documents")
-    val_ids = set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
+    val_ids = validation_ids(n_docs, val_fraction, seed)
 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     # Everything is written into a temporary directory renamed to ``out`` at the end: a failure
@@ -91,6 +89,47 @@ def prepare(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def validation_ids(n_docs: int, val_fraction: float, seed: int) -> set[int]:
+    """The indices of the documents held out for validation: an exact, seeded choice of
+    ``round(val_fraction * n_docs)`` of them (at least one)."""
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
+    if n_val >= n_docs:
+        raise DataError(f"{n_docs} document(s) cannot be split into train and validation; give more documents")
+    return set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
+
+
+def training_documents(
+    inputs: Sequence[str | Path], val_fraction: float = 0.1, seed: int = 0, field: str = "text"
+) -> list[str]:
+    """The documents :func:`prepare` puts in the training split, in order."""
+    docs = [d for p in inputs for d in iter_documents(p, field)]
+    if not docs:
+        raise DataError(f"no documents found in {', '.join(map(str, inputs))}")
+    val_ids = validation_ids(len(docs), val_fraction, seed)
+    return [d for i, d in enumerate(docs) if i not in val_ids]
+
+
+def prepare_corpus(
+    inputs: Sequence[str | Path],
+    tokenizer: str,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    field: str = "text",
+    progress: bool = False,
+) -> dict:
+    """:func:`prepare` with a tokenizer named as ``data.tokenizer`` names it: ``bytes``, a tokenizer
+    file, or ``bpe-N``, a byte-level BPE of N tokens trained here on the training split only (the
+    held-out documents stay unseen, so bits per byte on them stay honest)."""
+    vocab = bpe_vocab_size(tokenizer)
+    if vocab is None:
+        return prepare(inputs, load_tokenizer(tokenizer), out, val_fraction, seed, field, progress)
+    with tempfile.TemporaryDirectory(prefix="griffon-bpe-") as tmp:
+        train_docs = training_documents(inputs, val_fraction, seed, field)
+        tok = train_bpe(iter(train_docs), vocab, Path(tmp) / "tokenizer.json")
+        return prepare(inputs, tok, out, val_fraction, seed, field, progress)
 
 
 def _tokenize(

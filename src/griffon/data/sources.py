@@ -15,12 +15,15 @@ class DataError(ValueError):
 def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     """Yield the documents of one input: a ``.txt`` file is one document; ``.jsonl``/``.jsonl.gz``
     and ``.parquet`` have one per row (column ``field``); a directory saved by
-    ``datasets.Dataset.save_to_disk`` has one per row."""
+    ``datasets.Dataset.save_to_disk`` has one per row; any other directory is a tree of text files,
+    one document each (sorted by path; hidden files and files that are not UTF-8 are skipped)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input not found: {path}")
     name = path.name
-    if path.is_dir():
+    if path.is_dir() and not any((path / f).is_file() for f in HF_DATASET_FILES):
+        yield from _text_tree(path)
+    elif path.is_dir():
         yield from _hf_dataset(path, field)
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
         yield from _jsonl(path, field)
@@ -35,6 +38,22 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
             raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
     else:
         raise DataError(f"{path}: unsupported input (use .txt, .jsonl[.gz], .parquet or a saved HF dataset directory)")
+
+
+HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _text_tree(root: Path) -> Iterator[str]:
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    for path in files:
+        try:
+            yield path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:

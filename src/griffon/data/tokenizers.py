@@ -255,10 +255,26 @@ def _prepends_space(pre_tokenizer: dict | None) -> bool:
     )
 
 
+def bpe_vocab_size(spec: str | Path) -> int | None:
+    """N for a tokenizer named ``bpe-N`` (a byte-level BPE to be trained on the corpus), else None."""
+    name = str(spec)
+    if not name.startswith("bpe-") or Path(name).exists():
+        return None
+    try:
+        n = int(name[4:])
+    except ValueError:
+        raise TokenizerError(f"tokenizer {name!r}: write bpe-N with N the vocabulary size, e.g. bpe-4096") from None
+    if n <= 256:
+        raise TokenizerError(f"tokenizer {name!r}: a byte-level BPE needs more than 256 tokens")
+    return n
+
+
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """``bytes``, a ``tokenizer.json``, a sentencepiece ``.model``, or a directory holding one."""
     if str(spec) == "bytes":
         return ByteTokenizer()
+    if bpe_vocab_size(spec) is not None:
+        raise TokenizerError(f"{spec} is trained on a corpus when the corpus is prepared; there is no file to load")
     path = Path(spec)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():

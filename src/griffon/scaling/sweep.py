@@ -13,6 +13,7 @@ A spec (JSON or TOML) crosses model families with sizes and training budgets::
                 "w128": {"model.width": 128, "model.num_heads": 2}},
       "budgets": {"tokens": [1e6, 4e6]},                             # or "flops", or "tokens_per_param"
       "isoflop": {"flops": [1e13, 3e13], "per_budget": 3},           # optional IsoFLOP grid
+      "min_steps": 100,                                              # optional: leave out shorter runs
       "seed": 0
     }
 
@@ -52,7 +53,7 @@ from griffon.config import ConfigError
 from griffon.model import Griffon
 from griffon.train.config import TrainConfig, apply_overrides
 
-SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "seed"}
+SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "min_steps", "seed"}
 BUDGET_KINDS = ("tokens", "flops", "tokens_per_param")
 RESULT_NAME = "result.json"
 COLUMNS = ["run", "family", "size", "budget", "config_hash", "params", "non_embedding_params", "ffn_params",
@@ -110,6 +111,9 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     for kind, values in budgets.items():
         if not isinstance(values, list) or not all(isinstance(v, int | float) and v > 0 for v in values):
             raise SweepError(f"sweep spec: budgets.{kind} must be a list of positive numbers")
+    min_steps = spec.get("min_steps", 1)
+    if not isinstance(min_steps, int) or isinstance(min_steps, bool) or min_steps < 1:
+        raise SweepError(f"sweep spec: min_steps must be a positive integer, got {min_steps!r}")
     iso = spec.get("isoflop")
     if iso is not None:
         if not isinstance(iso, dict) or set(iso) - {"flops", "per_budget", "tokens_per_param"} or "flops" not in iso:
@@ -154,7 +158,8 @@ def _counts(cfg: TrainConfig) -> tuple[int, int, float]:
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the spec, with its size, tokens and FLOPs; raises :class:`SweepError` for a
     config that cannot be built or a budget too small for one optimizer step."""
-    runs: list[PlannedRun] = []
+    runs: list[PlannedRun | None] = []
+    min_steps = int(spec.get("min_steps", 1))  # a budget buying a size fewer steps leaves that run out
     shapes = {(f, s): _config(spec, f, s) for f in spec["families"] for s in spec["sizes"]}
     counts = {key: _counts(cfg) for key, cfg in shapes.items()}  # (params, non-embedding, FLOPs per token)
     for (family, size), cfg in shapes.items():
@@ -163,7 +168,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             for value in values:
                 tokens = {"tokens": value, "flops": value / per_token, "tokens_per_param": value * params}[kind]
                 label = {"tokens": "t", "flops": "c", "tokens_per_param": "r"}[kind] + f"{value:.3g}"
-                runs.append(_planned(family, size, label, cfg, params, non_embedding, tokens, per_token))
+                runs.append(_planned(family, size, label, cfg, params, non_embedding, tokens, per_token, min_steps))
     iso = spec.get("isoflop")
     if iso:
         ratio, keep = float(iso.get("tokens_per_param", 20)), int(iso.get("per_budget", 3))
@@ -177,17 +182,23 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
                 for size in sorted(spec["sizes"], key=distance)[:keep]:
                     params, non_embedding, per_token = counts[(family, size)]
                     runs.append(_planned(family, size, f"iso{budget:.3g}", shapes[(family, size)], params,
-                                         non_embedding, budget / per_token, per_token))  # fmt: skip
+                                         non_embedding, budget / per_token, per_token, min_steps))  # fmt: skip
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        raise SweepError(f"sweep spec: no run has {min_steps} steps or more")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SweepError("sweep spec: two runs share a name (a budget listed twice?)")
     return runs
 
 
-def _planned(family, size, label, cfg, params, non_embedding, tokens, per_token) -> PlannedRun:
+def _planned(family, size, label, cfg, params, non_embedding, tokens, per_token, min_steps) -> PlannedRun | None:
+    """The run, or None when the spec's ``min_steps`` leaves it out."""
     per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.data.grad_accum
     steps = int(tokens // per_step)
     name = f"{family}-{size}-{label}"
+    if steps < min_steps and min_steps > 1:
+        return None
     if steps < 1:
         raise SweepError(f"sweep run {name}: a budget of {tokens:.3g} tokens is less than one step ({per_step} tokens)")
     tokens = steps * per_step
@@ -260,11 +271,10 @@ def prepare_shared_data(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     base = dict(spec.get("base", {}))
     if "data.path" in base or "data" in base:
         return spec
-    from griffon.data.tokenizers import load_tokenizer
     from griffon.train.trainer import ensure_data
 
     cfg = _train_config(_overrides(base))
-    ensure_data(cfg, out, load_tokenizer(cfg.data.tokenizer), is_main=_is_main())
+    ensure_data(cfg, out, is_main=_is_main())
     return {**spec, "base": {**base, "data.path": str((out / "data").resolve())}}
 
 

@@ -26,11 +26,14 @@ def _default_model() -> ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Prepared data directory (``griffon data prepare``); ``None``: the embedded Shakespeare corpus."""
+    """A prepared data directory (``griffon data prepare``), or a raw corpus (a .txt, .jsonl[.gz] or
+    .parquet file, or a directory of text files) that the run prepares into ``RUN/data``;
+    ``None``: the embedded Shakespeare corpus, prepared the same way."""
     tokenizer: str = "bytes"
-    """Tokenizer used to prepare the embedded corpus: ``bytes``, a tokenizer.json or a .model file."""
+    """Tokenizer a raw corpus is prepared with: ``bytes``, a tokenizer.json or .model file, or
+    ``bpe-N``: a byte-level BPE of N tokens trained on the corpus's training documents."""
     val_fraction: float = 0.1
-    """Share of documents held out for validation when preparing the embedded corpus."""
+    """Share of documents held out for validation when preparing a raw corpus."""
     seq_len: int = 256
     """Tokens per training sequence."""
     batch_size: int = 8
@@ -201,6 +204,8 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a train config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
+        if d.get("model") == "auto":
+            raise ConfigError("model=auto is chosen when a run starts: use `griffon train`, or griffon.train.auto.plan")
         if isinstance(d.get("model"), str):  # a preset name
             d["model"] = get_preset(d["model"]).to_dict()
         return dataclass_from_dict(cls, d, "train config")
@@ -246,4 +251,5 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def _preset_dict(value: Any) -> Any:
-    return get_preset(value).to_dict() if isinstance(value, str) else value
+    """A preset's model config; ``auto`` stays a name, resolved by :mod:`griffon.train.auto`."""
+    return get_preset(value).to_dict() if isinstance(value, str) and value != "auto" else value

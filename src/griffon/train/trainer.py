@@ -28,9 +28,9 @@ from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, run_checkpoints
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
-from griffon.data.prepare import prepare, read_meta, verify
+from griffon.data.prepare import prepare_corpus, read_meta, verify
 from griffon.data.sources import DataError
-from griffon.data.tokenizers import Tokenizer, load_tokenizer
+from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
 from griffon.evaluate import byte_table, evaluate
 from griffon.model import Griffon
 from griffon.train import distributed as D
@@ -68,46 +68,69 @@ class TrainResult:
     tokens_per_s: float
 
 
-def check_data_source(cfg: TrainConfig) -> Tokenizer:
-    """Validate the run's data before anything is written: a configured prepared directory (its
-    meta.json, tokenizer and, with ``data.verify``, the shards' SHA-256), or the tokenizer the
-    embedded corpus will be prepared with. Returns the tokenizer; raises on anything wrong."""
-    if cfg.data.path is not None:
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared data directory (``griffon data prepare``), not a raw corpus."""
+    return (Path(path) / "meta.json").is_file()
+
+
+def data_sources(cfg: TrainConfig) -> list[Path]:
+    """The raw corpus a run prepares into ``RUN/data``: ``data.path`` when it is not a prepared
+    directory, else the embedded corpus."""
+    return [Path(cfg.data.path)] if cfg.data.path is not None else [default_corpus()]
+
+
+def check_data_source(cfg: TrainConfig) -> None:
+    """Validate the run's data before anything is written: a prepared directory (its meta.json,
+    tokenizer and, with ``data.verify``, the shards' SHA-256), or a raw corpus that exists and the
+    tokenizer it will be prepared with. Raises on anything wrong."""
+    if cfg.data.path is not None and is_prepared(cfg.data.path):
         path = Path(cfg.data.path)
         read_meta(path)
-        tokenizer = load_tokenizer(path)
-        _check_vocab(tokenizer, cfg)
+        _check_vocab(load_tokenizer(path).vocab_size, cfg)
         if cfg.data.verify:
             verify(path)
-        return tokenizer
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    _check_vocab(tokenizer, cfg)
-    return tokenizer
+        return
+    for source in data_sources(cfg):
+        if not source.exists():
+            raise DataError(f"data.path {source} not found (a prepared directory or a corpus: .txt, .jsonl[.gz], ...)")
+    bpe = bpe_vocab_size(cfg.data.tokenizer)
+    _check_vocab(bpe if bpe is not None else load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
 
 
-def _check_vocab(tokenizer: Tokenizer, cfg: TrainConfig) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+def _check_vocab(vocab_size: int, cfg: TrainConfig) -> None:
+    if vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
-            f"set model.vocab_size={tokenizer.vocab_size}"
+            f"the data's tokenizer has {vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set model.vocab_size={vocab_size}"
         )
 
 
-def ensure_data(cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer, is_main: bool) -> Path:
-    """The prepared data directory: the configured one, or the embedded corpus prepared into the
-    run (atomically, so a kill midway leaves nothing to mistake for data)."""
-    if cfg.data.path is not None:
+def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
+    """The prepared data directory: the configured one, or the raw corpus (``data.path`` or the
+    embedded one) prepared into ``RUN/data`` with ``data.tokenizer`` (atomically, so a kill midway
+    leaves nothing to mistake for data)."""
+    if cfg.data.path is not None and is_prepared(cfg.data.path):
         return Path(cfg.data.path)
     data_dir = run_dir / "data"
     if is_main:
         if not data_dir.exists():
-            prepare([default_corpus()], tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=0, progress=False)
-        elif read_meta(data_dir)["tokenizer"] != tokenizer.describe():
-            raise DataError(f"{data_dir} was prepared with another tokenizer than data.tokenizer; remove it")
-        elif cfg.data.verify:
-            verify(data_dir)
+            prepare_corpus(data_sources(cfg), cfg.data.tokenizer, data_dir, cfg.data.val_fraction, seed=0)
+        else:
+            _check_prepared_tokenizer(data_dir, cfg.data.tokenizer)
+            if cfg.data.verify:
+                verify(data_dir)
     D.barrier()
     return data_dir
+
+
+def _check_prepared_tokenizer(data_dir: Path, spec: str) -> None:
+    """A run's ``data/`` left by an earlier start must hold the tokenizer ``data.tokenizer`` names."""
+    got = read_meta(data_dir)["tokenizer"]
+    bpe = bpe_vocab_size(spec)
+    # a BPE trained on a small corpus may stop short of its N tokens
+    same = got["vocab_size"] <= bpe if bpe is not None else got == load_tokenizer(spec).describe()
+    if not same:
+        raise DataError(f"{data_dir} was prepared with another tokenizer than data.tokenizer; remove it")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: str | None = None) -> TrainResult:
@@ -120,7 +143,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoin
     SIGTERM the current step completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
     run_dir = Path(run_dir)
-    tokenizer = check_data_source(cfg)
+    check_data_source(cfg)
     device = resolve_device(cfg.device)
     info = D.init_distributed(cfg.distributed, device)
     if device.type == "cuda":
@@ -129,7 +152,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoin
     keep_freed_memory()
     try:
         with RunLock(run_dir) if info.is_main else contextlib.nullcontext():
-            return _train(cfg, run_dir, resume, checkpoint, tokenizer, device, info)
+            return _train(cfg, run_dir, resume, checkpoint, device, info)
     finally:
         D.shutdown()
 
@@ -139,12 +162,11 @@ def _train(
     run_dir: Path,
     resume: bool,
     checkpoint: str | None,
-    tokenizer: Tokenizer,
     device: torch.device,
     info: D.DistInfo,
 ) -> TrainResult:
-    data_dir = _open_run(cfg, run_dir, resume, tokenizer, info)
-    token_bytes = byte_table(tokenizer)  # check_data_source's: the data's (ensure_data checks it is)
+    data_dir = _open_run(cfg, run_dir, resume, info)
+    token_bytes = byte_table(load_tokenizer(data_dir))
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
 
     torch.manual_seed(cfg.seed)
@@ -227,7 +249,7 @@ def _train(
     )
 
 
-def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, tokenizer: Tokenizer, info: D.DistInfo) -> Path:
+def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, info: D.DistInfo) -> Path:
     """Make ``run_dir`` a run (or check that it is one), prepare the data; return the data directory.
     The config is written last: until then the directory holds no run."""
     if info.is_main:
@@ -238,9 +260,9 @@ def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, tokenizer: Tokenize
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
             )
         clean_run_dir(run_dir)
-    data_dir = ensure_data(cfg, run_dir, tokenizer, info.is_main)
+    data_dir = ensure_data(cfg, run_dir, info.is_main)
     if info.is_main:
-        tokenizer.save(run_dir)
+        load_tokenizer(data_dir).save(run_dir)
         atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(cfg.to_json()))
     D.barrier()
     return data_dir
