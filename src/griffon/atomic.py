@@ -8,6 +8,7 @@ beside its destination, then renamed, with the modes the user's umask gives.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -109,3 +110,9 @@ def describe_os_error(e: BaseException) -> str:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         return f"{e.strerror}: {where}" if where else e.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through :func:`atomic_write`."""
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
+from griffon.atomic import atomic_write_json
 from griffon.bench.machine import machine, matmul_peak_flops
 from griffon.data.loader import PackedLoader, TokenSplit
 from griffon.model import Griffon
@@ -76,5 +76,4 @@ def run(args: argparse.Namespace) -> None:
     print(f"on {results['machine']['cpu']}, {results['machine']['threads']} threads; native bf16 matmul: "
           f"{results['native_bf16_matmul']}")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(args.json, results)

@@ -24,14 +24,13 @@ context's length, and the printout says how close the measured figure comes to t
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from griffon.atomic import atomic_write
+from griffon.atomic import atomic_write_json
 from griffon.bench.machine import machine
 
 
@@ -119,8 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  goal griffon >= {args.goal}x lm-eval hf: {'met' if best >= args.goal else 'NOT met'} "
                   f"(best {best:.2f}x, {best / entry['work_bound']:.2f} of the work bound)")  # fmt: skip
     if args.json:
-        text = json.dumps(results, indent=2)
-        atomic_write(Path(args.json), lambda path: path.write_text(text))
+        atomic_write_json(args.json, results)
     return results
 
 

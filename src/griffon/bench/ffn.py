@@ -17,12 +17,12 @@ All ratios come from one run; run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from torch import nn
 
 from griffon.allocator import keep_freed_memory
+from griffon.atomic import atomic_write_json
 from griffon.bench.machine import best_time, machine, matmul_peak_flops
 from griffon.config import LinearStructure
 from griffon.decode.calibration import calibrate_merge_thresholds
@@ -125,5 +125,4 @@ def run(args: argparse.Namespace) -> None:
             )
         out["widths"][width] = res
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write_json(args.json, out)

@@ -19,13 +19,12 @@ Griffin-vs-MQA check asks for Griffin to be at least as fast at batch >= 64 and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from griffon.atomic import atomic_savefig
+from griffon.atomic import atomic_savefig, atomic_write_json
 from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
 from griffon.config import ModelConfig
 from griffon.decode.fused import FusedDecoder
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     hf_runs(results, args, [int(b) for b in args.hf_batches.split(",") if b])
     results["goals"] = goals(results, args.window, args.goal_roofline, args.goal_vs_hf)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
     if args.png:
         plot(results, Path(args.png))
     return results

@@ -12,12 +12,12 @@ default allocator settings, then after ``griffon.allocator.keep_freed_memory()``
 from __future__ import annotations
 
 import argparse
-import json
 
 import numba
 import torch
 
 from griffon.allocator import keep_freed_memory
+from griffon.atomic import atomic_write_json
 from griffon.bench.machine import best_time, copy_bandwidth, machine
 from griffon.scan import linear_scan
 from griffon.scan.cpu import row_split, scan_backward, scan_forward
@@ -85,5 +85,4 @@ def run(args: argparse.Namespace) -> None:
         label = f"{backend} autograd" + (", keep_freed_memory" if tuned else "")
         print(f"  {label:<33} fwd+bwd {r['fwd_bwd_ms']:.2f} ms = {r['vs_bound']:.2f}x bound")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(args.json, results)

@@ -13,7 +13,6 @@ fp32 matmul throughput measured in the same run. glibc is told to keep freed mem
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from torch.nn import functional as F
@@ -21,6 +20,7 @@ from torch.nn import functional as F
 from griffon import Griffon, get_preset, references
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
+from griffon.atomic import atomic_write_json
 from griffon.bench.machine import best_time, machine, matmul_peak_flops
 
 
@@ -113,5 +113,4 @@ def run(args: argparse.Namespace) -> None:
     if base:
         results["griffon_mfu"] = flops * base / peak
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(args.json, results)
