@@ -158,20 +158,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _plan_auto(d: dict, run_dir: Path):
     """Resolve ``model=auto`` (:mod:`griffon.train.auto`), after the checks that need no model."""
     from griffon.config import ConfigError
-    from griffon.data.corpus import default_corpus
     from griffon.train import auto
     from griffon.train.config import TrainConfig
     from griffon.train.run_dir import holds_run
-    from griffon.train.trainer import is_prepared
+    from griffon.train.trainer import data_sources
 
     if holds_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, checked before planning
-    path = d.get("data", {}).get("path")
-    if path is not None and not Path(path).exists():
-        raise ConfigError(f"data.path {path} not found")
-    sources = [Path(path)] if path is not None and not is_prepared(path) else [default_corpus()]
-    plan = auto.plan(d, sources)
+    checked = TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, before planning
+    if checked.data.path is not None and not Path(checked.data.path).exists():
+        raise ConfigError(f"data.path {checked.data.path} not found")
+    plan = auto.plan(d, data_sources(checked))
     print(plan.explain(), flush=True)
     return plan
 

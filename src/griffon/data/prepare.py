@@ -185,6 +185,11 @@ def verify(directory: str | Path) -> dict:
     return meta
 
 
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared data directory (it has ``meta.json``), not a raw corpus."""
+    return (Path(path) / "meta.json").is_file()
+
+
 def read_meta(directory: str | Path) -> dict:
     """The ``meta.json`` of a prepared data directory; :class:`DataError` if there is none or it is malformed."""
     path = Path(directory) / "meta.json"

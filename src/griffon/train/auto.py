@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -39,9 +40,10 @@ import torch
 
 from griffon.accounting import train_flops_per_token
 from griffon.config import ConfigError, ModelConfig
-from griffon.data.prepare import read_meta, training_documents
-from griffon.data.tokenizers import load_tokenizer, train_bpe
+from griffon.data.prepare import is_prepared, read_meta, training_documents
+from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
 from griffon.model import Griffon
+from griffon.train.parallelize import resolve_device
 
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 BPE_VOCABS = (1024, 4096, 8192)
@@ -266,7 +268,7 @@ def _tokenizer_options(cfg: dict[str, Any], sources: list[Path]) -> tuple[dict[s
     documents (measured here on a sample of them)."""
     data = cfg.get("data", {})
     path = data.get("path")
-    if path is not None and (Path(path) / "meta.json").is_file():
+    if path is not None and is_prepared(path):
         train = read_meta(path)["splits"]["train"]
         return {str(Path(path)): train["bytes"] / max(train["tokens"], 1)}, int(train["bytes"])
     docs = training_documents(sources, data.get("val_fraction", 0.1), seed=0)
@@ -298,10 +300,6 @@ def _split_sample(docs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _bytes_per_token(tokenizer: str, docs: list[str]) -> float:
-    import tempfile
-
-    from griffon.data.tokenizers import bpe_vocab_size
-
     fit, measure = _split_sample(docs)
     vocab = bpe_vocab_size(tokenizer)
     with tempfile.TemporaryDirectory(prefix="griffon-auto-") as tmp:
@@ -311,8 +309,6 @@ def _bytes_per_token(tokenizer: str, docs: list[str]) -> float:
 
 
 def _vocab_size(tokenizer: str) -> int:
-    from griffon.data.tokenizers import bpe_vocab_size
-
     if tokenizer == "bytes":
         return 256
     return bpe_vocab_size(tokenizer) or load_tokenizer(tokenizer).vocab_size
@@ -347,11 +343,8 @@ def plan(
             f = train_flops_per_token(mcfg, SEQ_LEN)
             n, n_body = model.num_params(), model.num_params(non_embedding=True)
             candidates.append(Candidate(tokenizer, w, mcfg.vocab_size, n, n_body, f, ratio))
-    device = torch.device(cfg.get("device", "auto") if cfg.get("device", "auto") != "auto" else "cpu")
-    if cfg.get("device", "auto") == "auto" and torch.cuda.is_available():
-        device = torch.device("cuda")
     if minutes and machine is None:
-        machine = measure_machine(device)
+        machine = measure_machine(resolve_device(cfg.get("device", "auto")))
     planning = time.perf_counter() - t0  # what is left of a time budget is the training's
     seconds = minutes * 60 - planning if minutes else None
     if seconds is not None and seconds <= 0:
@@ -377,7 +370,7 @@ def plan(
     out = json.loads(json.dumps(cfg))
     out["model"] = auto_model(chosen.width, chosen.vocab_size).to_dict()
     data = out.setdefault("data", {})
-    if not (data.get("path") and (Path(data["path"]) / "meta.json").is_file()):
+    if not (data.get("path") and is_prepared(data["path"])):
         data["tokenizer"] = chosen.tokenizer
     data["seq_len"], data["batch_size"] = SEQ_LEN, BATCH
     out.setdefault("optim", {})["lr"] = auto_lr(chosen.width)

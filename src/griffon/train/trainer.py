@@ -28,7 +28,7 @@ from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, run_checkpoints
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
-from griffon.data.prepare import prepare_corpus, read_meta, verify
+from griffon.data.prepare import is_prepared, prepare_corpus, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
 from griffon.evaluate import byte_table, evaluate
@@ -68,15 +68,11 @@ class TrainResult:
     tokens_per_s: float
 
 
-def is_prepared(path: str | Path) -> bool:
-    """Whether ``path`` is a prepared data directory (``griffon data prepare``), not a raw corpus."""
-    return (Path(path) / "meta.json").is_file()
-
-
 def data_sources(cfg: TrainConfig) -> list[Path]:
-    """The raw corpus a run prepares into ``RUN/data``: ``data.path`` when it is not a prepared
-    directory, else the embedded corpus."""
-    return [Path(cfg.data.path)] if cfg.data.path is not None else [default_corpus()]
+    """The raw corpus a run prepares into ``RUN/data``: ``data.path`` unless it is a prepared
+    directory or unset, else the embedded corpus (unused when ``data.path`` is prepared)."""
+    path = cfg.data.path
+    return [Path(path)] if path is not None and not is_prepared(path) else [default_corpus()]
 
 
 def check_data_source(cfg: TrainConfig) -> None:
