@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from griffon.atomic import atomic_write_json
 from griffon.data.prepare import validation_ids
 
 
@@ -134,7 +135,7 @@ def run_corpus(name: str, corpus: Path, out: Path, minutes: float | None) -> dic
         extra = ["--set", f"max_minutes={minutes}"] if minutes else []
         t0 = time.time()
         subprocess.run([*griffon, "train", "--set", f"data.path={corpus}", *extra, "--out", str(run)], check=True)
-        (run / "wall.json").write_text(json.dumps({"train_wall_s": time.time() - t0}))
+        atomic_write_json(run / "wall.json", {"train_wall_s": time.time() - t0})
     if not (run / "eval.json").is_file():
         subprocess.run([*griffon, "eval", str(run), "--data", str(run / "data"), "--json", str(run / "eval.json")],
                        check=True)  # fmt: skip
@@ -191,7 +192,7 @@ def main() -> None:
             print(f"| {r['corpus']} | {r['kind']} | {r['documents']} | {r['held_out_bytes']:,} | {recipe} | {r['steps']} "
                   f"| **{r['model_bpb']:.3f}** | {r['xz_9e']:.3f} | {r['zlib_9']:.3f} |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
+        atomic_write_json(args.json, {"rows": rows, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":
