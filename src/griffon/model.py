@@ -15,6 +15,7 @@ from griffon.nn.norms import make_norm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 from griffon.nn.rglru import BlockDiagonalLinear
 from griffon.nn.structured import StructuredLinear
+from griffon.packing import segment_pos_from_cu_seqlens
 
 BlockState = RecurrentState | AttentionState
 
@@ -162,6 +163,7 @@ class Griffon(nn.Module):
         cache: Cache | None = None,
         return_cache: bool = False,
         last_only: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Cache | None]:
         """Args:
             tokens: (B, T) token ids.
@@ -172,10 +174,16 @@ class Griffon(nn.Module):
             return_cache: with ``cache=None``, also build and return the cache after this chunk.
             last_only: compute the logits of the last position only, (B, 1, V): a prefill needs no
                 others, and with a large vocabulary the output layer is much of a token's cost.
+            cu_seqlens: (N+1,) offsets of N documents packed in tokens (1, total), flash-attention's
+                convention, instead of ``segment_pos`` (:mod:`griffon.packing` converts between them).
 
         Returns:
             logits (B, T, V) in the compute dtype, and the cache (None if neither asked nor given).
         """
+        if cu_seqlens is not None:
+            if segment_pos is not None or cache is not None or tokens.dim() != 2 or tokens.shape[0] != 1:
+                raise ValueError("cu_seqlens describes a fresh packed stream (1, total): give no segment_pos or cache")
+            segment_pos = segment_pos_from_cu_seqlens(cu_seqlens, tokens.shape[1])
         B, T = self._check_inputs(tokens, segment_pos, cache)
         steps = torch.arange(T, device=tokens.device)
         if cache is None:

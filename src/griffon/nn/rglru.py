@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from griffon.scan import linear_scan
+from griffon.scan import default_backend, linear_scan
 
 # The recurrence's fixed exponent c in a_t = a^(c * r_t).
 _C = 8.0
@@ -61,6 +61,15 @@ def init_a_param(a_param: torch.Tensor, min_rad: float = 0.9, max_rad: float = 0
         a_param.log_().mul_(0.5).neg_().exp_().sub_(1.0).log_()
 
 
+def uses_fused_kernel(x: torch.Tensor, scan_backend: str) -> bool:
+    """Whether :class:`RGLRU` runs on x (B, T, W) through the fused Triton kernels: when asked
+    (``scan_backend="triton"``), and by default for chunks of a GPU training or prefill pass. Decode
+    steps (T = 1) keep the PyTorch path, which the compiled and CUDA-graph decode steps capture."""
+    if scan_backend == "triton":
+        return True
+    return scan_backend == "auto" and x.shape[1] > 1 and default_backend(x.device, x.dtype) == "triton"
+
+
 class RGLRU(nn.Module):
     """Per-channel gated linear recurrence with input and recurrence gates.
 
@@ -94,6 +103,14 @@ class RGLRU(nn.Module):
         Returns: y (B, T, W) in x's dtype and the final state (B, W) in float32 (float64 for float64 x).
         """
         reset = segment_pos == 0  # (B, T)
+        if uses_fused_kernel(x, scan_backend):
+            from griffon.scan.gpu import rglru_scan_gpu
+
+            # One Triton kernel pair does everything below from the gates' pre-activations, in float32.
+            return rglru_scan_gpu(
+                x, self.input_gate(x), self.a_gate(x), F.softplus(self.a_param.float()),
+                None if state is None else state.float(), reset,
+            )  # fmt: skip
         # The gates' matmuls run in x's dtype (bf16 under autocast); everything after them is
         # float32 (float64 if x is): the decay sits near 1, where bf16 cannot resolve 1 - a_t^2.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -4,12 +4,16 @@ Backends:
     ``reference``  plain loop under autograd, float64-capable: the test oracle.
     ``cpu``        numba kernels, forward and backward near the memory bound.
     ``loop``       portable time loop with a linear-time backward (any device).
+    ``triton``     tiled Triton kernels (scan/gpu.py), chunked in time when B*D is small.
 
-``auto`` picks ``cpu`` for CPU tensors and ``loop`` elsewhere; a GPU kernel registers here.
+``auto`` picks ``cpu`` for CPU tensors, ``triton`` for float32 GPU tensors when Triton is installed,
+and ``loop`` otherwise. Under ``TRITON_INTERPRET=1`` the ``triton`` backend also runs on CPU
+tensors (slowly): that is how its tests run without a GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -27,16 +31,35 @@ def _cpu(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor
     return linear_scan_cpu(a, x, h0, reset)
 
 
+def _triton(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor):
+    # Imported lazily: Triton is optional (GPU installs of torch bring it).
+    from griffon.scan.gpu import linear_scan_gpu
+
+    if x.dtype == torch.float64:
+        raise ValueError("the triton scan backend accumulates in float32; use 'loop' for float64")
+    return linear_scan_gpu(a, x, h0, reset)
+
+
 BACKENDS: dict[str, ScanFn] = {
     "reference": lambda a, x, h0, reset: linear_scan_reference(a, x, h0, reset),
     "cpu": _cpu,
     "loop": linear_scan_loop,
+    "triton": _triton,
 }
 
 
-def default_backend(device: torch.device) -> str:
-    """The fastest registered backend for ``device``."""
-    return "cpu" if device.type == "cpu" else "loop"
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (Triton installed; a GPU, or the interpreter)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def default_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The fastest registered backend for tensors of ``dtype`` on ``device``."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and dtype != torch.float64 and triton_available():
+        return "triton"
+    return "loop"
 
 
 def linear_scan(
@@ -77,7 +100,7 @@ def linear_scan(
         # A decode step: one fused multiply-add beats any kernel launch (10x less overhead on CPU).
         h = torch.where(reset[:, 0, None], x[:, 0], torch.addcmul(x[:, 0], a[:, 0], h0))
         return h[:, None], h
-    name = default_backend(x.device) if backend == "auto" else backend
+    name = default_backend(x.device, x.dtype) if backend == "auto" else backend
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; known: {sorted(BACKENDS)}")
     if name == "cpu" and x.device.type != "cpu":
@@ -85,4 +108,4 @@ def linear_scan(
     return BACKENDS[name](a, x, h0, reset)
 
 
-__all__ = ["BACKENDS", "default_backend", "linear_scan", "linear_scan_reference"]
+__all__ = ["BACKENDS", "default_backend", "triton_available", "linear_scan", "linear_scan_reference"]

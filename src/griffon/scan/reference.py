@@ -30,3 +30,30 @@ def linear_scan_reference(
         h = a[:, t] * h + x[:, t]
         out.append(h)
     return torch.stack(out, dim=1), h
+
+
+def linear_scan_varlen_reference(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_scan_reference` over N sequences packed in one stream (flash-attention's layout).
+
+    Args:
+        a, x: (1, total, D); cu_seqlens: (N+1,) offsets, sequence n is ``[cu[n], cu[n+1])``.
+        h0: (N, D) initial state of each sequence; reset: (1, total) bool, as in the batched scan.
+
+    Returns:
+        ``(h, h_last)``: states (1, total, D) and each sequence's final state (N, D).
+    """
+    outs, lasts = [], []
+    for n in range(cu_seqlens.numel() - 1):
+        s, e = int(cu_seqlens[n]), int(cu_seqlens[n + 1])
+        h, last = linear_scan_reference(
+            a[:, s:e], x[:, s:e], None if h0 is None else h0[n : n + 1], None if reset is None else reset[:, s:e]
+        )
+        outs.append(h)
+        lasts.append(last)
+    return torch.cat(outs, dim=1), torch.cat(lasts, dim=0)
