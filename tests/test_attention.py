@@ -67,6 +67,37 @@ def test_attention_matches_the_masked_softmax(history, heads, rope_dim, monkeypa
     torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("history, heads", [(5, (4, 1)), (None, (2, 2)), (0, (2, 1)), (40, (4, 2))])
+def test_flex_attention_matches_the_masked_softmax(history, heads):
+    """The GPU's FlexAttention path (its eager reference on the CPU, forward only): same visibility rule."""
+    torch.manual_seed(0)
+    attn = Attention(width=16, num_heads=heads[0], num_kv_heads=heads[1], head_dim=8, history=history,
+                     rope_dim=8, rope_base=10_000.0).double()  # fmt: skip
+    attn.kernel = "flex"
+    x = torch.randn(3, 23, 16, dtype=torch.float64)
+    positions = torch.arange(23).expand(3, 23)
+    with torch.no_grad():  # FlexAttention has no backward on the CPU
+        got, state = attn(x, SEG, positions, None)
+        want = naive_attention(attn, x, SEG)
+        attn.kernel = "blocks"
+        _, want_state = attn(x, SEG, positions, None)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for name in ("keys", "values", "positions"):
+        assert torch.equal(getattr(state, name), getattr(want_state, name))
+
+
+def test_sdpa_causal_kernel_needs_one_document_per_row():
+    attn = Attention(width=16, num_heads=2, num_kv_heads=1, head_dim=8, history=None, rope_dim=8,
+                     rope_base=10_000.0).double()  # fmt: skip
+    attn.kernel = "sdpa-causal"
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    positions = torch.arange(23).expand(2, 23)
+    got, _ = attn(x, positions, positions, None, build_state=False)
+    torch.testing.assert_close(got, naive_attention(attn, x, positions), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="one document per row"):
+        attn(x, SEG[:2], positions, None)
+
+
 @pytest.mark.parametrize("semantics, reach", [("deepmind", 4), ("hf", 3)])
 def test_a_local_attention_model_sees_exactly_its_window(semantics, reach):
     """Perturb one token of a one-layer attention model: exactly the logits of the tokens that

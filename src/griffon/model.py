@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from griffon.config import ModelConfig
-from griffon.nn.attention import Attention, AttentionState
+from griffon.nn.attention import ATTENTION_KERNELS, Attention, AttentionState
 from griffon.nn.embedding import Embedding
 from griffon.nn.mlp import make_mlp
 from griffon.nn.norms import make_norm
@@ -238,6 +238,14 @@ class Griffon(nn.Module):
         for b in self.blocks:
             if isinstance(b.temporal, RecurrentBlock):
                 b.temporal.scan_backend = backend
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """Choose how every attention block attends a fresh chunk (see ``attention.ATTENTION_KERNELS``)."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; known: {ATTENTION_KERNELS}")
+        for b in self.blocks:
+            if isinstance(b.temporal, Attention):
+                b.temporal.kernel = kernel
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -12,6 +12,12 @@ from torch.nn import functional as F
 # Queries per attention call; blocks let local and causal attention skip keys they cannot see.
 _QUERY_BLOCK = 128
 
+# How a fresh chunk (no cache) is attended: ``blocks`` loops over query blocks with SDPA and a
+# dense mask (any device); ``flex`` is FlexAttention with a block mask (nn/flex_attention.py);
+# ``sdpa-causal`` is SDPA's causal flash kernel, for rows that are one document each with global
+# attention (checked). ``auto``: ``flex`` on CUDA, ``blocks`` elsewhere.
+ATTENTION_KERNELS = ("auto", "blocks", "flex", "sdpa-causal")
+
 
 @dataclass
 class AttentionState:
@@ -95,6 +101,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
         self.o = nn.Linear(num_heads * head_dim, width, bias=True)
         self.out_init_scale = out_init_scale
+        self.kernel = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -145,6 +152,11 @@ class Attention(nn.Module):
         # from T^2 to about T * (history + block). Cached keys (ring or history) come first.
         qt = q.transpose(1, 2)  # (B, H, T, hd)
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, hd)
+        kernel = self.kernel if self.kernel != "auto" else ("flex" if x.is_cuda else "blocks")
+        if state is None and kernel != "blocks":
+            out = self._attend_fused(qt, kt, vt, segment_pos, positions, kernel)
+            out = self.o(out.transpose(1, 2).flatten(2))
+            return out, None if not build_state else self._update_state(None, k, v, positions)
         if state is not None:
             old_k, old_v = state.keys.to(k.dtype).transpose(1, 2), state.values.to(v.dtype).transpose(1, 2)
         outs = []
@@ -194,6 +206,20 @@ class Attention(nn.Module):
             q, keys, values, attn_mask=mask[:, None], scale=self.head_dim**-0.5,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # fmt: skip
+
+    def _attend_fused(self, q, k, v, segment_pos, positions, kernel: str) -> torch.Tensor:
+        """A fresh chunk's attention in one fused kernel: q (B, H, T, hd), k and v (B, H_kv, T, hd)."""
+        if kernel == "flex":
+            from griffon.nn.flex_attention import flex_attend  # imported here: FlexAttention loads compile machinery
+
+            return flex_attend(q, k, v, segment_pos, self.history, self.head_dim**-0.5)
+        if kernel != "sdpa-causal":
+            raise ValueError(f"unknown attention kernel {kernel!r}; known: {ATTENTION_KERNELS}")
+        if self.history is not None or not torch.equal(segment_pos, positions):
+            raise ValueError("the sdpa-causal attention kernel needs global attention and one document per row")
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads
+        )
 
     def _update_state(self, state, k, v, positions) -> AttentionState:
         if self.history is None:  # global attention: the cache is everything seen so far
