@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from griffon import Griffon, get_preset
+from griffon.nn.conv1d import CausalConv1D
 from griffon.nn.rglru import RGLRU
 from griffon.packing import cu_seqlens_from_segment_pos, segment_pos_from_cu_seqlens, varlen_batch
 from griffon.scan import linear_scan
@@ -249,3 +250,25 @@ def test_fused_rglru_bounds_the_sqrt_derivative_like_the_layer():
     want = _rglru_case(layer, seg, h0, x, "reference")[4]  # d a_param
     got = _rglru_case(layer.float().to(DEVICE), seg.to(DEVICE), *_leaves(h0, x), "fused")[4]
     assert abs(got[0].item() - want[0].item()) <= 1e-2 * abs(want[0].item())
+
+
+@pytest.mark.parametrize("T,K", [(70, 4), (1, 4), (9, 1), (23, 3)])
+def test_triton_conv1d_matches_the_pytorch_formulation(T, K, monkeypatch):
+    """Values and gradients (x, weight, bias) with documents starting mid-row and at the last step;
+    small tiles so T spans several."""
+    monkeypatch.setattr("griffon.nn.conv1d_gpu.BLOCK_T", 16)
+    monkeypatch.setattr("griffon.nn.conv1d_gpu.BLOCK_D", 16)
+    torch.manual_seed(T)
+    conv = CausalConv1D(20, K).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    seg = torch.stack([doc_positions(T, [s for s in (9, T - 1) if 0 < s < T]), doc_positions(T, [])])
+    x = torch.randn(2, T, 20, dtype=torch.float64, requires_grad=True)
+    want, want_state = conv(x, seg)
+    want = [want, *_grads([want], [x, *conv.parameters()], T)]
+    fast = conv.float().to(DEVICE)
+    (xf,) = _leaves(x)
+    got, state = fast(xf, seg.to(DEVICE), triton=True)
+    got = [got, *_grads([got], [xf, *fast.parameters()], T)]
+    _assert_close(got, want, ["y", "dx", "dweight", "dbias"])
+    torch.testing.assert_close(state.cpu().double(), want_state, rtol=1e-6, atol=1e-6)

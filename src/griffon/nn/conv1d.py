@@ -29,20 +29,28 @@ class CausalConv1D(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(
-        self, x: torch.Tensor, segment_pos: torch.Tensor, state: torch.Tensor | None = None
+        self, x: torch.Tensor, segment_pos: torch.Tensor, state: torch.Tensor | None = None, triton: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: x (B, T, C); segment_pos (B, T); state (B, K-1, C), the previous inputs (zeros if None).
+        """Args: x (B, T, C); segment_pos (B, T); state (B, K-1, C), the previous inputs (zeros if None);
+        triton: compute a fresh chunk (``state=None``) with the Triton kernel (nn/conv1d_gpu.py).
 
         Returns: y (B, T, C) and the new state (B, K-1, C).
         """
         B, T, C = x.shape
         K = self.kernel_width
+        if triton and state is not None:
+            raise ValueError("the Triton Conv1D computes fresh chunks only (state=None)")
         if state is None:
             state = x.new_zeros(B, K - 1, C)
-        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
+        # The kernel needs only the new state from here; the PyTorch path reads all of xp.
+        xp = torch.cat([state.to(x.dtype), x[:, max(T - (K - 1), 0) :] if triton else x], dim=1)
         # The new state in a tensor of its own, laid out the same whatever the chunk length:
         # torch.compile specialises on strides, so a compiled decode step would compile twice.
-        new_state = xp[:, T:].clone(memory_format=torch.contiguous_format)  # (B, K-1, C)
+        new_state = xp[:, xp.shape[1] - (K - 1) :].clone(memory_format=torch.contiguous_format)  # (B, K-1, C)
+        if triton:
+            from griffon.nn.conv1d_gpu import causal_conv1d_gpu
+
+            return causal_conv1d_gpu(x, segment_pos, self.weight, self.bias), new_state
         w = self.weight.to(x.dtype)
         if T == 1:  # a decode step: one masked weighted sum over the window instead of K passes
             lags = torch.arange(K - 1, -1, -1, device=x.device)  # xp[:, j] is lags[j] tokens back

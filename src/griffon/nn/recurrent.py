@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from griffon.nn.conv1d import CausalConv1D
-from griffon.nn.rglru import RGLRU
+from griffon.nn.rglru import RGLRU, uses_fused_kernel
 
 
 @dataclass
@@ -60,7 +60,9 @@ class RecurrentBlock(nn.Module):
         """x (B, T, D) -> (B, T, D); ``positions`` is unused (recurrences need no absolute position)."""
         y = F.gelu(self.linear_y(x), approximate="tanh")  # (B, T, L)
         u = self.linear_x(x)  # (B, T, L)
-        u, conv_state = self.conv(u, segment_pos, None if state is None else state.conv)
+        # The fused RG-LRU's switch also moves a fresh chunk's convolution to its Triton kernel.
+        triton = state is None and uses_fused_kernel(u, self.scan_backend)
+        u, conv_state = self.conv(u, segment_pos, None if state is None else state.conv, triton=triton)
         u, rglru_state = self.rglru(
             u, segment_pos, None if state is None else state.rglru, scan_backend=self.scan_backend
         )
