@@ -231,3 +231,33 @@ def test_generation_refuses_non_finite_logits(step):
     model = _overflowing(_model(CONFIGS["griffin"]))
     with pytest.raises(GenerationError, match="NaN or infinite logits after the prompt"):
         generate(model, [[1, 2, 3]], 4, temperature=0.0, step=step)
+
+
+def test_graph_step_needs_a_gpu_and_a_fixed_size_cache():
+    with pytest.raises(ValueError, match="CUDA device"):
+        make_step(_model(CONFIGS["hawk"]), "graph")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="global-attention cache grows"):
+            make_step(_model(CONFIGS["mqa-global"]).cuda(), "graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["griffin", "hawk", "gqa-partial-rope"])
+@torch.inference_mode()
+def test_graph_step_equals_model_step(name):
+    """Replayed graphs against the model's step on the GPU, including a cache that does not alias
+    the graph's buffers (a batch whose rows were reordered)."""
+    model = _model(CONFIGS[name]).cuda()
+    step = make_step(model, "graph")
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (9, 1, 4)]
+    _, cache = prefill(model, prompts, chunk=4)
+    ref = copy.deepcopy(cache)
+    for i in range(12):
+        if i == 6:  # a different cache object of the same batch size: copied into the graph's buffers
+            order = torch.tensor([2, 0, 1], device="cuda")
+            cache, ref = cache.select(order), ref.select(order)
+        tokens = torch.randint(0, 64, (3,), device="cuda")
+        want, ref = model(tokens[:, None], cache=ref)
+        got = step(tokens, cache)
+        torch.testing.assert_close(got, want[:, -1], rtol=1e-5, atol=2e-5)
+        _assert_caches_close(cache, ref)

@@ -226,7 +226,8 @@ class Griffon(nn.Module):
             raise ValueError(f"segment_pos shape {tuple(segment_pos.shape)} != tokens shape {tuple(tokens.shape)}")
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} sequences but tokens have batch {B}")
-        if torch.compiler.is_compiling():  # reading values would break the graph; callers check before
+        # Reading values would break a compiled graph or a CUDA graph capture; callers check before.
+        if torch.compiler.is_compiling() or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
             return B, T
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:

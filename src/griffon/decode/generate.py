@@ -141,7 +141,7 @@ def generate_stream(
 
     Prompts are prefilled through the cache in chunks of ``prefill_chunk`` (:func:`prefill`); then
     all rows advance together with their own positions, by the decode step named ``step``
-    (:func:`~griffon.decode.steps.make_step`: ``auto``, ``model``, ``fused`` or ``compiled``). A
+    (:func:`~griffon.decode.steps.make_step`: ``auto``, ``model``, ``fused``, ``compiled`` or ``graph``). A
     row stops at ``eos_id`` (which it emits), after emitting one of ``stop_sequences``, when
     ``stop_check(row, tokens_so_far)`` returns True (stop strings, see :func:`generate_text`), or
     after ``max_new_tokens``. The model is not changed (structured FFNs decode with the

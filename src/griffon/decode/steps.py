@@ -5,6 +5,8 @@
   and the scan);
 * ``fused``: the fused CPU kernels (:mod:`griffon.decode.fused`), float32 on the CPU;
 * ``compiled``: the model's step under ``torch.compile`` (:mod:`griffon.decode.compiled`);
+* ``graph``: the model's step replayed from a CUDA graph per batch size (:mod:`griffon.decode.graphed`),
+  for models with a fixed-size cache on a GPU;
 * ``auto``: ``fused`` where it covers the model and its merged weights' copy stays under
   :data:`AUTO_FUSE_MAX_BYTES`, else ``model``.
 """
@@ -17,10 +19,11 @@ import torch
 
 from griffon.decode.compiled import compiled_step
 from griffon.decode.fused import FusedDecoder
+from griffon.decode.graphed import GraphedStep
 from griffon.model import Cache, Griffon
 
 Step = Callable[[torch.Tensor, Cache], torch.Tensor]
-STEPS = ("auto", "model", "fused", "compiled")
+STEPS = ("auto", "model", "fused", "compiled", "graph")
 # The fused step keeps merged copies of the weight matrices; ``auto`` fuses up to this size.
 AUTO_FUSE_MAX_BYTES = 2**30
 
@@ -46,6 +49,8 @@ def make_step(model: Griffon, step: str = "auto") -> Step:
         return compiled_step(model)
     if step == "fused":
         return FusedDecoder(model).step
+    if step == "graph":
+        return GraphedStep(model).step
     if step == "auto" and FusedDecoder.reason(model) is None:
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         if size <= AUTO_FUSE_MAX_BYTES:

@@ -32,7 +32,9 @@ def _conv_fwd_kernel(X, SEG, W, BIAS, Y, T, C, K: tl.constexpr, BT: tl.constexpr
         xk = tl.load(X + (row + t - k)[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
         wk = tl.load(W + (K - 1 - k) * C + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += xk.to(tl.float32) * wk[None, :]
-    tl.store(Y + (row + t)[:, None] * C + cols[None, :], acc.to(Y.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    tl.store(
+        Y + (row + t)[:, None] * C + cols[None, :], acc.to(Y.dtype.element_ty), mask=tmask[:, None] & cmask[None, :]
+    )
 
 
 @triton.jit
@@ -56,12 +58,16 @@ def _conv_bwd_kernel(X, SEG, W, DY, DX, DW, T, C, K: tl.constexpr, BT: tl.conste
         lmask = later < T
         seg_later = tl.load(SEG + row + later, mask=lmask, other=0)
         used = lmask & (seg_later >= k)
-        dy_later = tl.load(DY + (row + later)[:, None] * C + cols[None, :], mask=used[:, None] & cmask[None, :], other=0.0)
+        dy_later = tl.load(
+            DY + (row + later)[:, None] * C + cols[None, :], mask=used[:, None] & cmask[None, :], other=0.0
+        )
         dx += dy_later.to(tl.float32) * wk[None, :]
         ok = tmask & (seg >= k) & (t >= k)
         xk = tl.load(X + (row + t - k)[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
         tl.store(partial + (K - 1 - k) * C + cols, tl.sum(dy * xk.to(tl.float32), axis=0), mask=cmask)
-    tl.store(DX + (row + t)[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    tl.store(
+        DX + (row + t)[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=tmask[:, None] & cmask[None, :]
+    )
 
 
 def _grid(B: int, T: int, C: int) -> tuple[int, int, int]:
@@ -92,7 +98,9 @@ class _Conv(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def causal_conv1d_gpu(x: torch.Tensor, segment_pos: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def causal_conv1d_gpu(
+    x: torch.Tensor, segment_pos: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """y (B, T, C) in x's dtype of a fresh chunk x (B, T, C) (no earlier inputs); weight (K, C), bias (C,)."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("causal_conv1d_gpu needs CUDA tensors (or TRITON_INTERPRET=1 to interpret it on the CPU)")
