@@ -4,6 +4,7 @@ timings belong in the benchmarks' own printouts, not in tests)."""
 import json
 
 import pytest
+import torch
 
 from griffon.cli import main
 
@@ -38,3 +39,38 @@ def test_bench_eval_scores_the_same_requests_as_lm_eval_hf(tmp_path):
     assert task["tokens_each_request_whole"] > task["tokens_context_shared"] > 0
     (run,) = task["runs"]
     assert run["max_abs_loglikelihood_diff"] <= 1e-4
+
+
+def test_gpu_bench_refuses_without_a_gpu_and_counts_minimum_traffic():
+    from griffon.bench.gpu import min_traffic_bytes
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main(["bench", "gpu", "--sections", "scan"])
+    assert min_traffic_bytes("scan", 10, torch.float32) == 10 * 32  # a, x, h; dh, a, h, da, dx
+    assert min_traffic_bytes("rglru", 10, torch.bfloat16) == 10 * (11 * 2 + 8)
+
+
+def test_gpu_bench_pieces_run(tmp_path):
+    """The GPU benchmark's cases, training step and plot, run on the CPU (the kernels interpreted)
+    on tiny shapes: what a GPU session runs is exercised here first."""
+    from griffon.bench import gpu
+
+    pytest.importorskip("triton")
+    for fn, nbytes in gpu.scan_cases(1, 8, 4, torch.float32, None, None, device="cpu").values():
+        fn()
+        assert nbytes > 0
+    model = gpu._model("mqa", "20m", 64, device="cpu")
+    model.set_attention_kernel("blocks")  # SDPA's causal kernel is the GPU's; the step is what is tested
+    tokens = torch.randint(0, 100, (1, 17))
+    before = [p.detach().clone() for p in model.parameters()]
+    gpu.train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), tokens)()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    results = {
+        "machine": {"cuda": "test"},
+        "scan": [dict(kernel="k", shape=[1, 8, 4], dtype="float32", of_copy_bandwidth=0.5)],
+        "train": [dict(model="griffin", seq_len=2048, tokens_per_s=1.0), dict(model="mqa", seq_len=2048, oom=True)],
+        "sample": [dict(model="griffin", step="graph", batch=1, tokens_per_s=2.0)],
+    }
+    gpu.plot(results, tmp_path / "gpu.png")
+    assert (tmp_path / "gpu.png").stat().st_size > 0

@@ -272,3 +272,78 @@ def test_triton_conv1d_matches_the_pytorch_formulation(T, K, monkeypatch):
     got = [got, *_grads([got], [xf, *fast.parameters()], T)]
     _assert_close(got, want, ["y", "dx", "dweight", "dbias"])
     torch.testing.assert_close(state.cpu().double(), want_state, rtol=1e-6, atol=1e-6)
+
+
+# ----- on a GPU: real kernels at sizes that fill it, against the portable PyTorch paths -----------
+
+
+@gpu
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((4, 1000, 300), torch.float32), ((1, 5000, 64), torch.float32), ((2, 777, 1000), torch.bfloat16)],
+)
+def test_gpu_scans_match_the_loop_backend(shape, dtype):
+    """Shapes that are not multiples of the tiles; (1, 5000, 64) has too few programs for the
+    GPU, so time is chunked automatically."""
+    a, x, h0, reset = (t.cuda() for t in _scan_inputs(*shape, seed=11))
+    ref_in = [t.float().requires_grad_() for t in (a, x, h0)]
+    want = linear_scan(*ref_in, reset, backend="loop")
+    want = [w.double().cpu() for w in [*want, *_grads(want, ref_in, 3)]]
+    got_in = [a.to(dtype).requires_grad_(), x.to(dtype).requires_grad_(), h0.float().requires_grad_()]
+    got = linear_scan_gpu(*got_in, reset)
+    got = [*got, *_grads(got, got_in, 3)]
+    _assert_close(got, want, ["h", "h_last", "da", "dx", "dh0"], tol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def _model_results(model, tokens, seg, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits, _ = model(tokens, seg)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    return [logits.detach().float()] + [p.grad.clone() for p in model.parameters()]
+
+
+@gpu
+@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "mqa-tiny"])
+def test_gpu_model_paths_match_the_portable_ones(preset):
+    """FlexAttention, the fused RG-LRU and the Triton Conv1D against SDPA blocks and the loop
+    scan: logits and gradients, rows of several documents, longer than the window."""
+    torch.manual_seed(0)
+    model = Griffon(get_preset(preset)).cuda()
+    tokens = torch.randint(0, 256, (2, 300), device="cuda")
+    seg = torch.stack([doc_positions(300, [40, 211]), doc_positions(300, [])]).cuda()
+    model.set_attention_kernel("blocks")
+    model.set_scan_backend("loop")
+    want = _model_results(model, tokens, seg, autocast=False)
+    model.set_attention_kernel("auto")
+    model.set_scan_backend("auto")
+    got = _model_results(model, tokens, seg, autocast=False)
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    _assert_close(got, [w.double().cpu() for w in want], names, tol=1e-4)
+
+
+@gpu
+def test_gpu_bf16_autocast_training_follows_float32():
+    torch.manual_seed(0)
+    model = Griffon(get_preset("griffin-tiny")).cuda()
+    tokens = torch.randint(0, 256, (4, 300), device="cuda")
+    seg = torch.arange(300, device="cuda").expand(4, 300)
+    want = _model_results(model, tokens, seg, autocast=False)
+    got = _model_results(model, tokens, seg, autocast=True)
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        cos = F.cosine_similarity(g.flatten().double(), w.flatten().double(), dim=0)
+        assert cos > 0.99
+
+
+@gpu
+def test_gpu_packed_stream_with_cu_seqlens():
+    model = Griffon(get_preset("griffin-tiny")).cuda().eval()
+    tokens = torch.randint(0, 256, (2, 200), device="cuda")
+    seg = torch.stack([doc_positions(200, [37]), doc_positions(200, [])]).cuda()
+    cu = cu_seqlens_from_segment_pos(seg)
+    with torch.no_grad():
+        want, _ = model(tokens, seg)
+        got, _ = model(tokens.reshape(1, -1), cu_seqlens=cu)
+    torch.testing.assert_close(got.view(2, 200, -1), want, rtol=1e-4, atol=1e-4)

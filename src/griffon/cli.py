@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable); the tokenizer's EOS also stops")  # fmt: skip
     s.add_argument("--step", choices=STEPS, default="auto",
-                   help="decode step: the model's own, fused CPU kernels, or torch.compile'd (a minute or so to "
-                        "compile, then faster); auto: fused where it covers the model")  # fmt: skip
+                   help="decode step: the model's own, fused CPU kernels, torch.compile'd (a minute or so to "
+                        "compile, then faster), or CUDA graphs (GPU); auto: fused where it covers the model")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte of whole documents")

@@ -8,6 +8,8 @@ one run compare, absolute figures drift.
 * ``ffn``: structured FFN training and decode speed against dense (:mod:`.ffn`)
 * ``scan``: the linear scan against its memory bound (:mod:`.scan`)
 * ``eval``: lm-evaluation-harness requests/s against lm-eval's own ``hf`` model (:mod:`.evaluation`)
+* ``gpu``: Triton scans against their memory bound and public GPU scans, bf16 training and sampling
+  throughput of Griffin, Hawk and the MQA transformer (:mod:`.gpu`; needs a CUDA GPU)
 """
 
 BENCHMARKS = {
@@ -17,4 +19,5 @@ BENCHMARKS = {
     "ffn": "ffn",
     "scan": "scan",
     "eval": "evaluation",
+    "gpu": "gpu",
 }
