@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The recurrence's fixed exponent c in a_t = a^(c r_t), and the bound on d sqrt(u)/du: both as in nn/rglru.py.
+# The recurrence's fixed exponent c in a_t = a^(c r_t), and the bound on d sqrt(u)/du: both as in
+# nn/rglru.py; the kernels take them as constexpr arguments C and MIN_4U.
 _C = 8.0
 _MIN_4U = 1.0 / 1000.0**2
 
@@ -65,11 +66,11 @@ def _last_row(tile, BT: tl.constexpr):
 
 
 @triton.jit
-def _decay(A, ZA, sp, off, mask, keep, GATED: tl.constexpr):
+def _decay(A, ZA, sp, off, mask, keep, GATED: tl.constexpr, C: tl.constexpr):
     """a'_t (BT, BD) float32 at the rows of ``off``: ``a`` with resets zeroed, 1 outside ``mask``."""
     if GATED:
         ga = tl.sigmoid(tl.load(ZA + off, mask=mask, other=0.0).to(tl.float32))
-        a = tl.exp(-_C * ga * sp[None, :])
+        a = tl.exp(-C * ga * sp[None, :])
     else:
         a = tl.load(A + off, mask=mask, other=1.0).to(tl.float32)
     return tl.where(mask, tl.where(keep[:, None], a, 0.0), 1.0)
@@ -81,7 +82,7 @@ def _fwd_kernel(
     Y, H32, HLAST, SUM_A, SUM_H,  # outputs
     T, D, CHUNK, NC,
     GATED: tl.constexpr, VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, SUMMARY: tl.constexpr,
-    STORE_H32: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    STORE_H32: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, C: tl.constexpr,
 ):  # fmt: skip
     pid_d, n, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _bounds(CU, n, T, VARLEN)
@@ -103,12 +104,12 @@ def _fwd_kernel(
             mask = rmask[:, None] & cmask[None, :]
             off = r[:, None] * D + cols[None, :]
             keep = tl.load(RESET + r, mask=rmask, other=0) == 0
-            a = _decay(A, ZA, sp, off, mask, keep, GATED)  # (BT, BD) float32
+            a = _decay(A, ZA, sp, off, mask, keep, GATED, C)  # (BT, BD) float32
             x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
             if GATED:
                 gx = tl.sigmoid(tl.load(ZX + off, mask=mask, other=0.0).to(tl.float32))
                 ga = tl.sigmoid(tl.load(ZA + off, mask=mask, other=0.0).to(tl.float32))
-                multiplier = tl.sqrt(1.0 - tl.exp(2.0 * (-_C * ga * sp[None, :])))
+                multiplier = tl.sqrt(1.0 - tl.exp(2.0 * (-C * ga * sp[None, :])))
                 x = x * gx * tl.where(keep[:, None], multiplier, 1.0)
             a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
             hs = a_cum * h[None, :] + x_cum  # (BT, BD) states
@@ -132,7 +133,7 @@ def _bwd_kernel(
     DA, DX, DZX, DZA, DSP, DH0, SUM_C, SUM_G,  # outputs
     T, D, CHUNK, NC,
     GATED: tl.constexpr, VARLEN: tl.constexpr, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, C: tl.constexpr, MIN_4U: tl.constexpr,
 ):  # fmt: skip
     pid_d, n, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _bounds(CU, n, T, VARLEN)
@@ -163,7 +164,7 @@ def _bwd_kernel(
             nxt = r + 1
             nmask = rmask & (nxt < eos)
             nkeep = tl.load(RESET + nxt, mask=nmask, other=0) == 0
-            coef = _decay(A, ZA, sp, off + D, nmask[:, None] & cmask[None, :], nkeep, GATED)
+            coef = _decay(A, ZA, sp, off + D, nmask[:, None] & cmask[None, :], nkeep, GATED, C)
             coef = tl.where(mask, coef, 1.0)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
             c_cum, g_cum = tl.associative_scan((coef, dy), 0, _compose)
@@ -180,7 +181,7 @@ def _bwd_kernel(
                     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
                     gx = tl.sigmoid(tl.load(ZX + off, mask=mask, other=0.0).to(tl.float32))
                     ga = tl.sigmoid(tl.load(ZA + off, mask=mask, other=0.0).to(tl.float32))
-                    log_a = -_C * ga * sp[None, :]
+                    log_a = -C * ga * sp[None, :]
                     a = tl.exp(log_a)
                     a2 = tl.exp(2.0 * log_a)
                     u = 1.0 - a2
@@ -189,11 +190,11 @@ def _bwd_kernel(
                     d_gx = gs * x * multiplier
                     tl.store(DZX + off, (d_gx * gx * (1.0 - gx)).to(DZX.dtype.element_ty), mask=mask)
                     d_mult = dkeep * x * gx
-                    d_u = d_mult / tl.sqrt(tl.maximum(4.0 * u, _MIN_4U))
+                    d_u = d_mult / tl.sqrt(tl.maximum(4.0 * u, MIN_4U))
                     d_log_a = dkeep * h_prev * a - 2.0 * a2 * d_u
-                    d_ga = d_log_a * (-_C) * sp[None, :]
+                    d_ga = d_log_a * (-C) * sp[None, :]
                     tl.store(DZA + off, (d_ga * ga * (1.0 - ga)).to(DZA.dtype.element_ty), mask=mask)
-                    dsp += tl.sum(tl.where(mask, d_log_a * (-_C) * ga, 0.0), axis=0)
+                    dsp += tl.sum(tl.where(mask, d_log_a * (-C) * ga, 0.0), axis=0)
                 else:
                     tl.store(DX + off, gs.to(DX.dtype.element_ty), mask=mask)
                     tl.store(DA + off, (dkeep * h_prev).to(DA.dtype.element_ty), mask=mask)
@@ -207,7 +208,7 @@ def _bwd_kernel(
             if start == bos:  # dL/dh0 = a'_bos g_bos
                 first = bos + tl.arange(0, 1)
                 keep0 = tl.load(RESET + first) == 0
-                a0 = _decay(A, ZA, sp, first[:, None] * D + cols[None, :], cmask[None, :], keep0, GATED)
+                a0 = _decay(A, ZA, sp, first[:, None] * D + cols[None, :], cmask[None, :], keep0, GATED, C)
                 tl.store(DH0 + seq_off, _last_row(a0, 1) * g, mask=cmask)
 
 
@@ -233,9 +234,11 @@ def _carry_kernel(
         h = tl.load(SUM_A + off, mask=cmask, other=1.0) * h + tl.load(SUM_H + off, mask=cmask, other=0.0)
 
 
-# Tile sizes: a program scans (BLOCK_T, BLOCK_D) tiles; BLOCK_D contiguous float32 channels make
-# coalesced rows. Programs per SM below which time is split into chunks.
-BLOCK_T = 32
+# Tile sizes: a program (4 warps) scans (BLOCK_T, BLOCK_D) tiles; BLOCK_D contiguous float32
+# channels make coalesced 256-byte rows. Compiled for sm_90, 16 x 64 tiles take 48-80 registers per
+# thread (168 in the fused backward) without spills; 32 x 64 took 125-255 and spilled in the fused
+# backward (cuobjdump -res-usage). Programs per SM below which time is split into chunks.
+BLOCK_T = 16
 BLOCK_D = 64
 _PROGRAMS_PER_SM = 4
 
@@ -280,6 +283,9 @@ class _Geometry:
     def common(self) -> dict:
         return dict(T=self.T, D=self.D, CHUNK=self.chunk, NC=self.NC, VARLEN=self.varlen, BD=self.bd)
 
+    def constants(self) -> dict:
+        return dict(BT=self.bt, C=_C, **self.common())
+
 
 def _carry(geo: _Geometry, sum_a, sum_h, init, reverse: bool) -> torch.Tensor:
     out = torch.empty_like(sum_a)
@@ -304,13 +310,13 @@ def _forward(geo: _Geometry, a, x, zx, za, sp, reset, h0, store_h32: bool):
         sums = torch.empty(2, geo.N * geo.NC, geo.D, dtype=torch.float32, device=x.device)
         _fwd_kernel[geo.grid()](
             **args, INIT=dummy, Y=dummy, H32=dummy, HLAST=dummy, SUM_A=sums[0], SUM_H=sums[1],
-            GATED=gated, HAS_INIT=False, SUMMARY=True, STORE_H32=False, BT=geo.bt, **geo.common(),
+            GATED=gated, HAS_INIT=False, SUMMARY=True, STORE_H32=False, **geo.constants(),
         )  # fmt: skip
         init = _carry(geo, sums[0], sums[1], h0, reverse=False)
     _fwd_kernel[geo.grid()](
         **args, INIT=init if init is not None else dummy, Y=y, H32=h32 if h32 is not None else dummy,
         HLAST=h_last, SUM_A=dummy, SUM_H=dummy, GATED=gated, HAS_INIT=init is not None, SUMMARY=False,
-        STORE_H32=store_h32, BT=geo.bt, **geo.common(),
+        STORE_H32=store_h32, **geo.constants(),
     )  # fmt: skip
     return y, h32, h_last
 
@@ -328,7 +334,7 @@ def _backward(geo: _Geometry, a, x, zx, za, sp, reset, h0, h, dy, d_last):
     dh0 = torch.empty(geo.N, geo.D, dtype=torch.float32, device=h.device)
     args = dict(A=a if a is not None else dummy, X=x, ZX=zx if gated else dummy, ZA=za if gated else dummy,
                 SP=sp if gated else dummy, RESET=reset, CU=geo.cu, H0=h0 if h0 is not None else dummy, H=h, DY=dy,
-                GATED=gated, HAS_H0=h0 is not None, BT=geo.bt, **geo.common())  # fmt: skip
+                GATED=gated, HAS_H0=h0 is not None, MIN_4U=_MIN_4U, **geo.constants())  # fmt: skip
     g_in = d_last
     if geo.NC > 1:
         sums = torch.empty(2, geo.N * geo.NC, geo.D, dtype=torch.float32, device=h.device)
