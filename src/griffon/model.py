@@ -71,6 +71,10 @@ class Cache:
         holds this cache sees it advance."""
         self.blocks, self.position, self.segment_pos = new.blocks, new.position, new.segment_pos
 
+    def clone(self) -> Cache:
+        """A copy sharing no storage with this cache: advancing one leaves the other as it was."""
+        return self.select(torch.arange(self.batch_size, device=self.position.device))
+
     def select(self, rows: torch.Tensor) -> Cache:
         """The cache of the sequences ``rows`` (a 1-D index tensor), in that order."""
         blocks: list[BlockState] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from griffon.model import Cache, Griffon
-from griffon.nn.attention import Attention, AttentionState
+from griffon.nn.attention import Attention
 from griffon.nn.recurrent import RecurrentState
 
 
@@ -29,16 +29,6 @@ def _copy_into(dst: Cache, src: Cache) -> None:
     for d, s in zip(_tensors(dst), _tensors(src), strict=True):
         if d.data_ptr() != s.data_ptr():
             d.copy_(s)
-
-
-def _clone(cache: Cache) -> Cache:
-    blocks = [
-        RecurrentState(s.rglru.clone(), s.conv.clone())
-        if isinstance(s, RecurrentState)
-        else AttentionState(s.keys.clone(), s.values.clone(), s.positions.clone())
-        for s in cache.blocks
-    ]
-    return Cache(blocks=blocks, position=cache.position.clone(), segment_pos=cache.segment_pos.clone())
 
 
 class GraphedStep:
@@ -66,7 +56,7 @@ class GraphedStep:
         return logits[:, -1]
 
     def _capture(self, cache: Cache):
-        static = _clone(cache)
+        static = cache.clone()
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.position.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

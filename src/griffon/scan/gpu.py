@@ -268,7 +268,7 @@ class _Geometry:
         if self.varlen:
             self.cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
             self.N = cu_seqlens.numel() - 1
-            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if self.N else 0
+            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         else:
             self.cu = torch.empty(1, dtype=torch.int32, device=device)
             self.N, max_len = B, T
