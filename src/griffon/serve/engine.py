@@ -1,0 +1,419 @@
+"""The serving engine: continuous batching over decode states, without HTTP.
+
+Each :meth:`Engine.step` is one iteration: drop requests that were cancelled or timed out; prefill
+waiting prompts in chunks, at most ``step_tokens`` prompt tokens per iteration so a long prompt
+does not stall the others; then advance every running request by one token with one decode step
+(:func:`griffon.decode.make_step`) over the batch of their caches. A Griffin or Hawk cache has a
+fixed size, so a request joins the batch (:meth:`Cache.stack`) or leaves it (:meth:`Cache.select`)
+at the cost of copying a few states, and its slot is reused at once.
+
+Exactly :func:`griffon.generate` for one prompt. A prompt is prefilled alone in chunks aligned
+to multiples of ``prefill_chunk`` from its start (as :func:`griffon.decode.prefill` does with that
+chunk); its first token is sampled from the prefill's last logits; each request samples with its
+own generator seeded from its ``seed``; so its tokens do not depend on which requests share its
+batch or when they arrived (to the float rounding of batched matmuls).
+
+Thread safety: :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step`
+from one thread at a time (:class:`EngineThread` runs it in the background).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from griffon.data.tokenizers import Tokenizer
+from griffon.decode.generate import TextStream, sample_next
+from griffon.decode.steps import make_step
+from griffon.model import Cache, Griffon
+from griffon.serve.metrics import Metrics
+from griffon.serve.prefix_cache import PrefixCache
+
+MAX_LOGPROBS = 20
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    # float32 at least: bf16 logits would give log-probabilities good to 2-3 digits only
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its bound; try again later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (OpenAI's completion parameters)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first (needs a tokenizer)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # log-probabilities of the chosen token and this many top ones
+    echo: bool = False  # with logprobs: also score the prompt's tokens
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first parameter out of range."""
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens = 0 generates nothing; it is allowed only with echo")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and the ``k`` most likely tokens' (id -> logprob)."""
+
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass
+class Request:
+    """One completion request and, as it runs, its output. The engine appends to ``tokens`` (and
+    ``logprobs``) and sets ``finish_reason`` last; readers on other threads may poll them."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    notify: Callable[[Request], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    text: TextStream | None = None
+    finish_reason: str | None = None  # "length", "stop", "cancelled", "timeout"
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
+    _cancelled: bool = False
+    _cache: Cache | None = None
+    _position: int = 0
+    _generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Continuous batching for one model (see the module docstring).
+
+    Args:
+        model: the model, in eval mode on its device.
+        tokenizer: for stop strings and EOS (``None``: token ids only).
+        max_batch: requests prefilling or running at once.
+        max_queue: requests waiting beyond those; :meth:`submit` raises :class:`QueueFull` past it.
+        prefill_chunk: prompt tokens per prefill call; also the prefix cache's granularity.
+        step_tokens: prompt tokens prefilled per iteration, at least one chunk.
+        prefix_cache_bytes: bound of the prefix-state cache (0 turns it off).
+        step: the decode step's name (:data:`griffon.decode.STEPS`).
+        max_len: longest prompt + max_tokens accepted (default: the model's ``max_seq_len`` if any).
+    """
+
+    def __init__(
+        self,
+        model: Griffon,
+        tokenizer: Tokenizer | None = None,
+        max_batch: int = 64,
+        max_queue: int = 256,
+        prefill_chunk: int = 256,
+        step_tokens: int = 512,
+        prefix_cache_bytes: int = 256 * 2**20,
+        step: str = "auto",
+        max_len: int | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or step_tokens < 1:
+            raise ValueError("max_batch, prefill_chunk and step_tokens must be >= 1, max_queue >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.embed.weight.device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
+        self.max_len = max_len if max_len is not None else model.config.max_seq_len
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
+        self.metrics = Metrics()
+        self._decode_step = make_step(model, step)
+        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._running: list[Request] = []
+        self._batch: Cache | None = None  # the running requests' caches, in their order
+        self._ids = itertools.count()
+        self._by_id: dict[str, Request] = {}
+
+    # ----- requests in ------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if this request cannot run: empty prompt, ids outside the vocabulary,
+        parameters out of range, stop strings without a tokenizer, longer than ``max_len``."""
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if self.max_len is not None and len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"limit of {self.max_len} tokens"
+            )
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        notify: Callable[[Request], None] | None = None,
+    ) -> Request:
+        """Queue a request; ``notify(request)`` is called (on the engine's thread) whenever it gets
+        tokens or finishes. Raises ValueError for a bad request, :class:`QueueFull` when full."""
+        self.check(prompt, params)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+            rid = request_id or f"req-{next(self._ids)}"
+            if rid in self._by_id:
+                raise ValueError(f"request id {rid!r} is in use")
+            req = Request(rid, list(prompt), params, notify=notify)
+            if timeout is not None:
+                req.deadline = req.arrival + timeout
+            if self.tokenizer is not None:  # the text so far, cut at the first stop string
+                req.text = TextStream(self.tokenizer, params.stop)
+            self._by_id[rid] = req
+            self._waiting.append(req)
+        return req
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request (its slot is freed at the next iteration); False if it is unknown or done."""
+        with self._lock:
+            req = self._by_id.get(request_id)
+            if req is None or req.finished:
+                return False
+            req._cancelled = True
+            return True
+
+    # ----- the iteration ----------------------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: expire, admit, prefill under the token budget, one decode step."""
+        now = time.monotonic()
+        self._expire(now)
+        with self._lock:
+            while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
+                self._prefilling.append(self._waiting.popleft())
+        budget = self.step_tokens
+        for req in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(req)
+        if self._running:
+            self._decode()
+        self.metrics.queue_length = len(self._waiting)
+        self.metrics.running = self.num_running
+
+    def run_until_done(self) -> None:
+        """Iterate until every submitted request has finished (offline use and tests)."""
+        while self.has_work():
+            self.step()
+
+    def _expire(self, now: float) -> None:
+        def reason(r: Request) -> str | None:
+            if r._cancelled:
+                return "cancelled"
+            if r.deadline is not None and now > r.deadline:
+                return "timeout"
+            return None
+
+        with self._lock:
+            expired = [r for r in self._waiting if reason(r)]
+            for r in expired:
+                self._waiting.remove(r)
+        for r in expired:
+            self._finish(r, reason(r))
+        for r in [r for r in self._prefilling if reason(r)]:
+            self._prefilling.remove(r)
+            self._finish(r, reason(r))
+        gone = [i for i, r in enumerate(self._running) if reason(r)]
+        for i in gone:
+            self._finish(self._running[i], reason(self._running[i]))
+        self._drop_rows(gone)
+
+    def _prefill_chunk(self, req: Request) -> int:
+        """Prefill the next aligned chunk of ``req``'s prompt; returns the tokens computed."""
+        prompt, chunk = req.prompt, self.prefill_chunk
+        score_prompt = req.params.echo and req.params.logprobs is not None
+        if req._cache is None:
+            snapshot = None if (self.prefix_cache is None or score_prompt) else self.prefix_cache.lookup(prompt)
+            if snapshot is not None:
+                req._cache, req._position = snapshot.cache, len(snapshot.tokens)
+                req.cached_tokens = req._position
+                last = snapshot.logits
+            else:
+                req._cache, req._position = self.model.init_cache(1), 0
+        start, computed = req._position, 0
+        if start < len(prompt):
+            end = min(len(prompt), (start // chunk + 1) * chunk)
+            tokens = torch.tensor([prompt[start:end]], device=self.device)
+            segment_pos = torch.arange(start, end, device=self.device)[None]
+            logits, req._cache = self.model(tokens, segment_pos, cache=req._cache, last_only=not score_prompt)
+            if score_prompt:
+                self._score_prompt(req, logits[0], start, end)
+            last = logits[:, -1]  # (1, V)
+            computed, req._position = end - start, end
+            if self.prefix_cache is not None and end % chunk == 0:
+                self.prefix_cache.insert(prompt, end, req._cache, last)
+        if req._position < len(prompt):
+            return computed
+        self._prefilling.remove(req)
+        self.metrics.prompt_tokens += len(prompt)
+        if req.params.max_tokens == 0:  # echo only: the prompt's scores were the answer
+            self._finish(req, "length")
+            return computed
+        req._generator = torch.Generator(device=self.device)
+        req._generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+        self._emit(req, self._sample(req, last), last)
+        if not req.finished:
+            self._batch = req._cache if self._batch is None else Cache.stack([self._batch, req._cache])
+            self._running.append(req)
+        req._cache = None
+        return computed
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-probabilities of the prompt's tokens predicted by the logits (T, V) at positions
+        start .. end-1: position t predicts token t+1; nothing predicts the first token."""
+        if start == 0:
+            req.prompt_logprobs.append(None)
+        logp = _log_softmax(logits)
+        for t in range(start, min(end, len(req.prompt) - 1)):
+            req.prompt_logprobs.append(self._logprob(logp[t - start], req.prompt[t + 1], req.params.logprobs))
+
+    @staticmethod
+    def _logprob(logp: torch.Tensor, token: int, k: int | None) -> TokenLogprob:
+        top = {}
+        if k:
+            values, ids = torch.topk(logp, k)
+            top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(float(logp[token]), top)
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        return int(sample_next(logits, p.temperature, p.top_k, p.top_p, req._generator)[0])
+
+    def _emit(self, req: Request, token: int, logits: torch.Tensor) -> None:
+        """Append a generated token; decide whether the request is done."""
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.observe_ttft(now - req.arrival)
+        if req.params.logprobs is not None:
+            req.logprobs.append(self._logprob(_log_softmax(logits[0]), token, req.params.logprobs))
+        req.tokens.append(token)
+        self.metrics.generation_tokens += 1
+        p = req.params
+        eos_id = None if self.tokenizer is None else self.tokenizer.eos_id
+        is_eos = eos_id is not None and token == eos_id and not p.ignore_eos
+        if req.text is not None and token != eos_id:  # the EOS token has no text
+            req.text.push(token)
+        if is_eos or token in p.stop_token_ids or (req.text is not None and req.text.done):
+            self._finish(req, "stop")
+        elif len(req.tokens) >= p.max_tokens:
+            self._finish(req, "length")
+        elif req.notify is not None:
+            req.notify(req)
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([r.tokens[-1] for r in self._running], device=self.device)
+        logits = self._decode_step(tokens, self._batch)  # (B, V)
+        done = []
+        for i, req in enumerate(self._running):
+            self._emit(req, self._sample(req, logits[i : i + 1]), logits[i : i + 1])
+            if req.finished:
+                done.append(i)
+        self._drop_rows(done)
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        now = time.monotonic()
+        req.finish_time = now
+        req._cache = None
+        if req.first_token_time is not None and len(req.tokens) > 1:
+            self.metrics.observe_tpot((now - req.first_token_time) / (len(req.tokens) - 1))
+        self.metrics.requests[reason] = self.metrics.requests.get(reason, 0) + 1
+        req.finish_reason = reason
+        with self._lock:
+            self._by_id.pop(req.id, None)
+        if req.notify is not None:
+            req.notify(req)
+
+
+class EngineThread:
+    """Runs :meth:`Engine.step` on a background thread while there is work; sleeps otherwise."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="griffon-engine", daemon=True)
+
+    def start(self) -> EngineThread:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Call after submitting or cancelling: the loop may be asleep."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self.engine.step()
