@@ -196,6 +196,34 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sys.stdout.write(text.flush() + "\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
+    from griffon.decode import calibrate_merge_thresholds
+
+    try:
+        import uvicorn
+
+        from griffon.serve.server import create_app
+    except ImportError as e:
+        raise SystemExit(f"griffon serve needs the serve extra: pip install 'griffon[serve]' ({e})") from e
+    from griffon.serve import Engine
+    from griffon.train.parallelize import resolve_device
+
+    ckpt, tokenizer = resolve_with_tokenizer(args.model)
+    model = from_pretrained(ckpt, device=resolve_device(args.device))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    calibrate_merge_thresholds(model)
+    engine = Engine(
+        model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+        step_tokens=args.step_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), step=args.step,
+    )  # fmt: skip
+    name = args.name or Path(args.model).resolve().name
+    app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI completions)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.evaluate import byte_table, plot_by_position, score_documents
@@ -380,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode step: the model's own, fused CPU kernels, torch.compile'd (a minute or so to "
                         "compile, then faster), or CUDA graphs (GPU); auto: fused where it covers the model")  # fmt: skip
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible completions server (needs griffon[serve])")
+    s.add_argument("model", help="run directory or checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="the model's name in the API (default: the directory's name)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    s.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; then 429")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    s.add_argument("--step-tokens", type=int, default=512, help="prompt tokens prefilled per engine iteration")
+    s.add_argument("--prefix-cache-mb", type=float, default=256.0, help="prefix-state cache size (0: off)")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    s.add_argument("--step", choices=STEPS, default="auto", help="decode step (see griffon sample --step)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte of whole documents")
     s.add_argument("models", nargs="+", help="runs, checkpoints or exported models (several: compared)")

@@ -241,14 +241,25 @@ class TextStream:
             self.done = True
             return self.flush()
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        cut = find_stop(self.text, self.stop_strings)
+        # Assigned once, already cut: a reader on another thread never sees a stop string's start.
+        text = self.tokenizer.decode(self.ids)
+        cut = find_stop(text, self.stop_strings)
         if cut is not None:
-            self.text, self.done = self.text[:cut], True
+            self.text, self.done = text[:cut], True
             return self.flush()
+        self.text = text
         if self.text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             return ""
         return self._take(len(self.text) - self._hold)
+
+    def visible(self, final: bool = False) -> str:
+        """All the text that is safe to show so far (everything, cut at a stop string, if ``final``):
+        what :meth:`push` has returned and would return, for a reader that polls instead."""
+        if final or self.done:
+            return self.text
+        if self.text.endswith("\ufffd"):
+            return self.text[: self._shown]
+        return self.text[: max(self._shown, len(self.text) - self._hold)]
 
     def flush(self) -> str:
         """Everything not shown yet (when generation ends)."""

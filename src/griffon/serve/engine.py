@@ -246,6 +246,15 @@ class Engine:
         self.metrics.queue_length = len(self._waiting)
         self.metrics.running = self.num_running
 
+    def abort_all(self, reason: str) -> None:
+        """Finish every request in the engine with ``reason`` (after an error inside :meth:`step`)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in [*waiting, *self._prefilling, *self._running]:
+            if not req.finished:
+                self._finish(req, reason)
+        self._prefilling, self._running, self._batch = [], [], None
+
     def run_until_done(self) -> None:
         """Iterate until every submitted request has finished (offline use and tests)."""
         while self.has_work():
@@ -388,13 +397,16 @@ class Engine:
 
 
 class EngineThread:
-    """Runs :meth:`Engine.step` on a background thread while there is work; sleeps otherwise."""
+    """Runs :meth:`Engine.step` on a background thread while there is work; sleeps otherwise. An
+    exception inside a step finishes the requests in flight with reason ``error`` (their callers
+    answer with an error) and the loop goes on; ``errors`` counts them, ``last_error`` keeps the last."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.error: BaseException | None = None
+        self.errors = 0
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="griffon-engine", daemon=True)
 
     def start(self) -> EngineThread:
@@ -416,4 +428,9 @@ class EngineThread:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception as e:  # a bad step must not take the server down with it
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.engine.abort_all("error")
