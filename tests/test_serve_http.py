@@ -227,3 +227,36 @@ def test_soak_with_random_disconnects_loses_and_mixes_nothing():
             continue
         want = _reference(model, tok.encode(prompt), max_tokens, temperature=0.9, seed=i)
         assert answers[i] == tok.decode(want), i
+
+
+def test_lm_eval_local_completions_scores_through_the_server(tmp_path):
+    """lm-evaluation-harness's own ``local-completions`` model, pointed at the server, gives every
+    request the loglikelihood griffon's lm-eval model gives it (same checkpoint, fp32)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401 - registers lm-eval's own models
+    from lm_eval.tasks import TaskManager
+
+    from griffon import get_preset, save_pretrained
+    from griffon.cli import main
+    from griffon.harness import TASKS_DIR, GriffonLM
+
+    torch.manual_seed(0)
+    model = Griffon(get_preset("griffin-tiny")).eval()
+    save_pretrained(model, tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0  # its tokenizer, for lm-eval
+    tasks, manager = ["griffon_next_line"], TaskManager(include_path=str(TASKS_DIR))
+    ours = lm_eval.simple_evaluate(model=GriffonLM(pretrained=str(tmp_path / "ckpt"), batch_size=3), tasks=tasks,
+                                   task_manager=manager, limit=6, log_samples=True)  # fmt: skip
+    engine = Engine(model, ByteTokenizer(), prefill_chunk=CHUNK)
+    with BackgroundServer(create_app(engine, "tiny")) as url:
+        args = (f"model=tiny,base_url={url}/v1/completions,tokenizer={tmp_path / 'hf'},tokenizer_backend=huggingface,"
+                "tokenized_requests=True,num_concurrent=2,max_retries=1")  # fmt: skip
+        served = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=tasks,
+                                         task_manager=manager, limit=6, log_samples=True)  # fmt: skip
+    pairs = [(a, b) for x, y in zip(ours["samples"][tasks[0]], served["samples"][tasks[0]], strict=True)
+             for a, b in zip(x["resps"], y["resps"], strict=True)]  # fmt: skip
+    assert len(pairs) >= 6
+    for (mine,), (theirs,) in pairs:
+        assert theirs[0] == pytest.approx(mine[0], abs=1e-4)
+        assert theirs[1] == mine[1]
