@@ -232,7 +232,8 @@ def test_soak_with_random_disconnects_loses_and_mixes_nothing():
 def test_lm_eval_local_completions_scores_through_the_server(tmp_path):
     """lm-evaluation-harness's own ``local-completions`` model, pointed at the server, gives every
     request the loglikelihood griffon's lm-eval model gives it (same checkpoint, fp32)."""
-    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval")
+    import lm_eval
     import lm_eval.models  # noqa: F401 - registers lm-eval's own models
     from lm_eval.tasks import TaskManager
 
