@@ -8,6 +8,7 @@ one run compare, absolute figures drift.
 * ``ffn``: structured FFN training and decode speed against dense (:mod:`.ffn`)
 * ``scan``: the linear scan against its memory bound (:mod:`.scan`)
 * ``eval``: lm-evaluation-harness requests/s against lm-eval's own ``hf`` model (:mod:`.evaluation`)
+* ``serve``: load on ``griffon serve`` over loopback; server vs offline, Griffin vs MQA, prefix cache (:mod:`.serve`)
 * ``gpu``: Triton scans against their memory bound and public GPU scans, bf16 training and sampling
   throughput of Griffin, Hawk and the MQA transformer (:mod:`.gpu`; needs a CUDA GPU)
 """
@@ -20,4 +21,5 @@ BENCHMARKS = {
     "scan": "scan",
     "eval": "evaluation",
     "gpu": "gpu",
+    "serve": "serve",
 }

@@ -7,11 +7,12 @@ does not stall the others; then advance every running request by one token with 
 fixed size, so a request joins the batch (:meth:`Cache.stack`) or leaves it (:meth:`Cache.select`)
 at the cost of copying a few states, and its slot is reused at once.
 
-Exactly :func:`griffon.generate` for one prompt. A prompt is prefilled alone in chunks aligned
-to multiples of ``prefill_chunk`` from its start (as :func:`griffon.decode.prefill` does with that
-chunk); its first token is sampled from the prefill's last logits; each request samples with its
-own generator seeded from its ``seed``; so its tokens do not depend on which requests share its
-batch or when they arrived (to the float rounding of batched matmuls).
+Exactly :func:`griffon.generate` for one prompt. A prompt is prefilled in chunks aligned to
+multiples of ``prefill_chunk`` from its start (as :func:`griffon.decode.prefill` does with that
+chunk; requests whose next chunks have the same length share one forward); its first token is
+sampled from the prefill's last logits; each request samples with its own generator seeded from
+its ``seed``; so its tokens do not depend on which requests share its batch or when they arrived
+(to the float rounding of batched matmuls).
 
 Thread safety: :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step`
 from one thread at a time (:class:`EngineThread` runs it in the background).
@@ -107,7 +108,8 @@ class Request:
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     _cancelled: bool = False
     _cache: Cache | None = None
-    _position: int = 0
+    _position: int = 0  # prompt tokens in _cache
+    _last: torch.Tensor | None = None  # (1, V) logits after them
     _generator: torch.Generator | None = None
 
     @property
@@ -124,7 +126,7 @@ class Engine:
         max_batch: requests prefilling or running at once.
         max_queue: requests waiting beyond those; :meth:`submit` raises :class:`QueueFull` past it.
         prefill_chunk: prompt tokens per prefill call; also the prefix cache's granularity.
-        step_tokens: prompt tokens prefilled per iteration, at least one chunk.
+        step_tokens: prompt tokens prefilled per iteration (at least one chunk).
         prefix_cache_bytes: bound of the prefix-state cache (0 turns it off).
         step: the decode step's name (:data:`griffon.decode.STEPS`).
         max_len: longest prompt + max_tokens accepted (default: the model's ``max_seq_len`` if any).
@@ -137,7 +139,7 @@ class Engine:
         max_batch: int = 64,
         max_queue: int = 256,
         prefill_chunk: int = 256,
-        step_tokens: int = 512,
+        step_tokens: int = 1024,
         prefix_cache_bytes: int = 256 * 2**20,
         step: str = "auto",
         max_len: int | None = None,
@@ -235,12 +237,20 @@ class Engine:
         self._expire(now)
         with self._lock:
             while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
-                self._prefilling.append(self._waiting.popleft())
-        budget = self.step_tokens
+                req = self._waiting.popleft()
+                self._start_prefill(req)
+                self._prefilling.append(req)
+        # Prefill under the token budget (at least one chunk), one forward per group of requests
+        # whose next chunks have the same length and kind: fresh prompts of equal length go together.
+        budget, groups = self.step_tokens, {}
         for req in list(self._prefilling):
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(req)
+            n = self._next_chunk(req)
+            budget -= n
+            groups.setdefault((n, self._scores_prompt(req)), []).append(req)
+        for group in groups.values():
+            self._prefill_group(group)
         if self._running:
             self._decode()
         self.metrics.queue_length = len(self._waiting)
@@ -282,45 +292,62 @@ class Engine:
             self._finish(self._running[i], reason(self._running[i]))
         self._drop_rows(gone)
 
-    def _prefill_chunk(self, req: Request) -> int:
-        """Prefill the next aligned chunk of ``req``'s prompt; returns the tokens computed."""
-        prompt, chunk = req.prompt, self.prefill_chunk
-        score_prompt = req.params.echo and req.params.logprobs is not None
-        if req._cache is None:
-            snapshot = None if (self.prefix_cache is None or score_prompt) else self.prefix_cache.lookup(prompt)
-            if snapshot is not None:
-                req._cache, req._position = snapshot.cache, len(snapshot.tokens)
-                req.cached_tokens = req._position
-                last = snapshot.logits
-            else:
-                req._cache, req._position = self.model.init_cache(1), 0
-        start, computed = req._position, 0
-        if start < len(prompt):
-            end = min(len(prompt), (start // chunk + 1) * chunk)
-            tokens = torch.tensor([prompt[start:end]], device=self.device)
-            segment_pos = torch.arange(start, end, device=self.device)[None]
-            logits, req._cache = self.model(tokens, segment_pos, cache=req._cache, last_only=not score_prompt)
-            if score_prompt:
-                self._score_prompt(req, logits[0], start, end)
-            last = logits[:, -1]  # (1, V)
-            computed, req._position = end - start, end
-            if self.prefix_cache is not None and end % chunk == 0:
-                self.prefix_cache.insert(prompt, end, req._cache, last)
-        if req._position < len(prompt):
-            return computed
+    @staticmethod
+    def _scores_prompt(req: Request) -> bool:
+        return req.params.echo and req.params.logprobs is not None
+
+    def _start_prefill(self, req: Request) -> None:
+        """A fresh cache for ``req``, or the longest cached prefix of its prompt."""
+        snapshot = None
+        if self.prefix_cache is not None and not self._scores_prompt(req):
+            snapshot = self.prefix_cache.lookup(req.prompt)
+        if snapshot is None:
+            req._cache, req._position = self.model.init_cache(1), 0
+            return
+        req._cache, req._position, req._last = snapshot.cache, len(snapshot.tokens), snapshot.logits
+        req.cached_tokens = req._position
+
+    def _next_chunk(self, req: Request) -> int:
+        """Tokens of ``req``'s next prefill chunk: up to the next multiple of ``prefill_chunk``."""
+        start = req._position
+        return min(len(req.prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk) - start
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Prefill the next chunk (all of one length) of every request in ``group`` in one forward."""
+        n = self._next_chunk(group[0])
+        if n > 0:
+            tokens = torch.tensor([r.prompt[r._position : r._position + n] for r in group], device=self.device)
+            segment_pos = torch.stack([torch.arange(r._position, r._position + n, device=self.device) for r in group])
+            cache = group[0]._cache if len(group) == 1 else Cache.stack([r._cache for r in group])
+            score = self._scores_prompt(group[0])
+            logits, cache = self.model(tokens, segment_pos, cache=cache, last_only=not score)
+            for i, req in enumerate(group):
+                req._cache = cache if len(group) == 1 else cache.select(torch.tensor([i], device=self.device))
+                if score:
+                    self._score_prompt(req, logits[i], req._position, req._position + n)
+                req._position += n
+                req._last = logits[i : i + 1, -1]  # (1, V)
+                if self.prefix_cache is not None and req._position % self.prefill_chunk == 0:
+                    self.prefix_cache.insert(req.prompt, req._position, req._cache, req._last)
+        for req in group:
+            if req._position == len(req.prompt):
+                self._finish_prefill(req)
+
+    def _finish_prefill(self, req: Request) -> None:
+        """The prompt is in the cache: sample the first token and join the running batch."""
         self._prefilling.remove(req)
-        self.metrics.prompt_tokens += len(prompt)
+        self.metrics.prompt_tokens += len(req.prompt)
         if req.params.max_tokens == 0:  # echo only: the prompt's scores were the answer
             self._finish(req, "length")
-            return computed
+            return
         req._generator = torch.Generator(device=self.device)
         req._generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+        last, req._last = req._last, None
         self._emit(req, self._sample(req, last), last)
         if not req.finished:
             self._batch = req._cache if self._batch is None else Cache.stack([self._batch, req._cache])
             self._running.append(req)
         req._cache = None
-        return computed
 
     def _score_prompt(self, req: Request, logits: torch.Tensor, start: int, end: int) -> None:
         """Log-probabilities of the prompt's tokens predicted by the logits (T, V) at positions

@@ -237,7 +237,7 @@ class Server:
                     text = self.text(r, final=finished)
                     n = (len(r.prompt) if r.params.echo else 0) + len(r.tokens)
                     delta = text[sent_text[i] :]
-                    if delta or (r.params.logprobs is not None and n > sent_tokens[i]) or finished:
+                    if delta or n > sent_tokens[i] or finished:  # one event per new token, as vLLM
                         lp = None
                         if r.params.logprobs is not None:
                             lp = self.logprobs(r, sent_tokens[i], n, sent_text[i])
