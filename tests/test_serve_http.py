@@ -261,3 +261,38 @@ def test_lm_eval_local_completions_scores_through_the_server(tmp_path):
     for (mine,), (theirs,) in pairs:
         assert theirs[0] == pytest.approx(mine[0], abs=1e-4)
         assert theirs[1] == mine[1]
+
+
+def test_griffon_serve_command_builds_the_app(tmp_path, monkeypatch):
+    """``griffon serve RUN`` loads the checkpoint and its tokenizer and hands uvicorn the app."""
+    import uvicorn
+
+    from griffon import get_preset, save_pretrained
+    from griffon.cli import main
+
+    save_pretrained(Griffon(get_preset("griffin-tiny")), tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app, port=port))
+    assert main(["serve", str(tmp_path / "ckpt"), "--port", "8123", "--api-key", "k", "--max-batch", "2"]) == 0
+    assert seen["port"] == 8123
+    with TestClient(seen["app"]) as client:
+        r = client.post(
+            "/v1/completions", json={"prompt": "ab", "max_tokens": 3}, headers={"Authorization": "Bearer k"}
+        )
+        assert r.status_code == 200 and r.json()["model"] == "ckpt"
+
+
+def test_bench_serve_runs_on_loopback(tmp_path):
+    from griffon.bench.serve import _check_loopback
+    from griffon.cli import main
+
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--preset", "griffin-tiny", "--requests", "4", "--rates", "8,inf", "--prompt-len", "4:8",
+            "--output-len", "2:4", "--json", str(out), "--png", str(tmp_path / "serve.png")]  # fmt: skip
+    assert main(argv) == 0
+    load = json.loads(out.read_text())["load"]
+    assert [r["completed"] for r in load] == [4, 4] and all(r["ttft_s"]["p50"] > 0 for r in load)
+    assert (tmp_path / "serve.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="loopback"):
+        _check_loopback("http://example.com:8000")

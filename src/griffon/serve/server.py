@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,6 +89,27 @@ class Server:
         self.request_timeout = request_timeout
         self.thread = EngineThread(engine)
         self.created = int(time.time())
+        self._pending: set[asyncio.Queue] = set()
+        self._pending_lock = threading.Lock()
+        self._dispatch_scheduled = False
+
+    def wake_later(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Queue) -> None:
+        """Wake a response's queue from the engine's thread. Wake-ups are gathered and handed to
+        the event loop in one call, so a decode step of B requests costs one cross-thread call,
+        not B (each writes to the loop's self-pipe)."""
+        with self._pending_lock:
+            self._pending.add(wake)
+            if self._dispatch_scheduled:
+                return
+            self._dispatch_scheduled = True
+        loop.call_soon_threadsafe(self._dispatch)
+
+    def _dispatch(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, set()
+            self._dispatch_scheduled = False
+        for wake in pending:
+            wake.put_nowait(None)
 
     def authorized(self, request: Request) -> bool:
         if self.api_key is None:
@@ -123,7 +144,7 @@ class Server:
         loop = asyncio.get_running_loop()
 
         def notify(req: EngineRequest) -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(wake.put_nowait, req)
+            self.wake_later(loop, wake)
 
         requests: list[EngineRequest] = []
         try:
@@ -249,6 +270,8 @@ class Server:
                         sent_text[i], sent_tokens[i] = len(text), n
                 if not all(closed):
                     await wake.get()
+                    while not wake.empty():  # one pass serves every wake-up so far
+                        wake.get_nowait()
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away and the response task was cancelled
             self.cancel(requests)
@@ -280,23 +303,26 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind=kind)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not server.authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error")
-        return await call_next(request)
+    # A dependency rather than an HTTP middleware: Starlette's BaseHTTPMiddleware passes every
+    # chunk of a streamed response through a memory stream of its own.
+    async def authorize(request: Request) -> None:
+        if not server.authorized(request):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)")
+
+    v1 = [Depends(authorize)]
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "engine_errors": server.thread.errors, "last_error": server.thread.last_error}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
                                             "owned_by": "griffon"}]}  # fmt: skip
@@ -307,7 +333,7 @@ def create_app(
         text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, http: Request):
         if body.model is not None and body.model != model_name:
             return _error(404, f"model '{body.model}' does not exist; this server serves '{model_name}'")
