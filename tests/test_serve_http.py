@@ -75,9 +75,12 @@ def test_streaming_framing_and_text_equal_the_plain_answer():
     with _client() as client:
         body = {"prompt": ["abc", "xyz"], "max_tokens": 9, "temperature": 0.0}
         plain = client.post("/v1/completions", json=body).json()
-        with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        streamed = body | {"stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/completions", json=streamed) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             events = _events(r)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    events = events[:-1]
     for i, choice in enumerate(plain["choices"]):
         mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
         assert "".join(c["text"] for c in mine) == choice["text"]

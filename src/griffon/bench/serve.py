@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is abandoned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", help="comma-separated: offline,models,prefix (see the module docstring)")
+    p.add_argument("--long", default="4096:1024", help="models experiment: prompt:output tokens (default 4096:1024)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot latency against load here")
 
@@ -332,7 +333,8 @@ def run(args: argparse.Namespace) -> dict:
             results["offline"] = experiment_offline(base, 16, 64, 128, args.seed)
         if "models" in wanted:
             print("Griffin vs MQA transformer, long prompts and outputs:")
-            results["models"] = experiment_models(base, 16, 8, 1024, 512, args.seed)
+            prompt_len, output_len = (int(v) for v in args.long.split(":"))
+            results["models"] = experiment_models(base, 16, 8, prompt_len, output_len, args.seed)
         if "prefix" in wanted:
             print(f"TTFT with a shared {args.prefix_len}-token system prompt:")
             results["prefix"] = experiment_prefix(base, 9, args.prefix_len, args.seed)

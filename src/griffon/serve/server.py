@@ -42,6 +42,12 @@ RETRY_AFTER = 1
 _REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort"}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """The body of ``POST /v1/completions``; unknown fields are refused."""
 
@@ -56,6 +62,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None  # include_usage: a last event with the token counts
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     n: Literal[1] = 1
@@ -238,7 +245,9 @@ class Server:
         body = self.envelope(rid, [self.choice(i, r) for i, r in enumerate(requests)])
         return JSONResponse(body | {"usage": self.usage(requests)})
 
-    async def stream(self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str) -> AsyncIterator[str]:
+    async def stream(
+        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool
+    ) -> AsyncIterator[str]:
         sent_text = [0] * len(requests)
         sent_tokens = [0] * len(requests)
         closed = [False] * len(requests)
@@ -272,6 +281,8 @@ class Server:
                     await wake.get()
                     while not wake.empty():  # one pass serves every wake-up so far
                         wake.get_nowait()
+            if usage:
+                yield f"data: {json.dumps(self.envelope(rid, []) | {'usage': self.usage(requests)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away and the response task was cancelled
             self.cancel(requests)
@@ -347,7 +358,8 @@ def create_app(
             return _error(400, str(e))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(server.stream(requests, wake, rid), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(server.stream(requests, wake, rid, usage), media_type="text/event-stream")
         return await server.complete(http, requests, wake, rid)
 
     return app
