@@ -72,5 +72,8 @@ def test_gpu_bench_pieces_run(tmp_path):
         "train": [dict(model="griffin", seq_len=2048, tokens_per_s=1.0), dict(model="mqa", seq_len=2048, oom=True)],
         "sample": [dict(model="griffin", step="graph", batch=1, tokens_per_s=2.0)],
     }
+    rows = gpu.bench_sample("tiny", [1, 3], 4, runs=(("griffin", "model"), ("mqa", "model")), device="cpu")
+    assert [(r["model"], r["batch"]) for r in rows] == [("griffin", 1), ("griffin", 3), ("mqa", 1), ("mqa", 3)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
     gpu.plot(results, tmp_path / "gpu.png")
     assert (tmp_path / "gpu.png").stat().st_size > 0

@@ -226,11 +226,16 @@ def bench_train(size: str, seqs: list[int], tokens_per_step: int, steps: int, bf
     return rows
 
 
+SAMPLE_RUNS = (("griffin", "graph"), ("griffin", "model"), ("mqa", "model"))
+
+
 @torch.inference_mode()
-def bench_sample(size: str, batches: list[int], length: int) -> list[dict]:
+def bench_sample(size: str, batches: list[int], length: int, runs=SAMPLE_RUNS, device: str = "cuda") -> list[dict]:
+    """Greedy decode tokens/s of each (family, decode step) in ``runs`` at each batch size."""
     rows = []
-    for family, step_name in (("griffin", "graph"), ("griffin", "model"), ("mqa", "model")):
-        model = _model(family, size, length + 64).eval().to(torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for family, step_name in runs:
+        model = _model(family, size, length + 64, device).eval().to(torch.bfloat16)
         prompt = torch.randint(0, model.config.vocab_size, (16,)).tolist()
         for B in batches:
             torch.cuda.empty_cache()
@@ -241,11 +246,11 @@ def bench_sample(size: str, batches: list[int], length: int) -> list[dict]:
                 nxt = logits.argmax(-1).expand(B)
                 for _ in range(3):  # warm-up (and the graph's capture)
                     nxt = step(nxt, cache).argmax(-1)
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(length):
                     nxt = step(nxt, cache).argmax(-1)
-                torch.cuda.synchronize()
+                sync()
                 seconds = time.perf_counter() - t0
             except torch.cuda.OutOfMemoryError:
                 rows.append(dict(model=family, step=step_name, batch=B, length=length, oom=True))
