@@ -405,7 +405,8 @@ class Engine:
     def _drop_rows(self, rows: list[int]) -> None:
         if not rows:
             return
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        gone = set(rows)
+        keep = [i for i in range(len(self._running)) if i not in gone]
         self._running = [self._running[i] for i in keep]
         self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
 
