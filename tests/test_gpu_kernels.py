@@ -330,16 +330,18 @@ def test_gpu_model_paths_match_the_portable_ones(preset):
 
 @gpu
 def test_gpu_bf16_autocast_training_follows_float32():
+    """As tests/test_model.py checks on the CPU: under bf16 autocast on the GPU paths (fused
+    RG-LRU, Triton Conv1D, FlexAttention) logits and gradients stay close to float32's."""
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny")).cuda()
     tokens = torch.randint(0, 256, (4, 300), device="cuda")
     seg = torch.arange(300, device="cuda").expand(4, 300)
-    want = _model_results(model, tokens, seg, autocast=False)
-    got = _model_results(model, tokens, seg, autocast=True)
-    for g, w in zip(got, want, strict=True):
-        assert torch.isfinite(g).all()
-        cos = F.cosine_similarity(g.flatten().double(), w.flatten().double(), dim=0)
-        assert cos > 0.99
+    l32, *g32 = _model_results(model, tokens, seg, autocast=False)
+    l16, *g16 = _model_results(model, tokens, seg, autocast=True)
+    assert not torch.equal(l16, l32) and torch.isfinite(l16).all()
+    assert (l16 - l32).norm() / l32.norm() < 0.02
+    g32, g16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.99
 
 
 @gpu
