@@ -85,13 +85,16 @@ class Cache:
                 blocks.append(AttentionState(keys=s.keys[rows], values=s.values[rows], positions=s.positions[rows]))
         return Cache(blocks=blocks, position=self.position[rows], segment_pos=self.segment_pos[rows])
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the cache, in a fixed order (positions first, then each block's states)."""
+        out = [self.position, self.segment_pos]
+        for s in self.blocks:
+            out += [s.rglru, s.conv] if isinstance(s, RecurrentState) else [s.keys, s.values, s.positions]
+        return out
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors."""
-        total = self.position.nbytes + self.segment_pos.nbytes
-        for s in self.blocks:
-            tensors = (s.rglru, s.conv) if isinstance(s, RecurrentState) else (s.keys, s.values, s.positions)
-            total += sum(t.nbytes for t in tensors)
-        return total
+        return sum(t.nbytes for t in self.tensors())
 
 
 class ResidualBlock(nn.Module):

@@ -15,18 +15,10 @@ import torch
 
 from griffon.model import Cache, Griffon
 from griffon.nn.attention import Attention
-from griffon.nn.recurrent import RecurrentState
-
-
-def _tensors(cache: Cache) -> list[torch.Tensor]:
-    out = [cache.position, cache.segment_pos]
-    for s in cache.blocks:
-        out += [s.rglru, s.conv] if isinstance(s, RecurrentState) else [s.keys, s.values, s.positions]
-    return out
 
 
 def _copy_into(dst: Cache, src: Cache) -> None:
-    for d, s in zip(_tensors(dst), _tensors(src), strict=True):
+    for d, s in zip(dst.tensors(), src.tensors(), strict=True):
         if d.data_ptr() != s.data_ptr():
             d.copy_(s)
 
