@@ -6,13 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def segment_pos_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(1, total) int64 position of each token inside its sequence, for sequences at ``cu_seqlens``."""
-    cu = cu_seqlens.to(torch.long)
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """Raise ValueError unless ``cu_seqlens`` is (N+1,) strictly increasing offsets from 0 to ``total``."""
+    cu = cu_seqlens
     if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
         raise ValueError(f"cu_seqlens must be (N+1,) offsets from 0 to the stream length {total}")
     if bool((cu[1:] <= cu[:-1]).any()):
         raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
+
+
+def segment_pos_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(1, total) int64 position of each token inside its sequence, for sequences at ``cu_seqlens``."""
+    check_cu_seqlens(cu_seqlens, total)
+    cu = cu_seqlens.to(torch.long)
     steps = torch.arange(total, device=cu.device)
     sequence = torch.searchsorted(cu[1:], steps, right=True)  # (total,) which sequence each token is in
     return (steps - cu[sequence])[None]

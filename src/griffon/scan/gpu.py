@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from griffon.packing import check_cu_seqlens
+
 # The recurrence's fixed exponent c in a_t = a^(c r_t), and the bound on d sqrt(u)/du: both as in
 # nn/rglru.py; the kernels take them as constexpr arguments C and MIN_4U.
 _C = 8.0
@@ -398,10 +400,7 @@ def _prepare(x: torch.Tensor, h0, reset, cu_seqlens, name: str):
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the inputs are one packed stream (1, total, D); got batch {B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
-            raise ValueError(f"cu_seqlens must be (N+1,) offsets from 0 to the stream length {T}")
-        if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
+        check_cu_seqlens(cu_seqlens, T)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if h0 is not None and (h0.shape != (N, D) or h0.dtype != torch.float32):
         raise ValueError(f"h0 must be ({N}, {D}) float32 (one state per sequence), got {tuple(h0.shape)} {h0.dtype}")
