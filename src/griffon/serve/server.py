@@ -205,10 +205,14 @@ class Server:
             "text_offset": offsets,
         }
 
+    def echo_text(self, req: EngineRequest) -> str:
+        """The prompt's text, which an ``echo`` answer starts with ("" without a tokenizer or echo)."""
+        if not req.params.echo or self.engine.tokenizer is None:
+            return ""
+        return self.engine.tokenizer.decode(req.prompt)
+
     def choice(self, index: int, req: EngineRequest) -> dict:
-        echo = ""
-        if req.params.echo:
-            echo = self.engine.tokenizer.decode(req.prompt) if self.engine.tokenizer is not None else ""
+        echo = self.echo_text(req)
         logprobs = None
         if req.params.logprobs is not None:
             n = (len(req.prompt) if req.params.echo else 0) + len(req.tokens)
@@ -254,10 +258,9 @@ class Server:
         try:
             for i, r in enumerate(requests):  # echo: the prompt goes first
                 if r.params.echo:
-                    text = self.engine.tokenizer.decode(r.prompt) if self.engine.tokenizer is not None else ""
                     n = len(r.prompt)
                     lp = self.logprobs(r, 0, n, 0) if r.params.logprobs is not None else None
-                    yield self._event(rid, i, text, lp, None)
+                    yield self._event(rid, i, self.echo_text(r), lp, None)
                     sent_tokens[i] = n
             while not all(closed):
                 for i, r in enumerate(requests):
