@@ -13,6 +13,7 @@ tensors (slowly): that is how its tests run without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -48,8 +49,9 @@ BACKENDS: dict[str, ScanFn] = {
 }
 
 
+@functools.cache  # asked on every GPU forward of a recurrent block: look the package up once
 def triton_available() -> bool:
-    """Whether the Triton kernels can run here (Triton installed; a GPU, or the interpreter)."""
+    """Whether Triton is installed (its kernels then run on a GPU, or in its interpreter)."""
     return importlib.util.find_spec("triton") is not None
 
 
