@@ -108,13 +108,14 @@ def test_prefix_cache_is_bounded_by_bytes():
     engine = Engine(model, prefill_chunk=CHUNK, step="model")
     engine.submit(list(range(CHUNK)), SamplingParams(max_tokens=1))
     engine.run_until_done()
-    engine.prefix_cache.max_bytes = 2 * engine.prefix_cache.nbytes  # room for two snapshots
-    for start in range(1, 4):
+    # room for four snapshots (one request's share is a quarter: one snapshot each)
+    engine.prefix_cache.max_bytes = 4 * engine.prefix_cache.nbytes
+    for start in range(1, 6):
         engine.submit(list(range(start, start + CHUNK)), SamplingParams(max_tokens=1))
         engine.run_until_done()
-    assert len(engine.prefix_cache) == 2 and engine.prefix_cache.nbytes <= engine.prefix_cache.max_bytes
+    assert len(engine.prefix_cache) == 4 and engine.prefix_cache.nbytes <= engine.prefix_cache.max_bytes
     assert engine.prefix_cache.lookup(list(range(1, 1 + CHUNK))) is None  # the oldest went first
-    assert engine.prefix_cache.lookup(list(range(3, 3 + CHUNK))) is not None
+    assert engine.prefix_cache.lookup(list(range(5, 5 + CHUNK))) is not None
 
 
 def test_stop_tokens_eos_and_logprobs():
@@ -130,12 +131,13 @@ def test_stop_tokens_eos_and_logprobs():
     with torch.no_grad():
         logits, _ = model(torch.tensor([[1, 2, 3, 4]]))
     logp = logits[0].log_softmax(-1)
-    assert scored.tokens == [] and scored.prompt_logprobs[0] is None
+    entries = scored.logprob_entries(0, 4)
+    assert scored.tokens == [] and len(entries) == 4 and entries[0] is None
     for t in range(3):
-        entry = scored.prompt_logprobs[t + 1]
+        entry = entries[t + 1]
         assert entry.logprob == pytest.approx(float(logp[t, [2, 3, 4][t]]), abs=1e-9)
         assert max(entry.top.values()) == pytest.approx(float(logp[t].max()), abs=1e-9)
-    assert all(len(lp.top) == 2 for lp in req.logprobs)
+    assert len(req.logprobs) == len(req.tokens) and all(len(lp.top) == 2 for lp in req.logprob_entries(0, 8))
 
 
 def test_queue_bound_and_bad_requests():
@@ -154,3 +156,181 @@ def test_queue_bound_and_bad_requests():
     ]:
         with pytest.raises(ValueError, match=message):
             engine.check(prompt, params)
+
+
+def test_a_failing_request_fails_alone(monkeypatch):
+    """An error in one request's sampling, or a prefill forward that fails because of one request,
+    fails that request only: its batch-mates finish with generate's tokens."""
+    model = _model("griffin")
+    requests = _requests(6, seed=3)
+    want = [_reference(model, prompt, params) for prompt, params in requests]
+    engine = Engine(model, max_batch=8, prefill_chunk=CHUNK, step_tokens=8 * CHUNK, prefix_cache_bytes=0, step="model")
+    poison_sample, poison_prompt = SamplingParams(max_tokens=9, seed=666), [7] * 5
+    real_sample, real_forward = engine._sample, engine._forward_chunk
+
+    def sample(req, logits):
+        if req.params.seed == 666 and len(req.tokens) == 3:
+            raise RuntimeError("boom in sampling")
+        return real_sample(req, logits)
+
+    def forward(group):
+        if any(r.prompt == poison_prompt for r in group):
+            raise RuntimeError("boom in prefill")
+        return real_forward(group)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine, "_forward_chunk", forward)
+    healthy = [engine.submit(*r) for r in requests]
+    bad_sample = engine.submit([1, 2, 3], poison_sample)
+    bad_prefill = engine.submit(poison_prompt, SamplingParams(max_tokens=3))
+    twin = engine.submit([9] * 5, SamplingParams(max_tokens=3, temperature=0.0))  # same length: same prefill group
+    engine.run_until_done()
+    assert bad_sample.finish_reason == "error" and "boom in sampling" in bad_sample.error
+    assert len(bad_sample.tokens) == 3  # it failed at its fourth token, in the decode batch
+    assert bad_prefill.finish_reason == "error" and "boom in prefill" in bad_prefill.error
+    assert twin.tokens == _reference(model, [9] * 5, twin.params)
+    for req, tokens in zip(healthy, want, strict=True):
+        assert req.finish_reason == "length" and req.tokens == tokens
+    assert engine.errors == 2 and engine._batch is None and engine.metrics.running == 0
+
+
+def test_every_temperature_samples_finitely():
+    from griffon.decode.generate import GREEDY_BELOW, sample_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 30
+    g = torch.Generator().manual_seed(0)
+    for t in (5e-324, 1e-40, 2e-39, 1e-6):  # below the threshold: greedy
+        assert t < GREEDY_BELOW
+        assert torch.equal(sample_next(logits, t, None, None, g), logits.argmax(-1))
+    for t in (GREEDY_BELOW, 1e-4, 0.01, 1.0, 2.0):  # above it: a proper distribution, whatever the scale
+        for top_k, top_p in ((None, None), (5, None), (None, 0.5)):
+            tokens = sample_next(logits, t, top_k, top_p, g)
+            assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 50)).all()
+    assert torch.equal(sample_next(logits, 1e-4, None, None, g), logits.argmax(-1))  # margins >> 1e-4 * log(V)
+
+
+def test_seeds_and_temperatures_are_checked_at_the_boundary():
+    engine = Engine(_model("hawk"), step="model")
+    for params, message in [
+        (SamplingParams(seed=2**63), "seed must lie in"),
+        (SamplingParams(seed=-(2**63) - 1), "seed must lie in"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(temperature=float("inf")), "temperature"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            engine.check([1], params)
+    for seed in (2**63 - 1, -(2**63)):  # the extremes run
+        req = engine.submit([1, 2], SamplingParams(max_tokens=2, seed=seed))
+        engine.run_until_done()
+        assert req.finish_reason == "length"
+
+
+def test_limits_name_the_limit_and_the_value():
+    from griffon.serve.limits import LimitExceeded, Limits
+
+    limits = Limits(max_prompt_tokens=10, max_tokens=5, max_logprob_entries=30)
+    engine = Engine(_model("griffin"), step="model", limits=limits)
+    for prompt, params, message in [
+        ([1] * 11, SamplingParams(max_tokens=1), "the prompt has 11 tokens; this server's limit is max_prompt_tokens=10"),
+        ([1], SamplingParams(max_tokens=6), "max_tokens is 6; this server's limit is max_tokens=5"),
+        ([1] * 10, SamplingParams(max_tokens=1, logprobs=2, echo=True), "asks for 33 log-probabilities"),
+    ]:
+        with pytest.raises(LimitExceeded, match=message):
+            engine.check(prompt, params)
+    engine.check([1] * 9, SamplingParams(max_tokens=1, logprobs=2, echo=True))  # 30 entries: at the limit
+
+
+def test_prefix_cache_hash_collisions_miss(monkeypatch):
+    """With every key the same, a lookup never returns another prompt's state."""
+    from griffon.serve import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "chain_hash", lambda key, block: b"same")
+    model = _model("griffin")
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    engine = Engine(model, prefill_chunk=CHUNK, step="model")
+    first = list(range(1, 1 + 2 * CHUNK))
+    engine.submit(first, params)
+    engine.run_until_done()
+    assert len(engine.prefix_cache) == 1
+    other = list(range(20, 20 + 2 * CHUNK))  # no common prefix
+    half = first[:CHUNK] + list(range(40, 40 + CHUNK))  # shares the first chunk only
+    assert engine.prefix_cache.lookup(other) is None and engine.prefix_cache.lookup(half) is not None
+    reqs = [engine.submit(p, params) for p in (other, half)]
+    engine.run_until_done()
+    assert [r.cached_tokens for r in reqs] == [0, CHUNK]
+    for req, prompt in zip(reqs, (other, half), strict=True):
+        assert req.tokens == _reference(model, prompt, params)
+
+
+def test_plain_and_scored_prompts_of_one_length_prefill_apart():
+    """A scored prompt (echo with logprobs) needs every position's logits, a plain one only the last:
+    prompts of equal length but different kinds are prefilled in separate forwards, in one step."""
+    model = _model("griffin")
+    prompt = [3, 1, 4, 1, 5, 9]
+    engine = Engine(model, prefill_chunk=CHUNK, step="model")
+    plain = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0.0))
+    scored = engine.submit(prompt, SamplingParams(max_tokens=0, echo=True, logprobs=1))
+    engine.step()
+    assert scored.finished and plain.tokens
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt]))[0][0].log_softmax(-1)
+    entries = scored.logprob_entries(0, len(prompt))
+    assert [e.logprob for e in entries[1:]] == pytest.approx([float(logp[t, prompt[t + 1]]) for t in range(5)])
+    engine.run_until_done()
+    assert plain.tokens == _reference(model, prompt, plain.params)
+
+
+def test_a_finished_request_is_not_counted_running_when_its_answer_is_released():
+    """``running`` and ``queue_length`` are current when a request's answer is released (its
+    notify on finishing), not as of the end of the last iteration."""
+    engine = Engine(_model("hawk"), max_batch=2, step="model")
+    seen = {}
+
+    def notify(req):
+        if req.finished:
+            seen[req.id] = (engine.metrics.running, engine.metrics.queue_length)
+
+    long = engine.submit([1, 2, 3], SamplingParams(max_tokens=5), notify=notify)
+    short = engine.submit([4], SamplingParams(max_tokens=1), notify=notify)
+    waiting = engine.submit([5], SamplingParams(max_tokens=1), notify=notify)
+    engine.run_until_done()
+    # short ends in the first iteration (long still running, waiting queued); waiting is then admitted
+    assert seen == {short.id: (1, 1), waiting.id: (1, 0), long.id: (0, 0)}
+
+
+def _traced_peak(fn) -> int:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_long_prompt_costs_memory_linear_in_its_length():
+    """Prefill of a long prompt with the prefix cache on (a snapshot every chunk) and of a scored
+    one (echo with 20 logprobs): Python-side memory grows linearly in the prompt's length, with a
+    small constant, not with one copy of the prefix per snapshot or one dict per scored token."""
+    torch.manual_seed(0)
+    model = Griffon(ModelConfig(**{**BASE, "attention_window": 6})).eval()
+    chunk = 16
+
+    def run(n: int, params: SamplingParams) -> int:
+        engine = Engine(model, prefill_chunk=chunk, step_tokens=4 * chunk, step="model", prefix_cache_bytes=2**30)
+        prompt = [i % 64 for i in range(n)]
+        return _traced_peak(lambda: (engine.submit(prompt, params), engine.run_until_done()))
+
+    plain = SamplingParams(max_tokens=1)
+    scored = SamplingParams(max_tokens=1, echo=True, logprobs=20)
+    small, large = run(1024, plain), run(4096, plain)
+    # One int64 token per snapshot's prefix node plus the prompt's list: ~16 B/token. A copy of the
+    # prefix per snapshot would be 8 * 4096**2 / (2 * 16) = 4 MiB here.
+    assert (large - small) / (4096 - 1024) < 200, (small, large)
+    small, large = run(1024, scored), run(4096, scored)
+    # 21 entries of 16 bytes per scored token, in arrays that grow by doubling: <= 672 B/token
+    assert (large - small) / (4096 - 1024) < 1000, (small, large)

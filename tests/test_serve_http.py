@@ -14,7 +14,7 @@ from griffon import Griffon
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
 from griffon.decode.generate import generate
-from griffon.serve import Engine
+from griffon.serve import Engine, SamplingParams
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -36,9 +36,18 @@ def _model(name="griffin") -> Griffon:
     return Griffon(cfg).double().eval()  # float64: batched and single-row decoding agree to ~1e-16
 
 
-def _client(model=None, **engine_kwargs) -> TestClient:
-    engine = Engine(model or _model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model", **engine_kwargs)
-    return TestClient(create_app(engine, "tiny", api_key=engine_kwargs.pop("api_key", None)))
+class Client(TestClient):
+    """A test client that, once in, waits until the app is ready (warmed up)."""
+
+    def __enter__(self):
+        client = super().__enter__()
+        assert self.app.state.server.ready.wait(60)
+        return client
+
+
+def _client(model=None, api_key=None, limits=None, **engine_kwargs) -> Client:
+    engine = Engine(model or _model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model", limits=limits, **engine_kwargs)
+    return Client(create_app(engine, "tiny", api_key=api_key))
 
 
 def _reference(model, prompt: list[int], max_tokens: int, **kw) -> list[int]:
@@ -140,15 +149,31 @@ def test_bad_requests_get_one_clear_4xx(body, status, message):
 
 
 def test_full_queue_answers_429_with_retry_after():
-    with _client(max_queue=0) as client:
+    with _client(max_batch=1, max_queue=1) as client:
+        server = client.app.state.server
+        engine = server.engine
+        held = [engine.submit([1, 2], SamplingParams(max_tokens=100_000))]  # takes the one slot ...
+        server.thread.wake()
+        while not held[0].tokens:
+            threading.Event().wait(0.01)
+        held.append(engine.submit([1, 2], SamplingParams(max_tokens=1)))  # ... and this the queue
         r = client.post("/v1/completions", json={"prompt": "a"})
+        for req in held:
+            engine.cancel(req.id)
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert "queue is full" in r.json()["error"]["message"]
 
 
+def test_a_batch_larger_than_the_queue_is_refused_once():
+    with _client(max_queue=3) as client:
+        r = client.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"], "max_tokens": 1})
+        assert r.status_code == 400 and "max_queue=3" in r.json()["error"]["message"]
+        assert 'griffon_rejected_requests_total{reason="invalid"} 1' in client.get("/metrics").text
+
+
 def test_api_key():
     engine = Engine(_model(), ByteTokenizer(), step="model")
-    with TestClient(create_app(engine, "tiny", api_key="s3cret")) as client:
+    with Client(create_app(engine, "tiny", api_key="s3cret")) as client:
         body = {"prompt": "a", "max_tokens": 1}
         assert client.post("/v1/completions", json=body).status_code == 401
         wrong = {"Authorization": "Bearer nope"}

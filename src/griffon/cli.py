@@ -196,32 +196,66 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sys.stdout.write(text.flush() + "\n")
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, $GRIFFON_API_KEY or --api-key (which every local user can read
+    in the process list, so it is warned about), in that order of preference."""
+    import logging
+    import os
+
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"griffon serve: cannot read --api-key-file {args.api_key_file}: {e.strerror}") from e
+        if not key:
+            raise SystemExit(f"griffon serve: --api-key-file {args.api_key_file} is empty")
+        return key
+    if os.environ.get("GRIFFON_API_KEY"):
+        return os.environ["GRIFFON_API_KEY"]
+    if args.api_key:
+        logging.getLogger("griffon.serve").warning(
+            "--api-key puts the key in the process list, where every local user can read it; "
+            "use --api-key-file FILE or the GRIFFON_API_KEY environment variable"
+        )
+    return args.api_key
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
     from griffon.decode import calibrate_merge_thresholds
 
     try:
-        import uvicorn
-
-        from griffon.serve.server import create_app
+        from griffon.serve import server
     except ImportError as e:
         raise SystemExit(f"griffon serve needs the serve extra: pip install 'griffon[serve]' ({e})") from e
-    from griffon.serve import Engine
+    from griffon.serve import Engine, limits
     from griffon.train.parallelize import resolve_device
 
+    log = server.configure_logging()
+    api_key = _api_key(args)
     ckpt, tokenizer = resolve_with_tokenizer(args.model)
     model = from_pretrained(ckpt, device=resolve_device(args.device))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     calibrate_merge_thresholds(model)
+    max_prompt = args.max_prompt_tokens
+    if max_prompt is None:
+        memory = int(limits.MEMORY_SHARE * limits.free_memory(model.embed.weight.device))
+        max_prompt = limits.default_max_prompt_tokens(model, args.max_batch, args.max_queue, args.step_tokens, memory)
+        log.info("--max-prompt-tokens %d: fits %.1f GB (half the free memory)", max_prompt, memory / 1e9)
+    request_limits = limits.Limits(
+        max_prompt_tokens=max_prompt, max_tokens=args.max_tokens, max_logprob_entries=args.max_logprob_entries,
+        request_timeout=args.request_timeout,
+    )  # fmt: skip
     engine = Engine(
         model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
         step_tokens=args.step_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), step=args.step,
+        limits=request_limits,
     )  # fmt: skip
     name = args.name or Path(args.model).resolve().name
-    app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
-    print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI completions)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = server.create_app(engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    log.info("serving %s at http://%s:%d/v1 (OpenAI completions)", name, args.host, args.port)
+    server.run(app, args.host, args.port, args.shutdown_timeout)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -342,6 +376,8 @@ def cmd_scaling_fit(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from griffon.serve import limits
+
     p = argparse.ArgumentParser(prog="griffon", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -414,14 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="the model's name in the API (default: the directory's name)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    s.add_argument("--api-key-file", metavar="FILE",
+                   help="require 'Authorization: Bearer KEY' on /v1/ endpoints, KEY read from FILE "
+                        "(or set $GRIFFON_API_KEY)")  # fmt: skip
+    s.add_argument("--api-key", help="the key itself (visible in the process list: prefer --api-key-file)")
     s.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; then 429")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
     s.add_argument("--step-tokens", type=int, default=512, help="prompt tokens prefilled per engine iteration")
     s.add_argument("--prefix-cache-mb", type=float, default=256.0, help="prefix-state cache size (0: off)")
-    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted (default: what fits half the free memory with every slot "
+                        f"at the limit, at most {limits.PROMPT_CAP}; docs/serving.md)")  # fmt: skip
+    s.add_argument("--max-tokens", type=int, default=limits.DEFAULT_MAX_TOKENS, help="largest max_tokens accepted")
+    s.add_argument("--max-logprob-entries", type=int, default=limits.DEFAULT_MAX_LOGPROB_ENTRIES,
+                   help="largest (prompt tokens with echo + max_tokens) x (logprobs + 1) accepted")  # fmt: skip
+    s.add_argument("--max-body-mb", type=float, default=limits.DEFAULT_MAX_BODY_BYTES / 2**20,
+                   help="largest request body (MiB); larger ones get 413")  # fmt: skip
+    s.add_argument("--request-timeout", type=float, default=limits.DEFAULT_REQUEST_TIMEOUT,
+                   help="seconds from a request's arrival to its abort")  # fmt: skip
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests may go on after SIGTERM/SIGINT before they are aborted")  # fmt: skip
     s.add_argument("--step", choices=STEPS, default="auto", help="decode step (see griffon sample --step)")
     s.set_defaults(fn=cmd_serve)
 

@@ -25,13 +25,23 @@ def _check_logits(logits: torch.Tensor, step: int) -> None:
         )
 
 
+# Temperatures below this sample greedily, as vLLM's sampler does (its _SAMPLING_EPS): the
+# distribution is then a point mass on the argmax to float32 precision anyway.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
 ) -> torch.Tensor:
-    """Pick the next token from (B, V) logits: greedy at temperature 0, else filtered sampling."""
-    if temperature == 0:
+    """Pick the next token from (B, V) logits: greedy at temperatures below :data:`GREEDY_BELOW`,
+    else filtered sampling. Finite for every temperature and finite logits."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Shifted by the row's maximum before the division: the largest scaled logit is then 0 and the
+    # rest are <= 0, so a tiny temperature underflows the others to -inf (probability 0) instead of
+    # overflowing the maximum to inf, which would turn the softmax into NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

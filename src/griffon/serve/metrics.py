@@ -67,8 +67,8 @@ class Metrics:
         t0, n0 = self._recent[0]
         return (self.generation_tokens - n0) / (now - t0) if now > t0 else 0.0
 
-    def render(self, prefix_lookups: int, prefix_hits: int) -> str:
-        """Prometheus exposition text (version 0.0.4)."""
+    def render(self, prefix_lookups: int, prefix_hits: int, rejected: dict[str, int] | None = None) -> str:
+        """Prometheus exposition text (version 0.0.4); ``rejected`` counts refused HTTP requests by reason."""
         rate = prefix_hits / prefix_lookups if prefix_lookups else 0.0
         lines = [
             "# HELP griffon_queue_length Requests waiting for a slot.",
@@ -93,6 +93,11 @@ class Metrics:
             "# TYPE griffon_requests_total counter",
         ]
         lines += [f'griffon_requests_total{{reason="{k}"}} {v}' for k, v in sorted(self.requests.items())]
+        lines += [
+            "# HELP griffon_rejected_requests_total HTTP requests refused before running, by reason.",
+            "# TYPE griffon_rejected_requests_total counter",
+        ]
+        lines += [f'griffon_rejected_requests_total{{reason="{k}"}} {v}' for k, v in sorted((rejected or {}).items())]
         lines += self.ttft.render("griffon_time_to_first_token_seconds", "Time to first token.")
         lines += self.tpot.render(
             "griffon_time_per_output_token_seconds", "Mean time per output token after the first."

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over the engine: FastAPI + uvicorn (``pip install griffon[serve]``).
 
-    griffon serve RUN_OR_CHECKPOINT --host 127.0.0.1 --port 8000 [--api-key KEY]
+    griffon serve RUN_OR_CHECKPOINT --host 127.0.0.1 --port 8000 [--api-key-file FILE]
 
 Endpoints: ``POST /v1/completions`` (OpenAI's legacy completions: a prompt string, token ids or a
 batch of either; ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
@@ -10,9 +10,11 @@ what lm-evaluation-harness's ``local-completions`` model scores with), ``GET /v1
 
 Bad input gets a 4xx with one message in OpenAI's error shape (``{"error": {"message": ...}}``):
 invalid JSON, unknown fields and wrong types (strict parsing: no string-to-number coercion), values
-out of range, prompts over the model's limit; a full queue answers 429 with ``Retry-After``. A
-request whose client disconnects is cancelled and its slot freed. Errors inside a request are
-answered with a 500 and never stop the server.
+out of range, a request over a limit (400 naming the limit and the request's value; a body over
+its limit 413); a full queue answers 429 with ``Retry-After``. The API key is checked before the
+body is read. Until the engine has warmed up, and once shutdown has begun, ``/health`` and the
+``/v1`` endpoints answer 503. A request whose client disconnects is cancelled and its slot freed.
+An error inside a request fails that request alone (500) and never stops the server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -27,19 +30,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from griffon.serve.engine import Engine, EngineThread, QueueFull, SamplingParams
+from griffon.serve.engine import SEED_MAX, SEED_MIN, Engine, EngineThread, QueueFull, SamplingParams
 from griffon.serve.engine import Request as EngineRequest
+from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES
 
-# Seconds a client is told to wait after a 429.
+log = logging.getLogger("griffon.serve")
+
+# Seconds a client is told to wait after a 429 or a 503 while starting.
 RETRY_AFTER = 1
+# Seconds between checks that a client waiting for a whole (non-streamed) answer is still there.
+DISCONNECT_POLL = 0.25
 # Engine finish reasons as OpenAI-style servers (vLLM) report them; "stop" and "length" stay.
-_REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort"}
+_REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort", "shutdown": "abort"}
 
 
 class StreamOptions(BaseModel):
@@ -56,10 +65,10 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=0)] = 16
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # below 1e-5: greedy, as vLLM
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: int = -1  # vLLM's extension; -1 (or 0) keeps every token
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None  # include_usage: a last event with the token counts
@@ -72,9 +81,28 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+
+
+def _error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, kind), status_code=status, headers=headers)
 
 
 def _describe(error: dict) -> str:
@@ -86,19 +114,108 @@ def _describe(error: dict) -> str:
     return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
 
 
-class Server:
-    """The app's state: the engine, its thread, and how requests are turned into engine requests."""
+class BodyTooLarge(HTTPException):
+    """The request body is over the server's limit (an HTTPException, so FastAPI's body parsing
+    passes it on as it is)."""
 
-    def __init__(self, engine: Engine, model_name: str, api_key: str | None, request_timeout: float | None) -> None:
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, f"the request body has more than {limit} bytes; this server's limit is max_body_bytes={limit}"
+        )
+
+
+class Gate:
+    """ASGI middleware in front of the app: the API key (401) and the body's size (413) are
+    checked before the body is read, so a client without the key learns nothing from its body
+    and a large body is refused without being held. Pure ASGI (no BaseHTTPMiddleware), so
+    streamed answers pass through untouched."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        server = self.server
+        headers = dict(scope["headers"])
+        if scope["path"].startswith("/v1") and not server.authorized(headers.get(b"authorization", b"")):
+            server.rejected("unauthorized")
+            body = _error_body(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+            await JSONResponse(body, status_code=401)(scope, receive, send)
+            return
+        limit = server.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            server.rejected("too_large")
+            message = f"the request body has {length.decode(errors='replace')} bytes; this server's limit is max_body_bytes={limit}"
+            await JSONResponse(_error_body(413, message, "invalid_request_error"), status_code=413)(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def counted() -> Message:  # a body sent without a length (chunked) is counted as it comes
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                server.rejected("too_large")
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Server:
+    """The app's state: the engine, its thread, readiness, and how requests become engine requests."""
+
+    def __init__(
+        self, engine: Engine, model_name: str, api_key: str | None, max_body_bytes: int, warm_up: bool
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
-        self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes
+        self.warm_up = warm_up
         self.thread = EngineThread(engine)
         self.created = int(time.time())
+        self.ready = threading.Event()
+        self.draining = False
+        self.rejections: dict[str, int] = {}
         self._pending: set[asyncio.Queue] = set()
         self._pending_lock = threading.Lock()
         self._dispatch_scheduled = False
+
+    def start(self) -> None:
+        """Warm the engine up (on a thread of its own: the HTTP server answers 503 meanwhile), then
+        start the engine's thread and declare the server ready."""
+
+        def run() -> None:
+            try:
+                if self.warm_up:
+                    seconds = self.engine.warm_up()
+                    log.info("warmed up in %.1f s", seconds)
+            except Exception:
+                log.exception("the warm-up failed; serving without it")
+            self.thread.start()
+            self.ready.set()
+
+        threading.Thread(target=run, name="griffon-warm-up", daemon=True).start()
+
+    def stop(self) -> None:
+        self.ready.wait()
+        self.thread.stop()
+
+    def drain(self, seconds: float) -> None:
+        """Shutdown has begun: refuse new requests (503) and let those running finish within ``seconds``."""
+        self.draining = True
+        self.thread.drain(seconds)
+
+    def rejected(self, reason: str) -> None:
+        """Count a refused HTTP request once, whatever the number of prompts in it."""
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def wake_later(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Queue) -> None:
         """Wake a response's queue from the engine's thread. Wake-ups are gathered and handed to
@@ -118,12 +235,11 @@ class Server:
         for wake in pending:
             wake.put_nowait(None)
 
-    def authorized(self, request: Request) -> bool:
+    def authorized(self, header: bytes) -> bool:
         if self.api_key is None:
             return True
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(given.encode(), self.api_key.encode())  # constant time
+        given = header[7:] if header[:7].lower() == b"bearer " else b""
+        return hmac.compare_digest(given, self.api_key.encode())  # constant time
 
     def prompts(self, body: CompletionRequest) -> list[list[int]]:
         p = body.prompt
@@ -131,10 +247,17 @@ class Server:
             if self.engine.tokenizer is None:
                 raise ValueError("this server has no tokenizer: send prompts as token ids")
             texts = [p] if isinstance(p, str) else p
-            return [self.engine.tokenizer.encode(t) for t in texts]
-        if not p:
+            prompts = [self.engine.tokenizer.encode(t) for t in texts]
+        elif not p:
             raise ValueError("prompt is empty")
-        return [p] if isinstance(p[0], int) else p  # type: ignore[list-item]
+        else:
+            prompts = [p] if isinstance(p[0], int) else p  # type: ignore[list-item]
+        if len(prompts) > self.engine.max_queue:
+            raise ValueError(
+                f"the prompt is a batch of {len(prompts)}; this server queues at most max_queue="
+                f"{self.engine.max_queue} prompts, so the batch can never fit: send it in parts"
+            )
+        return prompts
 
     def params(self, body: CompletionRequest) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -156,7 +279,7 @@ class Server:
         requests: list[EngineRequest] = []
         try:
             for prompt in prompts:
-                requests.append(self.engine.submit(prompt, params, timeout=self.request_timeout, notify=notify))
+                requests.append(self.engine.submit(prompt, params, notify=notify))
         except QueueFull:
             for r in requests:
                 self.engine.cancel(r.id)
@@ -179,12 +302,21 @@ class Server:
     def token_str(self, token: int) -> str:
         return self.engine.tokenizer.decode([token]) if self.engine.tokenizer is not None else str(token)
 
-    def logprobs(self, req: EngineRequest, start: int, end: int, offset: int) -> dict:
-        """OpenAI's ``logprobs`` object for output entries [start, end) (the prompt's first, with echo)."""
-        entries = (req.prompt_logprobs if req.params.echo else []) + req.logprobs
-        ids = (req.prompt if req.params.echo else []) + req.tokens
+    @staticmethod
+    def ready_entries(req: EngineRequest) -> int:
+        """Output entries (with echo the prompt's tokens, then the generated ones) whose text and
+        log-probabilities can be sent: with echo and logprobs, none until the prompt is scored."""
+        if req.params.echo and req.params.logprobs is not None and not req.prompt_done:
+            return 0
+        return (len(req.prompt) if req.params.echo else 0) + len(req.tokens)
+
+    def logprobs(self, req: EngineRequest, start: int, end: int, offset: int) -> tuple[dict, int]:
+        """OpenAI's ``logprobs`` object for output entries [start, end), whose text starts at
+        character ``offset`` of the answer; and the offset after them."""
+        echoed = len(req.prompt) if req.params.echo else 0
+        ids = req.prompt[start : min(end, echoed)] + req.tokens[max(start - echoed, 0) : max(end - echoed, 0)]
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        for token, entry in zip(ids[start:end], entries[start:end], strict=True):
+        for token, entry in zip(ids, req.logprob_entries(start, end), strict=True):
             piece = self.token_str(token)
             tokens.append(piece)
             offsets.append(offset)
@@ -198,12 +330,13 @@ class Server:
                 s = self.token_str(t)
                 top[s] = max(lp, top.get(s, float("-inf")))
             top_logprobs.append(top)
-        return {
+        body = {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
             "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
+        return body, offset
 
     def echo_text(self, req: EngineRequest) -> str:
         """The prompt's text, which an ``echo`` answer starts with ("" without a tokenizer or echo)."""
@@ -212,17 +345,14 @@ class Server:
         return self.engine.tokenizer.decode(req.prompt)
 
     def choice(self, index: int, req: EngineRequest) -> dict:
-        echo = self.echo_text(req)
         logprobs = None
         if req.params.logprobs is not None:
-            n = (len(req.prompt) if req.params.echo else 0) + len(req.tokens)
-            logprobs = self.logprobs(req, 0, n, 0)
-        reason = _REASONS.get(req.finish_reason, req.finish_reason)
+            logprobs, _ = self.logprobs(req, 0, self.ready_entries(req), 0)
         return {
             "index": index,
-            "text": echo + self.text(req, final=True),
+            "text": self.echo_text(req) + self.text(req, final=True),
             "logprobs": logprobs,
-            "finish_reason": reason,
+            "finish_reason": _REASONS.get(req.finish_reason, req.finish_reason),
         }
 
     def usage(self, requests: list[EngineRequest]) -> dict:
@@ -237,49 +367,62 @@ class Server:
     # ----- the two ways of answering -------------------------------------------------------------
 
     async def complete(self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str):
+        """Wait for every request, checking every :data:`DISCONNECT_POLL` seconds that the client
+        is still there (also while tokens keep coming), and answer with the whole completion."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL
         while not all(r.finished for r in requests):
             try:
-                await asyncio.wait_for(wake.get(), timeout=0.25)
+                await asyncio.wait_for(wake.get(), timeout=max(next_check - loop.time(), 0))
             except TimeoutError:
+                pass
+            if loop.time() >= next_check:
                 if await http.is_disconnected():
                     self.cancel(requests)
                     return _error(499, "client disconnected")
-        if any(r.finish_reason == "error" for r in requests):
-            return _error(500, f"the engine failed on this request: {self.thread.last_error}", kind="internal_error")
+                next_check = loop.time() + DISCONNECT_POLL
+        failed = [r for r in requests if r.finish_reason == "error"]
+        if failed:
+            return _error(500, f"the engine failed on this request: {failed[0].error}", kind="internal_error")
         body = self.envelope(rid, [self.choice(i, r) for i, r in enumerate(requests)])
         return JSONResponse(body | {"usage": self.usage(requests)})
 
     async def stream(
         self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool
     ) -> AsyncIterator[str]:
-        sent_text = [0] * len(requests)
-        sent_tokens = [0] * len(requests)
-        closed = [False] * len(requests)
+        """One event per new token of each request, the echoed prompt first (once it is scored,
+        with logprobs); ``text_offset`` counts from the start of the answer, echo included, so the
+        events concatenated are the non-streamed answer."""
+        k = len(requests)
+        sent_text, sent_entries, offset = [0] * k, [0] * k, [0] * k
+        echoed, closed = [not r.params.echo for r in requests], [False] * k
         try:
-            for i, r in enumerate(requests):  # echo: the prompt goes first
-                if r.params.echo:
-                    n = len(r.prompt)
-                    lp = self.logprobs(r, 0, n, 0) if r.params.logprobs is not None else None
-                    yield self._event(rid, i, self.echo_text(r), lp, None)
-                    sent_tokens[i] = n
             while not all(closed):
                 for i, r in enumerate(requests):
                     if closed[i]:
                         continue
-                    finished = r.finished  # read first: the text below is then at least as new
+                    finished = r.finished  # read first: what is read below is then at least as new
+                    ready = self.ready_entries(r)
+                    if not echoed[i]:  # the prompt goes first, with its scores once they are there
+                        if not (ready or finished):
+                            continue
+                        lp = None
+                        if r.params.logprobs is not None and ready:
+                            lp, offset[i] = self.logprobs(r, 0, len(r.prompt), 0)
+                        yield self._event(rid, i, self.echo_text(r), lp, None)
+                        echoed[i], sent_entries[i] = True, len(r.prompt)
                     text = self.text(r, final=finished)
-                    n = (len(r.prompt) if r.params.echo else 0) + len(r.tokens)
                     delta = text[sent_text[i] :]
-                    if delta or n > sent_tokens[i] or finished:  # one event per new token, as vLLM
+                    if delta or ready > sent_entries[i] or finished:  # one event per new token, as vLLM
                         lp = None
                         if r.params.logprobs is not None:
-                            lp = self.logprobs(r, sent_tokens[i], n, sent_text[i])
+                            lp, offset[i] = self.logprobs(r, sent_entries[i], max(ready, sent_entries[i]), offset[i])
                         reason = None
                         if finished:
                             reason = _REASONS.get(r.finish_reason, r.finish_reason)
                             closed[i] = True
                         yield self._event(rid, i, delta, lp, reason)
-                        sent_text[i], sent_tokens[i] = len(text), n
+                        sent_text[i], sent_entries[i] = len(text), max(ready, sent_entries[i])
                 if not all(closed):
                     await wake.get()
                     while not wake.empty():  # one pass serves every wake-up so far
@@ -296,68 +439,87 @@ class Server:
 
 
 def create_app(
-    engine: Engine, model_name: str = "griffon", api_key: str | None = None, request_timeout: float | None = None
+    engine: Engine,
+    model_name: str = "griffon",
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    warm_up: bool = True,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``; its lifespan starts and stops the engine's thread."""
-    server = Server(engine, model_name, api_key, request_timeout)
+    """The FastAPI app serving ``engine``. Its lifespan warms the engine up and starts its thread
+    (the app answers 503 until then) and stops it. With an API key, the interactive docs and the
+    OpenAPI schema are off; ``/health`` and ``/metrics`` stay open, as vLLM's do."""
+    server = Server(engine, model_name, api_key, max_body_bytes, warm_up)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.thread.start()
+        server.start()
         yield
-        server.thread.stop()
+        server.stop()
 
-    app = FastAPI(title="griffon", lifespan=lifespan)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="griffon", lifespan=lifespan, **docs)
     app.state.server = server
+    app.add_middleware(Gate, server=server)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
+        server.rejected("invalid")
         errors = exc.errors()
         return _error(400, _describe(errors[0]) if errors else "invalid request")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind=kind)
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
+        log.error("internal error answering %s", request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}", kind="internal_error")
 
-    # A dependency rather than an HTTP middleware: Starlette's BaseHTTPMiddleware passes every
-    # chunk of a streamed response through a memory stream of its own.
-    async def authorize(request: Request) -> None:
-        if not server.authorized(request):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)")
+    def unavailable() -> JSONResponse | None:
+        if server.draining:
+            return _error(503, "the server is shutting down", kind="unavailable")
+        if not server.ready.is_set():
+            return _error(503, "the server is starting", kind="unavailable", headers={"Retry-After": str(RETRY_AFTER)})
+        return None
 
-    v1 = [Depends(authorize)]
-
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "starting or shutting down"}})
     async def health():
-        return {"status": "ok", "engine_errors": server.thread.errors, "last_error": server.thread.last_error}
+        if server.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not server.ready.is_set():
+            return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER)})
+        return {"status": "ok", "engine_errors": engine.errors + server.thread.errors}
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models", responses=_ERRORS)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
                                             "owned_by": "griffon"}]}  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         cache = engine.prefix_cache
-        text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0)
+        text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0, server.rejections)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, http: Request):
+        refusal = unavailable()
+        if refusal is not None:
+            server.rejected("unavailable")
+            return refusal
         if body.model is not None and body.model != model_name:
+            server.rejected("invalid")
             return _error(404, f"model '{body.model}' does not exist; this server serves '{model_name}'")
         wake: asyncio.Queue = asyncio.Queue()
         try:
             params = server.params(body)
             requests = server.submit(server.prompts(body), params, wake)
         except QueueFull:
+            server.rejected("queue_full")
             return _error(429, "the server's queue is full; retry later", headers={"Retry-After": str(RETRY_AFTER)})
         except ValueError as e:
+            server.rejected("invalid")
             return _error(400, str(e))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -368,12 +530,36 @@ def create_app(
     return app
 
 
+def run(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then shut down within about ``shutdown_timeout``
+    seconds: stop accepting, answer new requests on open connections with 503, let running requests
+    finish until then and abort the rest (each stream gets a final event and ``[DONE]``), exit. A
+    second SIGINT exits at once."""
+    import uvicorn
+
+    server: Server = app.state.server
+
+    class Graceful(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not server.draining:
+                server.drain(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own bound is a backstop: the drain above ends the requests first.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 5
+    )
+    Graceful(config).run()
+
+
 class BackgroundServer:
-    """Run an app with uvicorn on a background thread (loopback benchmarks and tests)."""
+    """Run an app with uvicorn on a background thread (loopback benchmarks and tests); entering
+    waits until the app is ready (warmed up)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -381,9 +567,40 @@ class BackgroundServer:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
+        self.app.state.server.ready.wait()
         host, port = self.server.servers[0].sockets[0].getsockname()[:2]
         return f"http://{host}:{port}"
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join()
+
+
+class _LogHandler(logging.StreamHandler):
+    """The log on stderr, which may not be writable (a full disk, a closed pipe): the server then
+    serves on without it, and says so once on stdout (where that can be written)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        try:
+            print("griffon serve: the log (stderr) cannot be written; serving on without it", flush=True)
+        except Exception:
+            pass
+
+
+def configure_logging() -> logging.Logger:
+    """Send griffon's server log (INFO and up) to stderr through a handler that survives a stream
+    that cannot be written; returns the logger."""
+    import sys
+
+    if not any(isinstance(h, _LogHandler) for h in log.handlers):
+        handler = _LogHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("griffon serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
