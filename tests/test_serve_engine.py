@@ -232,7 +232,11 @@ def test_limits_name_the_limit_and_the_value():
     limits = Limits(max_prompt_tokens=10, max_tokens=5, max_logprob_entries=30)
     engine = Engine(_model("griffin"), step="model", limits=limits)
     for prompt, params, message in [
-        ([1] * 11, SamplingParams(max_tokens=1), "the prompt has 11 tokens; this server's limit is max_prompt_tokens=10"),
+        (
+            [1] * 11,
+            SamplingParams(max_tokens=1),
+            "the prompt has 11 tokens; this server's limit is max_prompt_tokens=10",
+        ),
         ([1], SamplingParams(max_tokens=6), "max_tokens is 6; this server's limit is max_tokens=5"),
         ([1] * 10, SamplingParams(max_tokens=1, logprobs=2, echo=True), "asks for 33 log-probabilities"),
     ]:

@@ -3,8 +3,13 @@ logprobs as lm-eval reads them, every bad request, 429, API keys, metrics, engin
 bounded loopback soak test with random disconnects."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -15,6 +20,7 @@ from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
 from griffon.decode.generate import generate
 from griffon.serve import Engine, SamplingParams
+from griffon.serve.limits import Limits
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -46,7 +52,9 @@ class Client(TestClient):
 
 
 def _client(model=None, api_key=None, limits=None, **engine_kwargs) -> Client:
-    engine = Engine(model or _model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model", limits=limits, **engine_kwargs)
+    engine = Engine(
+        model or _model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model", limits=limits, **engine_kwargs
+    )
     return Client(create_app(engine, "tiny", api_key=api_key))
 
 
@@ -178,10 +186,17 @@ def test_api_key():
         assert client.post("/v1/completions", json=body).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
         assert client.post("/v1/completions", json=body, headers=wrong).status_code == 401
+        # the key is checked before the body is read: a bad body without the key is a 401, not a 400
+        bad = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 401
         right = {"Authorization": "Bearer s3cret"}
         assert client.post("/v1/completions", json=body, headers=right).status_code == 200
         assert client.get("/v1/models", headers=right).json()["data"][0]["id"] == "tiny"
         assert client.get("/health").status_code == 200  # health and metrics stay open
+        for path in ("/docs", "/redoc", "/openapi.json"):  # the schema and docs do not
+            assert client.get(path).status_code == 404, path
+    with _client() as client:  # without a key they are there
+        assert client.get("/openapi.json").status_code == 200
 
 
 def test_metrics_and_models():
@@ -197,21 +212,108 @@ def test_metrics_and_models():
 
 def test_an_engine_error_fails_its_request_not_the_server(monkeypatch):
     engine = Engine(_model(), ByteTokenizer(), step="model")
-    real = engine._decode
-    calls = {"n": 0}
+    real = engine._sample
 
-    def broken():
-        calls["n"] += 1
-        if calls["n"] == 1:
+    def broken(req, logits):
+        if req.params.seed == 666:
             raise RuntimeError("boom")
-        return real()
+        return real(req, logits)
 
-    monkeypatch.setattr(engine, "_decode", broken)
-    with TestClient(create_app(engine, "tiny")) as client:
-        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4})
+    monkeypatch.setattr(engine, "_sample", broken)
+    with Client(create_app(engine, "tiny")) as client:
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4, "seed": 666})
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4}).status_code == 200
-        assert client.get("/health").json()["engine_errors"] == 1
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "engine_errors": 1}  # counted; the text stays in the log
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_batch_mate():
+    """temperature 2e-39 once made NaN probabilities that failed every request in the batch."""
+    model = _model()
+    tok = ByteTokenizer()
+    engine = Engine(model, tok, prefill_chunk=CHUNK, step="model")
+    long = {"prompt": "To be", "max_tokens": 300, "temperature": 0.8, "seed": 1, "stream": True}
+    with BackgroundServer(create_app(engine, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=long) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line)  # the long request is running ...
+            tiny = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 5, "temperature": 2e-39})
+            text = json.loads(first[6:])["choices"][0]["text"]
+            text += "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines if x.startswith("data: {"))
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["choices"][0]["text"] == tok.decode(_reference(model, tok.encode("ab"), 5, temperature=0.0))
+        assert text == tok.decode(_reference(model, tok.encode("To be"), 300, temperature=0.8, seed=1))
+        for seed in (2**64, -(2**63) - 1):
+            r = http.post("/v1/completions", json={"prompt": "ab", "seed": seed})
+            assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+        assert http.get("/health").json()["engine_errors"] == 0
+
+
+def test_limits_answer_400_or_413_naming_the_limit():
+    limits = Limits(max_prompt_tokens=20, max_tokens=8, max_logprob_entries=40)
+    engine = Engine(_model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model", limits=limits)
+    with Client(create_app(engine, "tiny", max_body_bytes=1000)) as client:
+        for body, message in [
+            ({"prompt": "x" * 21}, "the prompt has 21 tokens; this server's limit is max_prompt_tokens=20"),
+            ({"prompt": "x", "max_tokens": 9}, "max_tokens is 9; this server's limit is max_tokens=8"),
+            ({"prompt": "x" * 20, "max_tokens": 0, "echo": True, "logprobs": 2}, "asks for 60 log-probabilities"),
+        ]:
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        big = json.dumps({"prompt": "x", "user": "u" * 1000}).encode()
+        r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "max_body_bytes=1000" in r.json()["error"]["message"]
+        chunked = client.post(  # no content-length: counted as it arrives
+            "/v1/completions", content=iter([big[:500], big[500:]]), headers={"content-type": "application/json"}
+        )
+        assert chunked.status_code == 413 and "max_body_bytes=1000" in chunked.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "x" * 20, "max_tokens": 8}).status_code == 200
+        metrics = client.get("/metrics").text
+    assert 'griffon_rejected_requests_total{reason="invalid"} 3' in metrics
+    assert 'griffon_rejected_requests_total{reason="too_large"} 2' in metrics
+
+
+def test_streamed_echo_and_logprobs_concatenate_to_the_plain_answer():
+    body = {"prompt": ["Hello", "ab"], "max_tokens": 6, "temperature": 0.0, "echo": True, "logprobs": 2}
+    with _client() as client:
+        plain = client.post("/v1/completions", json=body).json()
+        with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = _events(r)
+    for i, choice in enumerate(plain["choices"]):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert sum((c["logprobs"][key] for c in mine), []) == choice["logprobs"][key], key
+        assert choice["logprobs"]["text_offset"] == list(range(len(choice["text"])))  # bytes: one char each
+
+
+def test_health_is_503_until_warmed_up(monkeypatch):
+    engine = Engine(_model(), ByteTokenizer(), step="model")
+    release = threading.Event()
+    real = engine.warm_up
+    monkeypatch.setattr(engine, "warm_up", lambda: (release.wait(30), real())[1])
+    with TestClient(create_app(engine, "tiny")) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "starting"}
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 503
+        release.set()
+        assert client.app.state.server.ready.wait(30)
+        assert client.get("/health").json()["status"] == "ok"
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
+
+
+def test_a_client_that_gives_up_is_cancelled_when_not_streaming():
+    engine = Engine(_model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model")
+    with BackgroundServer(create_app(engine, "tiny")) as url:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=url, timeout=0.5) as http:
+            http.post("/v1/completions", json={"prompt": "a", "max_tokens": 4000, "ignore_eos": True})
+        for _ in range(100):  # polled every 0.25 s, while tokens keep coming
+            if engine.metrics.requests.get("cancelled"):
+                break
+            threading.Event().wait(0.05)
+        assert engine.metrics.requests == {"cancelled": 1}
+        assert engine.metrics.generation_tokens < 4000
 
 
 def test_soak_with_random_disconnects_loses_and_mixes_nothing():
@@ -291,24 +393,34 @@ def test_lm_eval_local_completions_scores_through_the_server(tmp_path):
         assert theirs[1] == mine[1]
 
 
-def test_griffon_serve_command_builds_the_app(tmp_path, monkeypatch):
-    """``griffon serve RUN`` loads the checkpoint and its tokenizer and hands uvicorn the app."""
-    import uvicorn
-
+def test_griffon_serve_command_builds_the_app(tmp_path, monkeypatch, capsys):
+    """``griffon serve RUN`` loads the checkpoint and its tokenizer and hands uvicorn the app; the
+    key comes from a file, the environment or (with a warning) the command line."""
     from griffon import get_preset, save_pretrained
     from griffon.cli import main
+    from griffon.serve import server
 
     save_pretrained(Griffon(get_preset("griffin-tiny")), tmp_path / "ckpt")
     ByteTokenizer().save(tmp_path / "ckpt")
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app, port=port))
-    assert main(["serve", str(tmp_path / "ckpt"), "--port", "8123", "--api-key", "k", "--max-batch", "2"]) == 0
+    monkeypatch.setattr(server, "run", lambda app, host, port, shutdown_timeout: seen.update(app=app, port=port))
+    (tmp_path / "key").write_text("from-a-file\n")
+    argv = ["serve", str(tmp_path / "ckpt"), "--port", "8123", "--max-batch", "2", "--max-tokens", "5"]
+    assert main([*argv, "--api-key-file", str(tmp_path / "key")]) == 0
     assert seen["port"] == 8123
-    with TestClient(seen["app"]) as client:
-        r = client.post(
-            "/v1/completions", json={"prompt": "ab", "max_tokens": 3}, headers={"Authorization": "Bearer k"}
-        )
+    with Client(seen["app"]) as client:
+        ok = {"Authorization": "Bearer from-a-file"}
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3}, headers=ok)
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 6}, headers=ok)
+        assert r.status_code == 400 and "max_tokens=5" in r.json()["error"]["message"]
+    monkeypatch.setenv("GRIFFON_API_KEY", "from-the-environment")
+    assert main(argv) == 0
+    assert seen["app"].state.server.api_key == "from-the-environment"
+    monkeypatch.delenv("GRIFFON_API_KEY")
+    capsys.readouterr()
+    assert main([*argv, "--api-key", "k"]) == 0
+    assert seen["app"].state.server.api_key == "k" and "process list" in capsys.readouterr().err
 
 
 def test_bench_serve_runs_on_loopback(tmp_path):
@@ -324,3 +436,80 @@ def test_bench_serve_runs_on_loopback(tmp_path):
     assert (tmp_path / "serve.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="loopback"):
         _check_loopback("http://example.com:8000")
+
+
+def _serve_process(tmp_path, *flags: str, stderr=subprocess.DEVNULL, env: dict | None = None):
+    """Start ``griffon serve`` on a tiny Griffin in a process of its own; return it, its URL and
+    the /health answers seen until it was ready."""
+    import socket
+
+    from griffon import get_preset, save_pretrained
+
+    ckpt = tmp_path / "ckpt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        save_pretrained(Griffon(get_preset("griffin-tiny")), ckpt)
+        ByteTokenizer().save(ckpt)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "griffon.cli", "serve", str(ckpt), "--port", str(port), *flags]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, **(env or {})}, text=True)
+    url, seen = f"http://127.0.0.1:{port}", []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+            seen.append((r.status_code, r.json()))
+            if r.status_code == 200:
+                return proc, url, seen
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"griffon serve did not become ready (exit code {proc.poll()}): {seen[-3:]}")
+
+
+def test_ready_means_warm_and_an_unwritable_log_stops_nothing(tmp_path):
+    """With empty kernel caches and stderr on a full device: /health answers 503 "starting" until
+    the engine is warm, then the first completion takes no more than max(1 s, 3x the tenth); the
+    server serves on, and says once on stdout that its log cannot be written."""
+    caches = {"NUMBA_CACHE_DIR": str(tmp_path / "numba"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    with open("/dev/full", "w") as full:
+        proc, url, seen = _serve_process(tmp_path, "--max-batch", "4", stderr=full, env=caches)
+    try:
+        assert all(answer == (503, {"status": "starting"}) for answer in seen[:-1]), seen
+        times = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(10):
+                t0 = time.perf_counter()
+                r = http.post("/v1/completions", json={"prompt": f"ROMEO {i}:", "max_tokens": 16, "seed": i})
+                times.append(time.perf_counter() - t0)
+                assert r.status_code == 200
+        assert times[0] <= max(1.0, 3 * times[9]), times
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal once it has shut down
+    assert out.count("the log (stderr) cannot be written") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_running_streams_and_the_server_in_bounded_time(tmp_path, sig):
+    proc, url, _ = _serve_process(tmp_path, "--max-tokens", "10000000", "--shutdown-timeout", "1")
+    body = {"prompt": "a", "max_tokens": 10_000_000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # it runs
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        proc.wait(timeout=20)
+        # exit codes: 0, or the signal's own (uvicorn raises it again once shut down; 130 for SIGINT)
+        assert time.monotonic() - t0 < 10 and proc.returncode in (0, -sig, 128 + sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

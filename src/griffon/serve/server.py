@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -582,6 +583,10 @@ class _LogHandler(logging.StreamHandler):
 
     failed = False
 
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # the current one (a test, or an embedding program, may replace it)
+        super().emit(record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         if self.failed:
             return
@@ -595,8 +600,6 @@ class _LogHandler(logging.StreamHandler):
 def configure_logging() -> logging.Logger:
     """Send griffon's server log (INFO and up) to stderr through a handler that survives a stream
     that cannot be written; returns the logger."""
-    import sys
-
     if not any(isinstance(h, _LogHandler) for h in log.handlers):
         handler = _LogHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("griffon serve: %(message)s"))
