@@ -58,13 +58,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; unknown fields are refused."""
+    """The body of ``POST /v1/completions``; unknown fields are refused. What the schema cannot say
+    (token ids inside the vocabulary, the server's limits, ``max_tokens=0`` only with ``echo``) is
+    checked after parsing, with a 400 as clear."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: Annotated[int, Field(ge=0)] = 16
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # below 1e-5: greedy, as vLLM
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -95,7 +103,42 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A whole answer; a streamed one is a series of these (without ``usage``, but for a last
+    event with ``include_usage``) as server-sent events, ended by ``data: [DONE]``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+# A streamed answer's events, as OpenAPI 3.2 describes server-sent events (itemSchema: one event)
+_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_COMPLETION = {200: {"model": CompletionResponse, "content": {"text/event-stream": {"itemSchema": _EVENT}}}}
 
 
 def _error_body(status: int, message: str, kind: str) -> dict:
@@ -106,8 +149,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
     return JSONResponse(_error_body(status, message, kind), status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
 def _describe(error: dict) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    # a location without "body" and without pydantic's union tags ("constrained-str", "list[int]")
+    loc = [
+        p for p in error.get("loc", ()) if isinstance(p, int) or (p.isidentifier() and p not in _UNION_TAGS | {"body"})
+    ]
+    where = ".".join(str(p) for p in loc)
     if error.get("type") == "json_invalid":
         return f"invalid JSON in the request body: {error.get('ctx', {}).get('error', error.get('msg'))}"
     if error.get("type") == "extra_forbidden":
@@ -465,7 +515,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         server.rejected("invalid")
-        errors = exc.errors()
+        # A prompt that fits none of the union's forms fails each; the most telling error is a
+        # broken constraint (an empty list) rather than a wrong type (not a string), the deepest first.
+        errors = sorted(exc.errors(), key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
         return _error(400, _describe(errors[0]) if errors else "invalid request")
 
     @app.exception_handler(HTTPException)
@@ -503,7 +555,7 @@ def create_app(
         text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0, server.rejections)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", responses=_ERRORS)
+    @app.post("/v1/completions", responses=_COMPLETION | _ERRORS)
     async def completions(body: CompletionRequest, http: Request):
         refusal = unavailable()
         if refusal is not None:
