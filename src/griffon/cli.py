@@ -243,6 +243,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         memory = int(limits.MEMORY_SHARE * limits.free_memory(model.embed.weight.device))
         max_prompt = limits.default_max_prompt_tokens(model, args.max_batch, args.max_queue, args.step_tokens, memory)
         log.info("--max-prompt-tokens %d: fits %.1f GB (half the free memory)", max_prompt, memory / 1e9)
+        if max_prompt < args.prefill_chunk:
+            log.warning(
+                "%d slots of this model hardly fit %.1f GB: prompts are limited to %d tokens; "
+                "lower --max-batch, or set --max-prompt-tokens", args.max_batch, memory / 1e9, max_prompt
+            )  # fmt: skip
     request_limits = limits.Limits(
         max_prompt_tokens=max_prompt, max_tokens=args.max_tokens, max_logprob_entries=args.max_logprob_entries,
         request_timeout=args.request_timeout,
