@@ -308,3 +308,35 @@ def test_corrupted_data_is_caught_when_a_run_starts(tmp_path, capsys):
     _fails(args, capsys, "train.bin does not match meta.json")
     assert not (tmp_path / "r").exists()
     assert main([*args, "--set=data.verify=false", "--set=max_steps=1"]) == 0
+
+
+def test_only_checkpoints_griffon_wrote_count(tmp_path, capsys):
+    """A user's copies beside the checkpoints (``step_000010_keep_this``, ``step_zz_manual_backup``,
+    a link named like one) are never taken as checkpoints, resumed, scored or deleted."""
+    from griffon.checkpoint import resolve, run_checkpoints
+
+    run = _tiny_run(tmp_path / "r", "--set=max_steps=4")
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step_000002", ckpts / "step_000010_keep_this")
+    shutil.copytree(ckpts / "step_000002", ckpts / "step_zz_manual_backup")
+    (ckpts / "step_000099").symlink_to(ckpts / "step_000002", target_is_directory=True)
+    assert [p.name for p in run_checkpoints(run)] == ["step_000002", "step_000004"]
+    assert resolve(run)[0].name == "step_000004"  # what eval, sample and serve take
+    assert main(["train", "--resume", str(run), "--set=max_steps=6"]) == 0  # keeps two: step_000002 goes
+    capsys.readouterr()
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["step_000004", "step_000006", "step_000010_keep_this", "step_000099", "step_zz_manual_backup"]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoints_folder_that_is_a_link_is_refused(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "r")
+    elsewhere = tmp_path / "elsewhere"
+    (run / "checkpoints").rename(elsewhere)
+    (elsewhere / "precious.txt").write_text("keep me")
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    capsys.readouterr()
+    _fails(["train", "--resume", str(run), "--set=max_steps=4"], capsys, "checkpoints is a symbolic link")
+    _fails(["eval", str(run), "--text", str(run / "config.json")], capsys, "checkpoints is a symbolic link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == before

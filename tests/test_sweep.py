@@ -135,6 +135,22 @@ def test_min_steps_leaves_out_short_runs(tmp_path):
         ({"families": {}}, "'families' must be a non-empty object"),
         ({"min_steps": 0}, "min_steps must be a positive integer"),
         ({"min_steps": 10**6}, "no run has 1000000 steps or more"),
+        ({"seed": [1]}, "seed must be a non-negative integer"),
+        ({"sizes": {"w": [1]}}, "sizes.w must be an object of train-config overrides"),
+        ({"families": {"g": 5}}, "families.g must be an object of train-config overrides"),
+        ({"base": "x"}, "base must be an object of train-config overrides"),
+        ({"isoflop": {"flops": 5}}, "isoflop.flops must be a non-empty list of positive finite numbers"),
+        ({"isoflop": {"flops": [1e12], "per_budget": -1}}, "isoflop.per_budget must be a positive integer"),
+        ({"budgets": {"tokens": [float("inf")]}}, "Infinity is not a number a budget can be"),
+        (
+            {"families": {"g\ntouch PWNED\n#": {"model": "griffin-tiny"}}},
+            "families name 'g\\ntouch PWNED\\n#' is not allowed",
+        ),
+        (
+            {"families": {"../../../escaped": {"model": "griffin-tiny"}}},
+            "families name '../../../escaped' is not allowed",
+        ),
+        ({"sizes": {"..": {"model.width": 32}}}, "sizes name '..' is not allowed"),
     ],
     ids=[
         "budget-too-small",
@@ -145,6 +161,16 @@ def test_min_steps_leaves_out_short_runs(tmp_path):
         "no-family",
         "bad-min-steps",
         "every-run-too-short",
+        "seed-not-int",
+        "size-not-object",
+        "family-not-object",
+        "base-not-object",
+        "isoflop-not-list",
+        "negative-per-budget",
+        "infinite-budget",
+        "shell-in-name",
+        "path-in-name",
+        "dotdot-name",
     ],  # fmt: skip
 )
 def test_bad_specs_refused_before_anything_runs(tmp_path, capsys, changes, message):
@@ -153,3 +179,34 @@ def test_bad_specs_refused_before_anything_runs(tmp_path, capsys, changes, messa
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
     assert not out.exists()
+
+
+def test_duplicate_keys_are_refused(tmp_path, capsys):
+    path = tmp_path / "spec.json"
+    path.write_text(_spec(tmp_path).read_text()[:-1] + ', "seed": 1, "seed": 2}')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "sweep")]) == 2
+    assert "key 'seed' appears twice" in capsys.readouterr().err
+
+
+def test_nothing_planted_in_names_runs_or_lands_outside_out(tmp_path, capsys):
+    """A family named to run a command, or to climb out of --out, is refused before anything is
+    written; and every value in a launch script is quoted, so an --out path with shell syntax in
+    it reaches torchrun as one word and runs nothing."""
+    for family in ("g\ntouch PWNED\n#", "../../../escaped"):
+        spec = _spec(tmp_path, families={family: {"model": "griffin-tiny"}})
+        for extra in ([], ["--emit", "torchrun"], ["--emit", "slurm"]):
+            assert main(["sweep", str(spec), "--out", str(tmp_path / "sweep"), *extra]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
+    out = tmp_path / "a dir $(touch PWNED) `touch PWNED2`"
+    assert main(["sweep", str(_spec(tmp_path)), "--out", str(out), "--emit", "torchrun"]) == 0
+    script = sorted((out / "launch").glob("*.sh"))[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    record = tmp_path / "argv.txt"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "NPROC_PER_NODE": "1", "RECORD": str(record)}
+    assert subprocess.run(["bash", str(script)], env=env, cwd=tmp_path).returncode == 0
+    argv = record.read_text().splitlines()
+    assert argv[argv.index("--out") + 1] == str(out.resolve()) and argv[argv.index("--run") + 1] == script.stem
+    assert not list(tmp_path.rglob("PWNED*"))

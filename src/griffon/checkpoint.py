@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # A training run keeps its checkpoints in RUN/checkpoints/step_NNNNNN (griffon.train.state).
 RUN_CHECKPOINTS = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(ValueError):
@@ -94,10 +96,35 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype)
 
 
+def checkpoint_name(step: int) -> str:
+    """The name griffon gives a run's checkpoint at ``step``."""
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint directory griffon wrote (``step_`` and digits, a real directory,
+    not a link), else None: a user's ``step_000010_keep_this`` or ``step_zz_backup`` is not one."""
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    if match is None or path.is_symlink() or not path.is_dir():
+        return None
+    return int(match.group(1))
+
+
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
-    """A training run's checkpoint directories, oldest first (complete or not: loading checks)."""
+    """A training run's checkpoint directories, oldest (lowest step) first: exactly those griffon
+    writes (:func:`checkpoint_step`); whether one is complete, loading checks. A ``checkpoints``
+    that is a symbolic link is refused: griffon creates the folder, and would otherwise write into,
+    and prune, a directory it does not own."""
     root = Path(run_dir) / RUN_CHECKPOINTS
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    if root.is_symlink():
+        raise CheckpointError(
+            f"{root} is a symbolic link; griffon keeps a run's checkpoints in a folder of its own there "
+            "(move the link away, or copy what it points to in its place)"
+        )
+    if not root.is_dir():
+        return []
+    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
 
 
 def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:

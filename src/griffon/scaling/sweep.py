@@ -36,6 +36,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -83,12 +84,53 @@ class PlannedRun:
         return hashlib.sha256(json.dumps(self.config.model.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Family and size names become parts of run names, hence directory names and words in launch
+# scripts: letters, digits, '.', '_' and '-', not starting with '.' or '-', at most 64 characters.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+# A run's name: FAMILY-SIZE-BUDGET, the budget a number's label ("t1e+06", "iso3e+13").
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise SweepError(f"sweep spec: key {k!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise SweepError(f"sweep spec: {name} is not a number a budget can be (JSON has no {name})")
+
+
+def _positive_numbers(values: Any, where: str) -> None:
+    ok = isinstance(values, list) and values and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    )  # fmt: skip
+    if not ok:
+        raise SweepError(f"sweep spec: {where} must be a non-empty list of positive finite numbers, got {values!r}")
+
+
+def _positive_int(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SweepError(f"sweep spec: {where} must be a positive integer, got {value!r}")
+
+
+def _overrides_object(value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise SweepError(f"sweep spec: {where} must be an object of train-config overrides, got {value!r}")
+
+
 def load_spec(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML spec and check its keys."""
+    """Read a JSON or TOML spec and check it: keys, types, names, budgets. Raises :class:`SweepError`
+    with one line naming what is wrong."""
     path = Path(path)
     try:
         text = path.read_text()
-        spec = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if path.suffix == ".toml":
+            spec = tomllib.loads(text)
+        else:
+            spec = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except (OSError, UnicodeDecodeError) as e:
         raise SweepError(f"cannot read sweep spec {path}: {e}") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
@@ -100,26 +142,41 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise SweepError(
             f"sweep spec: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SPEC_KEYS))}"
         )
+    _overrides_object(spec.get("base"), "base")
     for key in ("families", "sizes"):
         if not isinstance(spec.get(key), dict) or not spec[key]:
             raise SweepError(f"sweep spec: {key!r} must be a non-empty object of name -> overrides")
+        for name, section in spec[key].items():
+            if not NAME.fullmatch(name):
+                raise SweepError(
+                    f"sweep spec: {key} name {name!r} is not allowed: names become directory names and words in "
+                    "launch scripts; use letters, digits, '.', '_' and '-' (at most 64, not starting with '.' or '-')"
+                )
+            _overrides_object(section, f"{key}.{name}")
+    for family, section in spec["families"].items():
+        per_size = (section or {}).get("sizes", {})
+        if not isinstance(per_size, dict) or set(per_size) - set(spec["sizes"]):
+            raise SweepError(f"sweep spec: families.{family}.sizes must map sizes of the spec to overrides")
+        for size, overrides in per_size.items():
+            _overrides_object(overrides, f"families.{family}.sizes.{size}")
     if "budgets" not in spec and "isoflop" not in spec:
         raise SweepError("sweep spec: give 'budgets' (tokens, flops or tokens_per_param) or an 'isoflop' grid")
     budgets = spec.get("budgets", {})
     if not isinstance(budgets, dict) or set(budgets) - set(BUDGET_KINDS):
         raise SweepError(f"sweep spec: 'budgets' takes {', '.join(BUDGET_KINDS)} (lists of numbers)")
     for kind, values in budgets.items():
-        if not isinstance(values, list) or not all(isinstance(v, int | float) and v > 0 for v in values):
-            raise SweepError(f"sweep spec: budgets.{kind} must be a list of positive numbers")
-    min_steps = spec.get("min_steps", 1)
-    if not isinstance(min_steps, int) or isinstance(min_steps, bool) or min_steps < 1:
-        raise SweepError(f"sweep spec: min_steps must be a positive integer, got {min_steps!r}")
+        _positive_numbers(values, f"budgets.{kind}")
+    _positive_int(spec.get("min_steps", 1), "min_steps")
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SweepError(f"sweep spec: seed must be a non-negative integer, got {seed!r}")
     iso = spec.get("isoflop")
     if iso is not None:
         if not isinstance(iso, dict) or set(iso) - {"flops", "per_budget", "tokens_per_param"} or "flops" not in iso:
             raise SweepError("sweep spec: 'isoflop' takes flops (a list), per_budget and tokens_per_param")
-        if not all(isinstance(v, int | float) and v > 0 for v in iso["flops"]):
-            raise SweepError("sweep spec: isoflop.flops must be a list of positive numbers")
+        _positive_numbers(iso["flops"], "isoflop.flops")
+        _positive_int(iso.get("per_budget", 3), "isoflop.per_budget")
+        _positive_numbers([iso.get("tokens_per_param", 20)], "isoflop.tokens_per_param")
     return spec
 
 
@@ -303,11 +360,13 @@ def collect(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Every value in a launch script is a shell word quoted with shlex.quote ({spec}, {out}, {run},
+# {log}); run names are also checked (RUN_NAME) before they get here.
 TORCHRUN = """#!/usr/bin/env bash
 # {name}: {params:,} parameters, {tokens:.3g} tokens, {flops:.3g} FLOPs. Rerunning resumes it.
 set -euo pipefail
 torchrun --standalone --nproc_per_node="${{NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}}" \\
-    -m griffon.cli sweep {spec} --out {out} --run {name}
+    -m griffon.cli sweep {spec} --out {out} --run {run}
 """
 
 SLURM = """#!/usr/bin/env bash
@@ -315,13 +374,13 @@ SLURM = """#!/usr/bin/env bash
 #SBATCH --nodes=${{NODES:-1}}
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=${{GPUS_PER_NODE:-8}}
-#SBATCH --output={out}/launch/{name}.%j.log
+#SBATCH --output={log}
 # {name}: {params:,} parameters, {tokens:.3g} tokens, {flops:.3g} FLOPs. Resubmitting resumes it.
 set -euo pipefail
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 srun torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$SLURM_GPUS_PER_NODE" \\
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head_node:29500" \\
-    -m griffon.cli sweep {spec} --out {out} --run {name}
+    -m griffon.cli sweep {spec} --out {out} --run {run}
 """
 
 
@@ -330,8 +389,12 @@ def emit(runs: list[PlannedRun], spec_path: Path, out: Path, kind: str) -> list[
     template = {"torchrun": TORCHRUN, "slurm": SLURM}[kind]
     paths = []
     for run in runs:
+        if not RUN_NAME.fullmatch(run.name):  # built from checked parts; this guards the script
+            raise SweepError(f"run name {run.name!r} cannot go into a launch script")
+        log = shlex.quote(str(out.resolve() / "launch" / f"{run.name}.%j.log"))
         text = template.format(name=run.name, params=run.params, tokens=run.tokens, flops=run.flops,
-                               spec=shlex.quote(str(spec_path.resolve())), out=shlex.quote(str(out.resolve())))  # fmt: skip
+                               spec=shlex.quote(str(spec_path.resolve())), out=shlex.quote(str(out.resolve())),
+                               run=shlex.quote(run.name), log=log)  # fmt: skip
         path = out / "launch" / f"{run.name}.{'sbatch' if kind == 'slurm' else 'sh'}"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp, text=text: tmp.write_text(text))

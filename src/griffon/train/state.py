@@ -23,7 +23,14 @@ import torch
 from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, describe_os_error, remove_tree
-from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, from_pretrained, run_checkpoints, write_model
+from griffon.checkpoint import (
+    RUN_CHECKPOINTS,
+    CheckpointError,
+    checkpoint_name,
+    from_pretrained,
+    run_checkpoints,
+    write_model,
+)
 from griffon.model import Griffon
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
 
@@ -103,7 +110,8 @@ def save_checkpoint(
     of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
     """
     check_weights(model, max_weight_abs)
-    final = run_dir / RUN_CHECKPOINTS / f"step_{progress.step:06d}"
+    older = run_checkpoints(run_dir)  # refuses a checkpoints folder that is a link before writing into it
+    final = run_dir / RUN_CHECKPOINTS / checkpoint_name(progress.step)
     try:
         with atomic_directory(final) as tmp:
             write_model(model, tmp)
@@ -111,7 +119,8 @@ def save_checkpoint(
             (tmp / STATE_NAME).write_text(progress.to_json())
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_os_error(e)}") from None
-    for old in run_checkpoints(run_dir)[:-keep]:
+    kept = [p for p in older if p != final] + [final]
+    for old in kept[:-keep]:  # griffon's own checkpoints only (run_checkpoints)
         remove_tree(old)
     return final
 

@@ -458,13 +458,13 @@ def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool)
         chosen = ckpts[-1]
     else:
         chosen = run_dir / RUN_CHECKPOINTS / Path(name).name
-        if chosen not in ckpts:
+        if chosen not in ckpts:  # griffon's own names only: a user's copy beside them is not one
             names = ", ".join(p.name for p in ckpts) or "none"
             raise CheckpointError(f"{run_dir} has no checkpoint {name!r} (it has: {names})")
     try:
         payload, progress = load_checkpoint(chosen, model)
     except CheckpointError as e:
-        for p in reversed([p for p in ckpts if p < chosen]):
+        for p in reversed(ckpts[: ckpts.index(chosen)]):
             try:
                 load_checkpoint(p, copy.deepcopy(model))
             except CheckpointError:
@@ -474,9 +474,18 @@ def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool)
             ) from None
         raise
     if is_main:
-        for newer in (p for p in ckpts if p > chosen):
-            newer.rename(newer.with_name(f"discarded_{newer.name}"))
+        for newer in ckpts[ckpts.index(chosen) + 1 :]:
+            newer.rename(_unused(newer.with_name(f"discarded_{newer.name}")))
     return payload, progress
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``, ...: the first name not taken (never overwrite)."""
+    candidate, n = path, 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def _planned_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, steps_per_epoch: int) -> int:
