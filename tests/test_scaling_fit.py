@@ -151,3 +151,48 @@ def test_isoflop_leaves_out_budgets_whose_sizes_miss_the_optimum():
     fit = fit_isoflop(Runs(n, d, loss, c, np.array(["x"] * len(loss), dtype=object)))
     assert len(fit["profiles"]) == 2 and fit["unbracketed_budgets"] == pytest.approx([1e17])
     assert fit["a"] == pytest.approx(0.5, abs=1e-6)
+
+
+def _huber_sum(theta, runs) -> float:
+    """The summed Huber loss (delta 1e-3) of log L at ``theta`` against the runs, written out."""
+    log_e, log_a, log_b, alpha, beta = theta
+    total = 0.0
+    for n, d, loss in zip(runs.params, runs.tokens, runs.loss, strict=True):
+        r = math.log(math.exp(log_e) + math.exp(log_a) / n**alpha + math.exp(log_b) / d**beta) - math.log(loss)
+        total += 0.5 * r * r if abs(r) <= 1e-3 else 1e-3 * (abs(r) - 0.5e-3)
+    return total
+
+
+def test_the_huber_fit_ignores_outliers_and_reports_its_summed_loss():
+    """Runs exactly on the law but for four pushed 5% up: a Huber fit with delta 1e-3 (a linear
+    penalty past 1e-3) keeps the law; least squares, or a larger delta, would be pulled toward the
+    outliers. The reported objective is the Huber loss summed over the runs at the fit."""
+    from griffon.scaling.fit import fit_parametric
+
+    runs = _synthetic(noise=0.0)
+    loss = runs.loss.copy()
+    loss[[3, 10, 17, 24]] *= math.exp(0.05)
+    runs = Runs(runs.params, runs.tokens, loss, runs.flops, runs.family)
+    fit = fit_parametric(runs)
+    for key in ("E", "alpha", "beta"):
+        assert fit[key] == pytest.approx(TRUE[key], rel=0.02), (key, fit[key])
+    assert fit["objective"] == pytest.approx(_huber_sum(fit["theta"], runs), rel=1e-9)
+
+
+def test_the_grid_evaluation_takes_bounded_memory_whatever_the_runs():
+    import tracemalloc
+
+    from griffon.scaling.fit import PARAMETRIC_GRID, grid_objective
+
+    rng = np.random.default_rng(0)
+    xs = np.log(np.stack([rng.uniform(1e6, 1e9, 3000), rng.uniform(1e8, 1e11, 3000)]))
+    log_l = np.log(rng.uniform(2, 4, 3000))
+    small = grid_objective(PARAMETRIC_GRID, xs[:, :50], log_l[:50])
+    reference = [grid_objective(PARAMETRIC_GRID, xs[:, i : i + 1], log_l[i : i + 1]) for i in range(50)]
+    assert np.allclose(small, np.sum(reference, axis=0), rtol=1e-12)
+    tracemalloc.start()
+    grid_objective(PARAMETRIC_GRID, xs, log_l)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # all at once: 4500 points x 3 terms x 3000 runs x 8 bytes = 324 MB per temporary
+    assert peak < 256 * 2**20, peak

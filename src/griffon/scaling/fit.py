@@ -139,11 +139,28 @@ def _objective(theta: np.ndarray, xs: np.ndarray, log_l: np.ndarray) -> tuple[fl
     return value.sum(), np.concatenate([grad_logs, grad_exponents])
 
 
+# Bytes of one block of the grid evaluation's largest array (grid points x terms x runs, float64):
+# the runs are taken a block at a time, so memory stays bounded whatever the table's size.
+GRID_BLOCK_BYTES = 2**25
+
+
+def grid_objective(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray) -> np.ndarray:
+    """The objective (summed Huber loss) at every point of ``grid`` (points, parameters): (points,).
+    Evaluated over blocks of runs of at most :data:`GRID_BLOCK_BYTES` each."""
+    per_run = grid.shape[0] * (1 + xs.shape[0]) * 8
+    block = max(1, GRID_BLOCK_BYTES // per_run)
+    total = np.zeros(grid.shape[0])
+    for start in range(0, xs.shape[1], block):
+        runs = slice(start, start + block)
+        values, _ = _huber(np.logaddexp.reduce(_log_terms(grid, xs[:, runs]), axis=-2) - log_l[runs], HUBER_DELTA)
+        total += values.sum(-1)
+    return total
+
+
 def _fit_law(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray, keep: int, bounds: list) -> np.ndarray:
-    """L-BFGS from the ``keep`` points of ``grid`` (points, parameters) with the lowest objective,
-    evaluated at every grid point at once; the best fit's parameters."""
-    values, _ = _huber(np.logaddexp.reduce(_log_terms(grid, xs), axis=-2) - log_l, HUBER_DELTA)
-    return _lbfgs(_objective, _best_starts(grid, values.sum(-1), keep), (xs, log_l), bounds)
+    """L-BFGS from the ``keep`` points of ``grid`` (points, parameters) with the lowest objective;
+    the best fit's parameters."""
+    return _lbfgs(_objective, _best_starts(grid, grid_objective(grid, xs, log_l), keep), (xs, log_l), bounds)
 
 
 def _best_starts(grid: np.ndarray, values: np.ndarray, keep: int) -> list[np.ndarray]:
