@@ -340,3 +340,19 @@ def test_a_checkpoints_folder_that_is_a_link_is_refused(tmp_path, capsys):
     _fails(["train", "--resume", str(run), "--set=max_steps=4"], capsys, "checkpoints is a symbolic link")
     _fails(["eval", str(run), "--text", str(run / "config.json")], capsys, "checkpoints is a symbolic link")
     assert sorted(p.name for p in elsewhere.iterdir()) == before
+
+
+def test_resume_checks_an_edited_config_before_building_the_model(tmp_path, capsys, monkeypatch):
+    """A run's config.json edited to a width of 100,000 (a 40 GB model) is refused by name before
+    any model is built, against the checkpoint's own config and tensor headers."""
+    import griffon.train.trainer as trainer
+
+    run = _tiny_run(tmp_path / "r")
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["width"] = 100_000
+    (run / "config.json").write_text(json.dumps(saved))
+    built = []
+    monkeypatch.setattr(trainer, "Griffon", lambda cfg: built.append(cfg) or pytest.fail("a model was built"))
+    capsys.readouterr()
+    _fails(["train", "--resume", str(run)], capsys, "was made with model.width=")
+    assert not built

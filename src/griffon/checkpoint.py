@@ -65,19 +65,52 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {e} (corrupted or truncated file?)") from None
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a safetensors file, read from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (corrupted or truncated file?)") from None
+
+
+def check_matches(directory: str | Path, config: ModelConfig) -> None:
+    """Before a model of ``config`` is built: the checkpoint in ``directory`` was made with this
+    model config, and its weights file lists exactly that model's tensors and shapes (read from the
+    header, nothing loaded). Raises :class:`CheckpointError` naming the first difference."""
+    saved = load_config(directory).to_dict()
+    wanted = config.to_dict()
+    if saved != wanted:
+        key = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+        raise CheckpointError(
+            f"checkpoint {directory} was made with model.{key}={saved.get(key)!r}, this run's config.json "
+            f"says {wanted.get(key)!r}"
+        )
+    shapes = tensor_shapes(Path(directory) / WEIGHTS_NAME)
+    with torch.device("meta"):
+        expected = Griffon(config).state_dict()
+    check_state_dict_shapes(expected, shapes, str(Path(directory) / WEIGHTS_NAME))
+
+
+def check_state_dict_shapes(expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
     for name, ref in expected.items():
-        if name not in state:
+        if name not in shapes:
             raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {tuple(ref.shape)})")
-        if tuple(state[name].shape) != tuple(ref.shape):
+        if tuple(shapes[name]) != tuple(ref.shape):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config expects {tuple(ref.shape)}"
+                f"{source}: tensor {name!r} has shape {tuple(shapes[name])}, the config expects {tuple(ref.shape)}"
             )
-    for name in state:
+    for name in shapes:
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} (checkpoint from another config?)")
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
+    check_state_dict_shapes(model.state_dict(), {k: tuple(v.shape) for k, v in state.items()}, source)
 
 
 def from_pretrained(

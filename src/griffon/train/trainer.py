@@ -24,7 +24,15 @@ from torch import nn
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write
-from griffon.checkpoint import RUN_CHECKPOINTS, CheckpointError, run_checkpoints
+from griffon.checkpoint import (
+    RUN_CHECKPOINTS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_matches,
+    load_config,
+    run_checkpoints,
+    tensor_shapes,
+)
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
@@ -165,6 +173,8 @@ def _train(
     token_bytes = byte_table(load_tokenizer(data_dir))
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
 
+    if resume:  # before the model is built: an edited config.json must not allocate first and fail later
+        _check_resumable(run_dir, cfg, checkpoint)
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
     loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
@@ -440,6 +450,23 @@ class _Session:
                 raise TrainingError(f"stopping at step {self.progress.step}: {e}; {newest}") from None
         D.barrier()
         self.saved_step = self.progress.step
+
+
+def _check_resumable(run_dir: Path, cfg: TrainConfig, name: str | None) -> None:
+    """The checkpoint to resume from (``name``, else the newest) matches the run's model config,
+    tensor by tensor, read from its files' headers (:func:`griffon.checkpoint.check_matches`). A
+    newest checkpoint whose files cannot be read is left to :func:`_resume_from`, which names one
+    that loads."""
+    ckpts = run_checkpoints(run_dir)
+    chosen = run_dir / RUN_CHECKPOINTS / Path(name).name if name is not None else (ckpts[-1] if ckpts else None)
+    if chosen is None or chosen not in ckpts:
+        return
+    try:
+        load_config(chosen)
+        tensor_shapes(chosen / WEIGHTS_NAME)
+    except CheckpointError:
+        return
+    check_matches(chosen, cfg.model)
 
 
 def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, Progress]:
