@@ -196,3 +196,74 @@ def test_continuations_share_their_context_and_match_a_full_forward(preset, monk
     with torch.no_grad():  # a continuation greedy decoding produces is flagged greedy
         greedy_next = int(model(torch.tensor(ctx_b)[None])[0][0, -1].argmax())
     assert score_continuations(model, [(ctx_b, [greedy_next])])[0][1]
+
+
+def _peak_bytes(fn) -> int:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "mqa-tiny"])
+def test_a_document_in_pieces_scores_as_a_whole_in_bounded_memory(preset):
+    """A document handed over as an iterator of pieces scores as the same document in one list,
+    and only a chunk's worth of it is held: memory does not grow with its length."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = Griffon(get_preset(preset))
+    (doc,) = _docs([3001])
+    cuts = [0, 1, 700, 701, 2048, 2999, 3001]
+    pieces = (np.array(doc[a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
+    whole = score_documents(model, [doc, doc[:50]], BYTES, seq_len=256, batch_size=2)
+    split = score_documents(model, iter([pieces, doc[:50]]), BYTES, seq_len=256, batch_size=2)
+    assert split.tokens == whole.tokens and split.nats == pytest.approx(whole.nats, rel=1e-9)
+
+    def stream(n: int):
+        g = np.random.default_rng(0)
+        return (g.integers(0, 256, 1000) for _ in range(n // 1000))
+
+    peaks = [_peak_bytes(lambda n=n: score_documents(model, [stream(n)], BYTES, seq_len=128)) for n in (4_000, 16_000)]
+    # four times the tokens: the same memory (a list of them would be 12k x 8 B more)
+    assert peaks[1] - peaks[0] < 32 * 1024, peaks
+
+
+def test_text_pieces_cut_at_line_breaks_and_character_boundaries(tmp_path, monkeypatch):
+    from griffon.data import sources
+
+    text = "première ligne\n" + "ü€😀" * 40 + "\nshort\n\n" + "x" * 30 + "é"
+    (tmp_path / "t.txt").write_text(text)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 7)
+    (pieces,) = list(sources.iter_document_pieces(tmp_path / "t.txt"))
+    pieces = list(pieces)
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert all(p.endswith("\n") for p in pieces if "\n" in p)  # a piece with a line break ends at one
+
+
+def test_griffon_eval_reads_big_files_a_piece_at_a_time_and_refuses_what_is_not_a_file(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    import os
+
+    from griffon.data import sources
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    out = tmp_path / "r.json"
+    argv = ["eval", str(checkpoint), "--text", str(tmp_path / "a.txt"), "--json", str(out)]
+    assert main([*argv, "--seq-len", "64"]) == 0
+    whole = json.loads(out.read_text())
+    monkeypatch.setattr(sources, "PIECE_BYTES", 100)  # the byte tokenizer: pieces change no token
+    assert main([*argv, "--seq-len", str(10**12)]) == 0  # the chunk is bounded, not 10^12 tokens
+    pieced = json.loads(out.read_text())
+    assert pieced["tokens"] == whole["tokens"] and pieced["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    capsys.readouterr()
+    _fails(["eval", str(checkpoint), "--text", "/dev/zero"], capsys, "/dev/zero is not a regular file")
+    os.mkfifo(tmp_path / "fifo")
+    _fails(["eval", str(checkpoint), "--text", str(tmp_path / "fifo")], capsys, "fifo is not a regular file")

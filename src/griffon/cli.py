@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -291,11 +291,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         plot_by_position(results, args.png, args.train_len)
 
 
-def _eval_documents(args: argparse.Namespace, tokenizer) -> list[list[int]]:
-    """The documents to score, as token ids of ``tokenizer``: a prepared split, or raw files."""
+def _eval_documents(args: argparse.Namespace, tokenizer) -> Iterator[Iterator]:
+    """The documents to score, read as scoring goes, each an iterator of pieces of token ids of
+    ``tokenizer``: a prepared split's (slices of its memory map), or raw files' (text read and
+    tokenized a piece at a time, :func:`griffon.data.sources.iter_document_pieces`). Every input
+    is checked before anything is scored."""
+    import numpy as np
+
     from griffon.data.loader import TokenSplit
     from griffon.data.prepare import read_meta
-    from griffon.data.sources import DataError, iter_documents
+    from griffon.data.sources import DataError, _check_input, iter_document_pieces
 
     if args.data:
         meta = read_meta(args.data)
@@ -303,11 +308,17 @@ def _eval_documents(args: argparse.Namespace, tokenizer) -> list[list[int]]:
             raise DataError(f"{args.data} was prepared with another tokenizer ({meta['tokenizer']}) than the model's")
         split = TokenSplit.open(args.data, args.split)
         offsets = split.doc_offsets
-        return [split.tokens[offsets[i] : offsets[i + 1]].astype("int64").tolist() for i in range(split.n_docs)]
+        return (iter([split.tokens[offsets[i] : offsets[i + 1]]]) for i in range(split.n_docs))
     files = args.text + args.jsonl
     if not files:
         raise ValueError("give the documents to score: --data DIR, --text FILE... or --jsonl FILE...")
-    return [tokenizer.encode(doc) for f in files for doc in iter_documents(f, args.field)]
+    for f in files:
+        _check_input(Path(f))
+    return (
+        (np.asarray(tokenizer.encode(piece), dtype=np.int64) for piece in pieces)
+        for f in files
+        for pieces in iter_document_pieces(f, args.field)
+    )
 
 
 def _positive(text: str) -> int:

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from griffon.atomic import atomic_savefig
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import prefill
-from griffon.model import Griffon
+from griffon.model import Cache, Griffon
 
 
 def byte_table(tokenizer: Tokenizer) -> torch.Tensor:
@@ -104,10 +105,49 @@ class Scores:
         return out
 
 
+# Bound of one chunk's logits (elements, float32: 512 MiB): a recurrent model's chunk is cut to
+# max(16, MAX_CHUNK_LOGITS // (vocab x batch)) tokens whatever --seq-len asks, which changes no
+# score (the cache carries across chunks); a global-attention model's window is at most its
+# max_seq_len (or that bound where it has none).
+MAX_CHUNK_LOGITS = 2**27
+
+Document = Sequence[int] | np.ndarray | Iterable[Sequence[int] | np.ndarray]
+
+
+class _Reader:
+    """A document's tokens, read from its pieces as scoring asks for them: it holds one chunk's
+    worth and a piece, whatever the document's length. A document given as a sequence of ids is
+    one piece; otherwise it is an iterable of pieces (arrays or lists of ids)."""
+
+    def __init__(self, document: Document, limit: int | None) -> None:
+        single = isinstance(document, list | tuple | np.ndarray | torch.Tensor)
+        self._pieces = iter([document] if single else document)
+        self._buf = np.empty(0, dtype=np.int64)
+        self._start = 0  # document position of self._buf[0]
+        self._limit = limit
+
+    def window(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of the document (fewer at its end). ``start`` never goes back:
+        the tokens before it are let go."""
+        while True:
+            drop = min(max(start - self._start, 0), len(self._buf))
+            self._buf, self._start = self._buf[drop:], self._start + drop
+            if self._start == start and len(self._buf) >= n:
+                break
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            self._buf = np.concatenate([self._buf, np.asarray(piece, dtype=np.int64).ravel()])
+        if self._start < start:  # the document ends before ``start``
+            return self._buf[:0]
+        end = n if self._limit is None else max(0, min(n, self._limit - start))
+        return self._buf[:end]
+
+
 @torch.no_grad()
 def score_documents(
     model: Griffon,
-    documents: Sequence[Sequence[int]],
+    documents: Iterable[Document],
     token_bytes: torch.Tensor,
     seq_len: int = 1024,
     batch_size: int = 8,
@@ -117,15 +157,18 @@ def score_documents(
     max_len: int | None = None,
     progress: bool = False,
 ) -> Scores:
-    """Score whole documents (lists of token ids) with ``model``.
+    """Score whole documents with ``model``: each a sequence of token ids, or an iterable of
+    pieces of one (read as needed, so a document of any length is scored in bounded memory);
+    ``documents`` itself is consumed as it goes.
 
-    Recurrent and local-attention models read each document in chunks of ``seq_len`` tokens,
-    carrying their cache from chunk to chunk, so every token is conditioned on its whole document
-    and the result does not depend on ``seq_len`` or ``batch_size`` (to float32 rounding of the
-    logits; sums are float64). Global-attention models, whose cache grows without bound, read
-    windows of ``seq_len`` tokens (at most the model's ``max_seq_len``; positions restart at 0 in
-    each window) every ``stride`` tokens (default half a window) and score
-    each token once, in the first window that holds it after the window's first ``seq_len -
+    Recurrent and local-attention models read each document in chunks of ``seq_len`` tokens
+    (at most :data:`MAX_CHUNK_LOGITS` logits a chunk), carrying their cache from chunk to chunk,
+    so every token is conditioned on its whole document and the result does not depend on
+    ``seq_len`` or ``batch_size`` (to float32 rounding of the logits; sums are float64); a batch
+    row whose document ends takes the next document. Global-attention models, whose cache grows
+    without bound, read windows of ``seq_len`` tokens (at most the model's ``max_seq_len``;
+    positions restart at 0 in each window) every ``stride`` tokens (default half a window) and
+    score each token once, in the first window that holds it after the window's first ``seq_len -
     stride`` tokens (the first window scores all of its tokens): each token sees at least
     ``seq_len - stride`` tokens of context, up to ``seq_len - 1``.
 
@@ -137,28 +180,26 @@ def score_documents(
     if stride is not None and not 0 < stride <= seq_len:
         raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}")
     model.eval()
-    device = model.embed.weight.device
-    token_bytes = token_bytes.to(device)
-    docs = [list(d)[:max_len] if max_len else list(d) for d in documents]
+    token_bytes = token_bytes.to(model.embed.weight.device)
     scores = Scores(per_doc=[] if per_doc else None, by_position={} if by_position else None)
-    per_doc_rows: dict[int, list[float]] = {i: [0.0, 0, 0] for i in range(len(docs))}
-    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))  # longest first: batches shrink
-    bar = tqdm(total=sum(max(len(d) - 1, 0) for d in docs), unit="tok", disable=not progress, desc="scoring")
-    for start in range(0, len(order), batch_size):
-        rows = [i for i in order[start : start + batch_size] if len(docs[i]) > 1]
-        if not rows:
-            continue
-        if model.config.has_global_attention:
-            window = min(seq_len, model.config.max_seq_len or seq_len)
-            for i in rows:
-                _score_windows(model, docs[i], window, min(stride or max(1, window // 2), window), token_bytes,
-                               per_doc_rows[i], scores.by_position, bar)  # fmt: skip
-        else:
-            _score_stateful(model, [docs[i] for i in rows], seq_len, token_bytes,
-                            [per_doc_rows[i] for i in rows], scores.by_position, bar)  # fmt: skip
+    rows: list[list[float]] = []  # per document: [nats, tokens, bytes]
+
+    def readers() -> Iterator[tuple[list[float], _Reader]]:
+        for doc in documents:
+            rows.append([0.0, 0, 0])
+            yield rows[-1], _Reader(doc, max_len)
+
+    bar = tqdm(unit="tok", disable=not progress, desc="scoring")
+    if model.config.has_global_attention:
+        window = min(seq_len, model.config.max_seq_len or MAX_CHUNK_LOGITS // model.config.vocab_size)
+        for row, reader in readers():
+            _score_windows(model, reader, window, min(stride or max(1, window // 2), window), token_bytes, row,
+                           scores.by_position, bar)  # fmt: skip
+    else:
+        chunk = min(seq_len, max(16, MAX_CHUNK_LOGITS // (model.config.vocab_size * batch_size)))
+        _score_stateful(model, readers(), chunk, batch_size, token_bytes, scores.by_position, bar)
     bar.close()
-    for i in range(len(docs)):
-        nats, n, nbytes = per_doc_rows[i]
+    for nats, n, nbytes in rows:
         scores.nats += nats
         scores.tokens += int(n)
         scores.bytes += int(nbytes)
@@ -196,42 +237,53 @@ def _accumulate(
             acc[2] += int(nbytes[sel].sum())
 
 
-def _score_stateful(model, docs, seq_len, token_bytes, rows, by_position, bar) -> None:
-    """Documents in lockstep, ``seq_len`` tokens at a time, the cache carried across chunks."""
+def _score_stateful(model, readers, chunk, batch_size, token_bytes, by_position, bar) -> None:
+    """Documents ``chunk`` tokens at a time in a batch of up to ``batch_size`` rows, each row's cache
+    carried across its chunks; a row whose document ends is dropped and the next document joins."""
     device = model.embed.weight.device
-    lengths = torch.tensor([len(d) for d in docs])
-    L = int(lengths.max())
-    padded = torch.zeros(len(docs), L + 1, dtype=torch.long)
-    for r, d in enumerate(docs):
-        padded[r, : len(d)] = torch.tensor(d)
-    active = list(range(len(docs)))  # rows still reading (longest first, so a prefix)
-    cache = model.init_cache(len(docs))
-    for c0 in range(0, L - 1, seq_len):
-        still = [r for r in active if lengths[r] - 1 > c0]
-        if len(still) < len(active):
-            cache = cache.select(torch.tensor([active.index(r) for r in still], device=device))
-            active = still
-        c1 = min(c0 + seq_len, L - 1)
-        inputs = padded[active, c0:c1].to(device)  # (b, t): token p predicts token p + 1
-        targets = padded[active, c0 + 1 : c1 + 1].to(device)
-        positions = torch.arange(c0 + 1, c1 + 1, device=device).expand_as(targets)  # of the targets
-        seg = torch.arange(c0, c1, device=device).expand_as(inputs)
-        logits, cache = model(inputs, seg, cache=cache)
-        valid = positions < lengths[active][:, None].to(device)
-        _accumulate(logits, targets, positions, valid, token_bytes, [rows[r] for r in active], by_position)
-        bar.update(int(valid.sum()))
+    active: list[tuple[list[float], _Reader, int]] = []  # (sums, reader, next input position)
+    cache = None
+    while True:
+        joining = list(itertools.islice(readers, batch_size - len(active)))
+        if joining:
+            fresh = model.init_cache(len(joining))
+            cache = fresh if cache is None else Cache.stack([cache, fresh])
+            active += [(row, reader, 0) for row, reader in joining]
+        if not active:
+            return
+        windows = [reader.window(start, chunk + 1) for _, reader, start in active]  # inputs and the next token
+        t = max(len(w) for w in windows) - 1
+        if t > 0:
+            tokens = torch.zeros(len(active), t + 1, dtype=torch.long)
+            for r, w in enumerate(windows):
+                tokens[r, : len(w)] = torch.from_numpy(w)
+            tokens = tokens.to(device)
+            starts = torch.tensor([start for _, _, start in active], device=device)[:, None]
+            steps = torch.arange(t, device=device)[None]
+            lengths = torch.tensor([len(w) for w in windows], device=device)[:, None]
+            logits, cache = model(tokens[:, :-1], starts + steps, cache=cache)  # token p predicts token p + 1
+            valid = steps + 1 < lengths
+            _accumulate(logits, tokens[:, 1:], starts + steps + 1, valid, token_bytes, [row for row, _, _ in active],
+                        by_position)  # fmt: skip
+            bar.update(int(valid.sum()))
+        keep = [r for r, w in enumerate(windows) if len(w) == chunk + 1]  # the rest have reached their end
+        if len(keep) < len(active):
+            cache = cache.select(torch.tensor(keep, device=device)) if keep else None
+        active = [(row, reader, start + chunk) for r, (row, reader, start) in enumerate(active) if r in keep]
 
 
-def _score_windows(model, doc, window, stride, token_bytes, row, by_position, bar) -> None:
+def _score_windows(model, reader, window, stride, token_bytes, row, by_position, bar) -> None:
     """One document through sliding windows of ``window`` tokens every ``stride`` tokens."""
     device = model.embed.weight.device
-    tokens = torch.tensor(doc, device=device)
     scored = 0  # targets up to this position are done
     start = 0
-    while scored < len(doc) - 1:
-        end = min(start + window, len(doc))
-        inputs, targets = tokens[start : end - 1][None], tokens[start + 1 : end][None]
-        logits, _ = model(inputs, torch.arange(end - 1 - start, device=device)[None])
+    while True:
+        tokens = torch.from_numpy(reader.window(start, window)).to(device)
+        end = start + len(tokens)
+        if len(tokens) < 2 or end - 1 <= scored:
+            return
+        inputs, targets = tokens[:-1][None], tokens[1:][None]
+        logits, _ = model(inputs, torch.arange(len(tokens) - 1, device=device)[None])
         positions = torch.arange(start + 1, end, device=device)[None]
         valid = positions > scored
         _accumulate(logits, targets, positions, valid, token_bytes, [row], by_position)

@@ -18,8 +18,7 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     ``datasets.Dataset.save_to_disk`` has one per row; any other directory is a tree of text files,
     one document each (sorted by path; hidden files and files that are not UTF-8 are skipped)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"input not found: {path}")
+    _check_input(path)
     name = path.name
     if path.is_dir() and not any((path / f).is_file() for f in HF_DATASET_FILES):
         yield from _text_tree(path)
@@ -41,6 +40,65 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
 
 
 HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Text files are read this many bytes at a time by iter_document_pieces.
+PIECE_BYTES = 4 * 2**20
+
+
+def _check_input(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"input not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"{path} is not a regular file or a directory (a device, a FIFO or a socket?); give a file")
+
+
+def _is_text_file(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith((".txt", ".md", ".text")) or "." not in path.name)
+
+
+def iter_document_pieces(path: str | Path, field: str = "text") -> Iterator[Iterator[str]]:
+    """The documents of one input, as :func:`iter_documents` reads them, each an iterator of text
+    pieces: a text file is read :data:`PIECE_BYTES` at a time, cut after its last line break (or,
+    in a longer line, at a character boundary), so a document of any size is held a piece at a
+    time; a document of any other input is one piece."""
+    path = Path(path)
+    _check_input(path)
+    if _is_text_file(path):
+        yield _text_pieces(path)
+        return
+    for document in iter_documents(path, field):
+        yield iter([document])
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    rest, line, offset = b"", 1, 0
+    try:
+        with path.open("rb") as f:
+            while block := f.read(PIECE_BYTES):
+                data = rest + block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one long line: cut before its last character, which may be incomplete
+                    cut = len(data)
+                    while cut > max(len(data) - 3, 0) and data[cut - 1] & 0xC0 == 0x80:  # continuation bytes
+                        cut -= 1
+                    if cut > 0 and data[cut - 1] >= 0xC0:  # the lead byte of a multi-byte character
+                        cut -= 1
+                piece, rest = data[:cut], data[cut:]
+                yield _decode(piece, path, line, offset)
+                line, offset = line + piece.count(b"\n"), offset + len(piece)
+            if rest:
+                yield _decode(rest, path, line, offset)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _decode(data: bytes, path: Path, line: int, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += data[: e.start].count(b"\n")
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {offset + e.start})"
+        ) from None
 
 
 def _text_tree(root: Path) -> Iterator[str]:
