@@ -96,7 +96,11 @@ def test_prepared_data_keeps_its_tokenizer(tmp_path):
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"max_minutes": None}, "needs a time or FLOP budget"), ({"max_minutes": None, "max_flops": 1e9}, "too small")],
+    [
+        ({"max_minutes": None}, "needs a time or FLOP budget"),
+        ({"max_minutes": None, "max_flops": 1e9}, "too small"),
+        ({"max_minutes": 0.1}, "max_minutes=0.1 is shorter than model=auto needs"),
+    ],
 )
 def test_plan_refuses_budgets_it_cannot_use(tmp_path, changes, message):
     corpus = _corpus(tmp_path / "c.jsonl", _words(20, 100))
@@ -176,3 +180,57 @@ def test_train_chooses_the_model_by_default(tmp_path, capsys, monkeypatch):
     assert main(["train", "--set", "model.num_heads=5", "--out", str(tmp_path / "r2")]) == 2
     captured = capsys.readouterr()
     assert "model=auto" not in captured.out and "width 192 is not divisible by num_heads 5" in captured.err
+
+
+def test_a_tiny_corpus_is_refused_before_planning(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path / "c.jsonl", ["twenty-two bytes here\n"] * 10)
+    monkeypatch.setattr(auto, "_bytes_per_token", lambda *a: pytest.fail("a tokenizer was trained"))
+    with pytest.raises(
+        ConfigError, match="the corpus holds 198 bytes of training text; model=auto needs at least 2,049"
+    ):
+        auto.plan(_auto_cfg(corpus), [corpus], LAW, "law", MACHINE, widths=(64,))
+
+
+def test_bad_budgets_are_refused_by_the_config(tmp_path):
+    for key, value in (("max_minutes", -1), ("max_tokens", 0), ("max_flops", float("inf"))):
+        with pytest.raises(ConfigError, match=rf"{key} must be a (positive|finite) number"):
+            TrainConfig.from_dict(TrainConfig().to_dict() | {key: value})
+
+
+@pytest.mark.parametrize("dtype", [None, auto.torch.bfloat16])
+def test_the_machine_is_timed_in_the_dtype_the_run_trains_in(monkeypatch, dtype):
+    seen = []
+    real = auto.Griffon
+
+    def model(cfg):
+        m = real(cfg)
+        m.register_forward_hook(lambda *_: seen.append(auto.torch.is_autocast_enabled("cpu")))
+        return m
+
+    monkeypatch.setattr(auto, "Griffon", model)
+    auto.measure_machine(auto.torch.device("cpu"), widths=(32, 48), steps=1, dtype=dtype)
+    assert seen and all(s == (dtype is not None) for s in seen)
+
+
+def test_a_replanned_run_fills_its_time_and_saves_the_plan(tmp_path, capsys):
+    """A token budget planned for 20 steps and a 6-second time budget: at the end of warmup the
+    run re-plans its tokens from its pace, trains on for about the rest of the time, and saves the
+    new budget in config.json (replan_tokens cleared), which a resume then keeps."""
+    from griffon.cli import main
+    from griffon.train.optim import lr_at
+
+    run = tmp_path / "run"
+    sets = ["model=griffin-tiny", "data.seq_len=32", "data.batch_size=2", "max_tokens=1280", "max_minutes=0.1",
+            "replan_tokens=true", "optim.warmup_steps=10", "eval_every=100000", "save_every=100000",
+            "final_eval_batches=2", "log_every=1000"]  # fmt: skip
+    t0 = auto.time.perf_counter()
+    assert main(["train", "--out", str(run), *(f"--set={s}" for s in sets)]) == 0
+    took = auto.time.perf_counter() - t0
+    saved = json.loads((run / "config.json").read_text())
+    steps = saved["max_tokens"] // 64
+    assert saved["replan_tokens"] is False and steps > 20 * 3, saved["max_tokens"]
+    assert took > 0.6 * 6, took  # it used its time (a 20-step run takes well under a second)
+    # warmup's learning rates do not depend on the planned steps: a resume from before the re-plan replays them
+    cfg = TrainConfig.load(run / "config.json")
+    assert all(lr_at(s, 20, cfg.optim) == lr_at(s, steps, cfg.optim) for s in range(10))
+    capsys.readouterr()

@@ -133,6 +133,14 @@ def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, tor
     return tokens, segment_pos
 
 
+def eval_batch_count(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None) -> int:
+    """How many batches :func:`eval_batches` yields for these arguments."""
+    n_seq = (split.n_tokens - 1) // seq_len
+    if max_batches is not None:
+        n_seq = min(n_seq, max_batches * batch_size)
+    return -(-n_seq // batch_size)
+
+
 def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
     """Unshuffled batches over the split: all of it once, or ``max_batches`` batches of sequences
     spread evenly across it (so a partial evaluation still sees every held-out document)."""

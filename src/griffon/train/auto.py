@@ -43,7 +43,7 @@ from griffon.config import ConfigError, ModelConfig
 from griffon.data.prepare import is_prepared, read_meta, training_documents
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
 from griffon.model import Griffon
-from griffon.train.parallelize import resolve_device
+from griffon.train.parallelize import autocast, resolve_device, resolve_dtype
 
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 BPE_VOCABS = (1024, 4096, 8192)
@@ -52,6 +52,10 @@ SEQ_LEN = 256
 BATCH = 8
 """Sequences per step: 2048 tokens, small enough for hundreds of steps in minutes on a CPU."""
 MIN_STEPS = 300
+# The shortest time budget model=auto plans for (its planning takes up to half a minute), and the
+# smallest corpus (one batch of SEQ_LEN x BATCH byte tokens).
+MIN_MINUTES = 1.0
+MIN_CORPUS_BYTES = SEQ_LEN * BATCH + 1
 """Candidates that would take fewer optimizer steps are not considered: the law was fitted on
 runs of at least this many, and warmup plus decay need room."""
 REPEAT_HALF_LIFE = 15.4
@@ -144,8 +148,9 @@ class Machine:
         return 1.0 / (self.overhead + flops_per_token / self.flops_per_s)
 
 
-def _step_seconds(model_cfg: ModelConfig, device: torch.device, steps: int) -> float:
-    """Median wall time of an fp32 AdamW training step on random tokens (one untimed step first)."""
+def _step_seconds(model_cfg: ModelConfig, device: torch.device, steps: int, dtype: torch.dtype | None) -> float:
+    """Median wall time of an AdamW training step on random tokens (one untimed step first), under
+    the autocast ``dtype`` the run will use (None: fp32), as the trainer takes it."""
     torch.manual_seed(0)
     model = Griffon(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -154,7 +159,8 @@ def _step_seconds(model_cfg: ModelConfig, device: torch.device, steps: int) -> f
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        logits, _ = model(tokens[:, :-1], seg[:, :-1])
+        with autocast(device, dtype)():
+            logits, _ = model(tokens[:, :-1], seg[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -165,13 +171,16 @@ def _step_seconds(model_cfg: ModelConfig, device: torch.device, steps: int) -> f
     return float(np.median(times[1:]))
 
 
-def measure_machine(device: torch.device, widths: tuple[int, ...] = PROBE_WIDTHS, steps: int = 2) -> Machine:
-    """Time training steps of the auto family at ``widths`` and fit seconds per token = c0 + c1 F
-    (least squares; ``c0`` is the per-token cost that is not matmul FLOPs: norms, gates, the scan)."""
+def measure_machine(
+    device: torch.device, widths: tuple[int, ...] = PROBE_WIDTHS, steps: int = 2, dtype: torch.dtype | None = None
+) -> Machine:
+    """Time training steps of the auto family at ``widths``, under the autocast ``dtype`` the run
+    will train in, and fit seconds per token = c0 + c1 F (least squares; ``c0`` is the per-token
+    cost that is not matmul FLOPs: norms, gates, the scan)."""
     probes = []
     for w in widths:
         cfg = auto_model(w)
-        seconds = _step_seconds(cfg, device, steps) / (BATCH * SEQ_LEN)
+        seconds = _step_seconds(cfg, device, steps, dtype) / (BATCH * SEQ_LEN)
         probes.append({"width": w, "flops_per_token": train_flops_per_token(cfg, SEQ_LEN), "s_per_token": seconds})
     f = np.array([p["flops_per_token"] for p in probes])
     t = np.array([p["s_per_token"] for p in probes])
@@ -273,6 +282,11 @@ def _tokenizer_options(cfg: dict[str, Any], sources: list[Path]) -> tuple[dict[s
         return {str(Path(path)): train["bytes"] / max(train["tokens"], 1)}, int(train["bytes"])
     docs = training_documents(sources, data.get("val_fraction", 0.1), seed=0)
     unique = sum(len(d.encode("utf-8")) for d in docs)
+    if unique < MIN_CORPUS_BYTES:  # before any tokenizer is trained on it
+        raise ConfigError(
+            f"the corpus holds {unique:,} bytes of training text; model=auto needs at least {MIN_CORPUS_BYTES:,} "
+            "(one batch of its sequences) to plan a run"
+        )
     if data.get("tokenizer", "bytes") != "bytes":  # the user named one: keep it
         return {data["tokenizer"]: _bytes_per_token(data["tokenizer"], docs)}, unique
     options = {"bytes": 1.0}
@@ -332,6 +346,11 @@ def plan(
     minutes, flops = cfg.get("max_minutes"), cfg.get("max_flops")
     if not minutes and not flops:
         raise ConfigError("model=auto needs a time or FLOP budget: set max_minutes or max_flops")
+    if minutes and minutes < MIN_MINUTES:  # refused before the planning it could not pay for
+        raise ConfigError(
+            f"max_minutes={minutes:g} is shorter than model=auto needs (at least {MIN_MINUTES:g}: its planning "
+            "alone takes up to half a minute); give more time or name a model"
+        )
     options, unique = _tokenizer_options(cfg, sources)
     candidates = []
     for tokenizer, ratio in options.items():
@@ -344,7 +363,8 @@ def plan(
             n, n_body = model.num_params(), model.num_params(non_embedding=True)
             candidates.append(Candidate(tokenizer, w, mcfg.vocab_size, n, n_body, f, ratio))
     if minutes and machine is None:
-        machine = measure_machine(resolve_device(cfg.get("device", "auto")))
+        device = resolve_device(cfg.get("device", "auto"))
+        machine = measure_machine(device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device))
     planning = time.perf_counter() - t0  # what is left of a time budget is the training's
     seconds = minutes * 60 - planning if minutes else None
     if seconds is not None and seconds <= 0:
@@ -379,5 +399,7 @@ def plan(
     out["max_tokens"] = chosen.steps * SEQ_LEN * BATCH
     if minutes:
         out["max_minutes"] = max(minutes - (time.perf_counter() - t0) / 60, 0.1)
+        # the tokens are a forecast of the pace: the trainer re-plans them from the pace it measures
+        out["replan_tokens"] = True
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) + ([f"{flops:.3g} FLOPs"] if flops else []))
     return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning)

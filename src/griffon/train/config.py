@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ class TrainConfig:
     """Stop once the model's training FLOPs (``griffon.accounting``) reach this budget."""
     max_minutes: float | None = 8.0
     """Stop after this much wall time (not bitwise reproducible; set null for exact runs)."""
+    replan_tokens: bool = False
+    """``max_tokens`` is a plan made from ``max_minutes`` before the run (``model=auto`` sets this):
+    once, at the end of warmup, re-plan it from the measured pace so the run fills its time; the new
+    ``max_tokens`` is saved in ``config.json`` and this set false, so a resume replays it exactly."""
     dtype: str = "auto"
     """``bf16`` autocast (recurrence state and softmax stay float32), ``fp32``, or ``auto``: bf16 on
     GPUs and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), fp32 elsewhere."""
@@ -183,6 +188,18 @@ class TrainConfig:
             raise ConfigError(f"distributed {self.distributed!r} is not one of {DISTRIBUTED}")
         if not (self.max_steps or self.max_tokens or self.max_flops or self.max_minutes):
             raise ConfigError("set at least one budget: max_steps, max_tokens, max_flops or max_minutes")
+        for name in ("max_steps", "max_tokens", "max_flops", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number (or null), got {value}")
+        if self.replan_tokens:
+            if not (self.max_tokens and self.max_minutes):
+                raise ConfigError("replan_tokens re-plans max_tokens from max_minutes: set both")
+            if self.optim.warmup_fraction is not None or self.optim.warmup_steps < 10 or self.self_guided.enabled:
+                raise ConfigError(
+                    "replan_tokens re-plans at the end of warmup: it needs optim.warmup_steps >= 10, no "
+                    "optim.warmup_fraction and no self-guided training (whose steps are planned up front)"
+                )
         for name in ("eval_every", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -35,7 +36,7 @@ from griffon.checkpoint import (
 )
 from griffon.config import ConfigError, LinearStructure
 from griffon.data.corpus import default_corpus
-from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
+from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
 from griffon.data.prepare import is_prepared, prepare_corpus, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
@@ -74,6 +75,11 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     tokens_per_s: float
+
+
+# Share of the time left that a re-planned token budget leaves unplanned: checkpoints, and the pace
+# drifting (timings on a shared machine move by 20-50% within minutes).
+REPLAN_MARGIN = 0.05
 
 
 def data_sources(cfg: TrainConfig) -> list[Path]:
@@ -229,6 +235,7 @@ def _train(
             progress.tokens += plan.tokens_per_step
             progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
             guided.after_step(progress.step, opt)
+            run.replan(lambda n: eval_batch_count(val_split, cfg.data.seq_len, cfg.data.batch_size, n))
 
             step = progress.step
             run.log(logger, loss, lr, grad_norm)
@@ -354,6 +361,30 @@ class _Session:
         if self.progress.step >= self.plan.total_steps:
             return True
         return bool(self.cfg.max_minutes) and self.elapsed() >= 60 * self.cfg.max_minutes
+
+    def replan(self, eval_batches_of: Callable[[int | None], int]) -> None:
+        """With ``replan_tokens``, once, at the end of warmup (whose learning rates do not depend on
+        the planned steps): set ``max_tokens`` to what the rest of the time budget fits at the pace
+        measured so far (the mean over ranks, so all agree), less the evaluations to come (an
+        evaluation batch costs about a third of a training step) and :data:`REPLAN_MARGIN`.
+        ``eval_batches_of(n)`` is the number of batches an evaluation of at most ``n`` takes. The
+        new budget is saved in ``config.json`` with ``replan_tokens`` cleared, so a resume, from
+        before or after this step, replays the same schedule."""
+        cfg, step = self.cfg, self.progress.step
+        if not cfg.replan_tokens or step != cfg.optim.warmup_steps:
+            return
+        elapsed = float(D.all_reduce_mean(torch.tensor(self.elapsed(), dtype=torch.float64, device=self.device)))
+        per_step = elapsed / step  # seconds, the first steps' overheads included: a slight underestimate of speed
+        periodic = eval_batches_of(cfg.eval_batches) / (3 * cfg.eval_every)  # of a step, per step
+        left = (60 * cfg.max_minutes - elapsed) * (1 - REPLAN_MARGIN) - eval_batches_of(
+            cfg.final_eval_batches
+        ) * per_step / 3
+        steps = step + max(int(left / (per_step * (1 + periodic))), 1)
+        self.cfg = dataclasses.replace(cfg, max_tokens=steps * self.plan.tokens_per_step, replan_tokens=False)
+        self.plan.total_steps = steps
+        if self.info.is_main:
+            text = self.cfg.to_json()
+            atomic_write(self.run_dir / "config.json", lambda tmp: tmp.write_text(text))
 
     def fraction(self) -> float:
         f = self.progress.step / self.plan.total_steps
