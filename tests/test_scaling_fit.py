@@ -196,3 +196,54 @@ def test_the_grid_evaluation_takes_bounded_memory_whatever_the_runs():
     tracemalloc.stop()
     # all at once: 4500 points x 3 terms x 3000 runs x 8 bytes = 324 MB per temporary
     assert peak < 256 * 2**20, peak
+
+
+def _table(path, runs, family=None, bom=False):
+    rows = [(family or r_family, n, d, loss) for n, d, loss, r_family in
+            zip(runs.params, runs.tokens, runs.loss, runs.family, strict=True)]  # fmt: skip
+    _write(path, ["family", "params", "tokens", "loss"], rows)
+    if bom:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+
+def test_a_family_that_cannot_be_fitted_is_skipped_and_named(tmp_path, capsys):
+    good = _synthetic(budgets=(1e16, 1e17), sizes=5)
+    _table(tmp_path / "a.csv", good, family="good")
+    with (tmp_path / "a.csv").open("a", newline="") as f:
+        csv.writer(f).writerows([("tiny", 1e6, 1e8, 3.0), ("tiny", 2e6, 1e8, 2.9)])
+    assert (
+        main(["scaling", "fit", str(tmp_path / "a.csv"), "--bootstrap", "0", "--json", str(tmp_path / "f.json")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "tiny: skipped (2 runs; a scaling fit needs at least 5)" in out and "good (" in out
+    fits = json.loads((tmp_path / "f.json").read_text())
+    assert fits["tiny"] == {"skipped": "2 runs; a scaling fit needs at least 5"} and "parametric" in fits["good"]
+
+
+def test_identical_runs_are_undetermined_not_fitted(tmp_path, capsys):
+    _write(tmp_path / "same.csv", ["params", "tokens", "loss"], [(1e6, 1e8, 3.0)] * 8)
+    assert main(["scaling", "fit", str(tmp_path / "same.csv"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "L(N, D) is undetermined" in err and "these runs have 1" in err
+
+
+def test_the_json_is_valid_whatever_the_values(tmp_path, capsys):
+    from griffon.scaling.fit import finite_json
+
+    assert finite_json({"a": [1.0, float("inf")], "b": {"c": float("nan")}, "d": "x"}) == {
+        "a": [1.0, None], "b": {"c": None}, "d": "x"
+    }  # fmt: skip
+    runs = _synthetic(budgets=(1e16, 1e17), sizes=5)
+    rows = [(n * 1e190, d * 1e190, loss) for n, d, loss in zip(runs.params, runs.tokens, runs.loss, strict=True)]
+    _write(tmp_path / "huge.csv", ["params", "tokens", "loss"], rows)  # some fitted quantities overflow here
+    argv = ["scaling", "fit", str(tmp_path / "huge.csv"), "--bootstrap", "0", "--json", str(tmp_path / "h.json")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    text = (tmp_path / "h.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert "null" in text  # what overflowed is written as null
+
+
+def test_a_byte_order_mark_keeps_the_family_column(tmp_path):
+    _table(tmp_path / "bom.csv", _synthetic(sizes=5), family="griffin", bom=True)
+    assert set(read_runs(tmp_path / "bom.csv").family) == {"griffin"}

@@ -210,3 +210,19 @@ def test_nothing_planted_in_names_runs_or_lands_outside_out(tmp_path, capsys):
     argv = record.read_text().splitlines()
     assert argv[argv.index("--out") + 1] == str(out.resolve()) and argv[argv.index("--run") + 1] == script.stem
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_results_csv_cells_a_spreadsheet_would_run_are_quoted(tmp_path):
+    from griffon.scaling.sweep import collect
+
+    spec = load_spec(_spec(tmp_path))
+    runs = plan(spec)
+    out = tmp_path / "sweep"
+    row = {c: 1 for c in ("params", "tokens")} | {"run": runs[0].name, "device": "=HYPERLINK(\"http://x\")",
+                                                   "git_commit": "@SUM(1)", "family": "griffin"}  # fmt: skip
+    (out / "runs" / runs[0].name).mkdir(parents=True)
+    (out / "runs" / runs[0].name / "result.json").write_text(json.dumps(row))
+    collect(runs, out)
+    (written,) = _rows(out).values()
+    assert written["device"] == '\'=HYPERLINK("http://x")' and written["git_commit"] == "'@SUM(1)"
+    assert written["family"] == "griffin" and written["params"] == "1"

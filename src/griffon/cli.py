@@ -378,14 +378,14 @@ def cmd_scaling_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling_fit(args: argparse.Namespace) -> None:
-    from griffon.scaling.fit import fit_table, plot, read_runs, summary
+    from griffon.scaling.fit import finite_json, fit_table, plot, read_runs, summary
 
     columns = {c: getattr(args, f"{c}_column") for c in ("params", "tokens", "loss", "flops", "family")}
     runs = read_runs(args.results, columns, args.exclude_top_loss)
     fits = fit_table(runs, args.bootstrap, args.seed)
     print(summary(fits))
     if args.json:
-        text = json.dumps(fits, indent=2)
+        text = json.dumps(finite_json(fits), indent=2, allow_nan=False)
         atomic_write(Path(args.json), lambda path: path.write_text(text))
     if args.png:
         plot(runs, fits, args.png)

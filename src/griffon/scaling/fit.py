@@ -75,7 +75,7 @@ def read_runs(path: str | Path, columns: dict[str, str] | None = None, exclude_t
     columns = {name: name for name in ("params", "tokens", "loss", "flops", "family")} | (columns or {})
     path = Path(path)
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is dropped
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ScalingFitError(f"cannot read {path}: {e}") from None
@@ -196,6 +196,12 @@ def fit_parametric(runs: Runs, keep: int = 32) -> dict[str, float]:
     """L(N, D) = E + A/N^alpha + B/D^beta. The objective is evaluated at every point of the
     initialisation grid (4500 points), L-BFGS runs from the ``keep`` best of them, and the fit
     with the lowest objective is kept."""
+    points = len(set(zip(runs.params.tolist(), runs.tokens.tolist(), strict=True)))
+    if points < MIN_POINTS or len(set(runs.params.tolist())) < 2 or len(set(runs.tokens.tolist())) < 2:
+        raise ScalingFitError(
+            f"the parametric fit L(N, D) is undetermined: its 5 parameters need runs at {MIN_POINTS} or more "
+            f"distinct (N, D), with more than one N and one D (these runs have {points})"
+        )
     xs, log_l = np.log(np.stack([runs.params, runs.tokens])), np.log(runs.loss)
     bounds = [LOG_BOUND] * 3 + [EXPONENT_BOUND] * 2
     try:
@@ -354,11 +360,30 @@ def _try(fn, runs: Runs) -> dict:
 
 
 def fit_table(runs: Runs, bootstrap: int = 200, seed: int = 0) -> dict[str, dict]:
-    """:func:`fit_family` for each family of the table."""
-    return {
-        str(name): fit_family(runs.take(np.flatnonzero(runs.family == name)), bootstrap, seed)
-        for name in sorted(set(runs.family))
-    }
+    """:func:`fit_family` for each family of the table; a family that cannot be fitted is kept as
+    ``{"skipped": why}`` while the others are fitted (:class:`ScalingFitError` if none can be)."""
+    fits: dict[str, dict] = {}
+    for name in sorted(set(runs.family)):
+        try:
+            fits[str(name)] = fit_family(runs.take(np.flatnonzero(runs.family == name)), bootstrap, seed)
+        except ScalingFitError as e:
+            fits[str(name)] = {"skipped": str(e)}
+    if all("skipped" in f for f in fits.values()):
+        raise ScalingFitError(
+            "no family could be fitted: " + "; ".join(f"{k}: {v['skipped']}" for k, v in fits.items())
+        )
+    return fits
+
+
+def finite_json(value):
+    """``value`` with every non-finite float replaced by None: JSON has no Infinity or NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
@@ -370,7 +395,7 @@ def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (name, fit) in enumerate(fits.items()):
+    for k, (name, fit) in enumerate((n, f) for n, f in fits.items() if "skipped" not in f):
         color = colors[k % len(colors)]
         mine = runs.take(np.flatnonzero(runs.family == name))
         axes[0].scatter(mine.flops, mine.loss, s=12, color=color, alpha=0.6)
@@ -425,6 +450,9 @@ def summary(fits: dict[str, dict]) -> str:
 
     lines = []
     for name, fit in fits.items():
+        if "skipped" in fit:
+            lines.append(f"{name}: skipped ({fit['skipped']})")
+            continue
         level = fit["parametric"].get("bootstrap", {}).get("level", 0.95)
         lines.append(f"{name} ({fit['runs']} runs; intervals: {level:.0%} bootstrap)")
         for b in fit["budgets"]:

@@ -335,6 +335,14 @@ def prepare_shared_data(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return {**spec, "base": {**base, "data.path": str((out / "data").resolve())}}
 
 
+def _spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (starting with =, +, -, @, a tab or a
+    carriage return) behind a quote, as OWASP advises for CSV files; numbers as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def collect(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
     """The finished runs' rows, written to ``DIR/results.csv`` (and ``results.parquet`` with pyarrow)."""
     rows = []
@@ -347,7 +355,7 @@ def collect(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _spreadsheet_safe(v) for k, v in row.items()} for row in rows)
 
     atomic_write(out / "results.csv", write_csv)
     try:
