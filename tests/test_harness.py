@@ -70,6 +70,20 @@ def test_griffon_lm_eval_command(lm, tmp_path, capsys):
     assert "griffon_next_line" in capsys.readouterr().out
 
 
+def test_model_arguments_override_lm_eval_options_and_unknown_ones_are_refused(lm):
+    from griffon.harness import GriffonLM
+
+    ckpt = lm.model_path
+    made = GriffonLM.create_from_arg_string(
+        f"pretrained={ckpt},batch_size=3", {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    )
+    assert made.batch_size == 3  # the model argument wins over lm-eval's --batch_size
+    with pytest.raises(ValueError, match="unknown griffon model argument\\(s\\) bogus; it takes pretrained"):
+        GriffonLM.create_from_arg_string(f"pretrained={ckpt},bogus=1")
+    with pytest.raises(TypeError):
+        GriffonLM(pretrained=str(ckpt), bogus=1)
+
+
 def test_same_loglikelihoods_as_lm_eval_hf_model_on_the_export(lm, tmp_path):
     """The checkpoint exported with ``griffon export-hf`` and scored by lm-eval's own ``hf`` model
     gives every request the same loglikelihood (fp32, within 1e-4) and greedy flag: griffon's

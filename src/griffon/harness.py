@@ -38,6 +38,10 @@ class GriffonLM(TemplateLM):
     step for generation: ``auto``, ``model``, ``fused`` or ``compiled``).
     """
 
+    # The model arguments. lm-eval's command line also passes its --batch_size, --max_batch_size and
+    # --device to every model: those griffon takes are overridden by a model argument, the rest dropped.
+    ARGS = ("pretrained", "batch_size", "device", "max_length", "step")
+
     def __init__(
         self,
         pretrained: str,
@@ -45,7 +49,6 @@ class GriffonLM(TemplateLM):
         device: str = "cpu",
         max_length: int = 1024,
         step: str = "auto",
-        **kwargs: Any,
     ) -> None:
         super().__init__()
         ckpt, tokenizer = resolve_with_tokenizer(pretrained)
@@ -57,6 +60,22 @@ class GriffonLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length)
         self.step = step
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> GriffonLM:
+        """``--model_args a=1,b=2``: an unknown argument is refused by name; one that lm-eval's own
+        options also set (``batch_size``, ``device``) takes the value given in the model arguments."""
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> GriffonLM:
+        unknown = sorted(set(arg_dict) - set(cls.ARGS))
+        if unknown:
+            raise ValueError(f"unknown griffon model argument(s) {', '.join(unknown)}; it takes {', '.join(cls.ARGS)}")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in cls.ARGS}
+        return cls(**(extra | arg_dict))
 
     @property
     def eot_token_id(self) -> int:
