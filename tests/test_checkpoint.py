@@ -112,3 +112,38 @@ def test_resolve_finds_the_checkpoint_and_its_tokenizer(tmp_path):
     assert resolve(tmp_path / "exported") == (tmp_path / "exported", None)
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         resolve(tmp_path)
+
+
+def test_the_tokenizer_is_looked_up_only_where_griffon_writes_it(tmp_path):
+    """In the checkpoint or, for a run's checkpoint, in its run; never in a directory further up
+    (a/tokenizer.json is not a/b/c/ckpt's, nor that of a link in a/); a link to a run's checkpoint
+    finds the run's."""
+    from griffon import resolve
+    from griffon.data.tokenizers import ByteTokenizer
+
+    model = Griffon(get_preset("griffin-tiny"))
+    ByteTokenizer().save(tmp_path / "a")
+    save_pretrained(model, tmp_path / "a" / "b" / "c" / "ckpt")
+    assert resolve(tmp_path / "a" / "b" / "c" / "ckpt")[1] is None
+    save_pretrained(model, tmp_path / "elsewhere" / "ckpt")
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "elsewhere" / "ckpt", target_is_directory=True)
+    assert resolve(tmp_path / "a" / "link")[1] is None
+    run = tmp_path / "run"
+    save_pretrained(model, run / "checkpoints" / "step_000004")
+    ByteTokenizer().save(run)
+    (tmp_path / "to_step").symlink_to(run / "checkpoints" / "step_000004", target_is_directory=True)
+    assert resolve(tmp_path / "to_step")[1] is not None  # in the run of the link's target
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [(None, "needs \"model\""), ("/etc/passwd", "the name of a .model file beside it"),
+     ("../outside.model", "the name of a .model file beside it"), ("..", "beside it")],
+)  # fmt: skip
+def test_a_sentencepiece_marker_names_a_model_file_beside_it(tmp_path, model, message):
+    from griffon.data.tokenizers import TokenizerError, load_tokenizer
+
+    marker = {"griffon_tokenizer": "sentencepiece"} | ({} if model is None else {"model": model})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(marker))
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(tmp_path)

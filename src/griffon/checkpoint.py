@@ -166,7 +166,8 @@ def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
 
     ``path`` is a checkpoint directory (``save_pretrained``, ``griffon convert``, a run's
     ``checkpoints/step_*``) or a training run (its newest checkpoint). The tokenizer is the
-    nearest ``tokenizer.json``/``tokenizer.model`` in the checkpoint or a directory above it.
+    ``tokenizer.json``/``tokenizer.model`` where griffon writes one: in the checkpoint, or, for a
+    run's checkpoint, in the run (:func:`tokenizer_dirs`); never in a directory further up.
     """
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
@@ -176,17 +177,30 @@ def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
         if not ckpts:
             raise CheckpointError(f"{path} is neither a checkpoint ({WEIGHTS_NAME}) nor a run with checkpoints")
         ckpt = ckpts[-1]
-    for d in (ckpt, *ckpt.resolve().parents):
+    for d in tokenizer_dirs(ckpt):
         if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
             return ckpt, load_tokenizer(d)
     return ckpt, None
+
+
+def tokenizer_dirs(ckpt: Path) -> list[Path]:
+    """Where a checkpoint's tokenizer may be: the checkpoint, and the run of a run's checkpoint
+    (``RUN/checkpoints/step_N``), each as given and with links resolved (a link to a run's
+    checkpoint finds the run's tokenizer)."""
+    dirs: list[Path] = []
+    for c in (ckpt, ckpt.resolve()):
+        for d in (c, c.parent.parent) if c.parent.name == RUN_CHECKPOINTS else (c,):
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
 
 
 def resolve_with_tokenizer(path: str | Path) -> tuple[Path, Tokenizer]:
     """:func:`resolve`, for commands that need the tokenizer: :class:`CheckpointError` if there is none."""
     ckpt, tokenizer = resolve(path)
     if tokenizer is None:
-        raise CheckpointError(f"no tokenizer.json or tokenizer.model found in {ckpt} or its parent directories")
+        where = " or ".join(str(d) for d in tokenizer_dirs(ckpt))
+        raise CheckpointError(f"no tokenizer.json or tokenizer.model found in {where}")
     return ckpt, tokenizer
 
 

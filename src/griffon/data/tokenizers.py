@@ -295,7 +295,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if marker == "bytes":
         return ByteTokenizer()
     if marker == "sentencepiece":
-        return SentencePieceTokenizer(path.parent / head["model"])
+        name = head.get("model")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise TokenizerError(
+                f'{path}: a sentencepiece marker needs "model": the name of a .model file beside it, got {name!r}'
+            )
+        return SentencePieceTokenizer(path.parent / name)
     return HFTokenizer(path)
 
 
