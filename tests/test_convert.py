@@ -145,3 +145,17 @@ def test_export_hf_refuses_what_hf_cannot_express(tmp_path, capsys):
     save_pretrained(Griffon(cfg), tmp_path / "ours")
     _fails(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")], capsys, "a structured FFN (lowrank")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_hf_onto_a_link_writes_into_its_target(tmp_path, capsys):
+    from griffon import Griffon, get_preset, save_pretrained
+
+    save_pretrained(Griffon(get_preset("griffin-tiny")), tmp_path / "ours")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "target", target_is_directory=True)
+    assert main(["export-hf", str(tmp_path / "ours"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to_file").symlink_to(tmp_path / "file")
+    _fails(["export-hf", str(tmp_path / "ours"), str(tmp_path / "to_file")], capsys, "which is not a directory")
+    _fails(["export-hf", str(tmp_path / "ours"), str(tmp_path / "out")], capsys, "is not an empty directory")

@@ -365,8 +365,13 @@ def export_hf(model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | Non
     state = read_safetensors(Path(model_dir) / WEIGHTS_NAME)
     hf_state = to_hf_state_dict(state)
     dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise ConversionError(f"destination {dst} exists and is not empty; refusing to overwrite")
+    if dst.is_symlink():  # write into the directory the link names; the link stays as it is
+        target = dst.resolve()
+        if not target.is_dir():
+            raise ConversionError(f"destination {dst} is a link to {target}, which is not a directory")
+        dst = target
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConversionError(f"destination {dst} exists and is not an empty directory; refusing to overwrite")
     with atomic_directory(dst) as tmp:
         save_state_dict(hf_state, tmp / "model.safetensors", {"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
