@@ -147,3 +147,39 @@ def test_a_sentencepiece_marker_names_a_model_file_beside_it(tmp_path, model, me
     (tmp_path / "tokenizer.json").write_text(json.dumps(marker))
     with pytest.raises(TokenizerError, match=message):
         load_tokenizer(tmp_path)
+
+
+def test_commands_open_a_model_for_inference_one_way():
+    """Every reader with a model (sample, serve, eval, the lm-eval model, the benchmarks) opens it
+    with load_for_inference: no other module calls from_pretrained, but training's resume, which
+    loads its own checkpoints."""
+    import ast
+
+    import griffon
+
+    root = Path(griffon.__file__).parent
+    allowed = {"checkpoint.py", "train/state.py"}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        calls = [
+            node.lineno
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call)
+            and (getattr(node.func, "id", None) or getattr(node.func, "attr", None)) == "from_pretrained"
+        ]
+        assert rel in allowed or not calls, f"{rel}:{calls} loads a checkpoint another way"
+
+
+def test_load_for_inference_checks_the_tokenizer_and_falls_back_from_cuda(tmp_path):
+    from griffon.checkpoint import load_for_inference
+    from griffon.data.tokenizers import ByteTokenizer
+
+    small = get_preset("griffin-tiny").replace(vocab_size=128)
+    save_pretrained(Griffon(small), tmp_path / "small")
+    ByteTokenizer().save(tmp_path / "small")
+    with pytest.raises(CheckpointError, match="the tokenizer has 256 tokens, the model's vocabulary only 128"):
+        load_for_inference(tmp_path / "small")
+    save_pretrained(Griffon(get_preset("griffin-tiny")), tmp_path / "ok")
+    ByteTokenizer().save(tmp_path / "ok")
+    model, tok = load_for_inference(tmp_path / "ok", device="cuda" if not torch.cuda.is_available() else "cpu")
+    assert not model.training and tok.vocab_size == 256 and model.embed.weight.device.type == "cpu"

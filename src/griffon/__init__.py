@@ -1,4 +1,12 @@
-"""griffon: train, evaluate, sample and benchmark Griffin, Hawk and MQA-transformer language models."""
+"""griffon: train, evaluate, sample, serve and benchmark Griffin, Hawk and MQA-transformer language
+models, and study how they scale.
+
+The layers, lowest first: ``scan`` (the linear scan and its backends), ``nn`` (the RG-LRU, attention,
+convolution, structured FFN layers), ``model`` (the residual blocks and the cache), ``decode``
+(decode steps and sampling), ``evaluate`` and ``harness`` (scoring and lm-eval), ``train``
+(the trainer, ``model=auto``, self-guided training, parallelism), ``scaling`` (sweeps, fits,
+calibration), ``serve`` (the batching engine and the OpenAI-compatible server), ``bench``
+(benchmarks), ``cli`` (the command line)."""
 
 from griffon.checkpoint import from_pretrained, resolve, save_pretrained
 from griffon.config import ConfigError, LinearStructure, ModelConfig

@@ -7,6 +7,16 @@ import torch
 from griffon.config import LinearStructure, ModelConfig
 
 
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """The parameters of a model of ``cfg``, all and non-embedding, counted on a model built on the
+    meta device (no memory): the count every command and planner uses."""
+    from griffon.model import Griffon  # here: accounting works from configs; only this count needs a model
+
+    with torch.device("meta"):
+        model = Griffon(cfg)
+    return model.num_params(), model.num_params(non_embedding=True)
+
+
 def decode_state_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of decode state one sequence holds after ``seq_len`` tokens (what ``Cache.nbytes`` reports).
 

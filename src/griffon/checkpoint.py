@@ -195,6 +195,32 @@ def tokenizer_dirs(ckpt: Path) -> list[Path]:
     return dirs
 
 
+def inference_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA where there is a GPU, else the CPU; a CUDA device where there is none falls
+    back to the CPU (lm-eval asks for ``cuda`` by default); any other name as it is."""
+    device = torch.device(name) if name != "auto" else None
+    if device is None or (device.type == "cuda" and not torch.cuda.is_available()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device
+
+
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None
+) -> tuple[Griffon, Tokenizer]:
+    """The model and tokenizer a run, checkpoint or exported model stands for (:func:`resolve`),
+    ready to read text: on ``device`` (:func:`inference_device`), in ``dtype`` if given, in eval
+    mode, with a tokenizer whose ids the model's vocabulary covers. Every command that reads with a
+    model opens it here. Raises :class:`CheckpointError` for a missing or mismatched tokenizer."""
+    ckpt, tokenizer = resolve_with_tokenizer(path)
+    model = from_pretrained(ckpt, device=inference_device(device), dtype=dtype).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only "
+            f"{model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
 def resolve_with_tokenizer(path: str | Path) -> tuple[Path, Tokenizer]:
     """:func:`resolve`, for commands that need the tokenizer: :class:`CheckpointError` if there is none."""
     ckpt, tokenizer = resolve(path)
@@ -204,4 +230,11 @@ def resolve_with_tokenizer(path: str | Path) -> tuple[Path, Tokenizer]:
     return ckpt, tokenizer
 
 
-__all__ = ["CheckpointError", "from_pretrained", "resolve", "resolve_with_tokenizer", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "from_pretrained",
+    "load_for_inference",
+    "resolve",
+    "resolve_with_tokenizer",
+    "save_pretrained",
+]

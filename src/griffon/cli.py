@@ -9,8 +9,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
-
 from griffon.atomic import atomic_write
 from griffon.config import ModelConfig, apply_overrides
 from griffon.decode.steps import STEPS
@@ -34,23 +32,22 @@ def cmd_info(args: argparse.Namespace) -> None:
         decode_state_bytes,
         ffn_params,
         forward_flops_per_token,
+        param_counts,
         structuredffn_counts,
         train_flops_per_token,
     )
-    from griffon.model import Griffon
 
     cfg = resolve_config(args.model)
     if args.seq_len is None:
         args.seq_len = cfg.max_seq_len or 8192
     if args.set:
         cfg = ModelConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
-    with torch.device("meta"):
-        model = Griffon(cfg)
+    params, non_embedding = param_counts(cfg)
     # bf16 weights and caches, as served; the RG-LRU state is float32 regardless.
     state_bytes = decode_state_bytes(cfg, args.seq_len)
     info = {
-        "params": model.num_params(),
-        "params_non_embedding": model.num_params(non_embedding=True),
+        "params": params,
+        "params_non_embedding": non_embedding,
         "ffn_params": ffn_params(cfg),
         "train_flops_per_token": train_flops_per_token(cfg, args.seq_len),
         "forward_flops_per_token": forward_flops_per_token(cfg, args.seq_len),
@@ -174,13 +171,10 @@ def _plan_auto(d: dict, run_dir: Path):
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
+    from griffon.checkpoint import load_for_inference
     from griffon.decode import TextStream, calibrate_merge_thresholds, stream_tokens
 
-    ckpt, tokenizer = resolve_with_tokenizer(args.model)
-    model = from_pretrained(ckpt)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    model, tokenizer = load_for_inference(args.model, device="cpu")
     calibrate_merge_thresholds(model)  # structured FFNs: pre-merge where this machine makes it faster
     text = TextStream(tokenizer, args.stop)
     sys.stdout.write(args.prompt)
@@ -221,7 +215,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
+    from griffon.checkpoint import load_for_inference
     from griffon.decode import calibrate_merge_thresholds
 
     try:
@@ -229,14 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise SystemExit(f"griffon serve needs the serve extra: pip install 'griffon[serve]' ({e})") from e
     from griffon.serve import Engine, limits
-    from griffon.train.parallelize import resolve_device
 
     log = server.configure_logging()
     api_key = _api_key(args)
-    ckpt, tokenizer = resolve_with_tokenizer(args.model)
-    model = from_pretrained(ckpt, device=resolve_device(args.device))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    model, tokenizer = load_for_inference(args.model, device=args.device)
     calibrate_merge_thresholds(model)
     max_prompt = args.max_prompt_tokens
     if max_prompt is None:
@@ -264,13 +254,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
+    from griffon.checkpoint import load_for_inference, resolve
     from griffon.evaluate import byte_table, plot_by_position, score_documents
 
     results = {}
     for name in args.models:
-        ckpt, tokenizer = resolve_with_tokenizer(name)
-        model = from_pretrained(ckpt, device=args.device)
+        model, tokenizer = load_for_inference(name, device=args.device)
+        ckpt = resolve(name)[0]
         docs = _eval_documents(args, tokenizer)
         scores = score_documents(
             model, docs, byte_table(tokenizer), args.seq_len, args.batch_size, args.stride,

@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from griffon.checkpoint import from_pretrained, resolve_with_tokenizer
+from griffon.checkpoint import load_for_inference, resolve
 from griffon.decode import generate_text
 from griffon.evaluate import byte_table, score_continuations, score_documents
 
@@ -51,12 +50,8 @@ class GriffonLM(TemplateLM):
         step: str = "auto",
     ) -> None:
         super().__init__()
-        ckpt, tokenizer = resolve_with_tokenizer(pretrained)
-        self.model_path = ckpt
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"  # lm-eval's command line asks for cuda by default
-        self.model = from_pretrained(ckpt, device=device).eval()
-        self.griffon_tokenizer = tokenizer
+        self.model_path = resolve(pretrained)[0]
+        self.model, self.griffon_tokenizer = load_for_inference(pretrained, device=device)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length)
         self.step = step

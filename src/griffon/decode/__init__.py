@@ -1,5 +1,5 @@
-"""Decoding: the single-token step, chosen among the model's own, the fused CPU kernels and a
-compiled one (:mod:`griffon.decode.steps`), and the sampler on top (:mod:`griffon.decode.generate`).
+"""Decoding: the single-token step, chosen among the model's own, the fused CPU kernels, a compiled
+one and CUDA graphs (:mod:`griffon.decode.steps`), and the sampler on top (:mod:`griffon.decode.generate`).
 
 Every step reads and advances the same :class:`~griffon.model.Cache`; ``tests/test_decode_steps.py``
 compares each with the model's step, step by step.

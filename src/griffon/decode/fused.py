@@ -31,11 +31,12 @@ from torch.nn import functional as F
 
 from griffon.decode.kernels import PARALLEL, PARALLEL_MIN_ROWS, SERIAL
 from griffon.model import BlockState, Cache, Griffon
-from griffon.nn.attention import AttentionState, append_to_global_cache, inverse_frequencies, visible_keys
+from griffon.nn.attention import AttentionState, append_to_global_cache, inverse_frequencies
 from griffon.nn.mlp import GatedMLP
 from griffon.nn.norms import RMSNorm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 from griffon.nn.rglru import _C
+from griffon.nn.visibility import visible_keys
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

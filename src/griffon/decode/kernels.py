@@ -217,7 +217,7 @@ def _attention_step_row(b, qkv, num_heads, num_kv_heads, inv_freq, segment_pos, 
     qkv (B, (H + 2 H_kv) hd) = [q | k | v]; RoPE (rotate-half) turns the first ``2 len(inv_freq)``
     dims of each q and k head by ``segment_pos`` x inv_freq. keys/values (B, S, H_kv, hd), key_pos
     (B, S) (-1: empty); visible (B, S) says which cached keys the query sees
-    (:func:`griffon.nn.attention.visible_keys`); the new key always is. Softmax in float32 with
+    (:func:`griffon.nn.visibility.visible_keys`); the new key always is. Softmax in float32 with
     the maximum subtracted, as SDPA. out (B, H hd).
     """
     S = keys.shape[1]

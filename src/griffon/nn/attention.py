@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from griffon.nn.visibility import visible_keys
+
 # Queries per attention call; blocks let local and causal attention skip keys they cannot see.
 _QUERY_BLOCK = 128
 
@@ -43,18 +45,6 @@ def rope_tables(segment_pos: torch.Tensor, rope_dim: int, base: float, dtype: to
     inv_freq = inverse_frequencies(rope_dim, base, segment_pos.device)
     angles = segment_pos.to(torch.float32)[..., None, None] * inv_freq  # (B, T, 1, half)
     return torch.sin(angles).to(dtype), torch.cos(angles).to(dtype)
-
-
-def visible_keys(
-    key_pos: torch.Tensor, query_pos: torch.Tensor, query_seg: torch.Tensor, history: int | None
-) -> torch.Tensor:
-    """Which keys each query sees (shapes broadcast): a key is visible if it exists (position >= 0),
-    is not in the future, lies in the query's document (which began ``query_seg`` tokens before
-    the query) and, for local attention, at most ``history`` tokens back."""
-    visible = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos >= query_pos - query_seg)
-    if history is not None:
-        visible &= query_pos - key_pos <= history
-    return visible
 
 
 def append_to_global_cache(

@@ -1,6 +1,6 @@
 """Training and prefill attention through PyTorch's FlexAttention (GPU).
 
-The visibility rule is :func:`griffon.nn.attention.visible_keys` itself, for a fresh sequence
+The visibility rule is :func:`griffon.nn.visibility.visible_keys` itself, for a fresh sequence
 (stream position = index): a query sees keys at or before it, in its document and, for local attention, at
 most ``history`` tokens back. As a FlexAttention block mask, tiles that no query of a tile can see
 (beyond the window, in earlier documents) are skipped, so local attention costs
@@ -16,7 +16,7 @@ from functools import cache
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from griffon.nn.attention import visible_keys
+from griffon.nn.visibility import visible_keys
 
 # FlexAttention's default tile: the granularity at which masked work is skipped.
 BLOCK_SIZE = 128

@@ -1,1 +1,2 @@
-"""Scaling studies: sweeps of training runs (:mod:`.sweep`) and scaling-law fits (:mod:`.fit`)."""
+"""Scaling studies: sweeps of training runs (:mod:`.sweep`), scaling-law fits (:mod:`.fit`), and
+the calibration of the law ``model=auto`` plans with on this machine (:mod:`.calibrate`)."""

@@ -48,10 +48,9 @@ from typing import Any
 
 import torch
 
-from griffon.accounting import ffn_params, train_flops_per_token
+from griffon.accounting import ffn_params, param_counts, train_flops_per_token
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError
-from griffon.model import Griffon
 from griffon.train.config import TrainConfig, apply_overrides
 
 SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "min_steps", "seed"}
@@ -207,9 +206,7 @@ def _train_config(overrides: list[str]) -> TrainConfig:
 
 def _counts(cfg: TrainConfig) -> tuple[int, int, float]:
     """Parameters (total and non-embedding) and training FLOPs per token of a config."""
-    with torch.device("meta"):
-        model = Griffon(cfg.model)
-    return model.num_params(), model.num_params(non_embedding=True), train_flops_per_token(cfg.model, cfg.data.seq_len)
+    return *param_counts(cfg.model), train_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:

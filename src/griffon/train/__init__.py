@@ -1,1 +1,5 @@
-"""Training: configuration, optimizer and schedules, losses, run checkpoints, distribution, logging."""
+"""Training: configuration (:mod:`.config`), the trainer (:mod:`.trainer`) and its run directory
+(:mod:`.run_dir`, :mod:`.state`), optimizer and schedules (:mod:`.optim`), losses, logging,
+signals, DDP/FSDP2 under torchrun (:mod:`.parallelize`, :mod:`.distributed`), self-guided training
+of structured FFNs (:mod:`.self_guided`), the papers' recipes (:mod:`.recipes`) and ``model=auto``,
+which plans the model for a corpus, a budget and a machine (:mod:`.auto`)."""

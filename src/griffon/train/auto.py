@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from griffon.accounting import train_flops_per_token
+from griffon.accounting import param_counts, train_flops_per_token
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.prepare import is_prepared, read_meta, training_documents
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
@@ -357,10 +357,8 @@ def plan(
         vocab = _vocab_size(tokenizer)
         for w in widths or WIDTHS:
             mcfg = auto_model(w, vocab_size=max(vocab, 256))
-            with torch.device("meta"):
-                model = Griffon(mcfg)
             f = train_flops_per_token(mcfg, SEQ_LEN)
-            n, n_body = model.num_params(), model.num_params(non_embedding=True)
+            n, n_body = param_counts(mcfg)
             candidates.append(Candidate(tokenizer, w, mcfg.vocab_size, n, n_body, f, ratio))
     if minutes and machine is None:
         device = resolve_device(cfg.get("device", "auto"))
