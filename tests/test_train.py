@@ -263,7 +263,9 @@ def test_existing_run_is_not_overwritten_and_resume_checks(tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"]["mlp_width"] = 128
     (run / "config.json").write_text(json.dumps(cfg))
-    _fails(["train", "--resume", str(run)], capsys, "was made with another model config than this run's")
+    _fails(
+        ["train", "--resume", str(run)], capsys, "was made with model.mlp_width=192, this run's config.json says 128"
+    )
     cfg["model"]["mlp_width"] = 192
     (run / "config.json").write_text(json.dumps(cfg))
     ckpt = run / "checkpoints" / "step_000002" / "model.safetensors"
