@@ -11,6 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from griffon.nn import conv1d_gpu
+from griffon.nn.rglru import MAX_SQRT_GRADIENT, RGLRU_C
 from griffon.scan import gpu
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -41,9 +42,11 @@ def main() -> None:
     for gated, summary, (varlen, dt) in variants:
         streams = {k: dt for k in ("A", "X", "ZX", "ZA", "Y", "DY", "DA", "DX", "DZX", "DZA")}
         dtypes = {**streams, "RESET": "u8", "CU": "i32"}
-        flags = dict(C=gpu._C, GATED=gated, VARLEN=varlen, SUMMARY=summary, BT=gpu.BLOCK_T, BD=gpu.BLOCK_D)
+        flags = dict(C=RGLRU_C, GATED=gated, VARLEN=varlen, SUMMARY=summary, BT=gpu.BLOCK_T, BD=gpu.BLOCK_D)
         compile_kernel(gpu._fwd_kernel, SCAN_INTS, dtypes, dict(HAS_INIT=not summary, STORE_H32=dt != "fp32", **flags))
-        compile_kernel(gpu._bwd_kernel, SCAN_INTS, dtypes, dict(MIN_4U=gpu._MIN_4U, HAS_H0=True, **flags))
+        compile_kernel(
+            gpu._bwd_kernel, SCAN_INTS, dtypes, dict(MIN_4U=1.0 / MAX_SQRT_GRADIENT**2, HAS_H0=True, **flags)
+        )
         n += 2
     for reverse in (False, True):
         flags = dict(HAS_INIT=True, VARLEN=True, REVERSE=reverse, BD=gpu.BLOCK_D)

@@ -25,12 +25,14 @@ from griffon.scan.reference import linear_scan_reference, linear_scan_varlen_ref
 from segments import doc_positions
 
 pytest.importorskip("triton")
+from griffon.nn.rglru import MAX_SQRT_GRADIENT, RGLRU_C  # noqa: E402
 from griffon.scan.gpu import linear_scan_gpu, rglru_scan_gpu  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 SMALL = dict(block_t=8, block_d=16)
+CONSTANTS = dict(c=RGLRU_C, max_sqrt_gradient=MAX_SQRT_GRADIENT)
 
 # (B, T, D, chunk): one step and one channel; T not a multiple of the tile; chunks that split
 # time unevenly (chunk is a multiple of block_t; the last chunk is short).
@@ -128,7 +130,7 @@ def _rglru_case(layer, seg, h0, x, backend, chunk=None):
     inputs = [x, h0, *layer.parameters()]
     if backend == "fused":
         zx, za = layer.input_gate(x), layer.a_gate(x)
-        out = rglru_scan_gpu(x, zx, za, F.softplus(layer.a_param), h0, seg == 0, chunk=chunk, **SMALL)
+        out = rglru_scan_gpu(x, zx, za, F.softplus(layer.a_param), h0, seg == 0, chunk=chunk, **CONSTANTS, **SMALL)
     else:
         out = layer(x, seg, h0, scan_backend=backend)
     return [*out, *_grads(out, inputs, 7)]
@@ -161,7 +163,7 @@ def test_fused_rglru_bfloat16_inputs():
     with torch.no_grad():
         want, want_last = layer.float()(x.float(), seg)  # its gates in float32 from the same inputs
         got, got_last = rglru_scan_gpu(x.to(DEVICE), zx.to(DEVICE), za.to(DEVICE), sp.float().to(DEVICE),
-                                       reset=(seg == 0).to(DEVICE), **SMALL)  # fmt: skip
+                                       reset=(seg == 0).to(DEVICE), **CONSTANTS, **SMALL)  # fmt: skip
     assert got.dtype == torch.bfloat16
     _assert_close([got, got_last], [want.double(), want_last.double()], ["y", "h_last"], tol=2e-2)
 
@@ -174,7 +176,7 @@ def test_fused_rglru_packed_sequences_equal_separate_calls():
     sp = F.softplus(layer.a_param)
     with torch.no_grad():
         zx, za = layer.input_gate(x), layer.a_gate(x)
-        packed, packed_last = rglru_scan_gpu(x, zx, za, sp, h0, cu_seqlens=cu.to(DEVICE), chunk=8, **SMALL)
+        packed, packed_last = rglru_scan_gpu(x, zx, za, sp, h0, cu_seqlens=cu.to(DEVICE), chunk=8, **CONSTANTS, **SMALL)
         for n in range(3):
             s, e = int(cu[n]), int(cu[n + 1])
             seg = torch.arange(1, e - s + 1, device=DEVICE)[None]  # continuing from h0: no reset

@@ -34,10 +34,11 @@ from torch.nn import functional as F
 
 from griffon.accounting import train_flops_per_token
 from griffon.atomic import atomic_savefig, atomic_write_json
-from griffon.bench.machine import machine
 from griffon.decode.generate import prefill
 from griffon.decode.steps import make_step
+from griffon.machine import machine
 from griffon.model import Cache, Griffon
+from griffon.nn.rglru import MAX_SQRT_GRADIENT, RGLRU_C
 from griffon.presets import get_preset
 
 SCAN_SHAPES = [(8, 2048, 8192), (16, 4096, 4096), (1, 65536, 1024)]
@@ -126,7 +127,12 @@ def scan_cases(
     plain, fused = (min_traffic_bytes(kind, n, dtype) for kind in ("scan", "rglru"))
     cases = {
         "griffon triton scan": (_fwd_bwd(lambda: linear_scan_gpu(a, x), [a, x]), plain),
-        "griffon fused rglru": (_fwd_bwd(lambda: rglru_scan_gpu(x, zx, za, sp), [x, zx, za, sp]), fused),
+        "griffon fused rglru": (
+            _fwd_bwd(
+                lambda: rglru_scan_gpu(x, zx, za, sp, c=RGLRU_C, max_sqrt_gradient=MAX_SQRT_GRADIENT), [x, zx, za, sp]
+            ),
+            fused,
+        ),
     }
     if dtype == torch.float32 and T <= 4096:  # a Python loop over time: slow at long T
         cases["griffon loop (portable)"] = (_fwd_bwd(lambda: linear_scan(a, x, backend="loop"), [a, x]), plain)

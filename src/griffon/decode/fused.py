@@ -35,7 +35,7 @@ from griffon.nn.attention import AttentionState, append_to_global_cache, inverse
 from griffon.nn.mlp import GatedMLP
 from griffon.nn.norms import RMSNorm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
-from griffon.nn.rglru import _C
+from griffon.nn.rglru import RGLRU_C
 from griffon.nn.visibility import visible_keys
 
 
@@ -111,7 +111,7 @@ def _layer_weights(block: nn.Module, cfg) -> LayerWeights:
             conv_b=_np(t.conv.bias).copy(),
             gate_w=torch.cat([g.weight.detach() for g in gates], dim=-1),
             gate_b=torch.cat([g.bias.detach() for g in gates], dim=-1)[:, None, :].contiguous(),
-            log_a_scale=_np(-_C * F.softplus(t.rglru.a_param.detach())).copy(),
+            log_a_scale=_np(-RGLRU_C * F.softplus(t.rglru.a_param.detach())).copy(),
         )
         out = t.linear_out
     else:

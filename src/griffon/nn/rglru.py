@@ -11,9 +11,9 @@ from torch.nn import functional as F
 from griffon.scan import default_backend, linear_scan
 
 # The recurrence's fixed exponent c in a_t = a^(c * r_t).
-_C = 8.0
+RGLRU_C = 8.0
 # sqrt'(x) = 1/(2 sqrt x) is unbounded as a_t -> 1; the references cap it at 1000.
-_MAX_SQRT_GRADIENT = 1000.0
+MAX_SQRT_GRADIENT = 1000.0
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -40,7 +40,7 @@ class BlockDiagonalLinear(nn.Module):
 
 
 class _SqrtBoundDerivative(torch.autograd.Function):
-    """``sqrt(x)`` whose gradient is capped at ``_MAX_SQRT_GRADIENT`` (keeps bf16 training finite)."""
+    """``sqrt(x)`` whose gradient is capped at ``MAX_SQRT_GRADIENT`` (keeps bf16 training finite)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -50,7 +50,7 @@ class _SqrtBoundDerivative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / _MAX_SQRT_GRADIENT**2))
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / MAX_SQRT_GRADIENT**2))
 
 
 def init_a_param(a_param: torch.Tensor, min_rad: float = 0.9, max_rad: float = 0.999) -> None:
@@ -109,14 +109,14 @@ class RGLRU(nn.Module):
             # One Triton kernel pair does everything below from the gates' pre-activations, in float32.
             return rglru_scan_gpu(
                 x, self.input_gate(x), self.a_gate(x), F.softplus(self.a_param.float()),
-                None if state is None else state.float(), reset,
+                None if state is None else state.float(), reset, c=RGLRU_C, max_sqrt_gradient=MAX_SQRT_GRADIENT,
             )  # fmt: skip
         # The gates' matmuls run in x's dtype (bf16 under autocast); everything after them is
         # float32 (float64 if x is): the decay sits near 1, where bf16 cannot resolve 1 - a_t^2.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         gate_x = torch.sigmoid(self.input_gate(x).to(acc))
         gate_a = torch.sigmoid(self.a_gate(x).to(acc))
-        log_a = -_C * gate_a * F.softplus(self.a_param.to(acc))  # (B, T, W)
+        log_a = -RGLRU_C * gate_a * F.softplus(self.a_param.to(acc))  # (B, T, W)
         a = torch.exp(log_a)
         one_minus_a2 = 1.0 - torch.exp(2.0 * log_a)
         # The bounded-gradient sqrt matters only for backward; sampling skips its Python overhead.

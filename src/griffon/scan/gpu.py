@@ -37,11 +37,6 @@ import triton.language as tl
 
 from griffon.packing import check_cu_seqlens
 
-# The recurrence's fixed exponent c in a_t = a^(c r_t), and the bound on d sqrt(u)/du: both as in
-# nn/rglru.py; the kernels take them as constexpr arguments C and MIN_4U.
-_C = 8.0
-_MIN_4U = 1.0 / 1000.0**2
-
 
 @triton.jit
 def _compose(a1, x1, a2, x2):
@@ -263,7 +258,13 @@ def _chunk_length(n_programs: int, max_len: int, device: torch.device, block_t: 
 class _Geometry:
     """Where the sequences lie in the flat stream and how the kernels are launched over them."""
 
-    def __init__(self, B: int, T: int, D: int, cu_seqlens: torch.Tensor | None, device, chunk, block_t, block_d):
+    def __init__(
+        self, B: int, T: int, D: int, cu_seqlens: torch.Tensor | None, device, chunk, block_t, block_d,
+        c: float = 0.0, min_4u: float = 0.0,
+    ) -> None:  # fmt: skip
+        # c and min_4u, the RG-LRU's exponent and floor on 4u (the sqrt derivative's bound), are
+        # constexpr arguments of every kernel; only the gated (RG-LRU) paths read them.
+        self.c, self.min_4u = c, min_4u
         self.varlen = cu_seqlens is not None
         self.T = T
         self.D = D
@@ -286,7 +287,7 @@ class _Geometry:
         return dict(T=self.T, D=self.D, CHUNK=self.chunk, NC=self.NC, VARLEN=self.varlen, BD=self.bd)
 
     def constants(self) -> dict:
-        return dict(BT=self.bt, C=_C, **self.common())
+        return dict(BT=self.bt, C=self.c, **self.common())
 
 
 def _carry(geo: _Geometry, sum_a, sum_h, init, reverse: bool) -> torch.Tensor:
@@ -336,7 +337,7 @@ def _backward(geo: _Geometry, a, x, zx, za, sp, reset, h0, h, dy, d_last):
     dh0 = torch.empty(geo.N, geo.D, dtype=torch.float32, device=h.device)
     args = dict(A=a if a is not None else dummy, X=x, ZX=zx if gated else dummy, ZA=za if gated else dummy,
                 SP=sp if gated else dummy, RESET=reset, CU=geo.cu, H0=h0 if h0 is not None else dummy, H=h, DY=dy,
-                GATED=gated, HAS_H0=h0 is not None, MIN_4U=_MIN_4U, **geo.constants())  # fmt: skip
+                GATED=gated, HAS_H0=h0 is not None, MIN_4U=geo.min_4u, **geo.constants())  # fmt: skip
     g_in = d_last
     if geo.NC > 1:
         sums = torch.empty(2, geo.N * geo.NC, geo.D, dtype=torch.float32, device=h.device)
@@ -456,6 +457,8 @@ def rglru_scan_gpu(
     reset: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     *,
+    c: float,
+    max_sqrt_gradient: float,
     chunk: int | None = None,
     block_t: int = BLOCK_T,
     block_d: int = BLOCK_D,
@@ -465,7 +468,9 @@ def rglru_scan_gpu(
     Args:
         x: (B, T, D) the recurrence's input (after the Conv1D).
         gate_x, gate_a: (B, T, D) pre-sigmoid input and recurrence gates, any of the stream dtypes.
-        softplus_a: (D,) float32 ``softplus(Lambda)``, so ``log a_t = -8 sigmoid(gate_a) softplus_a``.
+        softplus_a: (D,) float32 ``softplus(Lambda)``, so ``log a_t = -c sigmoid(gate_a) softplus_a``.
+        c, max_sqrt_gradient: the RG-LRU's constants (:data:`griffon.nn.rglru.RGLRU_C` and
+            :data:`griffon.nn.rglru.MAX_SQRT_GRADIENT`), the bound on d sqrt(u)/du in backward.
         h0, reset, cu_seqlens, chunk, block_t, block_d: as :func:`linear_scan_gpu`.
 
     Returns:
@@ -478,7 +483,7 @@ def rglru_scan_gpu(
     (B, T, D), h0, reset = _prepare(x, h0, reset, cu_seqlens, "rglru_scan_gpu")
     if softplus_a.shape != (D,) or softplus_a.dtype != torch.float32:
         raise ValueError(f"softplus_a must be ({D},) float32, got {tuple(softplus_a.shape)} {softplus_a.dtype}")
-    geo = _Geometry(B, T, D, cu_seqlens, x.device, chunk, block_t, block_d)
+    geo = _Geometry(B, T, D, cu_seqlens, x.device, chunk, block_t, block_d, c, 1.0 / max_sqrt_gradient**2)
     return _GatedScan.apply(
         x.contiguous(), gate_x.contiguous(), gate_a.contiguous(), softplus_a.contiguous(), h0, reset, geo
     )
