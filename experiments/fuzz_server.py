@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, given, seed, settings
 
 from griffon import Griffon
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import machine
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
+from griffon.machine import machine
 from griffon.serve import Engine
 from griffon.serve.limits import Limits
 from griffon.serve.server import BackgroundServer, create_app

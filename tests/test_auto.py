@@ -13,8 +13,9 @@ from griffon.config import ConfigError
 from griffon.data.prepare import read_meta, validation_ids
 from griffon.data.sources import iter_documents
 from griffon.data.tokenizers import load_tokenizer
+from griffon.scaling.law import ScalingLaw, shipped_law_path
 from griffon.train import auto
-from griffon.train.auto import MIN_STEPS, Machine, ScalingLaw, effective_bytes
+from griffon.train.auto import MIN_STEPS, Machine, effective_bytes
 from griffon.train.config import TrainConfig
 from griffon.train.trainer import ensure_data
 
@@ -120,7 +121,7 @@ def test_law_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text('{"E": 1}')
     with pytest.raises(ConfigError, match="not a scaling law file"):
         ScalingLaw.load(tmp_path / "bad.json")
-    shipped = ScalingLaw.load(auto.shipped_law_path())
+    shipped = ScalingLaw.load(shipped_law_path())
     assert shipped.alpha > 0 and shipped.beta > 0 and shipped.source["machine"]
 
 

@@ -106,13 +106,13 @@ def test_sampling_is_seeded_and_filters():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (dict(prompts=[[]]), "prompt 0: the prompt is empty"),
         (dict(prompts=[]), "no prompts"),
-        (dict(prompts=[[1, 999]]), "token id 999"),
+        (dict(prompts=[[1, 999]]), r"prompt 0: prompt token ids must lie in \[0, 256\), got 999"),
         (dict(prompts=[[1]], top_p=0.0), "top_p must lie in"),
         (dict(prompts=[[1]], top_p=1.5), "top_p must lie in"),
         (dict(prompts=[[1]], temperature=-1.0), "temperature must be"),
-        (dict(prompts=[[1] * 120], max_new_tokens=20), "exceeds the model's max_seq_len 128"),
+        (dict(prompts=[[1] * 120], max_new_tokens=20), "exceeds the model's limit of 128 tokens"),
     ],
 )
 def test_bad_input(kwargs, message):

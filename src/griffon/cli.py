@@ -361,7 +361,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_scaling_calibrate(args: argparse.Namespace) -> None:
     from griffon.scaling.calibrate import calibrate
-    from griffon.train.auto import user_law_path
+    from griffon.scaling.law import user_law_path
 
     law = calibrate(args.out, args.law)
     print(f"{law.describe()}\nwritten to {args.law or user_law_path()}")
@@ -383,6 +383,7 @@ def cmd_scaling_fit(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from griffon.serve import limits
+    from griffon.serve.engine import DEFAULT_STEP_TOKENS
 
     p = argparse.ArgumentParser(prog="griffon", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -464,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; then 429")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
-    s.add_argument("--step-tokens", type=int, default=512, help="prompt tokens prefilled per engine iteration")
+    s.add_argument(
+        "--step-tokens", type=int, default=DEFAULT_STEP_TOKENS, help="prompt tokens prefilled per engine iteration"
+    )
     s.add_argument("--prefix-cache-mb", type=float, default=256.0, help="prefix-state cache size (0: off)")
     s.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: what fits half the free memory with every slot "

@@ -20,8 +20,9 @@ import torch
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import machine, matmul_peak_flops
+from griffon.bench.machine import matmul_peak_flops
 from griffon.data.loader import PackedLoader, TokenSplit
+from griffon.machine import machine
 from griffon.model import Griffon
 from griffon.train.config import TrainConfig
 from griffon.train.losses import next_token_loss

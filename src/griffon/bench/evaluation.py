@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import machine
+from griffon.machine import machine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

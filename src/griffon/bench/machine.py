@@ -1,30 +1,12 @@
-"""Machine description and measured peaks (matmul throughput, copy bandwidth) for the benchmarks."""
+"""Measured peaks (matmul throughput, copy bandwidth) and timing helpers for the benchmarks; the
+machine's description is :mod:`griffon.machine`'s."""
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 
 import torch
-
-
-def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from griffon.atomic import atomic_savefig, atomic_write_json
-from griffon.bench.machine import copy_bandwidth, machine, matmul_peak_flops
+from griffon.bench.machine import copy_bandwidth, matmul_peak_flops
 from griffon.config import ModelConfig
 from griffon.decode.fused import FusedDecoder
-from griffon.decode.generate import prefill, sample_next
+from griffon.decode.generate import prefill
 from griffon.decode.steps import make_step
+from griffon.machine import machine
 from griffon.model import Cache, Griffon
 from griffon.nn.structured import StructuredLinear
 
@@ -54,7 +55,7 @@ def time_decode(model: Griffon, batch: int, length: int, prompt_len: int = 16, s
     decode_step = make_step(model, step)
     t0 = time.perf_counter()
     for _ in range(length):
-        logits = decode_step(sample_next(logits, 0.0, None, None, None), cache)
+        logits = decode_step(logits.argmax(-1), cache)  # greedy
     return time.perf_counter() - t0, cache.nbytes()
 
 

@@ -36,8 +36,8 @@ from urllib.parse import urlparse
 import torch
 
 from griffon.atomic import atomic_savefig, atomic_write_json
-from griffon.bench.machine import machine
 from griffon.config import ModelConfig
+from griffon.machine import machine
 from griffon.model import Griffon
 
 

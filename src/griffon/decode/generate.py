@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from griffon.data.tokenizers import Tokenizer
+from griffon.decode.sampling import SamplingParams, check_prompt, sample
 from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
 
@@ -23,44 +24,6 @@ def _check_logits(logits: torch.Tensor, step: int) -> None:
             f"the model produced NaN or infinite logits {where} (rows {rows[:8]}): its weights or "
             "activations overflowed; check the checkpoint (griffon info) or sample in float32"
         )
-
-
-# Temperatures below this sample greedily, as vLLM's sampler does (its _SAMPLING_EPS): the
-# distribution is then a point mass on the argmax to float32 precision anyway.
-GREEDY_BELOW = 1e-5
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
-) -> torch.Tensor:
-    """Pick the next token from (B, V) logits: greedy at temperatures below :data:`GREEDY_BELOW`,
-    else filtered sampling. Finite for every temperature and finite logits."""
-    if temperature < GREEDY_BELOW:
-        return logits.argmax(-1)
-    # Shifted by the row's maximum before the division: the largest scaled logit is then 0 and the
-    # rest are <= 0, so a tiny temperature underflows the others to -inf (probability 0) instead of
-    # overflowing the maximum to inf, which would turn the softmax into NaN.
-    logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token once the tokens before it already hold top_p of the mass
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 def _prefill_batch(model: Griffon, prompts: Sequence[Sequence[int]], chunk: int) -> tuple[torch.Tensor, Cache]:
@@ -114,21 +77,21 @@ def prefill(
     return logits[back], cache.select(back)
 
 
-def _validate_prompts(model: Griffon, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+def length_limit(config) -> int | None:
+    """The longest prompt + generation a model takes: a global-attention model's ``max_seq_len``
+    (its cache and positions stop there); recurrent and local-attention models have none."""
+    return config.max_seq_len if config.has_global_attention else None
+
+
+def _validate(model: Griffon, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
     if not prompts:
         raise ValueError("no prompts given")
-    limit = model.config.max_seq_len
+    params.validate()
     for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; give at least one token")
-        bad = [t for t in p if not 0 <= int(t) < model.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} holds token id {bad[0]} outside [0, {model.config.vocab_size})")
-        if model.config.has_global_attention and limit is not None and len(p) + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new ones it exceeds the model's "
-                f"max_seq_len {limit} (global attention)"
-            )
+        try:
+            check_prompt([int(t) for t in p], model.config.vocab_size, length_limit(model.config), params.max_tokens)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
 
 
 @torch.inference_mode()
@@ -158,8 +121,8 @@ def generate_stream(
     ``merge_threshold`` they have: see :func:`~griffon.decode.calibration.calibrate_merge_thresholds`).
     Raises :class:`GenerationError` if the model's logits are NaN or infinite.
     """
-    _check_sampling(temperature, top_k, top_p)
-    _validate_prompts(model, prompts, max_new_tokens)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    _validate(model, prompts, params)
     model.eval()
     device = model.embed.weight.device
     generator = torch.Generator(device=device)
@@ -171,7 +134,7 @@ def generate_stream(
     active = [True] * B
     produced: list[list[int]] = [[] for _ in range(B)]
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = sample(logits, [params] * B, [generator] * B)  # (B,): the rows draw in turn from one stream
         out: list[int | None] = []
         for b in range(B):
             if not active[b]:

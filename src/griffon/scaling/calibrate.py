@@ -4,7 +4,7 @@ It sweeps the auto family (:func:`griffon.train.auto.auto_model`, byte tokenizer
 recipe's sequence length, batch and learning rates) over widths and FLOP budgets on the embedded
 corpus with :mod:`griffon.scaling.sweep`, fits ``L(N, D) = E + A/N^alpha + B/D^beta`` in bits per
 byte over non-embedding parameters and training bytes with :func:`griffon.scaling.fit.fit_parametric`,
-and writes it where ``model=auto`` looks first (:func:`griffon.train.auto.user_law_path`).
+and writes it where ``model=auto`` looks first (:func:`griffon.scaling.law.user_law_path`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from griffon.atomic import atomic_write
-from griffon.bench.machine import machine
+from griffon.machine import machine
 from griffon.scaling.fit import fit_parametric, read_runs
+from griffon.scaling.law import ScalingLaw, user_law_path
 from griffon.scaling.sweep import sweep
-from griffon.train.auto import BATCH, SEQ_LEN, ScalingLaw, auto_lr, auto_model, user_law_path
+from griffon.train.auto import BATCH, SEQ_LEN, auto_lr, auto_model
 
 WIDTHS = (64, 96, 128, 160, 192, 256)
 FLOPS = (4e11, 1.5e12, 5e12, 1.5e13)
@@ -73,8 +74,8 @@ def calibrate(
     runs = read_runs(out / "results.csv", {"params": "non_embedding_params", "loss": "val_bpb"})
     fit = fit_parametric(runs)
     info = machine()
-    law = ScalingLaw(
-        E=fit["E"], A=fit["A"], alpha=fit["alpha"], B=fit["B"], beta=fit["beta"],
+    law = ScalingLaw.from_fit(
+        fit,
         source={
             "machine": f"{info['cuda'] or info['cpu']}, {info['threads']} threads",
             "date": time.strftime("%Y-%m-%d"),

@@ -309,14 +309,10 @@ def _is_main() -> bool:
 
 
 def _device(name: str) -> str:
+    from griffon.machine import device_name
     from griffon.train.parallelize import resolve_device
 
-    device = resolve_device(name)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device_name(resolve_device(name))
 
 
 def prepare_shared_data(spec: dict[str, Any], out: Path) -> dict[str, Any]:

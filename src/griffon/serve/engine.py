@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -44,19 +43,19 @@ import numpy as np
 import torch
 
 from griffon.data.tokenizers import Tokenizer
-from griffon.decode.generate import TextStream, sample_next
+from griffon.decode.generate import TextStream, length_limit
 from griffon.decode.kernels import PARALLEL_MIN_ROWS
+from griffon.decode.sampling import SamplingParams, check_prompt, sample
 from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
 from griffon.serve.limits import Limits
 from griffon.serve.metrics import Metrics
 from griffon.serve.prefix_cache import EMPTY, Prefix, PrefixCache
 
-MAX_LOGPROBS = 20
+# Prompt tokens prefilled per engine iteration (``griffon serve --step-tokens``).
+DEFAULT_STEP_TOKENS = 512
 # Requests decoded together in the warm-up's second wave: enough for the fused step's parallel kernels.
 WARM_UP_BATCH = PARALLEL_MIN_ROWS
-# Seeds as vLLM accepts them: the range of a signed 64-bit integer.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 log = logging.getLogger("griffon.serve")
 
@@ -68,39 +67,6 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 class QueueFull(Exception):
     """The engine's waiting queue is at its bound; try again later."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops (OpenAI's completion parameters)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first (needs a tokenizer)
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # log-probabilities of the chosen token and this many top ones
-    echo: bool = False  # with logprobs: also score the prompt's tokens
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first parameter out of range."""
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens = 0 generates nothing; it is allowed only with echo")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise ValueError(f"seed must lie in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
@@ -224,7 +190,7 @@ class Engine:
         max_batch: int = 64,
         max_queue: int = 256,
         prefill_chunk: int = 256,
-        step_tokens: int = 1024,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
         prefix_cache_bytes: int = 256 * 2**20,
         step: str = "auto",
         max_len: int | None = None,
@@ -237,7 +203,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
-        self.max_len = max_len if max_len is not None else model.config.max_seq_len
+        self.max_len = max_len if max_len is not None else length_limit(model.config)
         self.limits = limits or Limits()
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
         self.metrics = Metrics()
@@ -254,23 +220,16 @@ class Engine:
     # ----- requests in ------------------------------------------------------------------------
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if this request cannot run: empty prompt, ids outside the vocabulary,
-        parameters out of range, stop strings without a tokenizer, longer than ``max_len``, or over
-        a limit (:class:`~griffon.serve.limits.LimitExceeded`, naming it)."""
+        """Raise ValueError if this request cannot run: parameters out of range, an empty prompt,
+        ids outside the vocabulary, longer than ``max_len``, stop strings without a tokenizer, or
+        over a limit (:class:`~griffon.serve.limits.LimitExceeded`, naming it)."""
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty")
         self.limits.check(len(prompt), params.max_tokens, params.logprobs, params.echo)
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        check_prompt(prompt, self.model.config.vocab_size, self.max_len, params.max_tokens)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
-        if self.max_len is not None and len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"limit of {self.max_len} tokens"
-            )
 
     def submit(
         self,
@@ -562,8 +521,12 @@ class Engine:
     # ----- decode -------------------------------------------------------------------------------
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        p = req.params
-        return int(sample_next(logits, p.temperature, p.top_k, p.top_p, req._generator)[0])
+        """One request's next token from its logits (1, V)."""
+        return int(sample(logits, [req.params], [req._generator])[0])
+
+    def _sample_batch(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """The running requests' next tokens from their logits (B, V), in one call."""
+        return sample(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
 
     def _emit(self, req: Request, token: int, logits: torch.Tensor) -> None:
         """Append a generated token; decide whether the request is done."""
@@ -595,10 +558,15 @@ class Engine:
             for req in list(self._running):
                 self._fail(req, e)
             return
+        try:
+            chosen: list[int] | None = self._sample_batch(self._running, logits)
+        except Exception:  # sampled again row by row below, so that only a row that fails alone fails
+            chosen = None
         done = []
         for i, req in enumerate(self._running):
+            row = logits[i : i + 1]
             try:
-                self._emit(req, self._sample(req, logits[i : i + 1]), logits[i : i + 1])
+                self._emit(req, chosen[i] if chosen is not None else self._sample(req, row), row)
             except Exception as e:  # this row alone: the others' tokens are already theirs
                 self._record(req, e)
                 if not req.finished:

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from griffon.serve.engine import SEED_MAX, SEED_MIN, Engine, EngineThread, QueueFull, SamplingParams
+from griffon.decode.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from griffon.serve.engine import Engine, EngineThread, QueueFull
 from griffon.serve.engine import Request as EngineRequest
 from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES
 

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from griffon.config import ConfigError, ModelConfig
 from griffon.data.prepare import is_prepared, read_meta, training_documents
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
 from griffon.model import Griffon
+from griffon.scaling.law import ScalingLaw, default_law
 from griffon.train.parallelize import autocast, resolve_device, resolve_dtype
 
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -82,58 +81,6 @@ def auto_model(width: int, vocab_size: int = 256) -> ModelConfig:
 def auto_lr(width: int) -> float:
     """Peak learning rate: 4e-3 at width 192 (tuned there), scaled as 1/width, at most 6e-3."""
     return min(6e-3, 4e-3 * 192 / width)
-
-
-@dataclass
-class ScalingLaw:
-    """``L(N, D) = E + A / N^alpha + B / D^beta`` (bits per byte; ``N`` non-embedding parameters,
-    ``D`` training bytes) and where it was measured."""
-
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
-    source: dict[str, Any]
-
-    def predict(self, n: float, d: float) -> float:
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
-
-    def describe(self) -> str:
-        return (
-            f"L = {self.E:.3g} + {self.A:.3g} / N^{self.alpha:.3g} + {self.B:.3g} / D^{self.beta:.3g} bits/byte"
-            f" ({self.source.get('machine', 'unknown machine')}, {self.source.get('date', 'undated')})"
-        )
-
-    def save(self, path: str | Path) -> None:
-        from griffon.atomic import atomic_write
-
-        text = json.dumps(asdict(self), indent=2) + "\n"
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ScalingLaw:
-        try:
-            d = json.loads(Path(path).read_text())
-            return cls(**{k: d[k] for k in ("E", "A", "alpha", "B", "beta")}, source=d.get("source", {}))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path} is not a scaling law file ({e}); rerun `griffon scaling calibrate`") from None
-
-
-def user_law_path() -> Path:
-    """Where ``griffon scaling calibrate`` writes this machine's law (used instead of the shipped one)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "griffon" / "auto_law.json"
-
-
-def shipped_law_path() -> Path:
-    return Path(str(resources.files("griffon.scaling") / "auto_law.json"))
-
-
-def default_law() -> tuple[ScalingLaw, Path]:
-    """This machine's calibrated law if there is one, else the shipped one; and its path."""
-    path = user_law_path() if user_law_path().is_file() else shipped_law_path()
-    return ScalingLaw.load(path), path
 
 
 @dataclass

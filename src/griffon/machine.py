@@ -1,0 +1,37 @@
+"""The machine a run or a benchmark measured on, described once: CPU, threads, torch, GPU."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """One line naming what ``device`` is: the GPU's name, or the CPU's and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def machine() -> dict[str, object]:
+    """The machine a benchmark or a run measured on: CPU, threads, torch, Python, GPU."""
+    cpu = cpu_name()
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
