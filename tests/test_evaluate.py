@@ -14,6 +14,8 @@ from griffon.cli import main
 from griffon.data.tokenizers import ByteTokenizer
 from griffon.evaluate import score_documents
 
+from memory import peak_traced_bytes
+
 BYTES = torch.ones(2, 256, dtype=torch.long)
 
 
@@ -198,19 +200,6 @@ def test_continuations_share_their_context_and_match_a_full_forward(preset, monk
     assert score_continuations(model, [(ctx_b, [greedy_next])])[0][1]
 
 
-def _peak_bytes(fn) -> int:
-    import gc
-    import tracemalloc
-
-    gc.collect()
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("preset", ["griffin-tiny", "mqa-tiny"])
 def test_a_document_in_pieces_scores_as_a_whole_in_bounded_memory(preset):
     """A document handed over as an iterator of pieces scores as the same document in one list,
@@ -230,7 +219,9 @@ def test_a_document_in_pieces_scores_as_a_whole_in_bounded_memory(preset):
         g = np.random.default_rng(0)
         return (g.integers(0, 256, 1000) for _ in range(n // 1000))
 
-    peaks = [_peak_bytes(lambda n=n: score_documents(model, [stream(n)], BYTES, seq_len=128)) for n in (4_000, 64_000)]
+    peaks = [
+        peak_traced_bytes(lambda n=n: score_documents(model, [stream(n)], BYTES, seq_len=128)) for n in (4_000, 64_000)
+    ]
     # sixteen times the tokens: about the same memory (allocator noise, ~100 kB here); the 60k
     # extra tokens held as int64 would be 480 kB more
     assert peaks[1] - peaks[0] < 256 * 1024, peaks

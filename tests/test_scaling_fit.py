@@ -180,9 +180,9 @@ def test_the_huber_fit_ignores_outliers_and_reports_its_summed_loss():
 
 
 def test_the_grid_evaluation_takes_bounded_memory_whatever_the_runs():
-    import tracemalloc
-
     from griffon.scaling.fit import PARAMETRIC_GRID, grid_objective
+
+    from memory import peak_traced_bytes
 
     rng = np.random.default_rng(0)
     xs = np.log(np.stack([rng.uniform(1e6, 1e9, 3000), rng.uniform(1e8, 1e11, 3000)]))
@@ -190,10 +190,7 @@ def test_the_grid_evaluation_takes_bounded_memory_whatever_the_runs():
     small = grid_objective(PARAMETRIC_GRID, xs[:, :50], log_l[:50])
     reference = [grid_objective(PARAMETRIC_GRID, xs[:, i : i + 1], log_l[i : i + 1]) for i in range(50)]
     assert np.allclose(small, np.sum(reference, axis=0), rtol=1e-12)
-    tracemalloc.start()
-    grid_objective(PARAMETRIC_GRID, xs, log_l)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    peak = peak_traced_bytes(lambda: grid_objective(PARAMETRIC_GRID, xs, log_l))
     # all at once: 4500 points x 3 terms x 3000 runs x 8 bytes = 324 MB per temporary
     assert peak < 256 * 2**20, peak
 

@@ -11,6 +11,8 @@ from griffon.config import ModelConfig
 from griffon.decode.generate import generate
 from griffon.serve import Engine, QueueFull, SamplingParams
 
+from memory import peak_traced_bytes
+
 CHUNK = 8
 BASE = dict(vocab_size=64, width=32, num_layers=3, num_heads=2, num_kv_heads=1, mlp_width=48)
 CONFIGS = {
@@ -296,19 +298,6 @@ def test_a_finished_request_is_not_counted_running_when_its_answer_is_released()
     assert seen == {short.id: (1, 1), waiting.id: (1, 0), long.id: (0, 0)}
 
 
-def _traced_peak(fn) -> int:
-    import gc
-    import tracemalloc
-
-    gc.collect()
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_long_prompt_costs_memory_linear_in_its_length():
     """Prefill of a long prompt with the prefix cache on (a snapshot every chunk) and of a scored
     one (echo with 20 logprobs): Python-side memory grows linearly in the prompt's length, with a
@@ -320,7 +309,7 @@ def test_a_long_prompt_costs_memory_linear_in_its_length():
     def run(n: int, params: SamplingParams) -> int:
         engine = Engine(model, prefill_chunk=chunk, step_tokens=4 * chunk, step="model", prefix_cache_bytes=2**30)
         prompt = [i % 64 for i in range(n)]
-        return _traced_peak(lambda: (engine.submit(prompt, params), engine.run_until_done()))
+        return peak_traced_bytes(lambda: (engine.submit(prompt, params), engine.run_until_done()))
 
     plain = SamplingParams(max_tokens=1)
     scored = SamplingParams(max_tokens=1, echo=True, logprobs=20)
