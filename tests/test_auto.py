@@ -169,13 +169,15 @@ def test_train_chooses_the_model_by_default(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     budget = 1.02 * MIN_STEPS * auto.SEQ_LEN * auto.BATCH * auto.train_flops_per_token(auto.auto_model(64), 256)
     args = ["train", "--set", f"data.path={corpus}", "--set", "max_minutes=null", "--set", f"max_flops={budget}",
-            "--set", "eval_every=1000", "--set", "final_eval_batches=2", "--out", str(run)]  # fmt: skip
+            "--set", "eval_every=1000", "--set", "final_eval_batches=2", "--set", "optim.lr=1.5e-3",
+            "--out", str(run)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "model=auto" in out and "<- chosen" in out
+    assert "model=auto" in out and "<- chosen" in out and "learning rate: 0.0015" in out
     plan = json.loads((run / "auto.json").read_text())
     cfg = TrainConfig.load(run / "config.json")
     assert plan["chosen"]["width"] == cfg.model.width == 64 and cfg.data.tokenizer == "bytes"
+    assert cfg.optim.lr == 1.5e-3  # the user's, not the plan's (auto_lr(64) = 0.006)
     assert read_meta(run / "data")["sources"] == [str(corpus)]
     # a model named: griffin-demo with the change, no planning (192 is not divisible by 5 heads)
     assert main(["train", "--set", "model.num_heads=5", "--out", str(tmp_path / "r2")]) == 2

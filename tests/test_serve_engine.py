@@ -63,7 +63,7 @@ def test_engine_equals_generate_whatever_the_arrival_order(name):
         for i, req in submitted.items():
             assert req.tokens == want[i], (name, order_seed, i)
             assert req.finish_reason == "length"
-        assert engine._batch is None and not engine._running
+        assert engine._batch is None and not engine.scheduler.running
 
 
 def test_cancel_frees_the_slot_and_timeouts_expire():

@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         d = apply_overrides(_train_base(args.config, args.set), args.set)
         run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if d.get("model") == "auto":
-            plan = _plan_auto(d, run_dir)
+            plan = _plan_auto(d, run_dir, _user_lr(args.config, args.set, d))
             d = plan.config
         cfg = TrainConfig.from_dict(d)
     result = train(cfg, run_dir, resume=bool(args.resume), checkpoint=args.checkpoint)
@@ -152,7 +152,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
-def _plan_auto(d: dict, run_dir: Path):
+def _user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:
+    """The learning rate the user set (``--set optim.lr=...`` or in the config file), which
+    ``model=auto`` keeps; None when it is the default's, for the plan to choose."""
+    if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides):
+        return d["optim"]["lr"]
+    if config is not None and Path(config).is_file():
+        try:
+            given = json.loads(Path(config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if isinstance(given, dict) and isinstance(given.get("optim"), dict) and "lr" in given["optim"]:
+            return d["optim"]["lr"]
+    return None
+
+
+def _plan_auto(d: dict, run_dir: Path, lr: float | None = None):
     """Resolve ``model=auto`` (:mod:`griffon.train.auto`), after the checks that need no model."""
     from griffon.config import ConfigError
     from griffon.train import auto
@@ -165,7 +180,7 @@ def _plan_auto(d: dict, run_dir: Path):
     checked = TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, before planning
     if checked.data.path is not None and not Path(checked.data.path).exists():
         raise ConfigError(f"data.path {checked.data.path} not found")
-    plan = auto.plan(d, data_sources(checked))
+    plan = auto.plan(d, data_sources(checked), lr=lr)
     print(plan.explain(), flush=True)
     return plan
 

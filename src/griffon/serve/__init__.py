@@ -1,7 +1,10 @@
-"""Serving: the continuous-batching engine (:mod:`.engine`), the prefix-state cache
-(:mod:`.prefix_cache`) and the OpenAI-compatible HTTP server (:mod:`.server`, the ``serve`` extra)."""
+"""Serving: the continuous-batching engine (:mod:`.engine`) with its scheduler (:mod:`.scheduler`),
+requests and their outputs (:mod:`.request`), the prefix-state cache (:mod:`.prefix_cache`), the
+limits on a request (:mod:`.limits`), metrics, and the OpenAI-compatible HTTP server
+(:mod:`.server`, the ``serve`` extra)."""
 
 from griffon.decode.sampling import SamplingParams
-from griffon.serve.engine import Engine, EngineThread, QueueFull, Request
+from griffon.serve.engine import Engine, EngineThread
+from griffon.serve.request import QueueFull, Request
 
 __all__ = ["Engine", "EngineThread", "QueueFull", "Request", "SamplingParams"]

@@ -2,8 +2,10 @@
 
 Each :meth:`Engine.step` is one iteration: drop requests that were cancelled or timed out; prefill
 waiting prompts in chunks, at most ``step_tokens`` prompt tokens per iteration so a long prompt
-does not stall the others; then advance every running request by one token with one decode step
-(:func:`griffon.decode.make_step`) over the batch of their caches. A Griffin or Hawk cache has a
+does not stall the others (which and how much is the :class:`~griffon.serve.scheduler.Scheduler`'s
+to decide); then advance every running request by one token with one decode step
+(:func:`griffon.decode.make_step`) over the batch of their caches, and sample their next tokens
+in one call (:func:`griffon.decode.sampling.sample`). A Griffin or Hawk cache has a
 fixed size, so a request joins the batch (:meth:`Cache.stack`) or leaves it (:meth:`Cache.select`)
 at the cost of copying a few states, and its slot is reused at once.
 
@@ -35,11 +37,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from griffon.data.tokenizers import Tokenizer
@@ -50,7 +49,9 @@ from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
 from griffon.serve.limits import Limits
 from griffon.serve.metrics import Metrics
-from griffon.serve.prefix_cache import EMPTY, Prefix, PrefixCache
+from griffon.serve.prefix_cache import EMPTY, PrefixCache
+from griffon.serve.request import LogprobRows, Request
+from griffon.serve.scheduler import Scheduler
 
 # Prompt tokens prefilled per engine iteration (``griffon serve --step-tokens``).
 DEFAULT_STEP_TOKENS = 512
@@ -63,108 +64,6 @@ log = logging.getLogger("griffon.serve")
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     # float32 at least: bf16 logits would give log-probabilities good to 2-3 digits only
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-
-
-class QueueFull(Exception):
-    """The engine's waiting queue is at its bound; try again later."""
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the model and the ``k`` most likely tokens' (id -> logprob)."""
-
-    logprob: float
-    top: dict[int, float]
-
-
-class LogprobRows:
-    """Log-probabilities of a run of tokens, one row per token: the token's own and the ``k`` most
-    likely tokens' ids and values. Kept in growing arrays (16 bytes per entry), not one dict per
-    token, so what a request keeps for ``logprobs`` and ``echo`` is small and counted."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self._n = 0
-        self._chosen = np.empty(0, dtype=np.float64)
-        self._ids = np.empty((0, k), dtype=np.int64)
-        self._values = np.empty((0, k), dtype=np.float64)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def extend(self, logp: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append the rows for log-probabilities ``logp`` (n, V) and the tokens taken ``tokens`` (n,)."""
-        n = logp.shape[0]
-        if self._n + n > len(self._chosen):
-            size = max(2 * len(self._chosen), self._n + n, 16)
-            self._chosen = np.resize(self._chosen, size)
-            self._ids = np.resize(self._ids, (size, self.k))
-            self._values = np.resize(self._values, (size, self.k))
-        rows = slice(self._n, self._n + n)
-        self._chosen[rows] = logp.gather(-1, tokens[:, None])[:, 0].double().cpu().numpy()
-        if self.k:
-            values, ids = torch.topk(logp, self.k, dim=-1)  # (n, k)
-            self._ids[rows] = ids.cpu().numpy()
-            self._values[rows] = values.double().cpu().numpy()
-        self._n += n
-
-    def rows(self, start: int, end: int) -> list[TokenLogprob]:
-        """Rows [start, end) as :class:`TokenLogprob` (the top ones as a dict id -> logprob)."""
-        return [
-            TokenLogprob(
-                float(self._chosen[i]), dict(zip(self._ids[i].tolist(), self._values[i].tolist(), strict=True))
-            )
-            for i in range(start, min(end, self._n))
-        ]
-
-
-@dataclass
-class Request:
-    """One completion request and, as it runs, its output. The engine appends to ``tokens`` (and
-    ``logprobs``) and sets ``finish_reason`` last; readers on other threads may poll them."""
-
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    arrival: float = field(default_factory=time.monotonic)
-    deadline: float | None = None
-    notify: Callable[[Request], None] | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: LogprobRows | None = None  # of the generated tokens, with params.logprobs
-    prompt_logprobs: LogprobRows | None = None  # of prompt tokens 1.. (nothing predicts the first), with echo
-    prompt_done: bool = False  # the prompt is prefilled (and scored, with echo and logprobs)
-    text: TextStream | None = None
-    finish_reason: str | None = None  # "length", "stop", "cancelled", "timeout", "error", "shutdown"
-    error: str | None = None  # what failed, with finish_reason "error"
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
-    _cancelled: bool = False
-    _admitted: bool = False  # counted in metrics.running
-    _cache: Cache | None = None
-    _position: int = 0  # prompt tokens in _cache
-    _prefix: Prefix | None = None  # the prompt's tokens in _cache, for the prefix cache
-    _snapshot_bytes: int = 0  # bytes this request's snapshots took in the prefix cache
-    _last: torch.Tensor | None = None  # (1, V) logits after them
-    _generator: torch.Generator | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def logprob_entries(self, start: int, end: int) -> list[TokenLogprob | None]:
-        """Output entries [start, end): with echo the prompt's tokens first (the first has none), then
-        the generated tokens. Only entries computed so far are returned."""
-        out: list[TokenLogprob | None] = []
-        if self.params.echo and self.prompt_logprobs is not None:
-            p = len(self.prompt)
-            if start == 0 and end > 0:
-                out.append(None)
-            out += self.prompt_logprobs.rows(max(start, 1) - 1, min(end, p) - 1)
-            start, end = max(start - p, 0), max(end - p, 0)
-        if self.logprobs is not None:
-            out += self.logprobs.rows(start, end)
-        return out
 
 
 class Engine:
@@ -196,24 +95,18 @@ class Engine:
         max_len: int | None = None,
         limits: Limits | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or step_tokens < 1:
-            raise ValueError("max_batch, prefill_chunk and step_tokens must be >= 1, max_queue >= 0")
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, step_tokens)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.embed.weight.device
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len if max_len is not None else length_limit(model.config)
         self.limits = limits or Limits()
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
         self.metrics = Metrics()
         self.errors = 0  # requests failed by an error inside the engine (logged, with the traceback)
         self._decode_step = make_step(model, step)
-        self._lock = threading.Lock()
-        self._waiting: deque[Request] = deque()
-        self._prefilling: list[Request] = []
-        self._running: list[Request] = []
-        self._batch: Cache | None = None  # the running requests' caches, in their order
+        self._batch: Cache | None = None  # the running requests' caches, in the scheduler's row order
         self._ids = itertools.count()
         self._by_id: dict[str, Request] = {}
 
@@ -244,20 +137,19 @@ class Engine:
         Raises ValueError for a bad request, :class:`QueueFull` when full."""
         self.check(prompt, params)
         timeout = timeout if timeout is not None else self.limits.request_timeout
-        with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+        with self.scheduler.lock:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._by_id:
                 raise ValueError(f"request id {rid!r} is in use")
             req = Request(rid, list(prompt), params, notify=notify)
             if timeout is not None:
                 req.deadline = req.arrival + timeout
-            self._enqueue(req)
+            self.scheduler.enqueue(req)
+            self._enqueued(req)
         return req
 
-    def _enqueue(self, req: Request) -> None:
-        """Queue a checked request (under the lock, but for the warm-up's)."""
+    def _enqueued(self, req: Request) -> None:
+        """Set up a queued request's output (under the scheduler's lock, but for the warm-up's)."""
         if self.tokenizer is not None:  # the text so far, cut at the first stop string
             req.text = TextStream(self.tokenizer, req.params.stop)
         if req.params.logprobs is not None:
@@ -265,8 +157,7 @@ class Engine:
             if req.params.echo:
                 req.prompt_logprobs = LogprobRows(req.params.logprobs)
         self._by_id[req.id] = req
-        self._waiting.append(req)
-        self.metrics.queue_length = len(self._waiting)
+        self.metrics.queue_length = len(self.scheduler.waiting)
 
     def warm_up(self) -> float:
         """Run requests through every path a request may take (a prefill of a whole chunk and of
@@ -289,8 +180,11 @@ class Engine:
         try:
             for wave in ([sampled, scored], [greedy] * min(self.max_batch, WARM_UP_BATCH)):
                 for params in wave:
-                    prompt = torch.randint(vocab, (n,), generator=g).tolist()
-                    self._enqueue(Request(f"warm-up-{next(self._ids)}", prompt, params))
+                    req = Request(
+                        f"warm-up-{next(self._ids)}", torch.randint(vocab, (n,), generator=g).tolist(), params
+                    )
+                    self.scheduler.waiting.append(req)  # past the queue's bound: the warm-up's own
+                    self._enqueued(req)
                 self.run_until_done()
         finally:  # nothing of the warm-up stays, whether it finished or failed
             self.abort_all("cancelled")
@@ -302,7 +196,7 @@ class Engine:
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request (its slot is freed at the next iteration); False if it is unknown or done."""
-        with self._lock:
+        with self.scheduler.lock:
             req = self._by_id.get(request_id)
             if req is None or req.finished:
                 return False
@@ -313,52 +207,39 @@ class Engine:
 
     @property
     def queue_length(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return self.scheduler.in_flight
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: expire, admit, prefill under the token budget, one decode step."""
-        now = time.monotonic()
-        self._expire(now)
-        with self._lock:
-            while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
-                req = self._waiting.popleft()
-                req._admitted = True
-                self.metrics.running += 1
-                self._prefilling.append(req)
-            self.metrics.queue_length = len(self._waiting)
-        for req in [r for r in self._prefilling if r._cache is None]:
+        gone, rows = self.scheduler.expire(time.monotonic())
+        self._drop_rows(rows)
+        for req, reason in gone:
+            self._finish(req, reason)
+        for req in self.scheduler.admit():
+            req._admitted = True
+            self.metrics.running += 1
             self._isolated(req, self._start_prefill, req)
-        # Prefill under the token budget (at least one chunk), one forward per group of requests
-        # whose next chunks have the same length and kind: fresh prompts of equal length go together.
-        budget, groups = self.step_tokens, {}
-        for req in list(self._prefilling):
-            if budget <= 0:
-                break
-            n = self._next_chunk(req)
-            budget -= n
-            groups.setdefault((n, self._scores_prompt(req)), []).append(req)
-        for group in groups.values():
+        self.metrics.queue_length = len(self.scheduler.waiting)
+        for group in self.scheduler.prefill_groups():
             self._prefill(group)
-        if self._running:
+        if self.scheduler.running:
             self._decode()
 
     def abort_all(self, reason: str) -> None:
         """Finish every request in the engine with ``reason`` (at shutdown, or after an error
         inside :meth:`step` that no request could be blamed for)."""
-        with self._lock:
-            waiting, self._waiting = list(self._waiting), deque()
-            self.metrics.queue_length = 0
-        prefilling, running = self._prefilling, self._running
-        self._prefilling, self._running, self._batch = [], [], None
-        for req in [*waiting, *prefilling, *running]:
+        requests = self.scheduler.take_all()
+        self._batch = None
+        self.metrics.queue_length = 0
+        for req in requests:
             if not req.finished:
                 self._finish(req, reason)
 
@@ -366,29 +247,6 @@ class Engine:
         """Iterate until every submitted request has finished (offline use and tests)."""
         while self.has_work():
             self.step()
-
-    def _expire(self, now: float) -> None:
-        def reason(r: Request) -> str | None:
-            if r._cancelled:
-                return "cancelled"
-            if r.deadline is not None and now > r.deadline:
-                return "timeout"
-            return None
-
-        with self._lock:
-            expired = [r for r in self._waiting if reason(r)]
-            for r in expired:
-                self._waiting.remove(r)
-            self.metrics.queue_length = len(self._waiting)
-        for r in expired:
-            self._finish(r, reason(r))
-        for r in [r for r in self._prefilling if reason(r)]:
-            self._prefilling.remove(r)
-            self._finish(r, reason(r))
-        gone = [i for i, r in enumerate(self._running) if reason(r)]
-        for i in gone:
-            self._finish(self._running[i], reason(self._running[i]))
-        self._drop_rows(gone)
 
     # ----- failures -----------------------------------------------------------------------------
 
@@ -407,27 +265,20 @@ class Engine:
     def _fail(self, req: Request, error: Exception) -> None:
         """Finish ``req`` with reason ``error`` wherever it is, and log why."""
         self._record(req, error)
-        if req in self._prefilling:
-            self._prefilling.remove(req)
-        if req in self._running:
-            i = self._running.index(req)
-            self._finish(req, "error")
-            self._drop_rows([i])
-        elif not req.finished:
+        row = self.scheduler.remove(req)
+        if row is not None:
+            self._drop_rows([row])
+        if not req.finished:
             self._finish(req, "error")
 
     # ----- prefill ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _scores_prompt(req: Request) -> bool:
-        return req.params.echo and req.params.logprobs is not None
 
     def _start_prefill(self, req: Request) -> None:
         """A fresh cache for ``req``, or the longest cached prefix of its prompt."""
         snapshot = None
         if self.prefix_cache is not None:
             req._prefix = EMPTY
-            if not self._scores_prompt(req):
+            if not req.scores_prompt:
                 snapshot = self.prefix_cache.lookup(req.prompt)
         if snapshot is None:
             req._cache, req._position = self.model.init_cache(1), 0
@@ -436,15 +287,10 @@ class Engine:
         req._prefix = snapshot.prefix
         req.cached_tokens = req._position
 
-    def _next_chunk(self, req: Request) -> int:
-        """Tokens of ``req``'s next prefill chunk: up to the next multiple of ``prefill_chunk``."""
-        start = req._position
-        return min(len(req.prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk) - start
-
     def _prefill(self, group: list[Request]) -> None:
         """Prefill the next chunk of every request in ``group``; if the forward fails, again one
         request at a time, so that only a request that fails on its own is failed."""
-        if self._next_chunk(group[0]) == 0:  # wholly restored from the prefix cache
+        if self.scheduler.next_chunk(group[0]) == 0:  # wholly restored from the prefix cache
             for req in group:
                 self._isolated(req, self._finish_prefill, req)
             return
@@ -464,21 +310,21 @@ class Engine:
         """The forward over the next chunk (all of one length) of every request in ``group``: the
         logits (len(group), n or 1, V) and each request's advanced cache. Changes no request, but
         for the cache of a group of one, which the forward consumes."""
-        n = self._next_chunk(group[0])
+        n = self.scheduler.next_chunk(group[0])
         tokens = torch.tensor([r.prompt[r._position : r._position + n] for r in group], device=self.device)
         segment_pos = torch.stack([torch.arange(r._position, r._position + n, device=self.device) for r in group])
         cache = group[0]._cache if len(group) == 1 else Cache.stack([r._cache for r in group])
-        logits, cache = self.model(tokens, segment_pos, cache=cache, last_only=not self._scores_prompt(group[0]))
+        logits, cache = self.model(tokens, segment_pos, cache=cache, last_only=not group[0].scores_prompt)
         if len(group) == 1:
             return logits, [cache]
         return logits, [cache.select(torch.tensor([i], device=self.device)) for i in range(len(group))]
 
     def _after_chunk(self, req: Request, logits: torch.Tensor, cache: Cache) -> None:
         """Take a prefilled chunk into ``req``: its cache, scores, last logits, a prefix snapshot."""
-        n = self._next_chunk(req)
+        n = self.scheduler.next_chunk(req)
         start = req._position
         req._cache = cache
-        if self._scores_prompt(req):
+        if req.scores_prompt:
             self._score_prompt(req, logits, start, start + n)  # logits (n, V)
         req._position += n
         req._last = logits[-1:]  # (1, V)
@@ -494,7 +340,7 @@ class Engine:
 
     def _finish_prefill(self, req: Request) -> None:
         """The prompt is in the cache: sample the first token and join the running batch."""
-        self._prefilling.remove(req)
+        self.scheduler.prefilling.remove(req)
         req.prompt_done = True
         req._prefix = None
         self.metrics.prompt_tokens += len(req.prompt)
@@ -507,7 +353,7 @@ class Engine:
         self._emit(req, self._sample(req, last), last)
         if not req.finished:
             self._batch = req._cache if self._batch is None else Cache.stack([self._batch, req._cache])
-            self._running.append(req)
+            self.scheduler.running.append(req)
         req._cache = None
 
     def _score_prompt(self, req: Request, logits: torch.Tensor, start: int, end: int) -> None:
@@ -551,19 +397,20 @@ class Engine:
             req.notify(req)
 
     def _decode(self) -> None:
-        tokens = torch.tensor([r.tokens[-1] for r in self._running], device=self.device)
+        running = self.scheduler.running
+        tokens = torch.tensor([r.tokens[-1] for r in running], device=self.device)
         try:
             logits = self._decode_step(tokens, self._batch)  # (B, V)
         except Exception as e:  # the batch's states may be half-advanced: every row fails
-            for req in list(self._running):
+            for req in list(running):
                 self._fail(req, e)
             return
         try:
-            chosen: list[int] | None = self._sample_batch(self._running, logits)
+            chosen: list[int] | None = self._sample_batch(running, logits)
         except Exception:  # sampled again row by row below, so that only a row that fails alone fails
             chosen = None
         done = []
-        for i, req in enumerate(self._running):
+        for i, req in enumerate(running):
             row = logits[i : i + 1]
             try:
                 self._emit(req, chosen[i] if chosen is not None else self._sample(req, row), row)
@@ -573,14 +420,15 @@ class Engine:
                     self._finish(req, "error")
             if req.finished:
                 done.append(i)
+        self.scheduler.drop_rows(done)
         self._drop_rows(done)
 
     def _drop_rows(self, rows: list[int]) -> None:
+        """Drop rows of the batch's cache (the scheduler has dropped the requests)."""
         if not rows:
             return
         gone = set(rows)
-        keep = [i for i in range(len(self._running)) if i not in gone]
-        self._running = [self._running[i] for i in keep]
+        keep = [i for i in range(self._batch.batch_size) if i not in gone]
         self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -594,7 +442,7 @@ class Engine:
             req._admitted = False
             self.metrics.running -= 1
         req.finish_reason = reason
-        with self._lock:
+        with self.scheduler.lock:
             self._by_id.pop(req.id, None)
         if req.notify is not None:
             try:

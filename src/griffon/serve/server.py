@@ -39,9 +39,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from griffon.decode.sampling import SEED_MAX, SEED_MIN, SamplingParams
-from griffon.serve.engine import Engine, EngineThread, QueueFull
-from griffon.serve.engine import Request as EngineRequest
+from griffon.serve.engine import Engine, EngineThread
 from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES
+from griffon.serve.request import QueueFull
+from griffon.serve.request import Request as EngineRequest
 
 log = logging.getLogger("griffon.serve")
 

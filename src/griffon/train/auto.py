@@ -183,6 +183,7 @@ class AutoPlan:
                 f"  machine: {self.machine.overhead * 1e6:.2f} us + FLOPs / {self.machine.flops_per_s / 1e9:.1f} GFLOP/s"
                 f" per training token (timed on widths {', '.join(str(int(p['width'])) for p in self.machine.probes)})"
             )
+        lines.append(f"  learning rate: {self.config['optim']['lr']:g}")
         lines.append(f"  law: {self.law.describe()} [{self.law_path}]")
         lines.append("  tokenizer  width  params  non-emb  bytes/tok  tokens/s  steps  MB read  epochs  predicted bpb")
         ranked = sorted((c for c in self.candidates if math.isfinite(c.predicted_bpb)), key=lambda c: c.predicted_bpb)
@@ -282,11 +283,12 @@ def plan(
     law_path: str | Path | None = None,
     machine: Machine | None = None,
     widths: tuple[int, ...] | None = None,
+    lr: float | None = None,
 ) -> AutoPlan:
     """Resolve ``model: "auto"`` in the train-config dict ``cfg`` (read from ``sources``, the raw
     corpus, unless ``data.path`` is prepared): the returned plan's ``config`` is the dict with the
-    chosen model, tokenizer, sequence length, batch, learning rate and (for a time budget) the
-    minutes left for training once planning is paid for."""
+    chosen model, tokenizer, sequence length, batch, learning rate (``lr``, the one the user set,
+    is kept) and (for a time budget) the minutes left for training once planning is paid for."""
     t0 = time.perf_counter()
     if law is None:
         law, law_path = default_law()
@@ -338,7 +340,7 @@ def plan(
     if not (data.get("path") and is_prepared(data["path"])):
         data["tokenizer"] = chosen.tokenizer
     data["seq_len"], data["batch_size"] = SEQ_LEN, BATCH
-    out.setdefault("optim", {})["lr"] = auto_lr(chosen.width)
+    out.setdefault("optim", {})["lr"] = lr if lr is not None else auto_lr(chosen.width)
     # The plan is for the chosen candidate's tokens (several epochs of a small corpus): a time
     # budget alone would schedule one epoch. The run stops at them or when time runs out.
     out["max_tokens"] = chosen.steps * SEQ_LEN * BATCH
