@@ -1,4 +1,4 @@
-"""Build the offline lm-evaluation-harness tasks shipped in ``src/griffon/harness_tasks/``.
+"""Build the offline lm-evaluation-harness tasks shipped in ``src/griffon/eval/harness_tasks/``.
 
     python experiments/build_harness_tasks.py
 

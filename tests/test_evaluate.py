@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from griffon import Griffon, get_preset, save_pretrained
 from griffon.cli import main
 from griffon.data.tokenizers import ByteTokenizer
-from griffon.evaluate import score_documents
+from griffon.eval.score import score_documents
 
 from memory import peak_traced_bytes
 
@@ -151,7 +151,7 @@ def test_griffon_eval_errors(checkpoint, tmp_path, capsys):
 
 def test_packed_evaluation_counts_a_document_start_with_its_own_bytes():
     """A sentencepiece-style first token decodes without its word-boundary space: row 1 of the table."""
-    from griffon.evaluate import evaluate
+    from griffon.eval.score import evaluate
 
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny"))
@@ -165,18 +165,18 @@ def test_packed_evaluation_counts_a_document_start_with_its_own_bytes():
 
 @pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "mqa-tiny"])
 def test_continuations_share_their_context_and_match_a_full_forward(preset, monkeypatch):
-    from griffon.evaluate import score_continuations
+    from griffon.eval.score import score_continuations
 
     torch.manual_seed(0)
     model = Griffon(get_preset(preset)).eval()
     ctx_a, ctx_b = _docs([40, 7], seed=1)
     requests = [(ctx_a, [5]), (ctx_a, [7, 8, 9]), (ctx_b, [1, 2]), (ctx_a, list(range(30)))]
     prefilled, calls = [], []
-    import griffon.evaluate
+    import griffon.eval.score
 
-    prefill, forward = griffon.evaluate.prefill, model.forward
+    prefill, forward = griffon.eval.score.prefill, model.forward
     monkeypatch.setattr(
-        griffon.evaluate, "prefill", lambda m, p, *a, **k: (prefilled.extend(p), prefill(m, p, *a, **k))[1]
+        griffon.eval.score, "prefill", lambda m, p, *a, **k: (prefilled.extend(p), prefill(m, p, *a, **k))[1]
     )
     monkeypatch.setattr(model, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
     got = score_continuations(model, requests, batch_size=2, chunk=16)

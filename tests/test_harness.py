@@ -12,7 +12,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from griffon import Griffon, get_preset, save_pretrained  # noqa: E402
 from griffon.data.tokenizers import ByteTokenizer  # noqa: E402
-from griffon.harness import TASKS_DIR, GriffonLM  # noqa: E402
+from griffon.eval.harness import TASKS_DIR, GriffonLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_griffon_lm_eval_command(lm, tmp_path, capsys):
 
 
 def test_model_arguments_override_lm_eval_options_and_unknown_ones_are_refused(lm):
-    from griffon.harness import GriffonLM
+    from griffon.eval.harness import GriffonLM
 
     ckpt = lm.model_path
     made = GriffonLM.create_from_arg_string(

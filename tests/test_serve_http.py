@@ -370,7 +370,7 @@ def test_lm_eval_local_completions_scores_through_the_server(tmp_path):
 
     from griffon import get_preset, save_pretrained
     from griffon.cli import main
-    from griffon.harness import TASKS_DIR, GriffonLM
+    from griffon.eval.harness import TASKS_DIR, GriffonLM
 
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny")).eval()

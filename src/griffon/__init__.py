@@ -3,7 +3,7 @@ models, and study how they scale.
 
 The layers, lowest first: ``scan`` (the linear scan and its backends), ``nn`` (the RG-LRU, attention,
 convolution, structured FFN layers), ``model`` (the residual blocks and the cache), ``decode``
-(decode steps and sampling), ``evaluate`` and ``harness`` (scoring and lm-eval), ``train``
+(decode steps and sampling), ``eval`` (scoring, lm-eval), ``train``
 (the trainer, ``model=auto``, self-guided training, parallelism), ``scaling`` (sweeps, fits,
 calibration), ``serve`` (the batching engine and the OpenAI-compatible server), ``bench``
 (benchmarks), ``cli`` (the command line)."""
@@ -11,7 +11,7 @@ calibration), ``serve`` (the batching engine and the OpenAI-compatible server), 
 from griffon.checkpoint import from_pretrained, resolve, save_pretrained
 from griffon.config import ConfigError, LinearStructure, ModelConfig
 from griffon.decode import generate, generate_stream, generate_text
-from griffon.evaluate import score_documents
+from griffon.eval.score import score_documents
 from griffon.model import Cache, Griffon
 from griffon.presets import get_preset, preset_names
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from griffon.atomic import atomic_write
@@ -270,13 +270,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from griffon.checkpoint import load_for_inference, resolve
-    from griffon.evaluate import byte_table, plot_by_position, score_documents
+    from griffon.eval.documents import eval_documents
+    from griffon.eval.score import byte_table, plot_by_position, score_documents
 
     results = {}
     for name in args.models:
         model, tokenizer = load_for_inference(name, device=args.device)
         ckpt = resolve(name)[0]
-        docs = _eval_documents(args, tokenizer)
+        docs = eval_documents(tokenizer, args.data, args.split, [*args.text, *args.jsonl], args.field)
         scores = score_documents(
             model, docs, byte_table(tokenizer), args.seq_len, args.batch_size, args.stride,
             per_doc=args.per_doc, by_position=args.by_position or bool(args.png), max_len=args.max_len,
@@ -296,36 +297,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         plot_by_position(results, args.png, args.train_len)
 
 
-def _eval_documents(args: argparse.Namespace, tokenizer) -> Iterator[Iterator]:
-    """The documents to score, read as scoring goes, each an iterator of pieces of token ids of
-    ``tokenizer``: a prepared split's (slices of its memory map), or raw files' (text read and
-    tokenized a piece at a time, :func:`griffon.data.sources.iter_document_pieces`). Every input
-    is checked before anything is scored."""
-    import numpy as np
-
-    from griffon.data.loader import TokenSplit
-    from griffon.data.prepare import read_meta
-    from griffon.data.sources import DataError, _check_input, iter_document_pieces
-
-    if args.data:
-        meta = read_meta(args.data)
-        if meta["tokenizer"] != tokenizer.describe():
-            raise DataError(f"{args.data} was prepared with another tokenizer ({meta['tokenizer']}) than the model's")
-        split = TokenSplit.open(args.data, args.split)
-        offsets = split.doc_offsets
-        return (iter([split.tokens[offsets[i] : offsets[i + 1]]]) for i in range(split.n_docs))
-    files = args.text + args.jsonl
-    if not files:
-        raise ValueError("give the documents to score: --data DIR, --text FILE... or --jsonl FILE...")
-    for f in files:
-        _check_input(Path(f))
-    return (
-        (np.asarray(tokenizer.encode(piece), dtype=np.int64) for piece in pieces)
-        for f in files
-        for pieces in iter_document_pieces(f, args.field)
-    )
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -335,7 +306,7 @@ def _positive(text: str) -> int:
 
 def cmd_lm_eval(args: argparse.Namespace) -> None:
     try:
-        from griffon.harness import main as harness_main
+        from griffon.eval.harness import main as harness_main
     except ImportError as e:
         raise ValueError(f"griffon lm-eval needs lm-evaluation-harness: pip install 'griffon[eval]' ({e})") from None
     rest = args.lm_eval_args

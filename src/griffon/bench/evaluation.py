@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     from griffon.checkpoint import resolve_with_tokenizer, save_pretrained
     from griffon.convert import export_hf
     from griffon.data.tokenizers import ByteTokenizer
-    from griffon.harness import TASKS_DIR, GriffonLM
+    from griffon.eval.harness import TASKS_DIR, GriffonLM
     from griffon.model import Griffon
     from griffon.train.config import TrainConfig
 

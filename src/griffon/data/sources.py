@@ -18,7 +18,7 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     ``datasets.Dataset.save_to_disk`` has one per row; any other directory is a tree of text files,
     one document each (sorted by path; hidden files and files that are not UTF-8 are skipped)."""
     path = Path(path)
-    _check_input(path)
+    check_input(path)
     name = path.name
     if path.is_dir() and not any((path / f).is_file() for f in HF_DATASET_FILES):
         yield from _text_tree(path)
@@ -44,7 +44,8 @@ HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 PIECE_BYTES = 4 * 2**20
 
 
-def _check_input(path: Path) -> None:
+def check_input(path: Path) -> None:
+    """Raise :class:`DataError` unless ``path`` is a regular file or a directory."""
     if not path.exists():
         raise DataError(f"input not found: {path}")
     if not (path.is_file() or path.is_dir()):
@@ -61,7 +62,7 @@ def iter_document_pieces(path: str | Path, field: str = "text") -> Iterator[Iter
     in a longer line, at a character boundary), so a document of any size is held a piece at a
     time; a document of any other input is one piece."""
     path = Path(path)
-    _check_input(path)
+    check_input(path)
     if _is_text_file(path):
         yield _text_pieces(path)
         return

@@ -40,7 +40,7 @@ from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval
 from griffon.data.prepare import is_prepared, prepare_corpus, read_meta, verify
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
-from griffon.evaluate import byte_table, evaluate
+from griffon.eval.score import byte_table, evaluate
 from griffon.model import Griffon
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig

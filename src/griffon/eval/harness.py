@@ -6,8 +6,8 @@ lm-eval's own command line, so every lm-eval option works.
 
 Speed comes from the fixed-size state of recurrent models: requests that share a context (the
 choices of a multiple-choice question) prefill it once and continue each choice from a copy of
-the cache (:func:`griffon.evaluate.score_continuations`); rolling loglikelihood reads a document
-once with the state carried across chunks (:func:`griffon.evaluate.score_documents`) instead of
+the cache (:func:`griffon.eval.score.score_continuations`); rolling loglikelihood reads a document
+once with the state carried across chunks (:func:`griffon.eval.score.score_documents`) instead of
 re-encoding overlapping windows.
 """
 
@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 
 from griffon.checkpoint import load_for_inference, resolve
 from griffon.decode import generate_text
-from griffon.evaluate import byte_table, score_continuations, score_documents
+from griffon.eval.score import byte_table, score_continuations, score_documents
 
 TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
 """The offline task pack (``griffon_next_line``, ``griffon_last_word``): ``--include_path`` it."""
