@@ -17,6 +17,8 @@ from griffon.scaling.law import ScalingLaw, shipped_law_path
 from griffon.train import auto
 from griffon.train.auto import MIN_STEPS, Machine, effective_bytes
 from griffon.train.config import TrainConfig
+from griffon.train.logging import read_records
+from griffon.train.optim import lr_at
 from griffon.train.trainer import ensure_data
 
 LAW = ScalingLaw(E=1.0, A=20.0, alpha=0.3, B=200.0, beta=0.3, source={"machine": "test"})
@@ -216,24 +218,27 @@ def test_the_machine_is_timed_in_the_dtype_the_run_trains_in(monkeypatch, dtype)
 
 
 def test_a_replanned_run_fills_its_time_and_saves_the_plan(tmp_path, capsys):
-    """A token budget planned for 20 steps and a 6-second time budget: at the end of warmup the
-    run re-plans its tokens from its pace, trains on for about the rest of the time, and saves the
-    new budget in config.json (replan_tokens cleared), which a resume then keeps."""
-    from griffon.cli import main
-    from griffon.train.optim import lr_at
+    """A token budget planned for 40 steps and a 6-second time budget: once the pace since warmup
+    is measured (here at half the planned steps), the run re-plans its tokens, trains on for about
+    the rest of the time, and saves the new budget in config.json with where it re-planned; the
+    steps before that keep the first plan's learning rates, so a resume replays them."""
 
     run = tmp_path / "run"
-    sets = ["model=griffin-tiny", "data.seq_len=32", "data.batch_size=2", "max_tokens=1280", "max_minutes=0.1",
+    sets = ["model=griffin-tiny", "data.seq_len=32", "data.batch_size=2", "max_tokens=2560", "max_minutes=0.1",
             "replan_tokens=true", "optim.warmup_steps=10", "eval_every=100000", "save_every=100000",
-            "final_eval_batches=2", "log_every=1000"]  # fmt: skip
+            "final_eval_batches=2", "log_every=1"]  # fmt: skip
     t0 = auto.time.perf_counter()
     assert main(["train", "--out", str(run), *(f"--set={s}" for s in sets)]) == 0
     took = auto.time.perf_counter() - t0
     saved = json.loads((run / "config.json").read_text())
     steps = saved["max_tokens"] // 64
-    assert saved["replan_tokens"] is False and steps > 20 * 3, saved["max_tokens"]
-    assert took > 0.6 * 6, took  # it used its time (a 20-step run takes well under a second)
-    # warmup's learning rates do not depend on the planned steps: a resume from before the re-plan replays them
+    assert saved["replan_tokens"] is False and steps > 40 * 3, saved["max_tokens"]
+    assert took > 0.6 * 6, took  # it used its time (a 40-step run takes about a second)
+    step, before = saved["replanned_at"]
+    assert before == 40 and 20 <= step < steps
+    logged = {r["step"]: r["lr"] for r in read_records(run / "log.jsonl") if r.get("kind") == "train"}
     cfg = TrainConfig.load(run / "config.json")
-    assert all(lr_at(s, 20, cfg.optim) == lr_at(s, steps, cfg.optim) for s in range(10))
+    # the step before the re-plan ran on the first plan's schedule (a record is logged after its step)
+    assert logged[step] == pytest.approx(lr_at(step - 1, 40, cfg.optim), rel=1e-6)
+    assert lr_at(step - 1, 40, cfg.optim) != pytest.approx(lr_at(step - 1, steps, cfg.optim), rel=1e-6)
     capsys.readouterr()

@@ -336,8 +336,8 @@ def dataclass_from_dict(cls: Any, d: Any, what: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = tp.from_dict(value) if hasattr(tp, "from_dict") else dataclass_from_dict(tp, value, key)
-        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
-            value = tuple(value)
+        elif isinstance(value, list) and any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp))):
+            value = tuple(value)  # JSON has lists: a tuple field, or an optional one, takes them
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -139,8 +139,12 @@ class TrainConfig:
     """Stop after this much wall time (not bitwise reproducible; set null for exact runs)."""
     replan_tokens: bool = False
     """``max_tokens`` is a plan made from ``max_minutes`` before the run (``model=auto`` sets this):
-    once, at the end of warmup, re-plan it from the measured pace so the run fills its time; the new
-    ``max_tokens`` is saved in ``config.json`` and this set false, so a resume replays it exactly."""
+    once, after a tenth of the time, re-plan it from the pace measured since warmup so the run fills
+    its time; the new ``max_tokens`` and ``replanned_at`` are saved in ``config.json`` and this set
+    false, so a resume replays the same schedule."""
+    replanned_at: tuple[int, int] | None = None
+    """``[step, steps]``: where the re-plan happened and the schedule's length before it; the steps
+    before it keep that schedule's learning rates."""
     dtype: str = "auto"
     """``bf16`` autocast (recurrence state and softmax stay float32), ``fp32``, or ``auto``: bf16 on
     GPUs and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), fp32 elsewhere."""
@@ -192,6 +196,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number (or null), got {value}")
+        if self.replanned_at is not None and not (
+            len(self.replanned_at) == 2 and all(isinstance(v, int) and v > 0 for v in self.replanned_at)
+        ):
+            raise ConfigError(f"replanned_at must be (step, steps), two positive integers, got {self.replanned_at}")
         if self.replan_tokens:
             if not (self.max_tokens and self.max_minutes):
                 raise ConfigError("replan_tokens re-plans max_tokens from max_minutes: set both")

@@ -80,6 +80,8 @@ class TrainResult:
 # Share of the time left that a re-planned token budget leaves unplanned: checkpoints, and the pace
 # drifting (timings on a shared machine move by 20-50% within minutes).
 REPLAN_MARGIN = 0.05
+# The re-plan waits for this share of the time budget, so that the pace it measures is the settled one.
+REPLAN_AFTER = 0.1
 
 
 def data_sources(cfg: TrainConfig) -> list[Path]:
@@ -349,6 +351,8 @@ class _Session:
     window: tuple[float, int] = (0.0, 0)
     """(time, tokens) since the last logged step, for tokens/s."""
     tokens_per_s: float = 0.0
+    pace_mark: tuple[float, int] | None = None
+    """(elapsed, step) from which ``replan`` measures the pace."""
 
     def __post_init__(self) -> None:
         self.start = time.time() - self.progress.elapsed
@@ -363,24 +367,36 @@ class _Session:
         return bool(self.cfg.max_minutes) and self.elapsed() >= 60 * self.cfg.max_minutes
 
     def replan(self, eval_batches_of: Callable[[int | None], int]) -> None:
-        """With ``replan_tokens``, once, at the end of warmup (whose learning rates do not depend on
-        the planned steps): set ``max_tokens`` to what the rest of the time budget fits at the pace
-        measured so far (the mean over ranks, so all agree), less the evaluations to come (an
-        evaluation batch costs about a third of a training step) and :data:`REPLAN_MARGIN`.
-        ``eval_batches_of(n)`` is the number of batches an evaluation of at most ``n`` takes. The
-        new budget is saved in ``config.json`` with ``replan_tokens`` cleared, so a resume, from
-        before or after this step, replays the same schedule."""
+        """With ``replan_tokens``, once, when a tenth of the time budget has passed
+        (:data:`REPLAN_AFTER`) or half the planned steps, whichever comes first (all ranks agree on
+        the step; at least 10 steps past warmup): set ``max_tokens`` to what the rest of
+        the time fits at the pace measured since warmup (its first steps are slower: compilation,
+        allocator, caches), less the evaluations to come (an evaluation batch costs about a third
+        of a training step) and :data:`REPLAN_MARGIN`. ``eval_batches_of(n)`` is the number of
+        batches an evaluation of at most ``n`` takes. The new budget and ``replanned_at`` (the
+        steps before it keep the old schedule's learning rates) are saved in ``config.json`` with
+        ``replan_tokens`` cleared, so a resume replays the same schedule."""
         cfg, step = self.cfg, self.progress.step
-        if not cfg.replan_tokens or step != cfg.optim.warmup_steps:
+        if not cfg.replan_tokens or step < cfg.optim.warmup_steps:
+            return
+        if self.pace_mark is None:  # the pace is measured from here
+            self.pace_mark = (self.elapsed(), step)
+            return
+        budget = 60 * cfg.max_minutes
+        due = self.elapsed() >= REPLAN_AFTER * budget or step >= self.plan.total_steps // 2  # before the plan ends
+        if step - self.pace_mark[1] < 10 or not D.any_rank(due, self.device):
             return
         elapsed = float(D.all_reduce_mean(torch.tensor(self.elapsed(), dtype=torch.float64, device=self.device)))
-        per_step = elapsed / step  # seconds, the first steps' overheads included: a slight underestimate of speed
+        mark = float(D.all_reduce_mean(torch.tensor(self.pace_mark[0], dtype=torch.float64, device=self.device)))
+        per_step = (elapsed - mark) / (step - self.pace_mark[1])  # seconds
         periodic = eval_batches_of(cfg.eval_batches) / (3 * cfg.eval_every)  # of a step, per step
-        left = (60 * cfg.max_minutes - elapsed) * (1 - REPLAN_MARGIN) - eval_batches_of(
-            cfg.final_eval_batches
-        ) * per_step / 3
+        final = eval_batches_of(cfg.final_eval_batches) * per_step / 3
+        left = (budget - elapsed) * (1 - REPLAN_MARGIN) - final
         steps = step + max(int(left / (per_step * (1 + periodic))), 1)
-        self.cfg = dataclasses.replace(cfg, max_tokens=steps * self.plan.tokens_per_step, replan_tokens=False)
+        self.cfg = dataclasses.replace(
+            cfg, max_tokens=steps * self.plan.tokens_per_step, replan_tokens=False,
+            replanned_at=(step, self.plan.total_steps),
+        )  # fmt: skip
         self.plan.total_steps = steps
         if self.info.is_main:
             text = self.cfg.to_json()
@@ -396,6 +412,8 @@ class _Session:
         """Set the learning rate of the step about to run. Under a time budget the schedule spans
         the steps that will fit at the pace so far, so that it still decays before time runs out."""
         step, steps = self.progress.step, self.plan.total_steps
+        if self.cfg.replanned_at is not None and step < self.cfg.replanned_at[0]:
+            steps = self.cfg.replanned_at[1]  # the schedule these steps had before the re-plan
         if self.cfg.max_minutes and step >= 10:
             used = self.elapsed() / (60 * self.cfg.max_minutes)
             steps = min(steps, max(step + 1, int(step / max(used, 1e-9))))
