@@ -24,7 +24,7 @@ import numpy as np
 from griffon.data.corpus import default_corpus
 from griffon.data.sources import iter_documents
 
-OUT = Path(__file__).resolve().parent.parent / "src" / "griffon" / "harness_tasks"
+OUT = Path(__file__).resolve().parent.parent / "src" / "griffon" / "eval" / "harness_tasks"
 EXAMPLES = 200
 LONG_CONTEXT_LINES = 20
 

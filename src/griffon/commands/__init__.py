@@ -1,0 +1,23 @@
+"""The ``griffon`` commands, one module each: ``register(sub)`` adds the command's parser, whose
+``fn`` default is the function that runs it. :mod:`griffon.cli` only dispatches."""
+
+from griffon.commands import (
+    bench,
+    convert,
+    data,
+    evaluation,
+    export_hf,
+    info,
+    lm_eval,
+    presets,
+    sample,
+    scaling,
+    serve,
+    sweep,
+    tokenizer,
+    train,
+)
+
+# In the order ``griffon --help`` lists them.
+COMMANDS = (info, presets, convert, train, sample, serve, evaluation, lm_eval, data, tokenizer, bench, sweep, scaling,
+            export_hf)  # fmt: skip

@@ -1,0 +1,24 @@
+"""``griffon export-hf``: griffon checkpoint -> HF RecurrentGemma directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import resolve
+    from griffon.convert import export_hf
+
+    ckpt, tokenizer = resolve(args.src)
+    export_hf(ckpt, args.dst, tokenizer)
+    print(f"wrote HF RecurrentGemma checkpoint to {args.dst}")
+    if tokenizer is None:
+        print(f"no tokenizer found for {args.src}: {args.dst} holds the model only")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``griffon export-hf`` to the command line."""
+    s = sub.add_parser("export-hf", help="griffon checkpoint -> HF RecurrentGemma directory")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(fn=run)
