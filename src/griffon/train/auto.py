@@ -42,7 +42,10 @@ from griffon.data.prepare import is_prepared, read_meta, training_documents
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
 from griffon.model import Griffon
 from griffon.scaling.law import ScalingLaw, default_law
+from griffon.train.config import TrainConfig
 from griffon.train.parallelize import autocast, resolve_device, resolve_dtype
+from griffon.train.run_dir import holds_run
+from griffon.train.trainer import data_sources
 
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 BPE_VOCABS = (1024, 4096, 8192)
@@ -350,3 +353,30 @@ def plan(
         out["replan_tokens"] = True
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) + ([f"{flops:.3g} FLOPs"] if flops else []))
     return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning)
+
+
+def user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:
+    """The learning rate the user set (``--set optim.lr=...`` or in the config file), which
+    ``model=auto`` keeps; None when it is the default's, for the plan to choose."""
+    if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides):
+        return d["optim"]["lr"]
+    if config is not None and Path(config).is_file():
+        try:
+            given = json.loads(Path(config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if isinstance(given, dict) and isinstance(given.get("optim"), dict) and "lr" in given["optim"]:
+            return d["optim"]["lr"]
+    return None
+
+
+def plan_new_run(d: dict, run_dir: Path, lr: float | None = None) -> AutoPlan:
+    """:func:`plan` for a new run in ``run_dir``, after the checks that need no model: the run
+    directory is free, the rest of the config is valid, ``data.path`` exists. ``lr``: the user's,
+    kept (:func:`user_lr`)."""
+    if holds_run(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    checked = TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, before planning
+    if checked.data.path is not None and not Path(checked.data.path).exists():
+        raise ConfigError(f"data.path {checked.data.path} not found")
+    return plan(d, data_sources(checked), lr=lr)

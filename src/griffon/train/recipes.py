@@ -13,7 +13,9 @@ on one process; with N processes divide ``grad_accum`` by N. Structured variants
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from griffon.config import ConfigError
 from griffon.presets import get_preset, preset_tokens
@@ -58,3 +60,21 @@ for _size, _lr in _STRUCTUREDFFN_LR.items():
         )
 
     _RECIPES[f"structuredffn-{_size}"] = _structuredffn
+
+
+def starting_config(config: str | None, overrides: list[str]) -> dict:
+    """The config dict ``griffon train`` starts from: a JSON file, a recipe's name, or the defaults
+    with ``model=auto`` when no override names a model."""
+    if config is None:
+        d = TrainConfig().to_dict()
+        if not any(o.split("=", 1)[0].split(".")[0] == "model" for o in overrides):
+            d["model"] = "auto"
+        return d
+    if not Path(config).exists() and config in recipe_names():
+        return get_recipe(config).to_dict()
+    path = Path(config)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return TrainConfig.load(path).to_dict()  # raises the config loader's clear error
+    return d if isinstance(d, dict) and d.get("model") == "auto" else TrainConfig.load(path).to_dict()
