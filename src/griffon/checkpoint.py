@@ -76,19 +76,20 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"cannot read {path}: {e} (corrupted or truncated file?)") from None
 
 
-def check_matches(directory: str | Path, config: ModelConfig) -> None:
-    """Before a model of ``config`` is built: the checkpoint in ``directory`` was made with this
-    model config, and its weights file lists exactly that model's tensors and shapes (read from the
-    header, nothing loaded). Raises :class:`CheckpointError` naming the first difference."""
-    saved = load_config(directory).to_dict()
-    wanted = config.to_dict()
+def check_matches(
+    directory: str | Path, saved: ModelConfig, shapes: dict[str, tuple[int, ...]], config: ModelConfig
+) -> None:
+    """Before a model of ``config`` is built: the checkpoint in ``directory``, whose config is
+    ``saved`` (:func:`load_config`) and whose tensors have ``shapes`` (:func:`tensor_shapes`, read
+    from the header, nothing loaded), was made with this model config and holds exactly that
+    model's tensors. Raises :class:`CheckpointError` naming the first difference."""
+    saved, wanted = saved.to_dict(), config.to_dict()
     if saved != wanted:
         key = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
         raise CheckpointError(
             f"checkpoint {directory} was made with model.{key}={saved.get(key)!r}, this run's config.json "
             f"says {wanted.get(key)!r}"
         )
-    shapes = tensor_shapes(Path(directory) / WEIGHTS_NAME)
     with torch.device("meta"):
         expected = Griffon(config).state_dict()
     check_state_dict_shapes(expected, shapes, str(Path(directory) / WEIGHTS_NAME))

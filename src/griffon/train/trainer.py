@@ -511,11 +511,10 @@ def _check_resumable(run_dir: Path, cfg: TrainConfig, name: str | None) -> None:
     if chosen is None or chosen not in ckpts:
         return
     try:
-        load_config(chosen)
-        tensor_shapes(chosen / WEIGHTS_NAME)
+        saved, shapes = load_config(chosen), tensor_shapes(chosen / WEIGHTS_NAME)
     except CheckpointError:
         return
-    check_matches(chosen, cfg.model)
+    check_matches(chosen, saved, shapes, cfg.model)
 
 
 def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, Progress]:
