@@ -13,13 +13,14 @@ from griffon.config import ConfigError
 from griffon.data.prepare import read_meta, validation_ids
 from griffon.data.sources import iter_documents
 from griffon.data.tokenizers import load_tokenizer
+from griffon.data.training_data import TrainingData
 from griffon.scaling.law import ScalingLaw, shipped_law_path
 from griffon.train import auto
 from griffon.train.auto import MIN_STEPS, Machine, effective_bytes
 from griffon.train.config import TrainConfig
 from griffon.train.logging import read_records
 from griffon.train.optim import lr_at
-from griffon.train.trainer import ensure_data
+from griffon.train.trainer import prepare_data
 
 LAW = ScalingLaw(E=1.0, A=20.0, alpha=0.3, B=200.0, beta=0.3, source={"machine": "test"})
 MACHINE = Machine(overhead=0.0, flops_per_s=5e10, probes=[])
@@ -57,7 +58,9 @@ def test_effective_bytes_discounts_repetition():
 
 def test_plan_chooses_the_lowest_prediction(tmp_path):
     corpus = _corpus(tmp_path / "c.jsonl", _words(60, 400))
-    plan = auto.plan(_auto_cfg(corpus, max_minutes=1.0), [corpus], LAW, "law.json", MACHINE, widths=(64, 96, 128))
+    plan = auto.plan(
+        _auto_cfg(corpus, max_minutes=1.0), TrainingData.resolve(corpus), LAW, "law.json", MACHINE, widths=(64, 96, 128)
+    )
     seconds = 60 - plan.planning_s
     finite = [c for c in plan.candidates if math.isfinite(c.predicted_bpb)]
     assert plan.chosen.predicted_bpb == min(c.predicted_bpb for c in finite)
@@ -82,8 +85,12 @@ def test_bpe_where_it_pays(tmp_path):
     printable characters barely compress, and the bigger output layer makes bytes the better buy."""
     words = _corpus(tmp_path / "words.jsonl", _words(60, 400))
     noise = _corpus(tmp_path / "noise.jsonl", _noise(60, 2000))
-    plan_words = auto.plan(_auto_cfg(words, max_minutes=None, max_flops=2e13), [words], LAW, "law", widths=(64, 96))
-    plan_noise = auto.plan(_auto_cfg(noise, max_minutes=None, max_flops=2e13), [noise], LAW, "law", widths=(64, 96))
+    plan_words = auto.plan(
+        _auto_cfg(words, max_minutes=None, max_flops=2e13), TrainingData.resolve(words), LAW, "law", widths=(64, 96)
+    )
+    plan_noise = auto.plan(
+        _auto_cfg(noise, max_minutes=None, max_flops=2e13), TrainingData.resolve(noise), LAW, "law", widths=(64, 96)
+    )
     assert plan_words.chosen.tokenizer.startswith("bpe-") and plan_words.chosen.bytes_per_token > 3
     assert plan_noise.chosen.tokenizer == "bytes"
 
@@ -91,8 +98,10 @@ def test_bpe_where_it_pays(tmp_path):
 def test_prepared_data_keeps_its_tokenizer(tmp_path):
     corpus = _corpus(tmp_path / "c.jsonl", _words(40, 300))
     cfg = TrainConfig.from_dict(_auto_cfg(corpus) | {"model": "griffin-tiny"})
-    data = ensure_data(cfg, tmp_path / "run", is_main=True)
-    plan = auto.plan(_auto_cfg(data, max_minutes=None, max_flops=2e13), [], LAW, "law", widths=(64, 96))
+    data = prepare_data(cfg, TrainingData.resolve(cfg.data.path), tmp_path / "run" / "data", is_main=True)
+    plan = auto.plan(
+        _auto_cfg(data, max_minutes=None, max_flops=2e13), TrainingData.resolve(data), LAW, "law", widths=(64, 96)
+    )
     assert {c.tokenizer for c in plan.candidates} == {str(data)}
     assert plan.config["data"]["path"] == str(data) and plan.config["data"]["tokenizer"] == "bytes"
 
@@ -108,7 +117,7 @@ def test_prepared_data_keeps_its_tokenizer(tmp_path):
 def test_plan_refuses_budgets_it_cannot_use(tmp_path, changes, message):
     corpus = _corpus(tmp_path / "c.jsonl", _words(20, 100))
     with pytest.raises(ConfigError, match=message):
-        auto.plan(_auto_cfg(corpus, **changes), [corpus], LAW, "law", MACHINE, widths=(64,))
+        auto.plan(_auto_cfg(corpus, **changes), TrainingData.resolve(corpus), LAW, "law", MACHINE, widths=(64,))
 
 
 def test_measure_machine():
@@ -137,7 +146,7 @@ def test_bpe_is_trained_on_training_documents_only(tmp_path):
         _auto_cfg(corpus) | {"model": {**TrainConfig().model.to_dict(), "vocab_size": 300}}
         | {"data": {"path": str(corpus), "tokenizer": "bpe-300"}}
     )  # fmt: skip
-    data = ensure_data(cfg, tmp_path / "run", is_main=True)
+    data = prepare_data(cfg, TrainingData.resolve(cfg.data.path), tmp_path / "run" / "data", is_main=True)
     tok = load_tokenizer(data)
     assert read_meta(data)["tokenizer"]["vocab_size"] == tok.vocab_size == 300
     assert len(tok.encode("zqxjv")) >= 4  # not merged: its only occurrences are held out
@@ -193,7 +202,7 @@ def test_a_tiny_corpus_is_refused_before_planning(tmp_path, monkeypatch):
     with pytest.raises(
         ConfigError, match="the corpus holds 198 bytes of training text; model=auto needs at least 2,049"
     ):
-        auto.plan(_auto_cfg(corpus), [corpus], LAW, "law", MACHINE, widths=(64,))
+        auto.plan(_auto_cfg(corpus), TrainingData.resolve(corpus), LAW, "law", MACHINE, widths=(64,))
 
 
 def test_bad_budgets_are_refused_by_the_config(tmp_path):

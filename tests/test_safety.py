@@ -19,9 +19,9 @@ from griffon.checkpoint import CheckpointError
 from griffon.cli import main
 from griffon.model import Griffon
 from griffon.presets import get_preset
+from griffon.run import Run, RunLockedError
 from griffon.train import state as run_state
 from griffon.train.logging import read_records
-from griffon.train.run_dir import RunLock, RunLockedError
 from griffon.train.state import Progress, check_weights, load_checkpoint, save_checkpoint
 from griffon.train.trainer import TrainingError, train
 from test_train import TINY, _fails, _run_cli, losses, tiny_config
@@ -93,19 +93,19 @@ def test_legacy_optimizer_pt_still_resumes(run, tmp_path):
 
 def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(run, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from griffon.train.run_dir import RunLock; "
-         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(run)],
+        [sys.executable, "-c", "import sys, time; from griffon.run import Run; "
+         "Run(sys.argv[1]).lock().acquire(); print('locked', flush=True); time.sleep(600)", str(run)],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == b"locked"
         _fails(["train", "--resume", str(run)], capsys, f"is being trained by another process (pid {holder.pid} on")
         with pytest.raises(RunLockedError):
-            RunLock(run).acquire()
+            Run(run).lock().acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with RunLock(run):  # the kernel released the killed holder's lock
+    with Run(run).lock():  # the kernel released the killed holder's lock
         pass
 
 
@@ -232,12 +232,12 @@ def test_exploded_or_non_finite_weights_are_never_saved(tmp_path):
     with torch.no_grad():
         model.blocks[1].mlp.up.weight[3, 2] = 2e4
     with pytest.raises(CheckpointError, match=r"'blocks.1.mlp.up.weight' has a weight of magnitude 2e\+04"):
-        save_checkpoint(tmp_path, model, {"optimizer": {}}, progress, keep=2, max_weight_abs=1e4)
-    save_checkpoint(tmp_path, model, {"optimizer": {}}, progress, keep=2, max_weight_abs=None)
+        save_checkpoint(Run(tmp_path), model, {"optimizer": {}}, progress, keep=2, max_weight_abs=1e4)
+    save_checkpoint(Run(tmp_path), model, {"optimizer": {}}, progress, keep=2, max_weight_abs=None)
     with torch.no_grad():
         model.embed.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="'embed.weight' is not finite"):
-        save_checkpoint(tmp_path, model, {"optimizer": {}}, Progress(step=2), keep=2, max_weight_abs=None)
+        save_checkpoint(Run(tmp_path), model, {"optimizer": {}}, Progress(step=2), keep=2, max_weight_abs=None)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]
     # in a run: a limit the weights exceed at the first save stops it without a checkpoint
     with pytest.raises(TrainingError, match="stopping at step 2: .*the weights have exploded; none was saved before"):
@@ -313,14 +313,14 @@ def test_corrupted_data_is_caught_when_a_run_starts(tmp_path, capsys):
 def test_only_checkpoints_griffon_wrote_count(tmp_path, capsys):
     """A user's copies beside the checkpoints (``step_000010_keep_this``, ``step_zz_manual_backup``,
     a link named like one) are never taken as checkpoints, resumed, scored or deleted."""
-    from griffon.checkpoint import resolve, run_checkpoints
+    from griffon.checkpoint import resolve
 
     run = _tiny_run(tmp_path / "r", "--set=max_steps=4")
     ckpts = run / "checkpoints"
     shutil.copytree(ckpts / "step_000002", ckpts / "step_000010_keep_this")
     shutil.copytree(ckpts / "step_000002", ckpts / "step_zz_manual_backup")
     (ckpts / "step_000099").symlink_to(ckpts / "step_000002", target_is_directory=True)
-    assert [p.name for p in run_checkpoints(run)] == ["step_000002", "step_000004"]
+    assert [p.name for p in Run(run).checkpoints()] == ["step_000002", "step_000004"]
     assert resolve(run)[0].name == "step_000004"  # what eval, sample and serve take
     assert main(["train", "--resume", str(run), "--set=max_steps=6"]) == 0  # keeps two: step_000002 goes
     capsys.readouterr()

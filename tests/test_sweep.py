@@ -47,7 +47,7 @@ def test_three_run_sweep_resumes_and_skips(tmp_path, monkeypatch):
 
     calls = []
     train = griffon.train.trainer.train
-    monkeypatch.setattr(griffon.train.trainer, "train", lambda cfg, d, resume: (calls.append((d.name, resume)), train(cfg, d, resume))[1])  # fmt: skip
+    monkeypatch.setattr(griffon.train.trainer, "train", lambda cfg, d, resume: (calls.append((d.root.name, resume)), train(cfg, d, resume))[1])  # fmt: skip
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     assert calls == [("griffin-w32-t640", True)]
     again = _rows(out)

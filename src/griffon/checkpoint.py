@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -13,16 +12,10 @@ from griffon.atomic import atomic_write
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
 from griffon.model import Griffon
+from griffon.run import CheckpointError, Run
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# A training run keeps its checkpoints in RUN/checkpoints/step_NNNNNN (griffon.train.state).
-RUN_CHECKPOINTS = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"step_(\d+)")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupted or does not match its config. The message says which part."""
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -130,37 +123,6 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype)
 
 
-def checkpoint_name(step: int) -> str:
-    """The name griffon gives a run's checkpoint at ``step``."""
-    return f"step_{step:06d}"
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a checkpoint directory griffon wrote (``step_`` and digits, a real directory,
-    not a link), else None: a user's ``step_000010_keep_this`` or ``step_zz_backup`` is not one."""
-    match = CHECKPOINT_NAME.fullmatch(path.name)
-    if match is None or path.is_symlink() or not path.is_dir():
-        return None
-    return int(match.group(1))
-
-
-def run_checkpoints(run_dir: str | Path) -> list[Path]:
-    """A training run's checkpoint directories, oldest (lowest step) first: exactly those griffon
-    writes (:func:`checkpoint_step`); whether one is complete, loading checks. A ``checkpoints``
-    that is a symbolic link is refused: griffon creates the folder, and would otherwise write into,
-    and prune, a directory it does not own."""
-    root = Path(run_dir) / RUN_CHECKPOINTS
-    if root.is_symlink():
-        raise CheckpointError(
-            f"{root} is a symbolic link; griffon keeps a run's checkpoints in a folder of its own there "
-            "(move the link away, or copy what it points to in its place)"
-        )
-    if not root.is_dir():
-        return []
-    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found)]
-
-
 def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
     """The checkpoint a path stands for, and the tokenizer that goes with it (None if there is none;
     :func:`resolve_with_tokenizer` where one is needed).
@@ -174,10 +136,10 @@ def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
     if (path / WEIGHTS_NAME).is_file():
         ckpt = path
     else:
-        ckpts = run_checkpoints(path)
-        if not ckpts:
+        newest = Run(path).newest_checkpoint()
+        if newest is None:
             raise CheckpointError(f"{path} is neither a checkpoint ({WEIGHTS_NAME}) nor a run with checkpoints")
-        ckpt = ckpts[-1]
+        ckpt = newest
     for d in tokenizer_dirs(ckpt):
         if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
             return ckpt, load_tokenizer(d)
@@ -190,7 +152,8 @@ def tokenizer_dirs(ckpt: Path) -> list[Path]:
     checkpoint finds the run's tokenizer)."""
     dirs: list[Path] = []
     for c in (ckpt, ckpt.resolve()):
-        for d in (c, c.parent.parent) if c.parent.name == RUN_CHECKPOINTS else (c,):
+        run = Run.of_checkpoint(c)
+        for d in (c, run.root) if run is not None else (c,):
             if d not in dirs:
                 dirs.append(d)
     return dirs

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,13 +21,15 @@ from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
 from griffon.bench.machine import matmul_peak_flops
 from griffon.data.loader import PackedLoader, TokenSplit
+from griffon.data.training_data import TrainingData
 from griffon.machine import machine
 from griffon.model import Griffon
+from griffon.run import Run
 from griffon.train.config import TrainConfig
 from griffon.train.losses import next_token_loss
 from griffon.train.optim import make_optimizer
 from griffon.train.parallelize import cpu_has_native_bf16
-from griffon.train.trainer import check_data_source, ensure_data
+from griffon.train.trainer import prepare_data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     keep_freed_memory()
     cfg = TrainConfig()
-    check_data_source(cfg)
-    data_dir = ensure_data(cfg, Path(tempfile.mkdtemp()), True)
+    data = TrainingData.resolve(cfg.data.path)
+    data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
+    data_dir = prepare_data(cfg, data, Run(tempfile.mkdtemp()).data, is_main=True)
     split = TokenSplit.open(data_dir, "train")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)

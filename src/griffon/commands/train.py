@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from griffon.atomic import atomic_write
 
 
 def run(args: argparse.Namespace) -> None:
+    from griffon.run import Run
     from griffon.train import auto
     from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
     from griffon.train.recipes import starting_config
@@ -18,27 +18,28 @@ def run(args: argparse.Namespace) -> None:
 
     plan = None
     if args.resume:
-        run_dir = Path(args.resume)
+        run = Run(args.resume)
         if args.config or args.out:
             raise ValueError("--resume continues a run with its saved config.json; drop CONFIG and --out")
-        cfg = apply_resume_overrides(TrainConfig.load(run_dir / "config.json"), args.set)
+        cfg = apply_resume_overrides(TrainConfig.load(run.config), args.set)
     else:
         if args.checkpoint:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
         d = apply_overrides(starting_config(args.config, args.set), args.set)
-        run_dir = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+        run = Run(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if d.get("model") == "auto":
-            plan = auto.plan_new_run(d, run_dir, auto.user_lr(args.config, args.set, d))
+            plan = auto.plan_new_run(d, run, auto.user_lr(args.config, args.set, d))
             print(plan.explain(), flush=True)
             d = plan.config
         cfg = TrainConfig.from_dict(d)
-    result = train(cfg, run_dir, resume=bool(args.resume), checkpoint=args.checkpoint)
+    data = plan.data if plan is not None else None
+    result = train(cfg, run, resume=bool(args.resume), checkpoint=args.checkpoint, data=data)
     if plan is not None:
         text = json.dumps(plan.to_dict(), indent=2) + "\n"
-        atomic_write(run_dir / "auto.json", lambda tmp: tmp.write_text(text))
+        atomic_write(run.auto_plan, lambda tmp: tmp.write_text(text))
     bpb = f", validation {result.val_bpb:.3f} bits/byte (loss {result.val_loss:.3f})" if result.val_bpb else ""
     print(f"trained {result.steps} steps, {result.tokens:,} tokens at {result.tokens_per_s:,.0f} tokens/s{bpb}")
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.root}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -51,6 +51,8 @@ import torch
 from griffon.accounting import ffn_params, param_counts, train_flops_per_token
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError
+from griffon.data.training_data import TrainingData
+from griffon.run import Run
 from griffon.train.config import TrainConfig, apply_overrides
 
 SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "min_steps", "seed"}
@@ -285,12 +287,12 @@ def run_one(run: PlannedRun, out: Path) -> dict[str, Any]:
     and write its row of the results table to ``RUN/result.json``."""
     from griffon.train.trainer import train
 
-    run_dir = out / "runs" / run.name
-    done = run_dir / RESULT_NAME
+    directory = Run(out / "runs" / run.name)
+    done = directory.root / RESULT_NAME
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    result = train(run.config, run_dir, resume=(run_dir / "config.json").is_file())
+    result = train(run.config, directory, resume=directory.exists())
     row = {
         "run": run.name, "family": run.family, "size": run.size, "budget": run.budget,
         "config_hash": run.config_hash, "params": run.params, "non_embedding_params": run.non_embedding_params,
@@ -321,11 +323,11 @@ def prepare_shared_data(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     base = dict(spec.get("base", {}))
     if "data.path" in base or "data" in base:
         return spec
-    from griffon.train.trainer import ensure_data
+    from griffon.train.trainer import prepare_data
 
     cfg = _train_config(_overrides(base))
-    ensure_data(cfg, out, is_main=_is_main())
-    return {**spec, "base": {**base, "data.path": str((out / "data").resolve())}}
+    data = prepare_data(cfg, TrainingData.resolve(cfg.data.path), out / "data", is_main=_is_main())
+    return {**spec, "base": {**base, "data.path": str(data.resolve())}}
 
 
 def _spreadsheet_safe(value: Any) -> Any:

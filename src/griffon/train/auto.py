@@ -38,14 +38,13 @@ import torch
 
 from griffon.accounting import param_counts, train_flops_per_token
 from griffon.config import ConfigError, ModelConfig
-from griffon.data.prepare import is_prepared, read_meta, training_documents
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
+from griffon.data.training_data import TrainingData
 from griffon.model import Griffon
+from griffon.run import Run
 from griffon.scaling.law import ScalingLaw, default_law
 from griffon.train.config import TrainConfig
 from griffon.train.parallelize import autocast, resolve_device, resolve_dtype
-from griffon.train.run_dir import holds_run
-from griffon.train.trainer import data_sources
 
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 BPE_VOCABS = (1024, 4096, 8192)
@@ -178,6 +177,8 @@ class AutoPlan:
     unique_bytes: int
     budget: str
     planning_s: float
+    data: TrainingData
+    """The data the plan was made for (not written to ``auto.json``: the config names it)."""
 
     def explain(self) -> str:
         lines = [f"model=auto: {self.unique_bytes / 1e6:.2f} MB of training text; budget {self.budget}"]
@@ -222,24 +223,24 @@ class AutoPlan:
         }
 
 
-def _tokenizer_options(cfg: dict[str, Any], sources: list[Path]) -> tuple[dict[str, float], int]:
+def _tokenizer_options(cfg: dict[str, Any], data: TrainingData) -> tuple[dict[str, float], int]:
     """Bytes per token of each tokenizer option and the corpus's unique training bytes. A prepared
     directory fixes its tokenizer; a raw corpus may take bytes or a BPE trained on its training
     documents (measured here on a sample of them)."""
-    data = cfg.get("data", {})
-    path = data.get("path")
-    if path is not None and is_prepared(path):
-        train = read_meta(path)["splits"]["train"]
-        return {str(Path(path)): train["bytes"] / max(train["tokens"], 1)}, int(train["bytes"])
-    docs = training_documents(sources, data.get("val_fraction", 0.1), seed=0)
+    prepared = data.training_split()
+    if prepared is not None:
+        bytes_per_token, unique = prepared
+        return {str(data.prepared): bytes_per_token}, unique
+    options = cfg.get("data", {})
+    docs = data.training_documents(options.get("val_fraction", 0.1))
     unique = sum(len(d.encode("utf-8")) for d in docs)
     if unique < MIN_CORPUS_BYTES:  # before any tokenizer is trained on it
         raise ConfigError(
             f"the corpus holds {unique:,} bytes of training text; model=auto needs at least {MIN_CORPUS_BYTES:,} "
             "(one batch of its sequences) to plan a run"
         )
-    if data.get("tokenizer", "bytes") != "bytes":  # the user named one: keep it
-        return {data["tokenizer"]: _bytes_per_token(data["tokenizer"], docs)}, unique
+    if options.get("tokenizer", "bytes") != "bytes":  # the user named one: keep it
+        return {options["tokenizer"]: _bytes_per_token(options["tokenizer"], docs)}, unique
     options = {"bytes": 1.0}
     for v in BPE_VOCABS:
         options[f"bpe-{v}"] = _bytes_per_token(f"bpe-{v}", docs)
@@ -281,15 +282,15 @@ def _vocab_size(tokenizer: str) -> int:
 
 def plan(
     cfg: dict[str, Any],
-    sources: list[Path],
+    data: TrainingData,
     law: ScalingLaw | None = None,
     law_path: str | Path | None = None,
     machine: Machine | None = None,
     widths: tuple[int, ...] | None = None,
     lr: float | None = None,
 ) -> AutoPlan:
-    """Resolve ``model: "auto"`` in the train-config dict ``cfg`` (read from ``sources``, the raw
-    corpus, unless ``data.path`` is prepared): the returned plan's ``config`` is the dict with the
+    """Resolve ``model: "auto"`` in the train-config dict ``cfg`` for ``data`` (its ``data.path``,
+    resolved): the returned plan's ``config`` is the dict with the
     chosen model, tokenizer, sequence length, batch, learning rate (``lr``, the one the user set,
     is kept) and (for a time budget) the minutes left for training once planning is paid for."""
     t0 = time.perf_counter()
@@ -303,7 +304,7 @@ def plan(
             f"max_minutes={minutes:g} is shorter than model=auto needs (at least {MIN_MINUTES:g}: its planning "
             "alone takes up to half a minute); give more time or name a model"
         )
-    options, unique = _tokenizer_options(cfg, sources)
+    options, unique = _tokenizer_options(cfg, data)
     candidates = []
     for tokenizer, ratio in options.items():
         vocab = _vocab_size(tokenizer)
@@ -339,10 +340,10 @@ def plan(
         )
     out = json.loads(json.dumps(cfg))
     out["model"] = auto_model(chosen.width, chosen.vocab_size).to_dict()
-    data = out.setdefault("data", {})
-    if not (data.get("path") and is_prepared(data["path"])):
-        data["tokenizer"] = chosen.tokenizer
-    data["seq_len"], data["batch_size"] = SEQ_LEN, BATCH
+    out_data = out.setdefault("data", {})
+    if data.prepared is None:
+        out_data["tokenizer"] = chosen.tokenizer
+    out_data["seq_len"], out_data["batch_size"] = SEQ_LEN, BATCH
     out.setdefault("optim", {})["lr"] = lr if lr is not None else auto_lr(chosen.width)
     # The plan is for the chosen candidate's tokens (several epochs of a small corpus): a time
     # budget alone would schedule one epoch. The run stops at them or when time runs out.
@@ -352,7 +353,7 @@ def plan(
         # the tokens are a forecast of the pace: the trainer re-plans them from the pace it measures
         out["replan_tokens"] = True
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) + ([f"{flops:.3g} FLOPs"] if flops else []))
-    return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning)
+    return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning, data)
 
 
 def user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:
@@ -370,13 +371,10 @@ def user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:
     return None
 
 
-def plan_new_run(d: dict, run_dir: Path, lr: float | None = None) -> AutoPlan:
-    """:func:`plan` for a new run in ``run_dir``, after the checks that need no model: the run
-    directory is free, the rest of the config is valid, ``data.path`` exists. ``lr``: the user's,
-    kept (:func:`user_lr`)."""
-    if holds_run(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+def plan_new_run(d: dict, run: Run, lr: float | None = None) -> AutoPlan:
+    """:func:`plan` for a new ``run``, after the checks that need no model: the run directory is
+    free, the rest of the config is valid, ``data.path`` names data. ``lr``: the user's, kept
+    (:func:`user_lr`)."""
+    run.check_new()
     checked = TrainConfig.from_dict({**d, "model": "griffin-demo"})  # everything but the model, before planning
-    if checked.data.path is not None and not Path(checked.data.path).exists():
-        raise ConfigError(f"data.path {checked.data.path} not found")
-    return plan(d, data_sources(checked), lr=lr)
+    return plan(d, TrainingData.resolve(checked.data.path), lr=lr)

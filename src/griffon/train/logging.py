@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from griffon.atomic import atomic_savefig, atomic_write, describe_os_error
+from griffon.run import Run
 
 CSV_FIELDS = ("kind", "step", "tokens", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")
 
@@ -41,10 +42,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 class RunLogger:
     """Append-only metrics log of a run (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, truncate_after_step: int | None = None) -> None:
-        self.run_dir, self.enabled = run_dir, enabled
-        self.jsonl = run_dir / "log.jsonl"
-        self.csv = run_dir / "log.csv"
+    def __init__(self, run: Run, enabled: bool = True, truncate_after_step: int | None = None) -> None:
+        self.run, self.enabled = run, enabled
+        self.jsonl = run.log
+        self.csv = run.log_csv
         self.start = time.time()
         self._tb = None
         if not enabled:
@@ -55,7 +56,7 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run.tensorboard))
         except ImportError:
             self._tb = None
 
@@ -85,7 +86,7 @@ class RunLogger:
                 f.write(json.dumps(record) + "\n")
             self._write_csv(record)
         except OSError as e:
-            raise LogWriteError(f"cannot write the log in {self.run_dir}: {describe_os_error(e)}") from None
+            raise LogWriteError(f"cannot write the log in {self.run.root}: {describe_os_error(e)}") from None
         if not sys.stderr.isatty():  # no progress bar in logs: print the record instead
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
             sys.stderr.write(" ".join(f"{k}={v}" for k, v in shown.items()) + "\n")
@@ -121,7 +122,7 @@ def _fmt(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-def plot_losses(run_dir: Path) -> Path | None:
+def plot_losses(run: Run) -> Path | None:
     """Training and validation loss against tokens, as ``loss.png``; None without matplotlib or data."""
     try:
         import matplotlib
@@ -130,10 +131,9 @@ def plot_losses(run_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
+    if not run.log.is_file():
         return None
-    records = read_records(path)
+    records = read_records(run.log)
     train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "train"]
     val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] in ("eval", "final_eval")]
     if not train:
@@ -144,10 +144,10 @@ def plot_losses(run_dir: Path) -> Path | None:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(run_dir.name)
+    ax.set_title(run.root.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run_dir / "loss.png"
+    out = run.plot
     fig.tight_layout()
     atomic_savefig(fig, out)
     plt.close(fig)

@@ -23,15 +23,9 @@ import torch
 from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, describe_os_error, remove_tree
-from griffon.checkpoint import (
-    RUN_CHECKPOINTS,
-    CheckpointError,
-    checkpoint_name,
-    from_pretrained,
-    run_checkpoints,
-    write_model,
-)
+from griffon.checkpoint import CheckpointError, from_pretrained, write_model
 from griffon.model import Griffon
+from griffon.run import Run
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
 
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -97,7 +91,7 @@ def check_weights(model: Griffon, max_abs: float | None) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path,
+    run: Run,
     model: Griffon,
     training_state: dict[str, Any],
     progress: Progress,
@@ -110,8 +104,8 @@ def save_checkpoint(
     of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
     """
     check_weights(model, max_weight_abs)
-    older = run_checkpoints(run_dir)  # refuses a checkpoints folder that is a link before writing into it
-    final = run_dir / RUN_CHECKPOINTS / checkpoint_name(progress.step)
+    older = run.checkpoints()  # refuses a checkpoints folder that is a link before writing into it
+    final = run.checkpoint(progress.step)
     try:
         with atomic_directory(final) as tmp:
             write_model(model, tmp)
@@ -120,7 +114,7 @@ def save_checkpoint(
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_os_error(e)}") from None
     kept = [p for p in older if p != final] + [final]
-    for old in kept[:-keep]:  # griffon's own checkpoints only (run_checkpoints)
+    for old in kept[:-keep]:  # griffon's own checkpoints only (Run.checkpoints)
         remove_tree(old)
     return final
 

@@ -1,19 +1,15 @@
-"""The training loop: ``train(config, run_dir)``.
+"""The training loop: ``train(config, run)``.
 
 The model stays single-device code; :mod:`griffon.train.parallelize` wraps it (precision,
-activation checkpointing, DDP/FSDP2) from outside. This module feeds it packed documents, runs
-the loop and owns the run directory: ``config.json``, ``tokenizer.json``, ``data/`` (the embedded
-corpus, prepared), ``log.jsonl``, ``log.csv``, ``loss.png``, ``checkpoints/step_*``
-(:mod:`griffon.train.state`).
+activation checkpointing, DDP/FSDP2) from outside. This module feeds it packed documents and runs
+the loop; what it writes goes where the run directory (:class:`griffon.run.Run`) says.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,24 +20,14 @@ from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
 from griffon.allocator import keep_freed_memory
-from griffon.atomic import atomic_write
-from griffon.checkpoint import (
-    RUN_CHECKPOINTS,
-    WEIGHTS_NAME,
-    CheckpointError,
-    check_matches,
-    load_config,
-    run_checkpoints,
-    tensor_shapes,
-)
-from griffon.config import ConfigError, LinearStructure
-from griffon.data.corpus import default_corpus
+from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, load_config, tensor_shapes
+from griffon.config import LinearStructure
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
-from griffon.data.prepare import is_prepared, prepare_corpus, read_meta, verify
-from griffon.data.sources import DataError
-from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
+from griffon.data.tokenizers import load_tokenizer
+from griffon.data.training_data import TrainingData
 from griffon.eval.score import byte_table, evaluate
 from griffon.model import Griffon
+from griffon.run import Run
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
 from griffon.train.logging import RunLogger, plot_losses
@@ -56,7 +42,6 @@ from griffon.train.parallelize import (
     resolve_device,
     resolve_dtype,
 )
-from griffon.train.run_dir import RunLock, clean_run_dir, holds_run
 from griffon.train.self_guided import GuidedPhase, plan_guided_run
 from griffon.train.signals import StopRequest, TrainingInterrupted
 from griffon.train.state import Progress, load_checkpoint, save_checkpoint
@@ -84,78 +69,34 @@ REPLAN_MARGIN = 0.05
 REPLAN_AFTER = 0.1
 
 
-def data_sources(cfg: TrainConfig) -> list[Path]:
-    """The raw corpus a run prepares into ``RUN/data``: ``data.path`` unless it is a prepared
-    directory or unset, else the embedded corpus (unused when ``data.path`` is prepared)."""
-    path = cfg.data.path
-    return [Path(path)] if path is not None and not is_prepared(path) else [default_corpus()]
-
-
-def check_data_source(cfg: TrainConfig) -> None:
-    """Validate the run's data before anything is written: a prepared directory (its meta.json,
-    tokenizer and, with ``data.verify``, the shards' SHA-256), or a raw corpus that exists and the
-    tokenizer it will be prepared with. Raises on anything wrong."""
-    if cfg.data.path is not None and is_prepared(cfg.data.path):
-        path = Path(cfg.data.path)
-        read_meta(path)
-        _check_vocab(load_tokenizer(path).vocab_size, cfg)
-        if cfg.data.verify:
-            verify(path)
-        return
-    for source in data_sources(cfg):
-        if not source.exists():
-            raise DataError(f"data.path {source} not found (a prepared directory or a corpus: .txt, .jsonl[.gz], ...)")
-    bpe = bpe_vocab_size(cfg.data.tokenizer)
-    _check_vocab(bpe if bpe is not None else load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
-
-
-def _check_vocab(vocab_size: int, cfg: TrainConfig) -> None:
-    if vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the data's tokenizer has {vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
-            f"set model.vocab_size={vocab_size}"
-        )
-
-
-def ensure_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
-    """The prepared data directory: the configured one, or the raw corpus (``data.path`` or the
-    embedded one) prepared into ``RUN/data`` with ``data.tokenizer`` (atomically, so a kill midway
-    leaves nothing to mistake for data)."""
-    if cfg.data.path is not None and is_prepared(cfg.data.path):
-        return Path(cfg.data.path)
-    data_dir = run_dir / "data"
+def prepare_data(cfg: TrainConfig, data: TrainingData, own: Path, is_main: bool) -> Path:
+    """The directory of the run's prepared tokens: raw text is prepared into ``own`` by the main
+    process while the others wait (:meth:`TrainingData.prepare`)."""
     if is_main:
-        if not data_dir.exists():
-            prepare_corpus(data_sources(cfg), cfg.data.tokenizer, data_dir, cfg.data.val_fraction, seed=0)
-        else:
-            _check_prepared_tokenizer(data_dir, cfg.data.tokenizer)
-            if cfg.data.verify:
-                verify(data_dir)
+        data.prepare(own, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.verify)
     D.barrier()
-    return data_dir
+    return data.directory(own)
 
 
-def _check_prepared_tokenizer(data_dir: Path, spec: str) -> None:
-    """A run's ``data/`` left by an earlier start must hold the tokenizer ``data.tokenizer`` names."""
-    got = read_meta(data_dir)["tokenizer"]
-    bpe = bpe_vocab_size(spec)
-    # a BPE trained on a small corpus may stop short of its N tokens
-    same = got["vocab_size"] <= bpe if bpe is not None else got == load_tokenizer(spec).describe()
-    if not same:
-        raise DataError(f"{data_dir} was prepared with another tokenizer than data.tokenizer; remove it")
-
-
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: str | None = None) -> TrainResult:
-    """Train (or resume) the run in ``run_dir`` according to ``cfg``.
+def train(
+    cfg: TrainConfig,
+    run: Run | str | Path,
+    resume: bool = False,
+    checkpoint: str | None = None,
+    data: TrainingData | None = None,
+) -> TrainResult:
+    """Train (or resume) ``run`` (a :class:`~griffon.run.Run` or its directory) according to ``cfg``.
 
     Nothing is written before the config and data have been checked, and the run directory holds
     a run (its ``config.json``) only once it is complete. One process trains a run at a time (an
     exclusive lock on the directory). Resuming a run with no checkpoint starts it from step 0;
-    ``checkpoint`` names the checkpoint to resume from (default: the newest). On SIGINT or
-    SIGTERM the current step completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
+    ``checkpoint`` names the checkpoint to resume from (default: the newest). ``data``: ``data.path``
+    as the caller resolved it (else resolved here). On SIGINT or SIGTERM the current step
+    completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
-    run_dir = Path(run_dir)
-    check_data_source(cfg)
+    run = run if isinstance(run, Run) else Run(run)
+    data = data if data is not None else TrainingData.resolve(cfg.data.path)
+    data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
     device = resolve_device(cfg.device)
     info = D.init_distributed(cfg.distributed, device)
     if device.type == "cuda":
@@ -163,32 +104,34 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoin
         torch.cuda.set_device(device)
     keep_freed_memory()
     try:
-        with RunLock(run_dir) if info.is_main else contextlib.nullcontext():
-            return _train(cfg, run_dir, resume, checkpoint, device, info)
+        with run.lock() if info.is_main else contextlib.nullcontext():
+            return _train(cfg, run, data, resume, checkpoint, device, info)
     finally:
         D.shutdown()
 
 
 def _train(
     cfg: TrainConfig,
-    run_dir: Path,
+    run: Run,
+    data: TrainingData,
     resume: bool,
     checkpoint: str | None,
     device: torch.device,
     info: D.DistInfo,
 ) -> TrainResult:
-    data_dir = _open_run(cfg, run_dir, resume, info)
+    data_dir = _open_run(cfg, run, data, resume, info)
     token_bytes = byte_table(load_tokenizer(data_dir))
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
 
     if resume:  # before the model is built: an edited config.json must not allocate first and fail later
-        _check_resumable(run_dir, cfg, checkpoint)
+        _check_resumable(run, cfg, checkpoint)
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
     loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
     plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
     guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
-    training_state, progress = _resume_from(run_dir, raw, checkpoint, info.is_main) if resume else (None, Progress())
+    resumed = run.resume(checkpoint, lambda p: load_checkpoint(p, raw), info.is_main) if resume else None
+    training_state, progress = resumed if resumed is not None else (None, Progress())
     if training_state is not None:
         loader.load_state_dict(progress.loader)
         guided.resume(progress.step, training_state)
@@ -202,83 +145,81 @@ def _train(
     if cfg.compile:
         model = torch.compile(model)
 
-    run = _Session(cfg, run_dir, info, device, raw, model, opt, loader, guided, progress, plan,
-                   autocast(device, resolve_dtype(cfg.dtype, device)),
-                   saved_step=progress.step if training_state is not None else None)  # fmt: skip
+    session = _Session(cfg, run, info, device, raw, model, opt, loader, guided, progress, plan,
+                       autocast(device, resolve_dtype(cfg.dtype, device)),
+                       saved_step=progress.step if training_state is not None else None)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
         batches = eval_batches(val_split, cfg.data.seq_len, cfg.data.batch_size, max_batches)
-        return evaluate(model, batches, token_bytes, device, run.autocast, D.all_reduce_mean)
+        return evaluate(model, batches, token_bytes, device, session.autocast, D.all_reduce_mean)
 
-    logger = RunLogger(run_dir, info.is_main, truncate_after_step=progress.step if resume else None)
+    logger = RunLogger(run, info.is_main, truncate_after_step=progress.step if resume else None)
     stop = StopRequest()
     last_eval: dict = {}
     try:
-        while not run.done():
+        while not session.done():
             if D.any_rank(stop.requested, device):
-                run.save()
+                session.save()
                 raise TrainingInterrupted(
                     f"interrupted at step {progress.step}, checkpoint saved; continue with: "
-                    f"griffon train --resume {run_dir}"
+                    f"griffon train --resume {run.root}"
                 )
             if progress.step == plan.reread_from:  # the extra steps re-read the guided phase's batches
                 loader.load_state_dict({"epoch": 0, "step": 0, "seed": cfg.seed})
-            lr = run.set_lr()
+            lr = session.set_lr()
             extra_flops_per_token = guided.before_step(progress.step)
-            loss = run.forward_backward()
-            grad_norm = run.clip()
+            loss = session.forward_backward()
+            grad_norm = session.clip()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                run.skip(logger, loss, grad_norm)
+                session.skip(logger, loss, grad_norm)
                 continue
-            run.bad_steps = 0
+            session.bad_steps = 0
             opt.step()
             opt.zero_grad(set_to_none=True)
             progress.step += 1
             progress.tokens += plan.tokens_per_step
             progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
             guided.after_step(progress.step, opt)
-            run.replan(lambda n: eval_batch_count(val_split, cfg.data.seq_len, cfg.data.batch_size, n))
+            session.replan(lambda n: eval_batch_count(val_split, cfg.data.seq_len, cfg.data.batch_size, n))
 
             step = progress.step
-            run.log(logger, loss, lr, grad_norm)
+            session.log(logger, loss, lr, grad_norm)
             if step % cfg.eval_every == 0:
                 last_eval = evaluate_on(cfg.eval_batches)
                 logger.log({"kind": "eval", "step": step, "tokens": progress.tokens, **last_eval})
             if step % cfg.save_every == 0:
-                run.save()
+                session.save()
         last_eval = evaluate_on(cfg.final_eval_batches)
         logger.log({"kind": "final_eval", "step": progress.step, "tokens": progress.tokens, **last_eval})
-        run.save()
+        session.save()
     finally:
         stop.restore()
         logger.close()
     if info.is_main:
-        plot_losses(run_dir)
+        plot_losses(run)
     return TrainResult(
         steps=progress.step,
         tokens=progress.tokens,
         flops=progress.flops,
         val_loss=last_eval.get("val_loss"),
         val_bpb=last_eval.get("val_bpb"),
-        tokens_per_s=progress.tokens / max(run.elapsed(), 1e-9),
+        tokens_per_s=progress.tokens / max(session.elapsed(), 1e-9),
     )
 
 
-def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool, info: D.DistInfo) -> Path:
-    """Make ``run_dir`` a run (or check that it is one), prepare the data; return the data directory.
+def _open_run(cfg: TrainConfig, run: Run, data: TrainingData, resume: bool, info: D.DistInfo) -> Path:
+    """Make ``run`` a run (or check that it is one), prepare the data; return the data directory.
     The config is written last: until then the directory holds no run."""
     if info.is_main:
-        if resume and not holds_run(run_dir):
-            raise ConfigError(f"{run_dir} holds no run (no config.json) to resume")
-        if not resume and holds_run(run_dir):
-            raise ConfigError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
-            )
-        clean_run_dir(run_dir)
-    data_dir = ensure_data(cfg, run_dir, info.is_main)
+        if resume:
+            run.check_resumable()
+        else:
+            run.check_new()
+        run.clean()
+    data_dir = prepare_data(cfg, data, run.data, info.is_main)
     if info.is_main:
-        load_tokenizer(data_dir).save(run_dir)
-        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(cfg.to_json()))
+        load_tokenizer(data_dir).save(run.root)
+        run.write_config(cfg.to_json())
     D.barrier()
     return data_dir
 
@@ -332,7 +273,7 @@ class _Session:
     """One training process's view of a run: what the loop's steps read and change."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run: Run
     info: D.DistInfo
     device: torch.device
     raw: Griffon
@@ -399,8 +340,7 @@ class _Session:
         )  # fmt: skip
         self.plan.total_steps = steps
         if self.info.is_main:
-            text = self.cfg.to_json()
-            atomic_write(self.run_dir / "config.json", lambda tmp: tmp.write_text(text))
+            self.run.write_config(self.cfg.to_json())
 
     def fraction(self) -> float:
         f = self.progress.step / self.plan.total_steps
@@ -492,7 +432,7 @@ class _Session:
                 to_save.load_state_dict(model_sd)
             training_state = {"optimizer": opt_sd} | self.guided.state()
             try:
-                save_checkpoint(self.run_dir, to_save, training_state, self.progress, self.cfg.keep_checkpoints,
+                save_checkpoint(self.run, to_save, training_state, self.progress, self.cfg.keep_checkpoints,
                                 self.cfg.max_weight_abs)  # fmt: skip
             except CheckpointError as e:
                 newest = "none was saved before" if self.saved_step is None else f"the newest is step {self.saved_step}"
@@ -501,66 +441,18 @@ class _Session:
         self.saved_step = self.progress.step
 
 
-def _check_resumable(run_dir: Path, cfg: TrainConfig, name: str | None) -> None:
-    """The checkpoint to resume from (``name``, else the newest) matches the run's model config,
+def _check_resumable(run: Run, cfg: TrainConfig, name: str | None) -> None:
+    """The checkpoint to resume from (:meth:`Run.resume_point`) matches the run's model config,
     tensor by tensor, read from its files' headers (:func:`griffon.checkpoint.check_matches`). A
-    newest checkpoint whose files cannot be read is left to :func:`_resume_from`, which names one
-    that loads."""
-    ckpts = run_checkpoints(run_dir)
-    chosen = run_dir / RUN_CHECKPOINTS / Path(name).name if name is not None else (ckpts[-1] if ckpts else None)
-    if chosen is None or chosen not in ckpts:
+    checkpoint whose files cannot be read is left to :meth:`Run.resume`, which names one that loads."""
+    chosen = run.resume_point(name)
+    if chosen is None:
         return
     try:
         saved, shapes = load_config(chosen), tensor_shapes(chosen / WEIGHTS_NAME)
     except CheckpointError:
         return
     check_matches(chosen, saved, shapes, cfg.model)
-
-
-def _resume_from(run_dir: Path, model: Griffon, name: str | None, is_main: bool) -> tuple[dict | None, Progress]:
-    """Load the checkpoint to resume from into ``model``: ``name``, else the newest; none: step 0.
-
-    A newest checkpoint that does not load is an error that names the newest one that does; with
-    ``name`` set to an older checkpoint, the newer ones are renamed ``discarded_step_*`` (kept for
-    inspection, never resumed) so the run continues from the chosen one.
-    """
-    ckpts = run_checkpoints(run_dir)
-    if name is None:
-        if not ckpts:
-            if is_main:
-                sys.stderr.write(f"{run_dir} has no checkpoint yet: starting it from step 0\n")
-            return None, Progress()
-        chosen = ckpts[-1]
-    else:
-        chosen = run_dir / RUN_CHECKPOINTS / Path(name).name
-        if chosen not in ckpts:  # griffon's own names only: a user's copy beside them is not one
-            names = ", ".join(p.name for p in ckpts) or "none"
-            raise CheckpointError(f"{run_dir} has no checkpoint {name!r} (it has: {names})")
-    try:
-        payload, progress = load_checkpoint(chosen, model)
-    except CheckpointError as e:
-        for p in reversed(ckpts[: ckpts.index(chosen)]):
-            try:
-                load_checkpoint(p, copy.deepcopy(model))
-            except CheckpointError:
-                continue
-            raise CheckpointError(
-                f"{e}; checkpoint {p.name} loads: resume from it with --resume {run_dir} --checkpoint {p.name}"
-            ) from None
-        raise
-    if is_main:
-        for newer in ckpts[ckpts.index(chosen) + 1 :]:
-            newer.rename(_unused(newer.with_name(f"discarded_{newer.name}")))
-    return payload, progress
-
-
-def _unused(path: Path) -> Path:
-    """``path``, or ``path.1``, ``path.2``, ...: the first name not taken (never overwrite)."""
-    candidate, n = path, 0
-    while candidate.exists() or candidate.is_symlink():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate
 
 
 def _planned_steps(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, steps_per_epoch: int) -> int:
