@@ -1,6 +1,7 @@
 """The serving engine against griffon.generate: same tokens whatever the arrival order and batch
 composition; cancellation, timeouts, the prefix-state cache, stops, logprobs, bounds."""
 
+import math
 import random
 
 import pytest
@@ -63,7 +64,7 @@ def test_engine_equals_generate_whatever_the_arrival_order(name):
         for i, req in submitted.items():
             assert req.tokens == want[i], (name, order_seed, i)
             assert req.finish_reason == "length"
-        assert engine._batch is None and not engine.scheduler.running
+        assert engine.runner.batch is None and not engine.scheduler.running
 
 
 def test_cancel_frees_the_slot_and_timeouts_expire():
@@ -202,7 +203,7 @@ def test_a_failing_request_fails_alone(monkeypatch):
     assert twin.tokens == _reference(model, [9] * 5, twin.params)
     for req, tokens in zip(healthy, want, strict=True):
         assert req.finish_reason == "length" and req.tokens == tokens
-    assert engine.errors == 2 and engine._batch is None and engine.metrics.running == 0
+    assert engine.errors == 2 and engine.runner.batch is None and engine.metrics.running == 0
 
 
 def test_seeds_and_temperatures_are_checked_at_the_boundary():
@@ -320,3 +321,56 @@ def test_a_long_prompt_costs_memory_linear_in_its_length():
     small, large = run(1024, scored), run(4096, scored)
     # 21 entries of 16 bytes per scored token, in arrays that grow by doubling: <= 672 B/token
     assert (large - small) / (4096 - 1024) < 1000, (small, large)
+
+
+def test_the_runner_prefills_a_group_as_each_prompt_alone_and_keeps_the_batch_rows():
+    from griffon.serve.runner import ModelRunner
+
+    model = _model("griffin")
+    runner = ModelRunner(model, step="model")
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5], [3, 3, 3, 3, 3]]
+    alone = [runner.prefill([p], [0], [runner.new_cache()], all_logits=True) for p in prompts]
+    logits, caches = runner.prefill(prompts, [0, 0, 0], [runner.new_cache() for _ in prompts], all_logits=True)
+    for i, (want, _) in enumerate(alone):
+        torch.testing.assert_close(logits[i : i + 1], want, rtol=0, atol=1e-12)
+    # a second chunk continues from each cache at its positions; only the last logits
+    more, caches = runner.prefill([[4, 4], [5, 5], [6, 6]], [5, 5, 5], caches, all_logits=False)
+    assert more.shape == (3, 1, 64)
+    for cache in caches:
+        runner.join(cache)
+    next_logits = runner.decode([1, 2, 3])  # (3, V)
+    runner.drop_rows([0, 2])
+    assert runner.batch.batch_size == 1
+    reference = model(torch.tensor([prompts[1] + [5, 5, 2]]), torch.arange(8)[None])[0][0, -1]
+    torch.testing.assert_close(next_logits[1], reference, rtol=0, atol=1e-10)
+    runner.drop_rows([0])
+    assert runner.batch is None
+
+
+def test_the_output_processor_says_why_a_request_stops():
+    from griffon.data.tokenizers import ByteTokenizer
+    from griffon.serve.output import OutputProcessor
+    from griffon.serve.request import Request
+
+    tok = ByteTokenizer()
+    tok.eos_id = 0
+    out = OutputProcessor(tok)
+    logits = torch.zeros(1, 256)
+
+    def run(params: SamplingParams, tokens: list[int]) -> tuple[Request, list[str | None]]:
+        """The reasons after each token, until the first one that stops the request."""
+        req, reasons = Request("r", [1], params), []
+        out.open(req)
+        for t in tokens:
+            reasons.append(out.append(req, t, logits))
+            if reasons[-1] is not None:
+                break
+        return req, reasons
+
+    assert run(SamplingParams(max_tokens=3), [97, 98, 99, 100])[1] == [None, None, "length"]
+    assert run(SamplingParams(max_tokens=9), [97, 0, 98])[1] == [None, "stop"]  # EOS
+    assert run(SamplingParams(max_tokens=9, ignore_eos=True), [97, 0])[1] == [None, None]
+    assert run(SamplingParams(max_tokens=9, stop_token_ids=[98]), [97, 98, 99])[1] == [None, "stop"]
+    req, reasons = run(SamplingParams(max_tokens=9, stop=["cd"], logprobs=1), [97, 98, 99, 100, 101])
+    assert reasons == [None, None, None, "stop"] and req.text.text == "ab"
+    assert len(req.logprobs) == 4 and req.logprobs.rows(0, 1)[0].logprob == pytest.approx(-math.log(256))

@@ -351,7 +351,7 @@ def test_soak_with_random_disconnects_loses_and_mixes_nothing():
         while (engine.has_work()) and deadline:
             threading.Event().wait(0.05)
             deadline -= 1
-    assert not engine.has_work() and engine._batch is None
+    assert not engine.has_work() and engine.runner.batch is None
     assert engine.metrics.requests == {"cancelled": 14, "length": 26}
     for i, (prompt, max_tokens, hang_up) in enumerate(jobs):
         if hang_up:

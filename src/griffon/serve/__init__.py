@@ -1,5 +1,6 @@
 """Serving: the continuous-batching engine (:mod:`.engine`) with its scheduler (:mod:`.scheduler`),
-requests and their outputs (:mod:`.request`), the prefix-state cache (:mod:`.prefix_cache`), the
+model runner (:mod:`.runner`) and output processor (:mod:`.output`), requests (:mod:`.request`),
+the prefix-state cache (:mod:`.prefix_cache`), the
 limits on a request (:mod:`.limits`), metrics, and the OpenAI-compatible HTTP server
 (:mod:`.server`, the ``serve`` extra)."""
 

@@ -2,12 +2,13 @@
 
 Each :meth:`Engine.step` is one iteration: drop requests that were cancelled or timed out; prefill
 waiting prompts in chunks, at most ``step_tokens`` prompt tokens per iteration so a long prompt
-does not stall the others (which and how much is the :class:`~griffon.serve.scheduler.Scheduler`'s
-to decide); then advance every running request by one token with one decode step
-(:func:`griffon.decode.make_step`) over the batch of their caches, and sample their next tokens
-in one call (:func:`griffon.decode.sampling.sample`). A Griffin or Hawk cache has a
-fixed size, so a request joins the batch (:meth:`Cache.stack`) or leaves it (:meth:`Cache.select`)
-at the cost of copying a few states, and its slot is reused at once.
+does not stall the others; then advance every running request by one token with one decode step
+over the batch of their caches, and sample their next tokens in one call. The engine ties four
+parts together, as vLLM separates them: the scheduler decides which requests prefill, how much,
+and which run (:mod:`griffon.serve.scheduler`), the runner runs the model over chunks and the
+batch's caches (:mod:`griffon.serve.runner`), the sampler draws every row's token at once
+(:func:`griffon.decode.sampling.sample`), and the output processor turns tokens into text,
+log-probabilities and reasons to stop (:mod:`griffon.serve.output`).
 
 Exactly :func:`griffon.generate` for one prompt. A prompt is prefilled in chunks aligned to
 multiples of ``prefill_chunk`` from its start (as :func:`griffon.decode.prefill` does with that
@@ -42,15 +43,16 @@ from collections.abc import Callable
 import torch
 
 from griffon.data.tokenizers import Tokenizer
-from griffon.decode.generate import TextStream, length_limit
+from griffon.decode.generate import length_limit
 from griffon.decode.kernels import PARALLEL_MIN_ROWS
 from griffon.decode.sampling import SamplingParams, check_prompt, sample
-from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
 from griffon.serve.limits import Limits
 from griffon.serve.metrics import Metrics
+from griffon.serve.output import OutputProcessor
 from griffon.serve.prefix_cache import EMPTY, PrefixCache
-from griffon.serve.request import LogprobRows, Request
+from griffon.serve.request import Request
+from griffon.serve.runner import ModelRunner
 from griffon.serve.scheduler import Scheduler
 
 # Prompt tokens prefilled per engine iteration (``griffon serve --step-tokens``).
@@ -59,11 +61,6 @@ DEFAULT_STEP_TOKENS = 512
 WARM_UP_BATCH = PARALLEL_MIN_ROWS
 
 log = logging.getLogger("griffon.serve")
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    # float32 at least: bf16 logits would give log-probabilities good to 2-3 digits only
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 class Engine:
@@ -96,17 +93,17 @@ class Engine:
         limits: Limits | None = None,
     ) -> None:
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, step_tokens)
-        self.model = model.eval()
+        self.runner = ModelRunner(model, step)
+        self.output = OutputProcessor(tokenizer)
+        self.model = self.runner.model
         self.tokenizer = tokenizer
-        self.device = model.embed.weight.device
+        self.device = self.runner.device
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len if max_len is not None else length_limit(model.config)
         self.limits = limits or Limits()
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
         self.metrics = Metrics()
         self.errors = 0  # requests failed by an error inside the engine (logged, with the traceback)
-        self._decode_step = make_step(model, step)
-        self._batch: Cache | None = None  # the running requests' caches, in the scheduler's row order
         self._ids = itertools.count()
         self._by_id: dict[str, Request] = {}
 
@@ -150,12 +147,7 @@ class Engine:
 
     def _enqueued(self, req: Request) -> None:
         """Set up a queued request's output (under the scheduler's lock, but for the warm-up's)."""
-        if self.tokenizer is not None:  # the text so far, cut at the first stop string
-            req.text = TextStream(self.tokenizer, req.params.stop)
-        if req.params.logprobs is not None:
-            req.logprobs = LogprobRows(req.params.logprobs)
-            if req.params.echo:
-                req.prompt_logprobs = LogprobRows(req.params.logprobs)
+        self.output.open(req)
         self._by_id[req.id] = req
         self.metrics.queue_length = len(self.scheduler.waiting)
 
@@ -220,7 +212,7 @@ class Engine:
     def step(self) -> None:
         """One iteration: expire, admit, prefill under the token budget, one decode step."""
         gone, rows = self.scheduler.expire(time.monotonic())
-        self._drop_rows(rows)
+        self.runner.drop_rows(rows)
         for req, reason in gone:
             self._finish(req, reason)
         for req in self.scheduler.admit():
@@ -237,7 +229,7 @@ class Engine:
         """Finish every request in the engine with ``reason`` (at shutdown, or after an error
         inside :meth:`step` that no request could be blamed for)."""
         requests = self.scheduler.take_all()
-        self._batch = None
+        self.runner.clear()
         self.metrics.queue_length = 0
         for req in requests:
             if not req.finished:
@@ -257,17 +249,14 @@ class Engine:
         except Exception as e:
             self._fail(req, e)
 
-    def _record(self, req: Request, error: Exception) -> None:
+    def _fail(self, req: Request, error: Exception) -> None:
+        """Finish ``req`` with reason ``error`` wherever it is (waiting for it is not), and log why."""
         self.errors += 1
         req.error = f"{type(error).__name__}: {error}"
         log.error("request %s failed inside the engine", req.id, exc_info=error)
-
-    def _fail(self, req: Request, error: Exception) -> None:
-        """Finish ``req`` with reason ``error`` wherever it is, and log why."""
-        self._record(req, error)
         row = self.scheduler.remove(req)
         if row is not None:
-            self._drop_rows([row])
+            self.runner.drop_rows([row])
         if not req.finished:
             self._finish(req, "error")
 
@@ -281,7 +270,7 @@ class Engine:
             if not req.scores_prompt:
                 snapshot = self.prefix_cache.lookup(req.prompt)
         if snapshot is None:
-            req._cache, req._position = self.model.init_cache(1), 0
+            req._cache, req._position = self.runner.new_cache(), 0
             return
         req._cache, req._position, req._last = snapshot.cache, snapshot.prefix.end, snapshot.logits
         req._prefix = snapshot.prefix
@@ -307,17 +296,15 @@ class Engine:
             self._isolated(req, self._after_chunk, req, row, cache)
 
     def _forward_chunk(self, group: list[Request]) -> tuple[torch.Tensor, list[Cache]]:
-        """The forward over the next chunk (all of one length) of every request in ``group``: the
-        logits (len(group), n or 1, V) and each request's advanced cache. Changes no request, but
-        for the cache of a group of one, which the forward consumes."""
+        """The runner's forward over the next chunk (all of one length) of every request in
+        ``group``: the logits (len(group), n or 1, V) and each request's advanced cache."""
         n = self.scheduler.next_chunk(group[0])
-        tokens = torch.tensor([r.prompt[r._position : r._position + n] for r in group], device=self.device)
-        segment_pos = torch.stack([torch.arange(r._position, r._position + n, device=self.device) for r in group])
-        cache = group[0]._cache if len(group) == 1 else Cache.stack([r._cache for r in group])
-        logits, cache = self.model(tokens, segment_pos, cache=cache, last_only=not group[0].scores_prompt)
-        if len(group) == 1:
-            return logits, [cache]
-        return logits, [cache.select(torch.tensor([i], device=self.device)) for i in range(len(group))]
+        return self.runner.prefill(
+            [r.prompt[r._position : r._position + n] for r in group],
+            [r._position for r in group],
+            [r._cache for r in group],
+            all_logits=group[0].scores_prompt,
+        )
 
     def _after_chunk(self, req: Request, logits: torch.Tensor, cache: Cache) -> None:
         """Take a prefilled chunk into ``req``: its cache, scores, last logits, a prefix snapshot."""
@@ -325,7 +312,7 @@ class Engine:
         start = req._position
         req._cache = cache
         if req.scores_prompt:
-            self._score_prompt(req, logits, start, start + n)  # logits (n, V)
+            self.output.score_prompt(req, logits, start, start + n)  # logits (n, V)
         req._position += n
         req._last = logits[-1:]  # (1, V)
         if req._prefix is not None and req._position % self.prefill_chunk == 0:
@@ -352,17 +339,9 @@ class Engine:
         last, req._last = req._last, None
         self._emit(req, self._sample(req, last), last)
         if not req.finished:
-            self._batch = req._cache if self._batch is None else Cache.stack([self._batch, req._cache])
+            self.runner.join(req._cache)
             self.scheduler.running.append(req)
         req._cache = None
-
-    def _score_prompt(self, req: Request, logits: torch.Tensor, start: int, end: int) -> None:
-        """Log-probabilities of the prompt's tokens predicted by the logits (T, V) at positions
-        start .. end-1: position t predicts token t+1; nothing predicts the first token."""
-        end = min(end, len(req.prompt) - 1)
-        if end > start:
-            targets = torch.tensor(req.prompt[start + 1 : end + 1], device=logits.device)
-            req.prompt_logprobs.extend(_log_softmax(logits[: end - start]), targets)
 
     # ----- decode -------------------------------------------------------------------------------
 
@@ -375,61 +354,44 @@ class Engine:
         return sample(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
 
     def _emit(self, req: Request, token: int, logits: torch.Tensor) -> None:
-        """Append a generated token; decide whether the request is done."""
+        """Append a generated token, sampled from ``logits`` (1, V); finish the request if it is done."""
         now = time.monotonic()
         if req.first_token_time is None:
             req.first_token_time = now
             self.metrics.observe_ttft(now - req.arrival)
-        if req.logprobs is not None:
-            req.logprobs.extend(_log_softmax(logits), torch.tensor([token], device=logits.device))
-        req.tokens.append(token)
         self.metrics.generation_tokens += 1
-        p = req.params
-        eos_id = None if self.tokenizer is None else self.tokenizer.eos_id
-        is_eos = eos_id is not None and token == eos_id and not p.ignore_eos
-        if req.text is not None and token != eos_id:  # the EOS token has no text
-            req.text.push(token)
-        if is_eos or token in p.stop_token_ids or (req.text is not None and req.text.done):
-            self._finish(req, "stop")
-        elif len(req.tokens) >= p.max_tokens:
-            self._finish(req, "length")
+        reason = self.output.append(req, token, logits)
+        if reason is not None:
+            self._finish(req, reason)
         elif req.notify is not None:
             req.notify(req)
 
     def _decode(self) -> None:
-        running = self.scheduler.running
-        tokens = torch.tensor([r.tokens[-1] for r in running], device=self.device)
+        """One decode step over the running batch and every row's next token. A row whose
+        sampling or output fails is failed alone, after the others have taken their tokens."""
+        running = list(self.scheduler.running)
         try:
-            logits = self._decode_step(tokens, self._batch)  # (B, V)
+            logits = self.runner.decode([r.tokens[-1] for r in running])  # (B, V)
         except Exception as e:  # the batch's states may be half-advanced: every row fails
-            for req in list(running):
+            for req in running:
                 self._fail(req, e)
             return
         try:
             chosen: list[int] | None = self._sample_batch(running, logits)
         except Exception:  # sampled again row by row below, so that only a row that fails alone fails
             chosen = None
-        done = []
+        failed = []
         for i, req in enumerate(running):
             row = logits[i : i + 1]
             try:
                 self._emit(req, chosen[i] if chosen is not None else self._sample(req, row), row)
-            except Exception as e:  # this row alone: the others' tokens are already theirs
-                self._record(req, e)
-                if not req.finished:
-                    self._finish(req, "error")
-            if req.finished:
-                done.append(i)
+            except Exception as e:
+                failed.append((req, e))
+        done = [i for i, req in enumerate(running) if req.finished]
         self.scheduler.drop_rows(done)
-        self._drop_rows(done)
-
-    def _drop_rows(self, rows: list[int]) -> None:
-        """Drop rows of the batch's cache (the scheduler has dropped the requests)."""
-        if not rows:
-            return
-        gone = set(rows)
-        keep = [i for i in range(self._batch.batch_size) if i not in gone]
-        self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+        self.runner.drop_rows(done)
+        for req, e in failed:
+            self._fail(req, e)
 
     def _finish(self, req: Request, reason: str) -> None:
         now = time.monotonic()
