@@ -92,6 +92,18 @@ PAPER_LADDER = {
 }
 
 
+# Griffin's total and non-embedding parameters on each rung, as docs/scaling.md's table gives them.
+LADDER_GRIFFIN_PARAMS = {
+    "100m": (114e6, 89.3e6),
+    "200m": (196e6, 163e6),
+    "400m": (404e6, 355e6),
+    "1.3b": (1.31e9, 1.24e9),
+    "3b": (2.93e9, 2.83e9),
+    "7b": (6.92e9, 6.79e9),
+    "14b": (13.9e9, 13.8e9),
+}
+
+
 def _params_from_the_equations(cfg):
     """Parameters of a Griffin-family model counted from its definition, layer by layer."""
     D, R, M, V = cfg.width, cfg.resolved_lru_width, cfg.resolved_mlp_width, cfg.vocab_size
@@ -112,6 +124,8 @@ def test_ladder_is_the_papers(size):
     for family in ("griffin", "hawk", "mqa"):
         cfg = get_preset(f"{family}-{size}")
         assert (cfg.width, cfg.resolved_lru_width, cfg.num_layers, cfg.num_heads) == (D, D_rnn, depth, heads)
+        # the paper's model: 16 gate blocks (Section 4.1), no embedding scale, no logit soft cap
+        assert cfg.resolved_lru_num_blocks == 16 and not cfg.embed_scale and cfg.logit_soft_cap == 0.0
         assert cfg.resolved_head_dim == 128 and cfg.resolved_mlp_width == 3 * D and cfg.num_kv_heads == 1
         assert cfg.attention_window == (None if family == "mqa" else 1024)
         assert preset_tokens(f"{family}-{size}") == tokens
@@ -120,6 +134,9 @@ def test_ladder_is_the_papers(size):
         assert model.num_params() == _params_from_the_equations(cfg)
         if family == "griffin":  # with a 32k vocabulary the totals land on the sizes' names
             assert 0.85 * nominal <= model.num_params() <= 1.2 * nominal
+            total, body = LADDER_GRIFFIN_PARAMS[size]  # as docs/scaling.md gives them
+            assert model.num_params() == pytest.approx(total, rel=5e-3)
+            assert model.num_params(non_embedding=True) == pytest.approx(body, rel=5e-3)
 
 
 @pytest.mark.parametrize("name", ["griffin-small", "hawk-tiny", "mqa-tiny", "griffin-100m"])

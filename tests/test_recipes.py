@@ -108,3 +108,30 @@ def test_train_starts_from_a_recipe(tmp_path):
     assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["optim"]["decay"] == "all" and saved["optim"]["beta2"] == 0.999 and saved["max_tokens"] == 128
+
+
+GUIDED = {  # StructuredFFN's experiment/sgd.sh: the guided fraction of each self-guided run at 32%
+    ("lowrank", "s"): 0.30, ("lowrank", "m"): 0.38, ("lowrank", "l"): 0.41, ("lowrank", "xl"): 0.43,
+    ("blockshuffle", "s"): 0.30, ("blockshuffle", "m"): 0.38, ("blockshuffle", "l"): 0.41, ("blockshuffle", "xl"): 0.43,
+    ("blockdense", "s"): 0.30, ("blockdense", "m"): 0.40, ("blockdense", "l"): 0.41, ("blockdense", "xl"): 0.45,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, size", GUIDED)
+def test_self_guided_recipes_are_the_papers_runs(kind, size):
+    from griffon.accounting import ffn_matmul_params
+    from griffon.train.recipes import get_recipe
+
+    cfg = get_recipe(f"structuredffn-{size}-{kind}32-guided")
+    dense = get_recipe(f"structuredffn-{size}")
+    sg = cfg.self_guided
+    assert (sg.enabled, sg.fraction, sg.mode, sg.reduce_flop, sg.extra_steps_data) == (
+        True, GUIDED[kind, size], "fixed_flops", True, "reread",
+    )  # fmt: skip
+    assert cfg.model.ffn_structure.kind == kind and cfg.model.ffn_structure.keep_first_dense
+    assert cfg.model.replace(ffn_structure=LinearStructure()) == dense.model  # all else is the dense recipe's
+    assert (cfg.optim, cfg.data, cfg.max_tokens) == (dense.optim, dense.data, dense.max_tokens)
+    # a structured layer keeps 29-32% of the dense FFN's weights (the papers' "32%" settings)
+    share = ffn_matmul_params(cfg.model, 1) / ffn_matmul_params(dense.model, 1)
+    assert 0.28 < share < 0.33, share
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg

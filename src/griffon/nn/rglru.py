@@ -54,7 +54,10 @@ class _SqrtBoundDerivative(torch.autograd.Function):
 
 
 def init_a_param(a_param: torch.Tensor, min_rad: float = 0.9, max_rad: float = 0.999) -> None:
-    """Set ``a = sigmoid(-a_param)`` in ``[min_rad, max_rad]`` with ``a^2`` uniform (area of a ring)."""
+    """Set ``a = sigmoid(-a_param)`` in ``[min_rad, max_rad]`` with ``a^2`` uniform (area of a ring).
+
+    As the reference code (recurrentgemma's ``rnn_param_init``) does; the paper's text (arXiv
+    2402.19427, Section 2.4) draws ``a^c`` uniformly instead."""
     with torch.no_grad():
         a_param.uniform_(min_rad**2 + 1e-8, max_rad**2 + 1e-8)
         # a = sqrt(u); a_param = softplus^-1(-log a) = log(exp(-log a) - 1)
