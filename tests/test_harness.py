@@ -12,6 +12,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from griffon import Griffon, get_preset, save_pretrained  # noqa: E402
 from griffon.data.tokenizers import ByteTokenizer  # noqa: E402
+from griffon.decode import generate_text  # noqa: E402
 from griffon.eval.harness import TASKS_DIR, GriffonLM  # noqa: E402
 
 
@@ -113,3 +114,45 @@ def test_same_loglikelihoods_as_lm_eval_hf_model_on_the_export(lm, tmp_path):
         for (mine,), (hf,) in pairs:
             assert mine[0] == pytest.approx(hf[0], abs=1e-4)
             assert bool(mine[1]) == bool(hf[1])
+
+
+def test_rolling_windows_score_as_lm_eval_hf_model_and_carry_sees_more(lm, tmp_path):
+    """``rolling=windows`` gives lm-eval's HF model's rolling loglikelihood on the exported model
+    (disjoint windows of max_length); the default ``carry`` reads the text once with its state, so
+    its score differs (more context) and equals the whole text's log-probability."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from griffon.cli import main
+
+    assert main(["export-hf", str(lm.model_path), str(tmp_path / "hf")]) == 0
+    text = "Now is the winter of our discontent made glorious summer by this sun of York. " * 2  # 156 tokens
+    request = Instance("loglikelihood_rolling", {}, (text,), 0)
+    windows = GriffonLM(pretrained=str(lm.model_path), batch_size=2, max_length=20, rolling="windows")
+    hf = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", device="cpu", batch_size=2, max_length=20)
+    (mine,) = windows.loglikelihood_rolling([request])
+    (theirs,) = hf.loglikelihood_rolling([request])
+    assert mine == pytest.approx(theirs, abs=1e-3)
+    carry = GriffonLM(pretrained=str(lm.model_path), batch_size=2, max_length=20)
+    (whole,) = carry.loglikelihood_rolling([request])
+    assert whole == pytest.approx(_full_logprob(lm.model, [lm.eot_token_id, *lm.tok_encode(text)]), abs=1e-3)
+    assert abs(whole - mine) > 1.0
+    with pytest.raises(ValueError, match="rolling='overlap': it is one of carry, windows"):
+        GriffonLM(pretrained=str(lm.model_path), rolling="overlap")
+
+
+def test_generate_until_keeps_the_contexts_last_tokens_as_lm_eval_hf_model():
+    """With max_length 24 and 8 new tokens, a context keeps its last 16 tokens: the output is the
+    one generated from those alone."""
+    torch.manual_seed(0)
+    model = GriffonLM.__new__(GriffonLM)
+    model.model, model.griffon_tokenizer = Griffon(get_preset("griffin-tiny")).eval(), ByteTokenizer()
+    model.max_length, model.step = 24, "model"
+    context = "To be, or not to be, that is the question"
+    asked = model.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 8}), 0)])
+    last = context.encode()[-16:].decode()
+    alone = model.generate_until([Instance("generate_until", {}, (last, {"until": [], "max_gen_toks": 8}), 0)])
+    assert asked == alone and len(asked[0].encode()) == 8
+    whole = generate_text(model.model, model.griffon_tokenizer, [context], 8, step="model")  # not cut
+    assert whole != asked  # the cut changes what this model generates

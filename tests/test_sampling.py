@@ -4,7 +4,7 @@ filtered softmax, whatever shares its batch; greedy rows take the argmax; every 
 import pytest
 import torch
 
-from griffon.decode.sampling import GREEDY_BELOW, SamplingParams, check_prompt, sample
+from griffon.decode.sampling import GREEDY_BELOW, SamplingParams, adjust_logits, check_prompt, sample
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -22,6 +22,9 @@ def test_rows_draw_from_their_own_softmax():
         (SamplingParams(temperature=1.0, top_k=2), torch.softmax(torch.tensor([2.0, 1.0]), -1)),
         # top_p=0.6: token 0 holds 0.57 of the mass, so token 1 (before which 0.57 < 0.6) stays, 2 goes
         (SamplingParams(temperature=1.0, top_p=0.6), torch.softmax(torch.tensor([2.0, 1.0]), -1)),
+        # min_p=0.3 keeps tokens of at least 0.3 x the likeliest's probability: exp(-1) = 0.37 stays,
+        # exp(-1.5) = 0.22 goes
+        (SamplingParams(temperature=1.0, min_p=0.3), torch.softmax(torch.tensor([2.0, 1.0]), -1)),
     ]
     for params, want in cases:
         g = _gen(0)
@@ -68,6 +71,12 @@ def test_every_temperature_is_finite_and_tiny_ones_are_greedy():
         (SamplingParams(top_p=1.5), "top_p"),
         (SamplingParams(max_tokens=0), "only with echo"),
         (SamplingParams(logprobs=21), "logprobs"),
+        (SamplingParams(presence_penalty=-2.5), "presence_penalty must lie in"),
+        (SamplingParams(frequency_penalty=float("nan")), "frequency_penalty must lie in"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty must lie in"),
+        (SamplingParams(logit_bias=((3, 200.0),)), "logit_bias of token 3"),
+        (SamplingParams(min_p=-0.1), "min_p"),
+        (SamplingParams(max_tokens=2, min_tokens=3), "min_tokens"),
     ],
 )
 def test_parameters_are_checked_once(params, message):
@@ -84,3 +93,23 @@ def test_prompts_are_checked_once():
         with pytest.raises(ValueError, match=message):
             check_prompt(prompt, 64, 12, 3)
     check_prompt([1] * 9, 64, 12, 3)
+
+
+def test_penalties_biases_and_min_tokens_by_hand():
+    """adjust_logits against the formulas: logit_bias added; the repetition penalty divides the
+    positive and multiplies the negative logits of the prompt's and output's tokens; frequency
+    and presence penalties subtract per occurrence in the output and once; under min_tokens, EOS
+    and the stop tokens are barred."""
+    logits = torch.tensor([[1.0, -2.0, 3.0, 0.5, -0.5, 2.0]])
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                            logit_bias=((5, -3.0), (0, 1.0)), min_tokens=4, stop_token_ids=(3,), max_tokens=9)  # fmt: skip
+    prompt, output = [1, 2], [2, 4, 4]
+    want = [1.0 + 1.0, -2.0 * 2, 3.0 / 2 - 0.5 - 0.25, float("-inf"), -0.5 * 2 - 1.0 - 0.25, float("-inf")]
+    # token 5 is EOS, barred like the stop token 3 until 4 tokens are out
+    got = adjust_logits(logits, [params], [prompt], [output], eos_id=5)
+    assert got[0].tolist() == pytest.approx(want)
+    after = adjust_logits(logits, [params], [prompt], [output + [0]], eos_id=5)[0]
+    assert after[3] == 0.5 and after[5] == 2.0 - 3.0  # 4 tokens out: no longer barred
+    assert adjust_logits(logits, [SamplingParams()], [prompt], [output]) is logits  # nothing to do: untouched
+    ignoring = SamplingParams(min_tokens=4, max_tokens=9, ignore_eos=True)
+    assert adjust_logits(logits, [ignoring], [prompt], [output], eos_id=5)[0, 5] == 2.0

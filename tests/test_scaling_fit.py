@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("scipy")
 
 from griffon.cli import main  # noqa: E402
+from griffon.scaling import fit as fit_module  # noqa: E402
 from griffon.scaling.fit import (  # noqa: E402
     Runs,
     ScalingFitError,
@@ -45,7 +46,7 @@ def _write(path, header, rows):
 
 
 def test_parametric_law_recovered_within_its_intervals():
-    fit = fit_family(_synthetic(), bootstrap=30)["parametric"]
+    fit = fit_family(_synthetic(), bootstrap=30, fit_starts=32)["parametric"]
     a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
     for key, value in {**TRUE, "a": a_true, "b": 1 - a_true}.items():
         lo, hi = fit["intervals"][key]
@@ -71,15 +72,20 @@ def test_frontier_power_law_recovered():
     assert fit["E"] == pytest.approx(2.0, rel=0.05) and fit["alpha"] == pytest.approx(0.2, rel=0.05)
 
 
-def test_isoflop_minima_follow_the_planted_power_law():
-    """Exact parabolas in log N around N*(C) = 0.1 C^0.5: the fit finds N* and the exponent."""
+def _planted_parabolas(flops_per_nd: float) -> Runs:
+    """Exact parabolas of loss in log N around N*(C) = 0.1 C^0.5, at budgets C = flops_per_nd N D."""
     rows = []
     for c in (1e15, 1e16, 1e17):
         n_opt = 0.1 * c**0.5
         for n in n_opt * np.geomspace(0.2, 5, 5):
-            rows.append((n, c / (6 * n), 3.0 + 0.05 * math.log(n / n_opt) ** 2, c))
+            rows.append((n, c / (flops_per_nd * n), 3.0 + 0.05 * math.log(n / n_opt) ** 2, c))
     n, d, loss, c = map(np.array, zip(*rows, strict=True))
-    fit = fit_isoflop(Runs(n, d, loss, c, np.array(["x"] * len(loss), dtype=object)))
+    return Runs(n, d, loss, c, np.array(["x"] * len(loss), dtype=object))
+
+
+def test_isoflop_minima_follow_the_planted_power_law():
+    """Exact parabolas in log N around N*(C) = 0.1 C^0.5: the fit finds N* and the exponent."""
+    fit = fit_isoflop(_planted_parabolas(flops_per_nd=6))
     assert fit["a"] == pytest.approx(0.5, abs=1e-6) and fit["k"] == pytest.approx(0.1, rel=1e-4)
     assert [p["n_opt"] for p in fit["profiles"]] == pytest.approx([0.1 * c**0.5 for c in (1e15, 1e16, 1e17)])
 
@@ -91,7 +97,7 @@ def test_command_writes_fits_and_plot(tmp_path, capsys):
     _write(tmp_path / "runs.csv", ["model", "N", "tokens", "val_loss"], rows)
     argv = ["scaling", "fit", str(tmp_path / "runs.csv"), "--family-column", "model", "--params-column", "N",
             "--loss-column", "val_loss", "--bootstrap", "3", "--json", str(tmp_path / "fit.json"),
-            "--png", str(tmp_path / "fit.png"), "--exclude-top-loss", "1"]  # fmt: skip
+            "--png", str(tmp_path / "fit.png"), "--exclude-top-loss", "1", "--starts", "32"]  # fmt: skip
     assert main(argv) == 0
     fits = json.loads((tmp_path / "fit.json").read_text())
     assert set(fits) == {"griffin", "hawk"} and fits["griffin"]["runs"] == 14  # 15 less the worst
@@ -173,7 +179,7 @@ def test_the_huber_fit_ignores_outliers_and_reports_its_summed_loss():
     loss = runs.loss.copy()
     loss[[3, 10, 17, 24]] *= math.exp(0.05)
     runs = Runs(runs.params, runs.tokens, loss, runs.flops, runs.family)
-    fit = fit_parametric(runs)
+    fit = fit_parametric(runs, keep=32)
     for key in ("E", "alpha", "beta"):
         assert fit[key] == pytest.approx(TRUE[key], rel=0.02), (key, fit[key])
     assert fit["objective"] == pytest.approx(_huber_sum(fit["theta"], runs), rel=1e-9)
@@ -209,7 +215,20 @@ def test_a_family_that_cannot_be_fitted_is_skipped_and_named(tmp_path, capsys):
     with (tmp_path / "a.csv").open("a", newline="") as f:
         csv.writer(f).writerows([("tiny", 1e6, 1e8, 3.0), ("tiny", 2e6, 1e8, 2.9)])
     assert (
-        main(["scaling", "fit", str(tmp_path / "a.csv"), "--bootstrap", "0", "--json", str(tmp_path / "f.json")]) == 0
+        main(
+            [
+                "scaling",
+                "fit",
+                str(tmp_path / "a.csv"),
+                "--bootstrap",
+                "0",
+                "--starts",
+                "32",
+                "--json",
+                str(tmp_path / "f.json"),
+            ]
+        )
+        == 0  # fmt: skip
     )
     out = capsys.readouterr().out
     assert "tiny: skipped (2 runs; a scaling fit needs at least 5)" in out and "good (" in out
@@ -244,3 +263,43 @@ def test_the_json_is_valid_whatever_the_values(tmp_path, capsys):
 def test_a_byte_order_mark_keeps_the_family_column(tmp_path):
     _table(tmp_path / "bom.csv", _synthetic(sizes=5), family="griffin", bom=True)
     assert set(read_runs(tmp_path / "bom.csv").family) == {"griffin"}
+
+
+def test_the_point_estimate_starts_from_every_grid_point_and_the_bootstrap_from_the_best(monkeypatch):
+    """L-BFGS runs from all 4,500 grid points (75 for the frontier) for the fit itself, and from
+    the :data:`BOOTSTRAP_STARTS` best on each resample."""
+    calls = []
+    original = fit_module._lbfgs
+
+    def counting(objective, starts, args, bounds):
+        calls.append(len(starts))
+        return original(objective, starts[:1], args, bounds)  # one start is enough to go on
+
+    monkeypatch.setattr(fit_module, "_lbfgs", counting)
+    fit_family(_synthetic(), bootstrap=2)
+    assert calls == [len(fit_module.PARAMETRIC_GRID), len(fit_module.FRONTIER_GRID)] + [fit_module.BOOTSTRAP_STARTS] * 4
+    assert len(fit_module.PARAMETRIC_GRID) == 4500
+
+
+def test_isoflop_reads_the_optimal_tokens_from_the_runs_when_flops_are_exact_counts():
+    """FLOPs counted exactly (here 7.8 N D, attention and all) rather than 6ND: D*(C) is the
+    tokens the runs trained at N*, C / (7.8 N*), not C / (6 N*)."""
+    fit = fit_isoflop(_planted_parabolas(flops_per_nd=7.8))
+    for p in fit["profiles"]:
+        assert p["d_opt"] == pytest.approx(p["flops"] / (7.8 * p["n_opt"]), rel=1e-9)
+    assert fit["b"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_the_chinchilla_points_give_the_replications_law():
+    """On the 240 Chinchilla runs Besiroglu et al. 2024 fitted (the 5 highest-loss left out), the
+    fit gives their published estimates, Table 1: E 1.82, A 482.01, B 2085.43, alpha 0.3478,
+    beta 0.3658 (the best 32 starts give the every-start fit here; experiments/fit_checks.py)."""
+    from pathlib import Path
+
+    runs = read_runs(Path(__file__).parent / "data" / "chinchilla_points.csv", exclude_top_loss=5)
+    fit = fit_module.fit_parametric(runs, keep=32)
+    assert len(runs) == 240
+    assert fit["E"] == pytest.approx(1.82, rel=5e-3)
+    assert fit["alpha"] == pytest.approx(0.3478, rel=5e-3) and fit["beta"] == pytest.approx(0.3658, rel=5e-3)
+    # A and B trade off along a ridge of the objective: their 95% intervals span factors of 2 and 6
+    assert fit["A"] == pytest.approx(482.01, rel=0.03) and fit["B"] == pytest.approx(2085.43, rel=0.03)

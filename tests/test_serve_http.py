@@ -136,8 +136,18 @@ def test_echo_and_logprobs_score_the_prompt_as_lm_eval_reads_them():
         ({"prompt": "a", "temperature": -1}, 400, "temperature"),
         ({"prompt": "a", "top_p": 0}, 400, "top_p"),
         ({"prompt": "a", "logprobs": 50}, 400, "logprobs"),
-        ({"prompt": "a", "n": 2}, 400, "n"),
-        ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"prompt": "a", "n": 0}, 400, "n"),
+        ({"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"prompt": "a", "suffix": "b"}, 400, "suffix is not supported"),
+        ({"prompt": "a", "n": 3, "best_of": 2}, 400, "best_of (2) must be at least n (3)"),
+        ({"prompt": "a", "best_of": 2, "stream": True}, 400, "best_of > n cannot be streamed"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias keys are token ids"),
+        ({"prompt": "a", "logit_bias": {"300": 1}}, 400, "logit_bias: token ids must lie in [0, 256)"),
+        ({"prompt": "a", "logit_bias": {"3": 101}}, 400, "logit_bias"),
+        ({"prompt": "a", "stop_token_ids": [256]}, 400, "stop_token_ids: token ids must lie in [0, 256)"),
+        ({"prompt": "a", "min_p": 1.5}, 400, "min_p"),
+        ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"prompt": "a", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens must lie in [0, max_tokens=2]"),
         ({"prompt": "", "max_tokens": 2}, 400, "prompt: String should have at least 1 character"),
         ({"prompt": [[1], []], "max_tokens": 2}, 400, "prompt.1: List should have at least 1 item"),
         ({"prompt": [300]}, 400, "token ids must lie in"),
@@ -533,3 +543,112 @@ def test_fuzzing_from_the_openapi_schema_finds_no_5xx_hang_or_nonconforming_answ
     completions = [v for k, v in report.items() if k.startswith("POST /v1/completions")]
     assert len(completions) == 2 and all(v["requests"] >= 200 for v in completions), report
     assert all("200" in v["statuses"] for k, v in report.items() if "(positive)" in k), report
+
+
+def test_n_and_best_of_choose_by_mean_logprob_and_count_every_choice():
+    """``n`` choices per prompt, choice i seeded ``seed + i`` (each equal to generate with that
+    seed); ``best_of`` keeps the ``n`` with the highest mean log-probability per token, recomputed
+    here from the model's own forward; usage counts the prompt once and every choice's tokens."""
+    model = _model()
+    tok = ByteTokenizer()
+    prompt = tok.encode("ROMEO:")
+    with _client(model) as client:
+        r = client.post("/v1/completions", json={"prompt": ["ROMEO:", "To"], "max_tokens": 5, "n": 3, "seed": 7})
+        out = r.json()
+        assert [c["index"] for c in out["choices"]] == list(range(6))
+        for i, choice in enumerate(out["choices"][:3]):
+            assert choice["text"] == tok.decode(_reference(model, prompt, 5, seed=7 + i))
+        assert out["usage"] == {"prompt_tokens": 8, "completion_tokens": 30, "total_tokens": 38}
+        best = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, "n": 2, "best_of": 4,
+                                                     "seed": 7}).json()  # fmt: skip
+    candidates = [_reference(model, prompt, 5, seed=7 + i) for i in range(4)]
+
+    def mean_logprob(tokens):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([prompt + tokens]))
+        logp = logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        return float(logp.gather(-1, torch.tensor(tokens)[:, None]).mean())
+
+    ranked = sorted(candidates, key=mean_logprob, reverse=True)
+    assert [c["text"] for c in best["choices"]] == [tok.decode(t) for t in ranked[:2]]
+    assert best["usage"]["completion_tokens"] == 20  # all four were generated
+
+
+def test_penalties_and_biases_against_a_hand_computed_greedy_walk():
+    """Greedy decoding with a repetition, frequency and presence penalty and a logit bias gives
+    the tokens of a walk that applies them by hand to the model's logits at each step."""
+    model = _model()
+    tok = ByteTokenizer()
+    prompt = tok.encode("abab")
+    rep, freq, pres, bias = 1.5, 0.7, 0.4, {ord("z"): 2.0, ord("a"): -1.0}
+    out: list[int] = []
+    for _ in range(8):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out]))[0][0, -1].clone()
+        for t, b in bias.items():
+            logits[t] += b
+        for t in set(prompt) | set(out):
+            logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+        for t in set(out):
+            logits[t] -= freq * out.count(t) + pres
+        out.append(int(logits.argmax()))
+    body = {"prompt": "abab", "max_tokens": 8, "temperature": 0.0, "repetition_penalty": rep, "frequency_penalty": freq,
+            "presence_penalty": pres, "logit_bias": {str(t): b for t, b in bias.items()}}  # fmt: skip
+    with _client(model) as client:
+        text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        plain = client.post("/v1/completions", json={"prompt": "abab", "max_tokens": 8, "temperature": 0.0}).json()
+    assert text == tok.decode(out) and plain["choices"][0]["text"] != text  # the adjustments mattered
+
+
+def test_min_tokens_holds_back_eos_stop_tokens_and_stop_strings():
+    model = _model()
+    with _client(model) as client:
+        free = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 8, "temperature": 0.0}).json()
+        text = free["choices"][0]["text"]
+        first = ord(text[0])
+        stopped = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 8, "temperature": 0.0,
+                                                        "stop_token_ids": [first]}).json()  # fmt: skip
+        held = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 8, "temperature": 0.0,
+                                                     "stop_token_ids": [first], "min_tokens": 3}).json()  # fmt: skip
+        # a sampled walk whose first two tokens are ASCII and do not recur, so that they make a stop string
+        for seed in range(20):
+            walk = {"prompt": "ab", "max_tokens": 8, "temperature": 1.0, "seed": seed}
+            sampled = client.post("/v1/completions", json=walk).json()["choices"][0]["text"]
+            if sampled[:2].isascii() and sampled[:2] not in sampled[1:]:
+                break
+        string = client.post("/v1/completions", json={**walk, "stop": [sampled[:2]], "min_tokens": 3}).json()
+        cut = client.post("/v1/completions", json={**walk, "stop": [sampled[:2]]}).json()
+    # a stop token that is not EOS keeps its text, as vLLM keeps non-special stop tokens
+    assert stopped["choices"][0]["text"] == text[0] and stopped["choices"][0]["finish_reason"] == "stop"
+    # the stop token cannot be drawn before 3 tokens: the walk changes, and runs on past them
+    assert len(held["choices"][0]["text"]) >= 3 and ord(held["choices"][0]["text"][0]) != first
+    # a stop string wholly inside the first 3 tokens never stops the request
+    assert string["choices"][0]["text"] == sampled and string["choices"][0]["finish_reason"] == "length"
+    assert cut["choices"][0]["text"] == "" and cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_limits_count_every_choice():
+    with _client(limits=Limits(max_tokens=10)) as client:
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4, "n": 3})
+        assert r.status_code == 400 and "3 choices x max_tokens 4; this server's limit is max_tokens=10" in r.text
+        assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "n": 2}).status_code == 200
+
+
+def test_top_logprobs_hold_the_sampled_token_for_the_openai_client():
+    """With the official client: ``logprobs=0`` gives one entry per token, the token taken; with
+    ``logprobs=2`` up to three, the token taken among them."""
+    openai = pytest.importorskip("openai")
+    engine = Engine(_model(), ByteTokenizer(), prefill_chunk=CHUNK, step="model")
+    with BackgroundServer(create_app(engine, "tiny")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for k in (0, 2):
+            # ASCII tokens only: the byte tokens above 127 all decode to the same replacement character
+            ascii_only = {str(t): -100 for t in range(128, 256)}
+            out = client.completions.create(
+                model="tiny", prompt="To be", max_tokens=6, logprobs=k, seed=3, logit_bias=ascii_only
+            )
+            lp = out.choices[0].logprobs
+            assert len(lp.tokens) == len(lp.top_logprobs) == 6
+            for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+                assert top[token] == pytest.approx(value) and 1 <= len(top) <= k + 1
+                assert k == 0 or max(top.values()) >= value

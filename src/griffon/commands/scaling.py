@@ -12,9 +12,11 @@ from griffon.atomic import atomic_write
 def run_fit(args: argparse.Namespace) -> None:
     from griffon.scaling.fit import finite_json, fit_table, plot, read_runs, summary
 
+    if args.starts is not None and args.starts < 1:
+        raise ValueError(f"--starts must be at least 1, got {args.starts}")
     columns = {c: getattr(args, f"{c}_column") for c in ("params", "tokens", "loss", "flops", "family")}
     runs = read_runs(args.results, columns, args.exclude_top_loss)
-    fits = fit_table(runs, args.bootstrap, args.seed)
+    fits = fit_table(runs, args.bootstrap, args.seed, args.starts)
     print(summary(fits))
     if args.json:
         text = json.dumps(finite_json(fits), indent=2, allow_nan=False)
@@ -33,6 +35,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``griffon scaling`` to the command line."""
+    from griffon.scaling.fit import DEFAULT_BOOTSTRAP
+
     s = sub.add_parser("scaling", help="scaling-law fits")
     ssub = s.add_subparsers(dest="scaling_command", required=True)
     f = ssub.add_parser("fit", help="frontier, IsoFLOP and L(N, D) fits with bootstrap intervals")
@@ -40,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for column in ("params", "tokens", "loss", "flops", "family"):
         f.add_argument(f"--{column}-column", default=column, help=f"the table's column for {column}")
     f.add_argument("--exclude-top-loss", type=int, default=0, help="drop the K highest-loss runs of each family")
-    f.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (0: none)")
+    f.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="resamples for the intervals (0: none)")
+    f.add_argument("--starts", type=int, default=None, metavar="K",
+                   help="L-BFGS from the K best initialisation grid points (default: every one of them)")  # fmt: skip
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--json", help="write the fits here")
     f.add_argument("--png", help="plot loss vs FLOPs, IsoFLOP profiles and N*(C) here")

@@ -185,9 +185,10 @@ def stream_tokens(
             yield step[0]
 
 
-def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """Where the earliest of ``stop_strings`` begins in ``text`` (None if none occurs)."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+def find_stop(text: str, stop_strings: Sequence[str], new_from: int = 0) -> int | None:
+    """Where the earliest of ``stop_strings`` begins in ``text`` (None if none occurs), counting
+    only occurrences that end at or after character ``new_from``."""
+    hits = [i for i in (text.find(s, max(new_from - len(s) + 1, 0)) for s in stop_strings if s) if i >= 0]
     return min(hits) if hits else None
 
 
@@ -205,9 +206,12 @@ class TextStream:
         self.done = False
         self._shown = 0
         self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self._searched = 0  # text before this is not searched for stop strings again
 
-    def push(self, token: int) -> str:
-        """Add a token; return the new text that is safe to show (often empty)."""
+    def push(self, token: int, stops: bool = True) -> str:
+        """Add a token; return the new text that is safe to show (often empty). With ``stops``
+        False (a request's first ``min_tokens``), stop strings are not looked for, and one that
+        ends in the text so far never stops the stream later."""
         if self.done:
             return ""
         if token == self.tokenizer.eos_id:
@@ -216,7 +220,10 @@ class TextStream:
         self.ids.append(token)
         # Assigned once, already cut: a reader on another thread never sees a stop string's start.
         text = self.tokenizer.decode(self.ids)
-        cut = find_stop(text, self.stop_strings)
+        if not stops:
+            self.text, self._searched = text, len(text)
+            return ""
+        cut = find_stop(text, self.stop_strings, self._searched)
         if cut is not None:
             self.text, self.done = text[:cut], True
             return self.flush()
@@ -251,11 +258,13 @@ def generate_text(
     prompts: Sequence[str],
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
+    max_prompt_tokens: int | None = None,
     **kwargs,
 ) -> list[str]:
     """Continue text prompts; each row stops at the tokenizer's EOS, after ``max_new_tokens``, or
-    at the first of ``stop_strings``, which is cut off with everything after it. Other arguments
-    as :func:`generate_stream`."""
+    at the first of ``stop_strings``, which is cut off with everything after it. With
+    ``max_prompt_tokens``, a longer prompt keeps its last that many tokens. Other arguments as
+    :func:`generate_stream`."""
     streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
 
     def hit(row: int, tokens: list[int]) -> bool:
@@ -263,5 +272,7 @@ def generate_text(
         return streams[row].done
 
     ids = [tokenizer.encode(p) for p in prompts]
+    if max_prompt_tokens is not None:
+        ids = [row[-max_prompt_tokens:] for row in ids]
     generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_check=hit, **kwargs)
     return [s.text for s in streams]

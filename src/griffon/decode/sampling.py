@@ -1,10 +1,16 @@
 """Sampling the next token: one call for a batch whose rows each have their own temperature,
-top-k, top-p and random stream, shared by :func:`griffon.generate` and the serving engine.
+min-p, top-k, top-p and random stream, shared by :func:`griffon.generate` and the serving engine.
 
 A row samples by the Gumbel-max trick: ``argmax(logits / T + g)`` with ``g = -log(-log u)`` for
-uniform ``u``, which draws exactly from ``softmax(logits / T)`` (restricted to the tokens top-k and
-top-p keep). Each row draws its noise from its own generator, so a row's tokens depend on its
-seed and logits only, never on which rows share its batch.
+uniform ``u``, which draws exactly from ``softmax(logits / T)`` (restricted to the tokens min-p,
+top-k and top-p keep). Each row draws its noise from its own generator, so a row's tokens depend on
+its seed and logits only, never on which rows share its batch.
+
+Before that, :func:`adjust_logits` applies what depends on a row's history, in vLLM's order:
+``min_tokens`` (EOS and the stop tokens barred until that many tokens are out), ``logit_bias``
+(added), then the repetition penalty (over the prompt's and the output's tokens: a positive logit
+divided by it, a negative one multiplied, as Keskar et al. 2019 and vLLM do) and OpenAI's
+frequency and presence penalties (over the output's tokens: ``logit - f * count - p * (count > 0)``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ GREEDY_BELOW = 1e-5
 # Seeds as vLLM accepts them: the range of a signed 64-bit integer.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20
+# The largest repetition penalty accepted: far past any useful value (1.1-1.3), small enough that
+# dividing a logit by it keeps the logits finite.
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,21 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # log-probabilities of the chosen token and this many top ones
     echo: bool = False  # with logprobs: also score the prompt's tokens
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token is in the output
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages the prompt's and output's tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
+    min_p: float = 0.0  # vLLM's: keep tokens at least this share of the likeliest one's probability
+    min_tokens: int = 0  # vLLM's: no EOS, stop token or stop string before this many tokens
+    score: bool = False  # keep the sum of the chosen tokens' log-probabilities (``best_of`` ranks by it)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether :func:`adjust_logits` changes this row's logits."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.logit_bias or self.min_tokens
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Raise ValueError naming the first parameter out of range."""
@@ -54,6 +78,21 @@ class SamplingParams:
             raise ValueError(f"seed must lie in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2 <= value <= 2):
+                raise ValueError(f"{name} must lie in [-2, 2], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ValueError(
+                f"repetition_penalty must lie in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}"
+            )
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias of token {token} must lie in [-100, 100], got {bias}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must lie in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
 
 def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int | None, max_tokens: int) -> None:
@@ -70,13 +109,46 @@ def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int | None, ma
         )
 
 
+def adjust_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    eos_id: int | None = None,
+) -> torch.Tensor:
+    """Each row of ``logits`` (B, V) as its ``params`` change it given its prompt and output so far
+    (the module docstring gives the order); ``logits`` itself when no row changes. ``eos_id`` is
+    barred with the stop tokens under ``min_tokens`` (unless ``ignore_eos``). Float32 out."""
+    if not any(p.adjusts_logits for p in params):
+        return logits
+    logits = logits.float().clone()
+    V = logits.shape[-1]
+    for b, p in enumerate(params):
+        if not p.adjusts_logits:
+            continue
+        row = logits[b]  # (V,), a view: changed in place
+        if len(outputs[b]) < p.min_tokens:
+            barred = [*p.stop_token_ids, *([eos_id] if eos_id is not None and not p.ignore_eos else [])]
+            row[torch.tensor(barred, dtype=torch.long, device=row.device)] = float("-inf")
+        for token, bias in p.logit_bias:
+            row[token] += bias
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*prompts[b], *outputs[b]}), dtype=torch.long, device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and len(outputs[b]):
+            counts = torch.bincount(torch.tensor(outputs[b], device=row.device), minlength=V).float()  # (V,)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
     """The next token of each row of ``logits`` (B, V): row b samples with ``params[b]``'s
-    temperature, top-k and top-p from ``generators[b]`` (greedy rows, temperatures below
+    temperature, min-p, top-k and top-p from ``generators[b]`` (greedy rows, temperatures below
     :data:`GREEDY_BELOW`, take the argmax and draw nothing). Returns (B,) int64."""
     B, V = logits.shape
     device = logits.device
@@ -88,6 +160,10 @@ def sample(
     # Shifted by the row's maximum before the division: the largest scaled logit is 0 and the rest
     # <= 0, so a small temperature underflows the others to -inf instead of overflowing to NaN.
     scaled = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]  # (B, V)
+    if any(p.min_p > 0 for p in params):
+        # p_i >= min_p * p_max  <=>  scaled_i >= log(min_p), the largest scaled logit being 0
+        floor = torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], device=device)
+        scaled = torch.where(scaled >= floor[:, None], scaled, float("-inf"))
     if any((p.top_k is not None and p.top_k < V) or (p.top_p is not None and p.top_p < 1) for p in params):
         scaled = _filter(scaled, params)
     noise = torch.stack([_gumbel(V, g, device) for g in generators])  # (B, V)

@@ -5,19 +5,25 @@ Three views of one table of training runs (parameters N, tokens D, training FLOP
 * **Frontier**: the runs no cheaper run beats (lowest loss so far in order of compute), fitted with
   L(C) = E + A C^-alpha.
 * **IsoFLOP profiles** (Hoffmann et al. 2022, Approach 2): runs grouped by compute budget, a
-  parabola of loss in log N through each group, its minimum N*(C) and D*(C) = C / (6 N*), and the
-  power laws N* = k C^a, D* = k' C^b fitted through the minima. A budget whose minimum lies
+  parabola of loss in log N through each group, its minimum N*(C), D*(C) read from the runs' own
+  tokens (a line of log D in log N through the group, at N*: C / (6 N*) when the FLOPs are 6ND,
+  and right too when they are exact counts), and the power laws N* = k C^a, D* = k' C^b fitted
+  through the minima. A budget whose minimum lies
   outside the sizes trained at it is left out (and listed): its optimum is not bracketed.
 * **Parametric law** (Approach 3): L(N, D) = E + A / N^alpha + B / D^beta, fitted as Besiroglu et al.
   2024 corrected the original: in log space (log L = LSE(e, a - alpha log N, b - beta log D), with
   E = exp(e), A = exp(a), B = exp(b)), a Huber loss with delta 1e-3 summed over the runs, L-BFGS from
-  every point of a grid of initialisations, the best fit kept. The compute-optimal allocation
+  every point of a grid of initialisations (4,500 points), the best fit kept. The compute-optimal allocation
   follows: N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = (C/6)^(alpha/(alpha+beta)) / G with
   G = (alpha A / (beta B))^(1/(alpha+beta)).
 
 Every parameter gets a percentile bootstrap interval: the runs are resampled with replacement and
 each fit repeated; resamples on which a fit is not defined (too few distinct budgets) are counted
-and reported, not silently dropped.
+and reported, not silently dropped. In the bootstrap, L-BFGS starts from the
+:data:`BOOTSTRAP_STARTS` grid points with the lowest objective on each resample, not from all of
+them (4,500 starts per resample would take hours): on the Chinchilla points the intervals are the
+same at the reported digits with 8 and with 64 starts (``experiments/fit_checks.py``,
+docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ GRID = {
     "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
 }
 MIN_POINTS = 5
+BOOTSTRAP_STARTS = 8
+"""L-BFGS starts per bootstrap resample: the grid points with the lowest objective on it."""
+DEFAULT_BOOTSTRAP = 200
+"""Resamples for the intervals (``griffon scaling fit --bootstrap``); docs/scaling.md measures
+how stable the intervals are with it."""
+INTERVAL_DIGITS = 2
+"""Significant digits the summary gives an interval's ends. Percentile ends are Monte Carlo
+estimates: on the Chinchilla runs, three seeds of 200 resamples move them by up to 2.5% for the
+exponents and E, 17% for A and B (``experiments/fit_checks.py``); more digits would be noise.
+The JSON keeps every digit."""
 # Box for L-BFGS: log-coefficients up to 300 (exp(300) is still a float) and exponents up to 10,
 # far beyond any real law, so that a flat direction cannot run off to overflow.
 LOG_BOUND, EXPONENT_BOUND = (-300.0, 300.0), (0.0, 10.0)
@@ -157,9 +173,11 @@ def grid_objective(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray) -> np.nd
     return total
 
 
-def _fit_law(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray, keep: int, bounds: list) -> np.ndarray:
-    """L-BFGS from the ``keep`` points of ``grid`` (points, parameters) with the lowest objective;
-    the best fit's parameters."""
+def _fit_law(grid: np.ndarray, xs: np.ndarray, log_l: np.ndarray, keep: int | None, bounds: list) -> np.ndarray:
+    """L-BFGS from every point of ``grid`` (points, parameters), or from the ``keep`` with the
+    lowest objective; the best fit's parameters."""
+    if keep is None:
+        return _lbfgs(_objective, list(grid), (xs, log_l), bounds)
     return _lbfgs(_objective, _best_starts(grid, grid_objective(grid, xs, log_l), keep), (xs, log_l), bounds)
 
 
@@ -192,10 +210,10 @@ def _lbfgs(objective, starts: list[np.ndarray], args: tuple, bounds: list) -> np
 PARAMETRIC_GRID = np.array(list(itertools.product(*GRID.values())), dtype=float)
 
 
-def fit_parametric(runs: Runs, keep: int = 32) -> dict[str, float]:
-    """L(N, D) = E + A/N^alpha + B/D^beta. The objective is evaluated at every point of the
-    initialisation grid (4500 points), L-BFGS runs from the ``keep`` best of them, and the fit
-    with the lowest objective is kept."""
+def fit_parametric(runs: Runs, keep: int | None = None) -> dict[str, float]:
+    """L(N, D) = E + A/N^alpha + B/D^beta. L-BFGS runs from every point of the initialisation
+    grid (4500 points), or, with ``keep``, from the ``keep`` points with the lowest objective (the
+    bootstrap's shortcut), and the fit with the lowest objective is kept."""
     points = len(set(zip(runs.params.tolist(), runs.tokens.tolist(), strict=True)))
     if points < MIN_POINTS or len(set(runs.params.tolist())) < 2 or len(set(runs.tokens.tolist())) < 2:
         raise ScalingFitError(
@@ -240,8 +258,9 @@ def frontier(runs: Runs) -> np.ndarray:
 FRONTIER_GRID = np.array(list(itertools.product(GRID["e"], GRID["a"], (0.05, 0.1, 0.2, 0.5, 1.0))), dtype=float)
 
 
-def fit_frontier(runs: Runs, keep: int = 8) -> dict[str, float]:
-    """L(C) = E + A C^-alpha through the frontier, fitted like the parametric law."""
+def fit_frontier(runs: Runs, keep: int | None = None) -> dict[str, float]:
+    """L(C) = E + A C^-alpha through the frontier, fitted like the parametric law (from every
+    point of its 75-point grid, or the ``keep`` best)."""
     idx = frontier(runs)
     if len(idx) < 3:
         raise ScalingFitError(f"the loss-compute frontier has {len(idx)} runs; a power law needs at least 3")
@@ -269,8 +288,10 @@ def isoflop_groups(runs: Runs, tolerance: float = 0.05) -> list[np.ndarray]:
 
 
 def fit_isoflop(runs: Runs) -> dict:
-    """A parabola in log N through each budget's runs (3 or more sizes); N*(C), D*(C) = C/(6N*);
-    then N* = k C^a and D* = k' C^b by least squares in log space (needs 2 or more budgets)."""
+    """A parabola in log N through each budget's runs (3 or more sizes); N*(C); D*(C) from the
+    runs' tokens, a line of log D in log N through the group evaluated at N* (the runs' FLOPs may
+    be exact counts, not 6ND, so C/(6N*) would not be their tokens); then N* = k C^a and
+    D* = k' C^b by least squares in log space (needs 2 or more budgets)."""
     profiles, unbracketed = [], []
     for group in isoflop_groups(runs):
         if len(np.unique(runs.params[group])) < 3:
@@ -284,7 +305,8 @@ def fit_isoflop(runs: Runs) -> dict:
             continue
         flops = float(np.exp(np.log(runs.flops[group]).mean()))
         n_opt = math.exp(log_n)
-        profiles.append({"flops": flops, "n_opt": n_opt, "d_opt": flops / (6 * n_opt),
+        slope, intercept = np.polyfit(x, np.log(runs.tokens[group]), 1)
+        profiles.append({"flops": flops, "n_opt": n_opt, "d_opt": math.exp(intercept + slope * log_n),
                          "loss_opt": c0 + c1 * log_n + c2 * log_n**2, "parabola": [c2, c1, c0],
                          "runs": group.tolist()})  # fmt: skip
     if len(profiles) < 2:
@@ -314,13 +336,16 @@ def best_per_budget(runs: Runs) -> list[dict[str, float]]:
 _PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta", "a", "b")
 
 
-def fit_family(runs: Runs, bootstrap: int = 200, seed: int = 0, level: float = 0.95) -> dict:
-    """All three fits of one family's runs, each parameter with a bootstrap interval."""
+def fit_family(runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95,
+               starts: int = BOOTSTRAP_STARTS, fit_starts: int | None = None) -> dict:  # fmt: skip
+    """All three fits of one family's runs, each parameter with a bootstrap interval. L-BFGS starts
+    from every grid point for the fits themselves (or the ``fit_starts`` best) and from the
+    ``starts`` best on each resample."""
     if len(runs) < MIN_POINTS:
         raise ScalingFitError(f"{len(runs)} runs; a scaling fit needs at least {MIN_POINTS}")
     out: dict = {"runs": len(runs), "budgets": best_per_budget(runs)}
-    fits = {"parametric": _try(fit_parametric, runs), "frontier": _try(fit_frontier, runs),
-            "isoflop": _try(fit_isoflop, runs)}  # fmt: skip
+    fits = {"parametric": _try(lambda r: fit_parametric(r, keep=fit_starts), runs),
+            "frontier": _try(lambda r: fit_frontier(r, keep=fit_starts), runs), "isoflop": _try(fit_isoflop, runs)}  # fmt: skip
     if all("error" in f for f in fits.values()):
         raise ScalingFitError("no fit succeeded: " + "; ".join(f"{k}: {v['error']}" for k, v in fits.items()))
     rng = np.random.default_rng(seed)
@@ -328,8 +353,8 @@ def fit_family(runs: Runs, bootstrap: int = 200, seed: int = 0, level: float = 0
     failures = dict.fromkeys(fits, 0)
     for _ in range(bootstrap):
         sample = runs.take(rng.integers(0, len(runs), len(runs)))
-        for name, fn in (("parametric", lambda r: fit_parametric(r, keep=8)), ("frontier", fit_frontier),
-                         ("isoflop", fit_isoflop)):  # fmt: skip
+        for name, fn in (("parametric", lambda r: fit_parametric(r, keep=starts)),
+                         ("frontier", lambda r: fit_frontier(r, keep=starts)), ("isoflop", fit_isoflop)):  # fmt: skip
             if "error" in fits[name]:
                 continue
             try:
@@ -359,13 +384,16 @@ def _try(fn, runs: Runs) -> dict:
         return {"error": str(e)}
 
 
-def fit_table(runs: Runs, bootstrap: int = 200, seed: int = 0) -> dict[str, dict]:
+def fit_table(
+    runs: Runs, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, fit_starts: int | None = None
+) -> dict[str, dict]:
     """:func:`fit_family` for each family of the table; a family that cannot be fitted is kept as
     ``{"skipped": why}`` while the others are fitted (:class:`ScalingFitError` if none can be)."""
     fits: dict[str, dict] = {}
     for name in sorted(set(runs.family)):
         try:
-            fits[str(name)] = fit_family(runs.take(np.flatnonzero(runs.family == name)), bootstrap, seed)
+            family = runs.take(np.flatnonzero(runs.family == name))
+            fits[str(name)] = fit_family(family, bootstrap, seed, fit_starts=fit_starts)
         except ScalingFitError as e:
             fits[str(name)] = {"skipped": str(e)}
     if all("skipped" in f for f in fits.values()):
@@ -436,6 +464,11 @@ def plot(runs: Runs, fits: dict[str, dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _sig(x: float, digits: int = INTERVAL_DIGITS) -> str:
+    """``x`` to ``digits`` significant digits, without an exponent for everyday magnitudes."""
+    return f"{float(f'{x:.{digits}g}'):g}"
+
+
 def summary(fits: dict[str, dict]) -> str:
     """The fitted parameters with their intervals, a few lines per family."""
 
@@ -445,7 +478,7 @@ def summary(fits: dict[str, dict]) -> str:
         for key in keys:
             if key in result:
                 span = intervals.get(key)
-                parts.append(f"{key} {result[key]:.4g}" + (f" [{span[0]:.4g}, {span[1]:.4g}]" if span else ""))
+                parts.append(f"{key} {result[key]:.4g}" + (f" [{_sig(span[0])}, {_sig(span[1])}]" if span else ""))
         return ", ".join(parts)
 
     lines = []

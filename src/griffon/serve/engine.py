@@ -45,7 +45,7 @@ import torch
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import length_limit
 from griffon.decode.kernels import PARALLEL_MIN_ROWS
-from griffon.decode.sampling import SamplingParams, check_prompt, sample
+from griffon.decode.sampling import SamplingParams, adjust_logits, check_prompt, sample
 from griffon.model import Cache, Griffon
 from griffon.serve.limits import Limits
 from griffon.serve.metrics import Metrics
@@ -109,15 +109,22 @@ class Engine:
 
     # ----- requests in ------------------------------------------------------------------------
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check(self, prompt: list[int], params: SamplingParams, choices: int = 1) -> None:
         """Raise ValueError if this request cannot run: parameters out of range, an empty prompt,
         ids outside the vocabulary, longer than ``max_len``, stop strings without a tokenizer, or
-        over a limit (:class:`~griffon.serve.limits.LimitExceeded`, naming it)."""
+        over a limit (:class:`~griffon.serve.limits.LimitExceeded`, naming it) with ``choices``
+        completions of the prompt."""
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty")
-        self.limits.check(len(prompt), params.max_tokens, params.logprobs, params.echo)
-        check_prompt(prompt, self.model.config.vocab_size, self.max_len, params.max_tokens)
+        self.limits.check(len(prompt), params.max_tokens, params.logprobs, params.echo, choices)
+        vocab = self.model.config.vocab_size
+        check_prompt(prompt, vocab, self.max_len, params.max_tokens)
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(
+                    f"{name}: token ids must lie in [0, {vocab}), got {next(t for t in ids if not 0 <= t < vocab)}"
+                )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
 
@@ -347,11 +354,14 @@ class Engine:
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         """One request's next token from its logits (1, V)."""
-        return int(sample(logits, [req.params], [req._generator])[0])
+        return self._sample_batch([req], logits)[0]
 
     def _sample_batch(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        """The running requests' next tokens from their logits (B, V), in one call."""
-        return sample(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
+        """The requests' next tokens from their logits (B, V), in one call, after their penalties
+        and biases (:func:`~griffon.decode.sampling.adjust_logits`)."""
+        params = [r.params for r in reqs]
+        logits = adjust_logits(logits, params, [r.prompt for r in reqs], [r.tokens for r in reqs], self.output.eos_id)
+        return sample(logits, params, [r._generator for r in reqs]).tolist()
 
     def _emit(self, req: Request, token: int, logits: torch.Tensor) -> None:
         """Append a generated token, sampled from ``logits`` (1, V); finish the request if it is done."""

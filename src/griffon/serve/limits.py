@@ -52,19 +52,22 @@ class Limits:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or None), got {value}")
 
-    def check(self, prompt_tokens: int, max_tokens: int, logprobs: int | None, echo: bool) -> None:
-        """Raise :class:`LimitExceeded` if a request of this size is over a limit."""
+    def check(self, prompt_tokens: int, max_tokens: int, logprobs: int | None, echo: bool, choices: int = 1) -> None:
+        """Raise :class:`LimitExceeded` if a request of this size, with ``choices`` completions of
+        its prompt (``best_of``), is over a limit: every choice counts."""
         if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
             raise LimitExceeded(
                 f"the prompt has {prompt_tokens} tokens; this server's limit is max_prompt_tokens={self.max_prompt_tokens}"
             )
-        if self.max_tokens is not None and max_tokens > self.max_tokens:
-            raise LimitExceeded(f"max_tokens is {max_tokens}; this server's limit is max_tokens={self.max_tokens}")
+        if self.max_tokens is not None and choices * max_tokens > self.max_tokens:
+            asked = f"max_tokens is {max_tokens}" if choices == 1 else f"{choices} choices x max_tokens {max_tokens}"
+            raise LimitExceeded(f"{asked}; this server's limit is max_tokens={self.max_tokens}")
         if logprobs is not None and self.max_logprob_entries is not None:
-            entries = ((prompt_tokens if echo else 0) + max_tokens) * (logprobs + 1)
+            entries = choices * ((prompt_tokens if echo else 0) + max_tokens) * (logprobs + 1)
             if entries > self.max_logprob_entries:
+                per = "choices x " if choices > 1 else ""
                 raise LimitExceeded(
-                    f"this request asks for {entries} log-probabilities ((prompt tokens if echo + max_tokens) x "
+                    f"this request asks for {entries} log-probabilities ({per}(prompt tokens if echo + max_tokens) x "
                     f"(logprobs + 1)); this server's limit is max_logprob_entries={self.max_logprob_entries}"
                 )
 

@@ -42,15 +42,22 @@ class OutputProcessor:
             req.prompt_logprobs.extend(log_softmax(logits[: end - start]), targets)
 
     def append(self, req: Request, token: int, logits: torch.Tensor) -> str | None:
-        """Add a generated ``token``, sampled from ``logits`` (1, V), to ``req``'s outputs; the
-        reason the request stops with it (``stop`` or ``length``), else None."""
+        """Add a generated ``token``, sampled from ``logits`` (1, V, the model's, before penalties),
+        to ``req``'s outputs; the reason the request stops with it (``stop`` or ``length``), else
+        None. Before ``min_tokens`` tokens nothing but ``max_tokens`` stops it, as in vLLM."""
         p = req.params
-        if req.logprobs is not None:
-            req.logprobs.extend(log_softmax(logits), torch.tensor([token], device=logits.device))
+        if req.logprobs is not None or p.score:
+            logp = log_softmax(logits)
+            chosen = torch.tensor([token], device=logits.device)
+            if req.logprobs is not None:
+                req.logprobs.extend(logp, chosen)
+            req.cumulative_logprob += float(logp[0, token])
         req.tokens.append(token)
         is_eos = self.eos_id is not None and token == self.eos_id and not p.ignore_eos
         if req.text is not None and token != self.eos_id:  # the EOS token has no text
-            req.text.push(token)
+            req.text.push(token, stops=len(req.tokens) >= p.min_tokens)
+        if len(req.tokens) < p.min_tokens:
+            return "length" if len(req.tokens) >= p.max_tokens else None
         if is_eos or token in p.stop_token_ids or (req.text is not None and req.text.done):
             return "stop"
         if len(req.tokens) >= p.max_tokens:

@@ -90,6 +90,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
+    cumulative_logprob: float = 0.0  # of the generated tokens, kept with logprobs or params.score
     _cancelled: bool = False
     _admitted: bool = False  # counted in metrics.running
     _cache: Cache | None = None

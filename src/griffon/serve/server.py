@@ -3,10 +3,14 @@
     griffon serve RUN_OR_CHECKPOINT --host 127.0.0.1 --port 8000 [--api-key-file FILE]
 
 Endpoints: ``POST /v1/completions`` (OpenAI's legacy completions: a prompt string, token ids or a
-batch of either; ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
+batch of either; every parameter of OpenAI's API but ``suffix``, which is refused: ``max_tokens``,
+``temperature``, ``top_p``, ``seed``, ``stop``, ``n`` and ``best_of`` (choices ranked by their
+mean log-probability per token), ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
 ``stream`` as server-sent events ending in ``data: [DONE]``, ``echo`` and ``logprobs``, which is
-what lm-evaluation-harness's ``local-completions`` model scores with), ``GET /v1/models``,
-``GET /health`` and ``GET /metrics`` (Prometheus text).
+what lm-evaluation-harness's ``local-completions`` model scores with; and vLLM's extensions
+``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids`` and
+``ignore_eos``), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text).
+``/v1/chat/completions`` is not served yet (it needs a chat template).
 
 Bad input gets a 4xx with one message in OpenAI's error shape (``{"error": {"message": ...}}``):
 invalid JSON, unknown fields and wrong types (strict parsing: no string-to-number coercion), values
@@ -20,6 +24,7 @@ An error inside a request fails that request alone (500) and never stops the ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -38,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from griffon.decode.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
 from griffon.serve.engine import Engine, EngineThread
 from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES
 from griffon.serve.request import QueueFull
@@ -50,6 +55,8 @@ log = logging.getLogger("griffon.serve")
 RETRY_AFTER = 1
 # Seconds between checks that a client waiting for a whole (non-streamed) answer is still there.
 DISCONNECT_POLL = 0.25
+# Choices per prompt (``n``, ``best_of``) as OpenAI bounds ``n``.
+MAX_CHOICES = 128
 # Engine finish reasons as OpenAI-style servers (vLLM) report them; "stop" and "length" stay.
 _REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort", "shutdown": "abort"}
 
@@ -85,11 +92,23 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None  # include_usage: a last event with the token counts
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None  # default: n
     ignore_eos: bool = False
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as a string) -> bias
+    suffix: str | None = None  # refused: the models are not trained to fill in the middle
     user: str | None = None
+    # vLLM's extensions
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+
+def _best_of(body: CompletionRequest) -> int:
+    return body.best_of if body.best_of is not None else body.n
 
 
 class ErrorDetail(BaseModel):
@@ -295,6 +314,8 @@ class Server:
         return hmac.compare_digest(given, self.api_key.encode())  # constant time
 
     def prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The prompts' token ids; a batch whose choices (prompts x ``best_of``) could never all
+        wait in the queue is refused."""
         p = body.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             if self.engine.tokenizer is None:
@@ -305,25 +326,49 @@ class Server:
             raise ValueError("prompt is empty")
         else:
             prompts = [p] if isinstance(p[0], int) else p  # type: ignore[list-item]
-        if len(prompts) > self.engine.max_queue:
+        choices = _best_of(body)
+        if len(prompts) * choices > self.engine.max_queue:
             raise ValueError(
-                f"the prompt is a batch of {len(prompts)}; this server queues at most max_queue="
-                f"{self.engine.max_queue} prompts, so the batch can never fit: send it in parts"
+                f"the prompt is a batch of {len(prompts)} x {choices} choices; this server queues at most "
+                f"max_queue={self.engine.max_queue} of them, so the batch can never fit: send it in parts"
             )
         return prompts
 
-    def params(self, body: CompletionRequest) -> SamplingParams:
+    def params(self, body: CompletionRequest) -> list[SamplingParams]:
+        """Each choice's sampling parameters (``best_of`` of them per prompt): the same but for the
+        seed, which with ``seed`` set is ``seed + i`` for choice i (wrapping around int64)."""
+        if body.suffix is not None:
+            raise ValueError("suffix is not supported: griffon's models are not trained to fill in the middle")
+        best_of = _best_of(body)
+        if best_of < body.n:
+            raise ValueError(f"best_of ({best_of}) must be at least n ({body.n})")
+        if body.stream and best_of > body.n:
+            raise ValueError("best_of > n cannot be streamed: the best choices are known only at the end")
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            bias.append((int(key), value))
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k if body.top_k > 0 else None,
             top_p=body.top_p if body.top_p < 1 else None, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos,
-            logprobs=body.logprobs, echo=body.echo,
+            logprobs=body.logprobs, echo=body.echo, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            logit_bias=tuple(bias), min_p=body.min_p, min_tokens=body.min_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()), score=best_of > body.n,
         )  # fmt: skip
+        if body.seed is None:
+            return [params] * best_of
+        return [dataclasses.replace(params, seed=(body.seed + i - SEED_MIN) % 2**64 + SEED_MIN) for i in range(best_of)]
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, wake: asyncio.Queue) -> list[EngineRequest]:
-        """Submit every prompt (all or none: a full queue cancels those already in)."""
+    def submit(
+        self, prompts: list[list[int]], choices: list[SamplingParams], wake: asyncio.Queue
+    ) -> list[EngineRequest]:
+        """Submit every choice of every prompt, prompt by prompt (all or none: a full queue
+        cancels those already in). The server's limits count every choice."""
         for prompt in prompts:
-            self.engine.check(prompt, params)
+            self.engine.check(prompt, choices[0], choices=len(choices))
         loop = asyncio.get_running_loop()
 
         def notify(req: EngineRequest) -> None:  # on the engine's thread
@@ -332,7 +377,8 @@ class Server:
         requests: list[EngineRequest] = []
         try:
             for prompt in prompts:
-                requests.append(self.engine.submit(prompt, params, notify=notify))
+                for params in choices:
+                    requests.append(self.engine.submit(prompt, params, notify=notify))
         except QueueFull:
             for r in requests:
                 self.engine.cancel(r.id)
@@ -379,7 +425,7 @@ class Server:
                 top_logprobs.append(None)
                 continue
             top: dict[str, float] = {}
-            for t, lp in entry.top.items():
+            for t, lp in [*entry.top.items(), (token, entry.logprob)]:  # the token taken too, as OpenAI
                 s = self.token_str(t)
                 top[s] = max(lp, top.get(s, float("-inf")))
             top_logprobs.append(top)
@@ -408,8 +454,9 @@ class Server:
             "finish_reason": _REASONS.get(req.finish_reason, req.finish_reason),
         }
 
-    def usage(self, requests: list[EngineRequest]) -> dict:
-        prompt = sum(len(r.prompt) for r in requests)
+    def usage(self, requests: list[EngineRequest], choices: int = 1) -> dict:
+        """Token counts: each prompt once (``choices`` requests share it), every choice's tokens."""
+        prompt = sum(len(r.prompt) for r in requests[::choices])
         completion = sum(len(r.tokens) for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -419,9 +466,13 @@ class Server:
 
     # ----- the two ways of answering -------------------------------------------------------------
 
-    async def complete(self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str):
+    async def complete(
+        self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, n: int = 1, best_of: int = 1
+    ):
         """Wait for every request, checking every :data:`DISCONNECT_POLL` seconds that the client
-        is still there (also while tokens keep coming), and answer with the whole completion."""
+        is still there (also while tokens keep coming), and answer with the whole completion: of
+        each prompt's ``best_of`` choices, the ``n`` with the highest mean log-probability per token
+        (OpenAI's "best"), best first."""
         loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL
         while not all(r.finished for r in requests):
@@ -437,11 +488,17 @@ class Server:
         failed = [r for r in requests if r.finish_reason == "error"]
         if failed:
             return _error(500, f"the engine failed on this request: {failed[0].error}", kind="internal_error")
-        body = self.envelope(rid, [self.choice(i, r) for i, r in enumerate(requests)])
-        return JSONResponse(body | {"usage": self.usage(requests)})
+        chosen = []
+        for start in range(0, len(requests), best_of):
+            group = requests[start : start + best_of]
+            if best_of > n:
+                group = sorted(group, key=lambda r: r.cumulative_logprob / max(len(r.tokens), 1), reverse=True)[:n]
+            chosen += group
+        body = self.envelope(rid, [self.choice(i, r) for i, r in enumerate(chosen)])
+        return JSONResponse(body | {"usage": self.usage(requests, best_of)})
 
     async def stream(
-        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool
+        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int = 1
     ) -> AsyncIterator[str]:
         """One event per new token of each request, the echoed prompt first (once it is scored,
         with logprobs); ``text_offset`` counts from the start of the answer, echo included, so the
@@ -481,7 +538,7 @@ class Server:
                     while not wake.empty():  # one pass serves every wake-up so far
                         wake.get_nowait()
             if usage:
-                yield f"data: {json.dumps(self.envelope(rid, []) | {'usage': self.usage(requests)})}\n\n"
+                yield f"data: {json.dumps(self.envelope(rid, []) | {'usage': self.usage(requests, choices)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away and the response task was cancelled
             self.cancel(requests)
@@ -568,8 +625,8 @@ def create_app(
             return _error(404, f"model '{body.model}' does not exist; this server serves '{model_name}'")
         wake: asyncio.Queue = asyncio.Queue()
         try:
-            params = server.params(body)
-            requests = server.submit(server.prompts(body), params, wake)
+            choices = server.params(body)
+            requests = server.submit(server.prompts(body), choices, wake)
         except QueueFull:
             server.rejected("queue_full")
             return _error(429, "the server's queue is full; retry later", headers={"Retry-After": str(RETRY_AFTER)})
@@ -579,8 +636,9 @@ def create_app(
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(server.stream(requests, wake, rid, usage), media_type="text/event-stream")
-        return await server.complete(http, requests, wake, rid)
+            stream = server.stream(requests, wake, rid, usage, len(choices))
+            return StreamingResponse(stream, media_type="text/event-stream")
+        return await server.complete(http, requests, wake, rid, body.n, len(choices))
 
     return app
 
