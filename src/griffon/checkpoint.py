@@ -16,6 +16,9 @@ from griffon.run import CheckpointError, Run
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# A LoRA run's checkpoints hold adapters instead of the weights (griffon.train.lora).
+ADAPTER_NAME = "adapter.safetensors"
+ADAPTER_CONFIG_NAME = "adapter.json"
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -110,7 +113,12 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 def from_pretrained(
     directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Griffon:
-    """Load a model saved by :func:`save_pretrained` (or written by ``griffon convert``)."""
+    """Load a model saved by :func:`save_pretrained` (or written by ``griffon convert``), or a LoRA
+    run's checkpoint, its adapters merged into its base model (:func:`griffon.train.lora.load_merged`)."""
+    if is_adapter(directory):
+        from griffon.train.lora import load_merged
+
+        return load_merged(Path(directory)).to(device=device, dtype=dtype)
     config = load_config(directory)
     state = read_safetensors(Path(directory) / WEIGHTS_NAME)
     with torch.device("meta"):
@@ -123,6 +131,19 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype)
 
 
+def checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stands for, by griffon's names: its own, or a LoRA checkpoint's
+    base with the adapters merged in."""
+    if is_adapter(directory):
+        return {k: v.contiguous() for k, v in from_pretrained(directory).state_dict().items()}
+    return read_safetensors(Path(directory) / WEIGHTS_NAME)
+
+
+def is_adapter(directory: str | Path) -> bool:
+    """Whether ``directory`` is a LoRA run's checkpoint (adapters, no weights of its own)."""
+    return (Path(directory) / ADAPTER_CONFIG_NAME).is_file() and not (Path(directory) / WEIGHTS_NAME).is_file()
+
+
 def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
     """The checkpoint a path stands for, and the tokenizer that goes with it (None if there is none;
     :func:`resolve_with_tokenizer` where one is needed).
@@ -133,7 +154,7 @@ def resolve(path: str | Path) -> tuple[Path, Tokenizer | None]:
     run's checkpoint, in the run (:func:`tokenizer_dirs`); never in a directory further up.
     """
     path = Path(path)
-    if (path / WEIGHTS_NAME).is_file():
+    if (path / WEIGHTS_NAME).is_file() or is_adapter(path):
         ckpt = path
     else:
         newest = Run(path).newest_checkpoint()

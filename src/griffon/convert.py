@@ -358,11 +358,11 @@ def convert(
 def export_hf(model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | None = None) -> None:
     """Write a griffon checkpoint as an HF RecurrentGemma directory (config.json + model.safetensors),
     with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)."""
-    from griffon.checkpoint import load_config
+    from griffon.checkpoint import checkpoint_weights, load_config
 
     cfg = load_config(model_dir)
     hf_cfg = config_to_hf(cfg)
-    state = read_safetensors(Path(model_dir) / WEIGHTS_NAME)
+    state = checkpoint_weights(model_dir)
     hf_state = to_hf_state_dict(state)
     dst = Path(dst)
     if dst.is_symlink():  # write into the directory the link names; the link stays as it is

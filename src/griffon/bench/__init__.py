@@ -9,6 +9,7 @@ one run compare, absolute figures drift.
 * ``scan``: the linear scan against its memory bound (:mod:`.scan`)
 * ``eval``: lm-evaluation-harness requests/s against lm-eval's own ``hf`` model (:mod:`.evaluation`)
 * ``serve``: load on ``griffon serve`` over loopback; server vs offline, Griffin vs MQA, prefix cache (:mod:`.serve`)
+* ``finetune``: LoRA against full fine-tuning, peak memory and tokens/s (:mod:`.finetune`)
 * ``gpu``: Triton scans against their memory bound and public GPU scans, bf16 training and sampling
   throughput of Griffin, Hawk and the MQA transformer (:mod:`.gpu`; needs a CUDA GPU)
 """
@@ -22,4 +23,5 @@ BENCHMARKS = {
     "eval": "evaluation",
     "gpu": "gpu",
     "serve": "serve",
+    "finetune": "finetune",
 }

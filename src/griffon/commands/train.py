@@ -13,19 +13,22 @@ def run(args: argparse.Namespace) -> None:
     from griffon.run import Run
     from griffon.train import auto
     from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
+    from griffon.train.init import InitSource, init_config
     from griffon.train.recipes import starting_config
     from griffon.train.trainer import train
 
     plan = None
     if args.resume:
         run = Run(args.resume)
-        if args.config or args.out:
-            raise ValueError("--resume continues a run with its saved config.json; drop CONFIG and --out")
+        if args.config or args.out or args.init:
+            raise ValueError("--resume continues a run with its saved config.json; drop CONFIG, --out and --init")
         cfg = apply_resume_overrides(TrainConfig.load(run.config), args.set)
     else:
         if args.checkpoint:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
         d = apply_overrides(starting_config(args.config, args.set), args.set)
+        if args.init:
+            d = init_config(d, InitSource.open(args.init), args.set)
         run = Run(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if d.get("model") == "auto":
             plan = auto.plan_new_run(d, run, auto.user_lr(args.config, args.set, d))
@@ -54,5 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its newest checkpoint (--set may change budgets, "
                         "optim.lr and clipping, and bookkeeping such as save_every)")  # fmt: skip
+    s.add_argument("--init", metavar="SRC",
+                   help="start from this model's weights, config and tokenizer: a run, a checkpoint, an HF "
+                        "RecurrentGemma directory (griffon export-hf) or a converted RecurrentGemma")  # fmt: skip
     s.add_argument("--checkpoint", metavar="NAME", help="with --resume: continue from this checkpoint (step_NNNNNN)")
     s.set_defaults(fn=run)

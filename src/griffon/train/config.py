@@ -18,6 +18,8 @@ DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "linear_x", "linear_y", "linear_out", "gate", "up", "down")
+"""The attention projections, the recurrent block's input and output linears, the gated FFN's linears."""
 
 
 def _default_model() -> ModelConfig:
@@ -122,6 +124,32 @@ class SelfGuidedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA fine-tuning through peft (:mod:`griffon.train.lora`): adapters on the linears named in
+    ``targets``, every other weight frozen. ``rank`` 0: off (every weight trains)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    """The update is scaled by ``alpha / rank``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: tuple[str, ...] | None = None
+    """Linear layers to adapt, by module name (the last part of its dotted path); each must be in
+    the model. None: those of :data:`DEFAULT_LORA_TARGETS` the model has (a Hawk has no attention)."""
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0: off), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("lora.targets is empty: name the linear layers to adapt (or null for the default)")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
@@ -129,6 +157,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     self_guided: SelfGuidedConfig = field(default_factory=SelfGuidedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init: str | None = None
+    """The model the run starts from (``griffon train --init SRC``, :mod:`griffon.train.init`):
+    its weights at step 0; its model config and tokenizer are the run's. None: random weights."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     max_tokens: int | None = None
@@ -181,6 +213,12 @@ class TrainConfig:
         self.data.validate()
         self.optim.validate()
         self.self_guided.validate()
+        self.lora.validate()
+        if self.lora.rank:
+            if self.init is None:
+                raise ConfigError("lora.rank adapts a trained model: start the run with --init SRC")
+            if self.self_guided.enabled or self.distributed == "fsdp":
+                raise ConfigError("LoRA runs with distributed=none or ddp and without self-guided training")
         if self.self_guided.enabled:
             if not self.model.ffn_structure.is_structured():
                 raise ConfigError("self_guided.enabled needs a structured FFN: set model.ffn_structure.kind")

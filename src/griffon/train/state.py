@@ -23,10 +23,11 @@ import torch
 from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, describe_os_error, remove_tree
-from griffon.checkpoint import CheckpointError, from_pretrained, write_model
+from griffon.checkpoint import CONFIG_NAME, CheckpointError, from_pretrained, is_adapter, load_config, write_model
 from griffon.model import Griffon
 from griffon.run import Run
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
+from griffon.train.lora import load_adapter, save_adapter
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "state.json"
@@ -97,18 +98,25 @@ def save_checkpoint(
     progress: Progress,
     keep: int,
     max_weight_abs: float | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step_{progress.step}`` atomically, then drop all but the newest ``keep``.
 
     ``training_state`` (the optimizer's ``state_dict`` and whatever else training needs, a tree
     of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
+    With ``adapter`` (a LoRA run's settings and base), the model's LoRA adapters are written in
+    place of its weights (:mod:`griffon.train.lora`).
     """
     check_weights(model, max_weight_abs)
     older = run.checkpoints()  # refuses a checkpoints folder that is a link before writing into it
     final = run.checkpoint(progress.step)
     try:
         with atomic_directory(final) as tmp:
-            write_model(model, tmp)
+            if adapter is None:
+                write_model(model, tmp)
+            else:
+                save_adapter(model, tmp, adapter)
+                (tmp / CONFIG_NAME).write_text(model.config.to_json())
             save_tree(training_state, tmp / OPTIMIZER_NAME)
             (tmp / STATE_NAME).write_text(progress.to_json())
     except (OSError, SafetensorError) as e:
@@ -124,6 +132,15 @@ def load_checkpoint(path: Path, model: Griffon) -> tuple[dict[str, Any], Progres
 
     Raises :class:`CheckpointError` naming the file for anything missing, corrupt or made by another config.
     """
+    if is_adapter(path):  # a LoRA run: ``model`` holds the base weights and adapters to load into
+        try:
+            saved = load_config(path)
+            if saved.to_dict() != model.config.to_dict():
+                raise CheckpointError(f"checkpoint {path} was made with another model config than this run's")
+            load_adapter(model, path)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from None
+        return _read_training_state(path), Progress.read(path / STATE_NAME)
     try:
         loaded = from_pretrained(path)
     except CheckpointError as e:

@@ -20,7 +20,7 @@ from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
 from griffon.allocator import keep_freed_memory
-from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, load_config, tensor_shapes
+from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, is_adapter, load_config, tensor_shapes
 from griffon.config import LinearStructure
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
 from griffon.data.tokenizers import load_tokenizer
@@ -30,7 +30,9 @@ from griffon.model import Griffon
 from griffon.run import Run
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
+from griffon.train.init import load_init_weights
 from griffon.train.logging import RunLogger, plot_losses
+from griffon.train.lora import apply_lora, lora_targets
 from griffon.train.losses import goldfish_mask, next_token_loss
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
 from griffon.train.parallelize import (
@@ -97,6 +99,9 @@ def train(
     run = run if isinstance(run, Run) else Run(run)
     data = data if data is not None else TrainingData.resolve(cfg.data.path)
     data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
+    if cfg.lora.rank:  # before anything is written
+        with torch.device("meta"):
+            lora_targets(Griffon(cfg.model), cfg.lora.targets)
     device = resolve_device(cfg.device)
     info = D.init_distributed(cfg.distributed, device)
     if device.type == "cuda":
@@ -127,6 +132,16 @@ def _train(
         _check_resumable(run, cfg, checkpoint)
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
+    # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time.
+    if cfg.init is not None and (cfg.lora.rank or not resume or run.resume_point(checkpoint) is None):
+        load_init_weights(raw, cfg.init)
+    adapter = None  # what a LoRA run's checkpoints record beside the adapters
+    if cfg.lora.rank:
+        lora = cfg.lora
+        targets = lora_targets(raw, lora.targets)
+        apply_lora(raw, lora.rank, lora.alpha, lora.dropout, targets)
+        adapter = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(targets),
+                   "base": cfg.init}  # fmt: skip
     loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
     plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
     guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
@@ -147,7 +162,7 @@ def _train(
 
     session = _Session(cfg, run, info, device, raw, model, opt, loader, guided, progress, plan,
                        autocast(device, resolve_dtype(cfg.dtype, device)),
-                       saved_step=progress.step if training_state is not None else None)  # fmt: skip
+                       saved_step=progress.step if training_state is not None else None, adapter=adapter)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
         batches = eval_batches(val_split, cfg.data.seq_len, cfg.data.batch_size, max_batches)
@@ -287,6 +302,8 @@ class _Session:
     autocast: Callable[[], contextlib.AbstractContextManager]
     saved_step: int | None
     """The step of the newest checkpoint (None: none yet)."""
+    adapter: dict | None = None
+    """A LoRA run's settings and base, saved with its adapters (None: not a LoRA run)."""
     bad_steps: int = 0
     start: float = field(default=0.0)
     window: tuple[float, int] = (0.0, 0)
@@ -433,7 +450,7 @@ class _Session:
             training_state = {"optimizer": opt_sd} | self.guided.state()
             try:
                 save_checkpoint(self.run, to_save, training_state, self.progress, self.cfg.keep_checkpoints,
-                                self.cfg.max_weight_abs)  # fmt: skip
+                                self.cfg.max_weight_abs, adapter=self.adapter)  # fmt: skip
             except CheckpointError as e:
                 newest = "none was saved before" if self.saved_step is None else f"the newest is step {self.saved_step}"
                 raise TrainingError(f"stopping at step {self.progress.step}: {e}; {newest}") from None
@@ -447,6 +464,8 @@ def _check_resumable(run: Run, cfg: TrainConfig, name: str | None) -> None:
     checkpoint whose files cannot be read is left to :meth:`Run.resume`, which names one that loads."""
     chosen = run.resume_point(name)
     if chosen is None:
+        return
+    if is_adapter(chosen):  # adapters only: loading them checks each against the model
         return
     try:
         saved, shapes = load_config(chosen), tensor_shapes(chosen / WEIGHTS_NAME)
