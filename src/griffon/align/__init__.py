@@ -1,0 +1,1 @@
+"""Post-training: the objectives that align a model with preferences or rewards (DPO, QRPO)."""
