@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning: peak memory and tokens/s of the same training step.
 
-    griffon bench finetune [--preset griffin-20m --batch 1 --seq 256 --rank 16] [--json out.json]
+    griffon bench finetune [--preset griffin-60m --batch 1 --seq 64 --rank 16] [--json out.json]
 
 Both train the same model on the same batch (forward, cross-entropy, backward, AdamW): full
 fine-tuning updates every weight, LoRA (:mod:`griffon.train.lora`, peft) adapters of rank
@@ -99,9 +99,9 @@ def measure_in_own_process(*args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="griffin-20m")
+    p.add_argument("--preset", default="griffin-60m")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
