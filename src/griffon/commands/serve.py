@@ -66,8 +66,15 @@ def run(args: argparse.Namespace) -> None:
         limits=request_limits,
     )  # fmt: skip
     name = args.name or Path(args.model).resolve().name
-    app = server.create_app(engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20))
-    log.info("serving %s at http://%s:%d/v1 (OpenAI completions)", name, args.host, args.port)
+    template = None
+    if args.chat_template:
+        from griffon.align.chat import template_for
+
+        template = template_for(tokenizer, args.chat_template)
+    app = server.create_app(
+        engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template
+    )
+    log.info("serving %s at http://%s:%d/v1 (OpenAI completions and chat completions)", name, args.host, args.port)
     server.run(app, args.host, args.port, args.shutdown_timeout)
 
 
@@ -76,11 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from griffon.serve import limits
     from griffon.serve.engine import DEFAULT_STEP_TOKENS
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible completions server (needs griffon[serve])")
+    s = sub.add_parser("serve", help="an OpenAI-compatible completions and chat server (needs griffon[serve])")
     s.add_argument("model", help="run directory or checkpoint directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="the model's name in the API (default: the directory's name)")
+    s.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's, docs/serving.md)")  # fmt: skip
     s.add_argument("--api-key-file", metavar="FILE",
                    help="require 'Authorization: Bearer KEY' on /v1/ endpoints, KEY read from FILE "
                         "(or set $GRIFFON_API_KEY)")  # fmt: skip

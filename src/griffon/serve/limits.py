@@ -25,6 +25,8 @@ DEFAULT_MAX_TOKENS = 4096  # --max-tokens: the most tokens one request may gener
 DEFAULT_MAX_LOGPROB_ENTRIES = 2**18  # --max-logprob-entries: (scored tokens) x (logprobs + 1)
 DEFAULT_REQUEST_TIMEOUT = 300.0  # --request-timeout: seconds from arrival to the last token
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb: a request body's bytes
+# Choices per prompt (``n``, ``best_of``) as OpenAI bounds ``n``.
+MAX_CHOICES = 128
 PROMPT_CAP = 2**17  # --max-prompt-tokens never defaults above this
 MEMORY_SHARE = 0.5  # of the device's free memory at start, for the requests' prompt-dependent memory
 # Host bytes per prompt token while a request is queued or running: its ids as a Python list

@@ -10,7 +10,8 @@ mean log-probability per token), ``presence_penalty``, ``frequency_penalty``, ``
 what lm-evaluation-harness's ``local-completions`` model scores with; and vLLM's extensions
 ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids`` and
 ``ignore_eos``), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text).
-``/v1/chat/completions`` is not served yet (it needs a chat template).
+``POST /v1/chat/completions`` (OpenAI's chat API, streaming included: the conversation rendered
+with the model's chat template, :mod:`griffon.serve.chat`).
 
 Bad input gets a 4xx with one message in OpenAI's error shape (``{"error": {"message": ...}}``):
 invalid JSON, unknown fields and wrong types (strict parsing: no string-to-number coercion), values
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -43,9 +44,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from griffon.align.chat import ChatTemplate, ChatTemplateError, template_for
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
+from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
 from griffon.serve.engine import Engine, EngineThread
-from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES
+from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_CHOICES
 from griffon.serve.request import QueueFull
 from griffon.serve.request import Request as EngineRequest
 
@@ -55,8 +58,6 @@ log = logging.getLogger("griffon.serve")
 RETRY_AFTER = 1
 # Seconds between checks that a client waiting for a whole (non-streamed) answer is still there.
 DISCONNECT_POLL = 0.25
-# Choices per prompt (``n``, ``best_of``) as OpenAI bounds ``n``.
-MAX_CHOICES = 128
 # Engine finish reasons as OpenAI-style servers (vLLM) report them; "stop" and "length" stay.
 _REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort", "shutdown": "abort"}
 
@@ -467,12 +468,14 @@ class Server:
     # ----- the two ways of answering -------------------------------------------------------------
 
     async def complete(
-        self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, n: int = 1, best_of: int = 1
-    ):
+        self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, n: int = 1,
+        best_of: int = 1, shape: Callable[[dict], dict] | None = None,
+    ):  # fmt: skip
         """Wait for every request, checking every :data:`DISCONNECT_POLL` seconds that the client
         is still there (also while tokens keep coming), and answer with the whole completion: of
         each prompt's ``best_of`` choices, the ``n`` with the highest mean log-probability per token
-        (OpenAI's "best"), best first."""
+        (OpenAI's "best"), best first. ``shape`` turns the completions body into another API's
+        (the chat API's)."""
         loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL
         while not all(r.finished for r in requests):
@@ -495,14 +498,28 @@ class Server:
                 group = sorted(group, key=lambda r: r.cumulative_logprob / max(len(r.tokens), 1), reverse=True)[:n]
             chosen += group
         body = self.envelope(rid, [self.choice(i, r) for i, r in enumerate(chosen)])
-        return JSONResponse(body | {"usage": self.usage(requests, best_of)})
+        body |= {"usage": self.usage(requests, best_of)}
+        return JSONResponse(shape(body) if shape is not None else body)
 
     async def stream(
-        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int = 1
-    ) -> AsyncIterator[str]:
+        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int = 1,
+        shape: Callable[[dict], list[dict]] | None = None,
+    ) -> AsyncIterator[str]:  # fmt: skip
         """One event per new token of each request, the echoed prompt first (once it is scored,
         with logprobs); ``text_offset`` counts from the start of the answer, echo included, so the
-        events concatenated are the non-streamed answer."""
+        events concatenated are the non-streamed answer. ``shape`` turns each completions event
+        into another API's events (the chat API's)."""
+        async for event in self._stream(requests, wake, rid, usage, choices):
+            if shape is None or event is None:
+                yield "data: [DONE]\n\n" if event is None else f"data: {json.dumps(event)}\n\n"
+                continue
+            for shaped in shape(event):
+                yield f"data: {json.dumps(shaped)}\n\n"
+
+    async def _stream(
+        self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int
+    ) -> AsyncIterator[dict | None]:
+        """:meth:`stream`'s events as completions bodies, then None for ``[DONE]``."""
         k = len(requests)
         sent_text, sent_entries, offset = [0] * k, [0] * k, [0] * k
         echoed, closed = [not r.params.echo for r in requests], [False] * k
@@ -538,14 +555,14 @@ class Server:
                     while not wake.empty():  # one pass serves every wake-up so far
                         wake.get_nowait()
             if usage:
-                yield f"data: {json.dumps(self.envelope(rid, []) | {'usage': self.usage(requests, choices)})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield self.envelope(rid, []) | {"usage": self.usage(requests, choices)}
+            yield None
         finally:  # also when the client went away and the response task was cancelled
             self.cancel(requests)
 
-    def _event(self, rid: str, index: int, text: str, logprobs: dict | None, reason: str | None) -> str:
+    def _event(self, rid: str, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        return f"data: {json.dumps(self.envelope(rid, [choice]))}\n\n"
+        return self.envelope(rid, [choice])
 
 
 def create_app(
@@ -554,11 +571,16 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     warm_up: bool = True,
+    chat_template: ChatTemplate | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. Its lifespan warms the engine up and starts its thread
     (the app answers 503 until then) and stops it. With an API key, the interactive docs and the
-    OpenAPI schema are off; ``/health`` and ``/metrics`` stay open, as vLLM's do."""
+    OpenAPI schema are off; ``/health`` and ``/metrics`` stay open, as vLLM's do. Chat requests
+    are rendered with ``chat_template`` (default: the tokenizer's, :func:`griffon.align.chat.template_for`;
+    an engine without a tokenizer serves no chat)."""
     server = Server(engine, model_name, api_key, max_body_bytes, warm_up)
+    if chat_template is None and engine.tokenizer is not None:
+        chat_template = template_for(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -614,8 +636,8 @@ def create_app(
         text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0, server.rejections)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", responses=_COMPLETION | _ERRORS)
-    async def completions(body: CompletionRequest, http: Request):
+    async def answer(body: CompletionRequest, http: Request, top_logprobs: int | None = None):
+        """Answer a completions request; with ``top_logprobs`` (a chat request's), in the chat API's shape."""
         refusal = unavailable()
         if refusal is not None:
             server.rejected("unavailable")
@@ -634,11 +656,30 @@ def create_app(
             server.rejected("invalid")
             return _error(400, str(e))
         rid = f"cmpl-{uuid.uuid4().hex}"
+        chat = top_logprobs is not None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = server.stream(requests, wake, rid, usage, len(choices))
+            shape_events = ChatStream(top_logprobs) if chat else None
+            stream = server.stream(requests, wake, rid, usage, len(choices), shape=shape_events)
             return StreamingResponse(stream, media_type="text/event-stream")
-        return await server.complete(http, requests, wake, rid, body.n, len(choices))
+        shape = (lambda b: chat_body(b, top_logprobs)) if chat else None
+        return await server.complete(http, requests, wake, rid, body.n, len(choices), shape=shape)
+
+    @app.post("/v1/completions", responses=_COMPLETION | _ERRORS)
+    async def completions(body: CompletionRequest, http: Request):
+        return await answer(body, http)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        if chat_template is None:
+            server.rejected("invalid")
+            return _error(400, "this server has no tokenizer, so no chat template: use /v1/completions")
+        try:
+            request = CompletionRequest.model_validate(completion_fields(body, chat_template), strict=False)
+        except (ValueError, ChatTemplateError) as e:
+            server.rejected("invalid")
+            return _error(400, str(e).splitlines()[0])
+        return await answer(request, http, top_logprobs=body.top_logprobs or 0)
 
     return app
 
