@@ -42,7 +42,8 @@ def evaluate(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> dict[str, float]:
     """Mean next-token loss (nats/token) and bits per byte over ``batches`` of (tokens, segment_pos),
-    each (B, T + 1): the model reads the first T tokens of each row and predicts the last T.
+    each (B, T + 1): the model reads the first T tokens of each row and predicts the last T; or of
+    (tokens, segment_pos, targets), where only the tokens marked in ``targets`` are predicted.
 
     ``token_bytes`` (:func:`byte_table`) gives each token's UTF-8 length, so bits per byte compare
     models whatever their tokenizers. Sums are float64; ``reduce`` combines them across ranks (a mean). The
@@ -51,13 +52,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = [0.0, 0, 0]  # nats, tokens, bytes
-    for tokens, seg in batches:
+    for tokens, seg, *marked in batches:
         tokens, seg = tokens.to(device), seg.to(device)
         with autocast():
             logits, _ = model(tokens[:, :-1], seg[:, :-1])
         targets = tokens[:, 1:].reshape(1, -1)  # the batch as one row: one sum for all of it
-        everything = torch.ones_like(targets, dtype=torch.bool)
-        _accumulate(logits.reshape(1, targets.shape[1], -1), targets, seg[:, 1:].reshape(1, -1), everything,
+        keep = marked[0][:, 1:].reshape(1, -1).to(device) if marked else torch.ones_like(targets, dtype=torch.bool)
+        _accumulate(logits.reshape(1, targets.shape[1], -1), targets, seg[:, 1:].reshape(1, -1), keep,
                     token_bytes.to(device), [total], None)  # fmt: skip
     stats = reduce(torch.tensor(total, dtype=torch.float64, device=device))
     model.train(was_training)

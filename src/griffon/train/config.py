@@ -18,6 +18,7 @@ DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
+OBJECTIVES = ("lm", "sft")
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "linear_x", "linear_y", "linear_out", "gate", "up", "down")
 """The attention projections, the recurrent block's input and output linears, the gated FFN's linears."""
 
@@ -45,6 +46,9 @@ class DataConfig:
     """Micro-batches per optimizer step."""
     verify: bool = True
     """Check the token shards against the SHA-256 sums in ``meta.json`` when a run starts."""
+    chat_template: str | None = None
+    """``objective=sft``: a Jinja chat template file for the chats (default: the tokenizer's,
+    :func:`griffon.align.chat.template_for`)."""
 
     def validate(self) -> None:
         check_types(self)
@@ -158,6 +162,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     self_guided: SelfGuidedConfig = field(default_factory=SelfGuidedConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: str = "lm"
+    """``lm``: next-token prediction on every token of a corpus; ``sft``: on the completions or
+    assistant turns of a JSONL of examples (``data.path``, :mod:`griffon.align.sft`)."""
     init: str | None = None
     """The model the run starts from (``griffon train --init SRC``, :mod:`griffon.train.init`):
     its weights at step 0; its model config and tokenizer are the run's. None: random weights."""
@@ -214,6 +221,8 @@ class TrainConfig:
         self.optim.validate()
         self.self_guided.validate()
         self.lora.validate()
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.lora.rank:
             if self.init is None:
                 raise ConfigError("lora.rank adapts a trained model: start the run with --init SRC")

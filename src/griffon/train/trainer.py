@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
+from griffon.align.sft import SFTData, SFTLoader
+from griffon.align.sft import eval_batch_count as sft_eval_batch_count
+from griffon.align.sft import eval_batches as sft_eval_batches
 from griffon.allocator import keep_freed_memory
 from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, is_adapter, load_config, tensor_shapes
 from griffon.config import LinearStructure
@@ -97,8 +101,16 @@ def train(
     completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
     run = run if isinstance(run, Run) else Run(run)
-    data = data if data is not None else TrainingData.resolve(cfg.data.path)
-    data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
+    if cfg.objective == "sft":  # examples, read and packed here; nothing to prepare
+        d = cfg.data
+        data = SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed,
+                            cfg.model.vocab_size)  # fmt: skip
+        for name, rows in (("training", data.train), ("validation", data.val)):
+            if rows.truncated:
+                sys.stderr.write(f"{rows.truncated} {name} examples are longer than data.seq_len + 1 and cut\n")
+    else:
+        data = data if data is not None else TrainingData.resolve(cfg.data.path)
+        data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
     if cfg.lora.rank:  # before anything is written
         with torch.device("meta"):
             lora_targets(Griffon(cfg.model), cfg.lora.targets)
@@ -115,18 +127,50 @@ def train(
         D.shutdown()
 
 
+@dataclass
+class RunData:
+    """What the loop reads: training batches (``(tokens, segment_pos)``, or with the targets of
+    the loss marked, ``(tokens, segment_pos, targets)``) and evaluation batches, and the bytes of
+    each token (for bits per byte)."""
+
+    loader: PackedLoader | SFTLoader
+    eval_batches: Callable[[int | None], Iterable]
+    eval_batch_count: Callable[[int | None], int]
+    token_bytes: torch.Tensor
+
+
+def _run_data(cfg: TrainConfig, data: TrainingData | SFTData, data_dir: Path | None, info: D.DistInfo) -> RunData:
+    d, rank, world = cfg.data, info.rank, info.world_size
+    if isinstance(data, SFTData):
+        val = data.val
+        return RunData(
+            SFTLoader(data.train, d.batch_size, cfg.seed, rank, world),
+            lambda n: sft_eval_batches(val, d.batch_size, n),
+            lambda n: sft_eval_batch_count(val, d.batch_size, n),
+            byte_table(data.tokenizer),
+        )  # fmt: skip
+    assert data_dir is not None
+    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
+    return RunData(
+        PackedLoader(train_split, d.seq_len, d.batch_size, cfg.seed, rank, world),
+        lambda n: eval_batches(val_split, d.seq_len, d.batch_size, n),
+        lambda n: eval_batch_count(val_split, d.seq_len, d.batch_size, n),
+        byte_table(load_tokenizer(data_dir)),
+    )
+
+
 def _train(
     cfg: TrainConfig,
     run: Run,
-    data: TrainingData,
+    data: TrainingData | SFTData,
     resume: bool,
     checkpoint: str | None,
     device: torch.device,
     info: D.DistInfo,
 ) -> TrainResult:
     data_dir = _open_run(cfg, run, data, resume, info)
-    token_bytes = byte_table(load_tokenizer(data_dir))
-    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
+    run_data = _run_data(cfg, data, data_dir, info)
+    token_bytes = run_data.token_bytes
 
     if resume:  # before the model is built: an edited config.json must not allocate first and fail later
         _check_resumable(run, cfg, checkpoint)
@@ -142,7 +186,7 @@ def _train(
         apply_lora(raw, lora.rank, lora.alpha, lora.dropout, targets)
         adapter = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(targets),
                    "base": cfg.init}  # fmt: skip
-    loader = PackedLoader(train_split, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
+    loader = run_data.loader
     plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
     guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
     resumed = run.resume(checkpoint, lambda p: load_checkpoint(p, raw), info.is_main) if resume else None
@@ -165,7 +209,7 @@ def _train(
                        saved_step=progress.step if training_state is not None else None, adapter=adapter)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
-        batches = eval_batches(val_split, cfg.data.seq_len, cfg.data.batch_size, max_batches)
+        batches = run_data.eval_batches(max_batches)
         return evaluate(model, batches, token_bytes, device, session.autocast, D.all_reduce_mean)
 
     logger = RunLogger(run, info.is_main, truncate_after_step=progress.step if resume else None)
@@ -195,7 +239,7 @@ def _train(
             progress.tokens += plan.tokens_per_step
             progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
             guided.after_step(progress.step, opt)
-            session.replan(lambda n: eval_batch_count(val_split, cfg.data.seq_len, cfg.data.batch_size, n))
+            session.replan(run_data.eval_batch_count)
 
             step = progress.step
             session.log(logger, loss, lr, grad_norm)
@@ -222,18 +266,19 @@ def _train(
     )
 
 
-def _open_run(cfg: TrainConfig, run: Run, data: TrainingData, resume: bool, info: D.DistInfo) -> Path:
-    """Make ``run`` a run (or check that it is one), prepare the data; return the data directory.
-    The config is written last: until then the directory holds no run."""
+def _open_run(cfg: TrainConfig, run: Run, data: TrainingData | SFTData, resume: bool, info: D.DistInfo) -> Path | None:
+    """Make ``run`` a run (or check that it is one), prepare the data; return the data directory
+    (None for SFT examples, which need no preparing). The config is written last: until then the
+    directory holds no run."""
     if info.is_main:
         if resume:
             run.check_resumable()
         else:
             run.check_new()
         run.clean()
-    data_dir = prepare_data(cfg, data, run.data, info.is_main)
+    data_dir = None if isinstance(data, SFTData) else prepare_data(cfg, data, run.data, info.is_main)
     if info.is_main:
-        load_tokenizer(data_dir).save(run.root)
+        (data.tokenizer if isinstance(data, SFTData) else load_tokenizer(data_dir)).save(run.root)
         run.write_config(cfg.to_json())
     D.barrier()
     return data_dir
@@ -295,7 +340,7 @@ class _Session:
     """The model itself; ``model`` is it as wrapped for training (DDP, FSDP2, compile)."""
     model: nn.Module
     opt: torch.optim.Optimizer
-    loader: PackedLoader
+    loader: PackedLoader | SFTLoader
     guided: GuidedPhase
     progress: Progress
     plan: RunPlan
@@ -384,10 +429,13 @@ class _Session:
         cfg, accum = self.cfg, self.cfg.data.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            tokens, seg = next(self.loader)
+            tokens, seg, *marked = next(self.loader)  # marked: the targets of the loss, where not all are
             tokens, seg = tokens.to(self.device), seg.to(self.device)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            mask = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h) if cfg.goldfish_k else None
+            mask = marked[0][:, 1:].to(self.device) if marked else None
+            if cfg.goldfish_k:
+                dropped = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h)
+                mask = dropped if mask is None else mask & dropped
             # DDP reduces gradients on the last micro-batch only
             sync = micro == accum - 1 or cfg.distributed != "ddp"
             with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():

@@ -1,0 +1,241 @@
+"""Supervised fine-tuning data: ``objective=sft`` on JSONL of instructions or chats.
+
+Each line is ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role", "content"}, ...]}``.
+A prompt-completion pair is the prompt's tokens then the completion's (and the tokenizer's EOS,
+where it has one); a chat is rendered with the model's chat template (:mod:`griffon.align.chat`),
+each assistant turn being the text its template adds to the conversation before it
+(``render(messages[:i+1]) - render(messages[:i], add_generation_prompt=True)``: the reply and its
+end of turn). The loss counts the completion's or the assistant turns' tokens only, averaged over
+every such token of the batch (TRL's ``completion_only_loss`` / ``assistant_only_loss`` with its
+default token-mean normalisation).
+
+Examples are packed whole into rows of ``seq_len + 1`` tokens (best fit, longest first, as TRL's
+``bfd`` packing), each starting at ``segment_pos`` 0, so the model resets its state at every
+example and no example sees another; the first token of an example is never a target (it would be
+predicted from the example before it), and the row's padding is never one. An example longer than a
+row is cut to its first ``seq_len + 1`` tokens (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from griffon.align.chat import ChatTemplate, ChatTemplateError, check_messages
+from griffon.data.sources import DataError
+from griffon.data.tokenizers import Tokenizer
+
+Example = tuple[list[int], list[bool]]
+"""An example's token ids and, per token, whether it is a target of the loss."""
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """The examples of a JSONL file, each checked; :class:`DataError` naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not JSON ({e})") from None
+        if not isinstance(ex, dict):
+            raise DataError(f"{where}: an example is a JSON object")
+        if "messages" in ex:
+            try:
+                check_messages(ex["messages"])
+            except ChatTemplateError as e:
+                raise DataError(f"{where}: {e}") from None
+            if not any(m["role"] == "assistant" and m["content"] for m in ex["messages"]):
+                raise DataError(f"{where}: the chat has no assistant turn with content to learn")
+        elif "prompt" in ex or "completion" in ex:
+            for key in ("prompt", "completion"):
+                if not isinstance(ex.get(key), str):
+                    raise DataError(f"{where}: {key!r} must be a string")
+            if not ex["completion"]:
+                raise DataError(f"{where}: the completion is empty")
+        else:
+            raise DataError(f'{where}: an example has "prompt" and "completion", or "messages"')
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def tokenize_example(ex: dict, tokenizer: Tokenizer, template: ChatTemplate) -> Example:
+    """An example's token ids and its loss mask (True on the completion or the assistant turns)."""
+    if "messages" not in ex:
+        completion = tokenizer.encode(ex["completion"])
+        if tokenizer.eos_id is not None:
+            completion.append(tokenizer.eos_id)
+        prompt = tokenizer.encode(ex["prompt"])
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    messages = ex["messages"]
+    ids: list[int] = []
+    mask: list[bool] = []
+    done = ""  # the text rendered so far
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = template.render(messages[:i], add_generation_prompt=True) if i else ""
+        after = template.render(messages[: i + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise ChatTemplateError("the chat template renders a conversation's start differently as it grows")
+        context = tokenizer.encode(before[len(done) :])
+        reply = tokenizer.encode(after[len(before) :])
+        ids += context + reply
+        mask += [False] * len(context) + [True] * len(reply)
+        done = after
+    return ids, mask
+
+
+@dataclass
+class PackedRows:
+    """Examples packed into rows: tokens, segment positions and targets, each (rows, seq_len + 1)."""
+
+    tokens: np.ndarray
+    segment_pos: np.ndarray
+    targets: np.ndarray
+    """True where the token is a target of the loss."""
+    truncated: int
+    """Examples cut to a row's length."""
+
+
+def pack(examples: list[Example], seq_len: int) -> PackedRows:
+    """Best-fit-decreasing packing of whole examples into rows of ``seq_len + 1`` tokens."""
+    width = seq_len + 1
+    truncated = sum(len(ids) > width for ids, _ in examples)
+    items = sorted(((ids[:width], mask[:width]) for ids, mask in examples), key=lambda e: -len(e[0]))
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for ids, mask in items:
+        fits = [r for r, room in enumerate(free) if room >= len(ids)]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+        else:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append((ids, mask))
+        free[r] -= len(ids)
+    tokens = np.zeros((len(rows), width), dtype=np.int64)
+    seg = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.zeros((len(rows), width), dtype=bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, mask in row:
+            n = len(ids)
+            tokens[r, at : at + n] = ids
+            seg[r, at : at + n] = np.arange(n)
+            targets[r, at : at + n] = mask
+            targets[r, at] = False  # predicted from the example before it
+            at += n
+        seg[r, at:] = np.arange(width - at)  # padding: its own segment, never a target
+    return PackedRows(tokens, seg, targets, truncated)
+
+
+class SFTLoader:
+    """Yields ``(tokens, segment_pos, targets)``, each (batch_size, seq_len + 1), for this rank;
+    rows shuffled every epoch (seeded by ``seed + epoch``); the position is (epoch, step)."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.rows, self.batch_size, self.seed, self.rank, self.world_size = rows, batch_size, seed, rank, world_size
+        self.steps_per_epoch = len(rows.tokens) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the examples pack into {len(rows.tokens)} rows, fewer than one step of {world_size} x "
+                f"{batch_size}; lower data.batch_size or data.seq_len"
+            )
+        self.epoch, self.step = 0, 0
+
+    def __iter__(self) -> SFTLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.rows.tokens))
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        self.step += 1
+        take = order[first : first + self.batch_size]
+        return tuple(torch.from_numpy(a[take]) for a in (self.rows.tokens, self.rows.segment_pos, self.rows.targets))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
+
+
+def eval_batches(rows: PackedRows, batch_size: int, max_batches: int | None = None):
+    """The rows in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
+    n = len(rows.tokens)
+    stops = range(0, n, batch_size)
+    for i, start in enumerate(stops):
+        if max_batches is not None and i >= max_batches:
+            return
+        s = slice(start, start + batch_size)
+        yield tuple(torch.from_numpy(a[s]) for a in (rows.tokens, rows.segment_pos, rows.targets))
+
+
+def eval_batch_count(rows: PackedRows, batch_size: int, max_batches: int | None = None) -> int:
+    """How many batches :func:`eval_batches` yields for these arguments."""
+    n = -(-len(rows.tokens) // batch_size)
+    return n if max_batches is None else min(n, max_batches)
+
+
+def split_examples(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split into training and validation examples (at least one of each)."""
+    if len(examples) < 2:
+        raise DataError("SFT needs at least 2 examples: one to train on, one to validate with")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = min(max(1, round(val_fraction * len(examples))), len(examples) - 1)
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+@dataclass
+class SFTData:
+    """A run's SFT data, read, checked and packed before anything is written."""
+
+    tokenizer: Tokenizer
+    train: PackedRows
+    val: PackedRows
+
+    @classmethod
+    def open(cls, path: str | None, tokenizer_spec: str, template_file: str | None, seq_len: int,
+             val_fraction: float, seed: int, vocab_size: int) -> SFTData:  # fmt: skip
+        """Read ``path`` (JSONL), split off ``val_fraction`` of the examples for validation,
+        tokenize with ``tokenizer_spec`` (``bytes`` or a file: the model's, from ``--init``) and
+        the chat template, and pack both splits. :class:`DataError` naming what is wrong."""
+        from griffon.align.chat import template_for
+        from griffon.data.tokenizers import TokenizerError, bpe_vocab_size, load_tokenizer
+
+        if path is None or not Path(path).is_file():
+            raise DataError(f"objective=sft reads a JSONL file of examples: data.path={path!r} is not a file")
+        if bpe_vocab_size(tokenizer_spec) is not None:
+            raise DataError("objective=sft needs the model's own tokenizer (start with --init), not a new BPE")
+        try:
+            tokenizer = load_tokenizer(tokenizer_spec)
+            template = template_for(tokenizer, template_file)
+        except (TokenizerError, ChatTemplateError) as e:
+            raise DataError(str(e)) from None
+        if tokenizer.vocab_size > vocab_size:
+            raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
+        train, val = split_examples(read_examples(path), val_fraction, seed)
+        try:
+            rows = [
+                pack([tokenize_example(ex, tokenizer, template) for ex in split], seq_len) for split in (train, val)
+            ]
+        except ChatTemplateError as e:
+            raise DataError(f"{path}: {e}") from None
+        return cls(tokenizer, *rows)
