@@ -18,7 +18,6 @@ row is cut to its first ``seq_len + 1`` tokens (and counted).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from griffon.align.chat import ChatTemplate, ChatTemplateError, check_messages
+from griffon.align.jsonl import read_objects
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
@@ -35,22 +35,8 @@ Example = tuple[list[int], list[bool]]
 
 def read_examples(path: str | Path) -> list[dict]:
     """The examples of a JSONL file, each checked; :class:`DataError` naming the file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e})") from None
-        if not isinstance(ex, dict):
-            raise DataError(f"{where}: an example is a JSON object")
+    for where, ex in read_objects(path):
         if "messages" in ex:
             try:
                 check_messages(ex["messages"])

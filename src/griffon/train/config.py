@@ -18,7 +18,7 @@ DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
-OBJECTIVES = ("lm", "sft")
+OBJECTIVES = ("lm", "sft", "dpo", "qrpo")
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "linear_x", "linear_y", "linear_out", "gate", "up", "down")
 """The attention projections, the recurrent block's input and output linears, the gated FFN's linears."""
 
@@ -164,7 +164,11 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: str = "lm"
     """``lm``: next-token prediction on every token of a corpus; ``sft``: on the completions or
-    assistant turns of a JSONL of examples (``data.path``, :mod:`griffon.align.sft`)."""
+    assistant turns of a JSONL of examples (``data.path``, :mod:`griffon.align.sft`); ``dpo``,
+    ``qrpo``: offline alignment on preference pairs or rewarded completions
+    (:mod:`griffon.align.preference`), against the model the run starts from."""
+    beta: float = 0.1
+    """DPO's and QRPO's KL regularisation strength."""
     init: str | None = None
     """The model the run starts from (``griffon train --init SRC``, :mod:`griffon.train.init`):
     its weights at step 0; its model config and tokenizer are the run's. None: random weights."""
@@ -223,6 +227,12 @@ class TrainConfig:
         self.lora.validate()
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.objective in ("dpo", "qrpo") and self.init is None:
+            raise ConfigError(
+                f"objective={self.objective} aligns a trained model against itself: start with --init SRC"
+            )
         if self.lora.rank:
             if self.init is None:
                 raise ConfigError("lora.rank adapts a trained model: start the run with --init SRC")

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
+from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceLoader, preference_loss, sequence_logps
+from griffon.align.preference import eval_batch_count as preference_eval_batch_count
+from griffon.align.preference import eval_batches as preference_eval_batches
 from griffon.align.sft import SFTData, SFTLoader
 from griffon.align.sft import eval_batch_count as sft_eval_batch_count
 from griffon.align.sft import eval_batches as sft_eval_batches
@@ -101,10 +104,14 @@ def train(
     completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
     run = run if isinstance(run, Run) else Run(run)
-    if cfg.objective == "sft":  # examples, read and packed here; nothing to prepare
-        d = cfg.data
-        data = SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed,
-                            cfg.model.vocab_size)  # fmt: skip
+    d = cfg.data
+    if cfg.objective in ("sft", "dpo", "qrpo"):  # examples, read and tokenized here; nothing to prepare
+        if cfg.objective == "sft":
+            data = SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed,
+                                cfg.model.vocab_size)  # fmt: skip
+        else:
+            data = PreferenceData.open(cfg.objective, d.path, d.tokenizer, d.seq_len, d.val_fraction, cfg.seed,
+                                       cfg.model.vocab_size)  # fmt: skip
         for name, rows in (("training", data.train), ("validation", data.val)):
             if rows.truncated:
                 sys.stderr.write(f"{rows.truncated} {name} examples are longer than data.seq_len + 1 and cut\n")
@@ -133,14 +140,36 @@ class RunData:
     the loss marked, ``(tokens, segment_pos, targets)``) and evaluation batches, and the bytes of
     each token (for bits per byte)."""
 
-    loader: PackedLoader | SFTLoader
+    loader: PackedLoader | SFTLoader | PreferenceLoader
     eval_batches: Callable[[int | None], Iterable]
     eval_batch_count: Callable[[int | None], int]
     token_bytes: torch.Tensor
+    preference: PreferenceData | None = None
+    """DPO or QRPO: a batch's loss is the objective's, on its sequences' log-probabilities."""
+    reference: dict[str, torch.Tensor] | None = None
+    """DPO or QRPO: the reference policy's log-probabilities of each split's rows."""
+
+    def preference_loss(self, model: nn.Module, batch: tuple, split: str, beta: float) -> tuple[torch.Tensor, dict]:
+        """A DPO or QRPO batch's loss and statistics (:func:`griffon.align.preference.preference_loss`)."""
+        assert self.preference is not None and self.reference is not None
+        tokens, seg, targets, index = batch
+        logps = sequence_logps(model, tokens, seg, targets)
+        rows = self.preference.train if split == "train" else self.preference.val
+        return preference_loss(logps, self.reference[split][index], rows, index, beta)
 
 
-def _run_data(cfg: TrainConfig, data: TrainingData | SFTData, data_dir: Path | None, info: D.DistInfo) -> RunData:
+def _run_data(
+    cfg: TrainConfig, data: TrainingData | SFTData | PreferenceData, data_dir: Path | None, info: D.DistInfo
+) -> RunData:
     d, rank, world = cfg.data, info.rank, info.world_size
+    if isinstance(data, PreferenceData):
+        val = data.val
+        return RunData(
+            PreferenceLoader(data.train, d.batch_size, cfg.seed, rank, world),
+            lambda n: preference_eval_batches(val, d.batch_size, n),
+            lambda n: preference_eval_batch_count(val, d.batch_size, n),
+            byte_table(data.tokenizer), preference=data,
+        )  # fmt: skip
     if isinstance(data, SFTData):
         val = data.val
         return RunData(
@@ -162,7 +191,7 @@ def _run_data(cfg: TrainConfig, data: TrainingData | SFTData, data_dir: Path | N
 def _train(
     cfg: TrainConfig,
     run: Run,
-    data: TrainingData | SFTData,
+    data: TrainingData | SFTData | PreferenceData,
     resume: bool,
     checkpoint: str | None,
     device: torch.device,
@@ -179,6 +208,10 @@ def _train(
     # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time.
     if cfg.init is not None and (cfg.lora.rank or not resume or run.resume_point(checkpoint) is None):
         load_init_weights(raw, cfg.init)
+    if run_data.preference is not None:  # the model as it starts is the reference policy
+        run_data.reference = run_data.preference.reference(
+            raw, run.root / REFERENCE_NAME, device, cfg.data.batch_size, write=info.is_main
+        )
     adapter = None  # what a LoRA run's checkpoints record beside the adapters
     if cfg.lora.rank:
         lora = cfg.lora
@@ -206,10 +239,13 @@ def _train(
 
     session = _Session(cfg, run, info, device, raw, model, opt, loader, guided, progress, plan,
                        autocast(device, resolve_dtype(cfg.dtype, device)),
-                       saved_step=progress.step if training_state is not None else None, adapter=adapter)  # fmt: skip
+                       saved_step=progress.step if training_state is not None else None, adapter=adapter,
+                       data=run_data)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
         batches = run_data.eval_batches(max_batches)
+        if run_data.preference is not None:
+            return session.evaluate_preference(batches)
         return evaluate(model, batches, token_bytes, device, session.autocast, D.all_reduce_mean)
 
     logger = RunLogger(run, info.is_main, truncate_after_step=progress.step if resume else None)
@@ -266,19 +302,21 @@ def _train(
     )
 
 
-def _open_run(cfg: TrainConfig, run: Run, data: TrainingData | SFTData, resume: bool, info: D.DistInfo) -> Path | None:
+def _open_run(
+    cfg: TrainConfig, run: Run, data: TrainingData | SFTData | PreferenceData, resume: bool, info: D.DistInfo
+) -> Path | None:
     """Make ``run`` a run (or check that it is one), prepare the data; return the data directory
-    (None for SFT examples, which need no preparing). The config is written last: until then the
-    directory holds no run."""
+    (None for the examples of SFT, DPO and QRPO, which need no preparing). The config is written
+    last: until then the directory holds no run."""
     if info.is_main:
         if resume:
             run.check_resumable()
         else:
             run.check_new()
         run.clean()
-    data_dir = None if isinstance(data, SFTData) else prepare_data(cfg, data, run.data, info.is_main)
+    data_dir = prepare_data(cfg, data, run.data, info.is_main) if isinstance(data, TrainingData) else None
     if info.is_main:
-        (data.tokenizer if isinstance(data, SFTData) else load_tokenizer(data_dir)).save(run.root)
+        (load_tokenizer(data_dir) if data_dir is not None else data.tokenizer).save(run.root)
         run.write_config(cfg.to_json())
     D.barrier()
     return data_dir
@@ -349,6 +387,9 @@ class _Session:
     """The step of the newest checkpoint (None: none yet)."""
     adapter: dict | None = None
     """A LoRA run's settings and base, saved with its adapters (None: not a LoRA run)."""
+    data: RunData | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    """The objective's statistics of the last step, logged with it (DPO's margins, QRPO's rewards)."""
     bad_steps: int = 0
     start: float = field(default=0.0)
     window: tuple[float, int] = (0.0, 0)
@@ -429,7 +470,17 @@ class _Session:
         cfg, accum = self.cfg, self.cfg.data.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            tokens, seg, *marked = next(self.loader)  # marked: the targets of the loss, where not all are
+            batch = next(self.loader)
+            if self.data.preference is not None:
+                sync = micro == accum - 1 or cfg.distributed != "ddp"
+                batch = tuple(t.to(self.device) for t in batch)
+                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
+                    loss, stats = self.data.preference_loss(self.model, batch, "train", cfg.beta)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+                self.stats = {k: float(v) for k, v in stats.items()}
+                continue
+            tokens, seg, *marked = batch  # marked: the targets of the loss, where not all are
             tokens, seg = tokens.to(self.device), seg.to(self.device)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             mask = marked[0][:, 1:].to(self.device) if marked else None
@@ -444,6 +495,27 @@ class _Session:
             (loss / accum).backward()
             loss_sum += loss.detach()
         return D.all_reduce_mean(loss_sum / accum).item()
+
+    @torch.no_grad()
+    def evaluate_preference(self, batches: Iterable[tuple]) -> dict[str, float]:
+        """The DPO or QRPO loss and statistics over validation ``batches``, means over their rows
+        (and over ranks)."""
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = {}
+        rows = 0
+        for batch in batches:
+            batch = tuple(t.to(self.device) for t in batch)
+            with self.autocast():
+                loss, stats = self.data.preference_loss(self.model, batch, "val", self.cfg.beta)
+            for key, value in {"loss": loss, **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[3])
+            rows += len(batch[3])
+        self.model.train(was_training)
+        means = D.all_reduce_mean(
+            torch.tensor([v / rows for v in sums.values()], dtype=torch.float64, device=self.device)
+        )
+        return {f"val_{key}": float(v) for key, v in zip(sums, means, strict=True)}
 
     def clip(self) -> float:
         """Clip the gradients (AGC, then the global norm, the guides included); return the norm."""
@@ -480,7 +552,7 @@ class _Session:
             t0, tokens = now, 0
             record = {"kind": "train", "step": step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_s, "time": now - self.start}  # fmt: skip
-            logger.log(record | self.guided.log_fields())
+            logger.log(record | self.stats | self.guided.log_fields())
         self.window = (t0, tokens)
         logger.progress(step, self.fraction(), self.tokens_per_s, loss)
 
