@@ -1,0 +1,155 @@
+"""Reference data for offline alignment: ``griffon rewards PROMPTS --policy CKPT --reward module:function``.
+
+For every prompt of a JSONL file (``{"prompt": ...}`` lines), ``n`` completions are sampled from
+the reference policy (the model the alignment run will start from, as in QRPO's offline setting)
+through the batched serving engine, each is scored by the reward (a Python callable
+``reward(prompt, completion) -> float``), and the QRPO dataset is written: one line per
+completion, ``{"prompt", "completion", "reward", "ref_rewards"}``, ``ref_rewards`` being the
+rewards of all ``n`` completions of its prompt. With ``dpo_out``, DPO pairs too, made from that
+file at the end: each prompt's best completion against its worst (prompts whose completions all
+score alike give none).
+
+The output is appended a prompt at a time (all ``n`` lines, then flushed to disk), so a killed
+run resumes where it stopped: the prompts already written are skipped, and a partly written last
+prompt is dropped first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from griffon.align.jsonl import read_objects
+from griffon.data.sources import DataError
+
+Reward = Callable[[str, str], float]
+
+
+def load_reward(spec: str) -> Reward:
+    """The callable ``module:function`` names (the module importable from the current directory)."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"--reward {spec!r}: give module:function, e.g. my_rewards:score")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--reward {spec}: cannot import {module_name}: {e}") from None
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec}: {module_name} has no callable {name!r}")
+    return fn
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = []
+    for where, obj in read_objects(path):
+        if not isinstance(obj.get("prompt"), str):
+            raise DataError(f"{where}: 'prompt' must be a string")
+        prompts.append(obj["prompt"])
+    if not prompts:
+        raise DataError(f"{path} holds no prompts")
+    return prompts
+
+
+def _done_prompts(out: Path, n: int) -> int:
+    """Prompts already written whole to ``out``; a partial last one is cut off the file."""
+    if not out.is_file():
+        return 0
+    complete = out.read_bytes().split(b"\n")[:-1]  # what follows the last newline was cut short
+    whole = len(complete) // n
+    keep = b"".join(line + b"\n" for line in complete[: whole * n])
+    if len(keep) != out.stat().st_size:
+        out.write_bytes(keep)
+    return whole
+
+
+def score(reward: Reward, prompt: str, completion: str) -> float:
+    value = reward(prompt, completion)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(
+            f"the reward of {completion[:40]!r} (prompt {prompt[:40]!r}) is {value!r}, not a finite number"
+        )
+    return float(value)
+
+
+def sample_rewards(
+    model,
+    tokenizer,
+    prompts: list[str],
+    reward: Reward,
+    n: int,
+    out: str | Path,
+    dpo_out: str | Path | None = None,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    stop: tuple[str, ...] = (),
+    seed: int = 0,
+    max_batch: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write the QRPO dataset (and DPO pairs) for ``prompts``; returns the prompts done now. The
+    completions of prompt i use seeds ``seed + i * n + j``, so a resumed run samples what an
+    uninterrupted one would."""
+    from griffon.serve import Engine, SamplingParams
+
+    if n < 2:
+        raise ValueError(f"--n must be at least 2 (a quantile needs reference rewards), got {n}")
+    out = Path(out)
+    start = _done_prompts(out, n)
+    engine = Engine(model, tokenizer, max_batch=max_batch, prefix_cache_bytes=0)
+    per_batch = max(1, max_batch // n)
+    done = 0
+    for first in range(start, len(prompts), per_batch):
+        group = prompts[first : first + per_batch]
+        requests = [
+            [engine.submit(tokenizer.encode(p), SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                               seed=seed + (first + i) * n + j, stop=stop))
+             for j in range(n)]
+            for i, p in enumerate(group)
+        ]  # fmt: skip
+        engine.run_until_done()
+        for prompt, reqs in zip(group, requests, strict=True):
+            texts = [r.text.visible(final=True) for r in reqs]
+            rewards = [score(reward, prompt, t) for t in texts]
+            lines = [json.dumps({"prompt": prompt, "completion": t, "reward": r, "ref_rewards": rewards})
+                     for t, r in zip(texts, rewards, strict=True)]  # fmt: skip
+            _append(out, lines)
+            done += 1
+            if progress is not None:
+                progress(start + done, len(prompts))
+    if dpo_out is not None:
+        write_dpo_pairs(out, n, Path(dpo_out))
+    return done
+
+
+def write_dpo_pairs(qrpo: Path, n: int, out: Path) -> int:
+    """DPO pairs from a QRPO dataset of ``n`` completions a prompt: each prompt's best completion
+    against its worst (none where all score alike); written atomically, returns the pairs."""
+    from griffon.atomic import atomic_write
+
+    rows = [json.loads(line) for line in qrpo.read_text(encoding="utf-8").splitlines()]
+    pairs = []
+    for first in range(0, len(rows), n):
+        group = rows[first : first + n]
+        best, worst = max(group, key=lambda r: r["reward"]), min(group, key=lambda r: r["reward"])
+        if best["reward"] > worst["reward"]:
+            pairs.append(json.dumps({"prompt": best["prompt"], "chosen": best["completion"],
+                                     "rejected": worst["completion"]}))  # fmt: skip
+    text = "".join(p + "\n" for p in pairs)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return len(pairs)
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,44 @@
+"""``griffon rewards``: sample a reference policy's completions and score them (QRPO and DPO data)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run(args: argparse.Namespace) -> None:
+    from griffon.align.rewards import load_reward, read_prompts, sample_rewards
+    from griffon.checkpoint import load_for_inference
+
+    reward = load_reward(args.reward)
+    prompts = read_prompts(args.prompts)
+    model, tokenizer = load_for_inference(args.policy)
+
+    def progress(done: int, total: int) -> None:
+        sys.stderr.write(f"\r{done}/{total} prompts")
+        sys.stderr.flush()
+
+    done = sample_rewards(model, tokenizer, prompts, reward, args.n, args.out, args.dpo_out, args.max_tokens,
+                          args.temperature, tuple(args.stop), args.seed, args.max_batch, progress)  # fmt: skip
+    sys.stderr.write("\n")
+    print(
+        f"{done} prompts sampled now, {len(prompts)} in {args.out}"
+        + (f"; DPO pairs in {args.dpo_out}" if args.dpo_out else "")
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``griffon rewards`` to the command line."""
+    s = sub.add_parser("rewards", help="sample a reference policy's completions and score them (QRPO/DPO data)")
+    s.add_argument("prompts", help='JSONL file of {"prompt": ...} lines')
+    s.add_argument("--policy", required=True, help="the reference policy: the run or checkpoint alignment starts from")
+    s.add_argument("--reward", required=True, metavar="MODULE:FUNCTION", help="reward(prompt, completion) -> float")
+    s.add_argument("--n", type=int, default=8, help="completions per prompt (at least 2)")
+    s.add_argument("--out", required=True, help="the QRPO dataset (JSONL); resumed if it exists")
+    s.add_argument("--dpo-out", help="also write DPO pairs here: each prompt's best completion against its worst")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes together")
+    s.set_defaults(fn=run)
