@@ -64,3 +64,15 @@ def test_dpo_loss_and_gradient_match_the_formula():
     expected = -beta * torch.sigmoid(-margin.detach()) / 6
     assert torch.allclose(chosen.grad, expected, atol=1e-7) and torch.allclose(rejected.grad, -expected, atol=1e-7)
     assert torch.equal(logs["accuracies"], (margin > 0).float().detach())
+
+
+def test_the_arithmetic_reward_is_exact_and_graded():
+    from griffon.align import arithmetic
+
+    assert arithmetic.reward("12+30=", "42") == 1.0 and arithmetic.reward("12+30=", " 45\n") == pytest.approx(0.7)
+    assert arithmetic.reward("12+30=", "99") == 0.0 and arithmetic.reward("12+30=", "4x") == 0.0
+    with pytest.raises(ValueError, match="not an addition prompt"):
+        arithmetic.reward("hello", "42")
+    pairs = arithmetic.make_prompts(50, seed=0)
+    assert pairs == arithmetic.make_prompts(50, seed=0) and all(10 <= a < 100 and 10 <= b < 100 for a, b in pairs)
+    assert arithmetic.sft_example(12, 30) == {"prompt": "12+30=", "completion": "42\n"}

@@ -83,6 +83,8 @@ class PreferenceRows:
 
 
 def build_rows(examples: list[dict], kind: str, tokenizer: Tokenizer, seq_len: int) -> PreferenceRows:
+    """The rows of ``examples``: DPO's two a pair, else one a completion (its quantile reward where
+    the example has ``ref_rewards``)."""
     width = seq_len + 1
     pairs = []
     for ex in examples:
@@ -102,9 +104,8 @@ def build_rows(examples: list[dict], kind: str, tokenizer: Tokenizer, seq_len: i
         targets[i, 0] = False  # nothing predicts a row's first token
     seg = np.broadcast_to(np.arange(width), (n, width)).copy()
     rewards = np.array([ex.get("reward", 0.0) for ex in examples], dtype=np.float64)
-    quantiles = np.array(
-        [quantile_reward(ex["reward"], ex["ref_rewards"]) if kind == "qrpo" else 0.0 for ex in examples]
-    )
+    quantiles = np.array([quantile_reward(ex["reward"], ex["ref_rewards"]) if "ref_rewards" in ex else 0.0
+                          for ex in examples])  # fmt: skip
     return PreferenceRows(kind, tokens, seg, targets, quantiles, rewards, truncated)
 
 

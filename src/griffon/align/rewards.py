@@ -3,9 +3,10 @@
 For every prompt of a JSONL file (``{"prompt": ...}`` lines), ``n`` completions are sampled from
 the reference policy (the model the alignment run will start from, as in QRPO's offline setting)
 through the batched serving engine, each is scored by the reward (a Python callable
-``reward(prompt, completion) -> float``), and the QRPO dataset is written: one line per
-completion, ``{"prompt", "completion", "reward", "ref_rewards"}``, ``ref_rewards`` being the
-rewards of all ``n`` completions of its prompt. With ``dpo_out``, DPO pairs too, made from that
+``reward(prompt, completion) -> float``, given the completion up to its stop string), and the QRPO
+dataset is written: one line per completion, ``{"prompt", "completion", "reward", "ref_rewards"}``,
+the completion as sampled (its stop string too: the tokens whose log-probability alignment
+takes), ``ref_rewards`` the rewards of all ``n`` completions of its prompt. With ``dpo_out``, DPO pairs too, made from that
 file at the end: each prompt's best completion against its worst (prompts whose completions all
 score alike give none).
 
@@ -117,10 +118,11 @@ def sample_rewards(
         ]  # fmt: skip
         engine.run_until_done()
         for prompt, reqs in zip(group, requests, strict=True):
-            texts = [r.text.visible(final=True) for r in reqs]
-            rewards = [score(reward, prompt, t) for t in texts]
-            lines = [json.dumps({"prompt": prompt, "completion": t, "reward": r, "ref_rewards": rewards})
-                     for t, r in zip(texts, rewards, strict=True)]  # fmt: skip
+            # the reward reads the answer (up to a stop string); the data keep every token sampled,
+            # the stop's too, which the policy's log-probability of the completion is taken over
+            rewards = [score(reward, prompt, r.text.visible(final=True)) for r in reqs]
+            lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(r.tokens), "reward": x,
+                                 "ref_rewards": rewards}) for r, x in zip(reqs, rewards, strict=True)]  # fmt: skip
             _append(out, lines)
             done += 1
             if progress is not None:
