@@ -99,7 +99,7 @@ def test_next_token_loss_averages_the_kept_targets_only():
 
 def test_goldfish_training_leaves_dropped_targets_out_of_the_gradient(tmp_path, monkeypatch):
     """With every target dropped but one per row, the step's loss is that of the kept targets."""
-    import griffon.train.trainer as trainer
+    import griffon.train.objective as objective
 
     kept = []
 
@@ -108,15 +108,15 @@ def test_goldfish_training_leaves_dropped_targets_out_of_the_gradient(tmp_path, 
         mask[:, 5] = True
         return mask
 
-    real_loss = trainer.next_token_loss
+    real_loss = objective.next_token_loss
 
     def spy(logits, targets, mask=None):
         loss, n = real_loss(logits, targets, mask)
         kept.append((loss.item(), real_loss(logits[:, 5:6], targets[:, 5:6])[0].item(), int(n)))
         return loss, n
 
-    monkeypatch.setattr(trainer, "goldfish_mask", one_per_row)
-    monkeypatch.setattr(trainer, "next_token_loss", spy)
+    monkeypatch.setattr(objective, "goldfish_mask", one_per_row)
+    monkeypatch.setattr(objective, "next_token_loss", spy)
     train(tiny_config("max_steps=2", "save_every=2", "goldfish_k=4"), tmp_path / "r")
     assert len(kept) == 2 and all(n == 4 and loss == pytest.approx(want, rel=1e-6) for loss, want, n in kept)
 
@@ -182,12 +182,12 @@ def test_killed_and_resumed_run_repeats_the_same_losses(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    import griffon.train.trainer as trainer
+    import griffon.train.objective as objective
 
     def poisoned(logits, targets, mask=None):
         return torch.tensor(float("nan"), requires_grad=True) * logits.sum(), torch.tensor(1)
 
-    monkeypatch.setattr(trainer, "next_token_loss", poisoned)
+    monkeypatch.setattr(objective, "next_token_loss", poisoned)
     with pytest.raises(TrainingError, match="3 steps in a row.*; no checkpoint was saved yet"):
         train(tiny_config("max_steps=10", "max_bad_steps=3", "save_every=1"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -200,7 +200,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         calls.append(1)
         return real(logits, targets, mask) if len(calls) <= 2 else poisoned(logits, targets, mask)
 
-    monkeypatch.setattr(trainer, "next_token_loss", poisoned_later)
+    monkeypatch.setattr(objective, "next_token_loss", poisoned_later)
     with pytest.raises(TrainingError, match=r"the newest checkpoint \(step 2\) is from before them"):
         train(tiny_config("max_steps=10", "max_bad_steps=3", "save_every=1"), tmp_path / "later")
 

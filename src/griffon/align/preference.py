@@ -253,3 +253,39 @@ class PreferenceData:
         if write:
             save_state_dict(ref, path)
         return ref
+
+
+class PreferenceObjective:
+    """DPO's or QRPO's objective for the training loop (:class:`griffon.train.objective.Objective`):
+    batches of :class:`PreferenceLoader`, the reference log-probabilities of both splits."""
+
+    def __init__(self, data: PreferenceData, reference: dict[str, torch.Tensor], beta: float) -> None:
+        self.data, self.reference, self.beta = data, reference, beta
+
+    def _loss(self, model: nn.Module, batch: tuple, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tokens, seg, targets, index = batch
+        rows = self.data.train if split == "train" else self.data.val
+        logps = sequence_logps(model, tokens, seg, targets)
+        return preference_loss(logps, self.reference[split][index.cpu()], rows, index, self.beta)
+
+    def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, stats = self._loss(model, batch, "train")
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, device, autocast, reduce) -> dict[str, float]:
+        """The loss and statistics over validation ``batches``, means over their rows (and ranks)."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        rows = 0
+        for batch in batches:
+            batch = tuple(t.to(device) for t in batch)
+            with autocast():
+                loss, stats = self._loss(model, batch, "val")
+            for key, value in {"loss": loss, **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[3])
+            rows += len(batch[3])
+        model.train(was_training)
+        means = reduce(torch.tensor([v / rows for v in sums.values()], dtype=torch.float64, device=device))
+        return {f"val_{key}": float(v) for key, v in zip(sums, means, strict=True)}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
-from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceLoader, preference_loss, sequence_logps
+from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceLoader, PreferenceObjective
 from griffon.align.preference import eval_batch_count as preference_eval_batch_count
 from griffon.align.preference import eval_batches as preference_eval_batches
 from griffon.align.sft import SFTData, SFTLoader
@@ -32,7 +32,7 @@ from griffon.config import LinearStructure
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
 from griffon.data.tokenizers import load_tokenizer
 from griffon.data.training_data import TrainingData
-from griffon.eval.score import byte_table, evaluate
+from griffon.eval.score import byte_table
 from griffon.model import Griffon
 from griffon.run import Run
 from griffon.train import distributed as D
@@ -40,7 +40,7 @@ from griffon.train.config import TrainConfig
 from griffon.train.init import load_init_weights
 from griffon.train.logging import RunLogger, plot_losses
 from griffon.train.lora import apply_lora, lora_targets
-from griffon.train.losses import goldfish_mask, next_token_loss
+from griffon.train.objective import NextToken, Objective
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
 from griffon.train.parallelize import (
     apply_activation_checkpointing,
@@ -136,26 +136,13 @@ def train(
 
 @dataclass
 class RunData:
-    """What the loop reads: training batches (``(tokens, segment_pos)``, or with the targets of
-    the loss marked, ``(tokens, segment_pos, targets)``) and evaluation batches, and the bytes of
-    each token (for bits per byte)."""
+    """What the loop reads: training and evaluation batches (whatever the run's objective,
+    :mod:`griffon.train.objective`, takes), and the bytes of each token (for bits per byte)."""
 
     loader: PackedLoader | SFTLoader | PreferenceLoader
     eval_batches: Callable[[int | None], Iterable]
     eval_batch_count: Callable[[int | None], int]
     token_bytes: torch.Tensor
-    preference: PreferenceData | None = None
-    """DPO or QRPO: a batch's loss is the objective's, on its sequences' log-probabilities."""
-    reference: dict[str, torch.Tensor] | None = None
-    """DPO or QRPO: the reference policy's log-probabilities of each split's rows."""
-
-    def preference_loss(self, model: nn.Module, batch: tuple, split: str, beta: float) -> tuple[torch.Tensor, dict]:
-        """A DPO or QRPO batch's loss and statistics (:func:`griffon.align.preference.preference_loss`)."""
-        assert self.preference is not None and self.reference is not None
-        tokens, seg, targets, index = batch
-        logps = sequence_logps(model, tokens, seg, targets)
-        rows = self.preference.train if split == "train" else self.preference.val
-        return preference_loss(logps, self.reference[split][index], rows, index, beta)
 
 
 def _run_data(
@@ -168,7 +155,7 @@ def _run_data(
             PreferenceLoader(data.train, d.batch_size, cfg.seed, rank, world),
             lambda n: preference_eval_batches(val, d.batch_size, n),
             lambda n: preference_eval_batch_count(val, d.batch_size, n),
-            byte_table(data.tokenizer), preference=data,
+            byte_table(data.tokenizer),
         )  # fmt: skip
     if isinstance(data, SFTData):
         val = data.val
@@ -199,7 +186,6 @@ def _train(
 ) -> TrainResult:
     data_dir = _open_run(cfg, run, data, resume, info)
     run_data = _run_data(cfg, data, data_dir, info)
-    token_bytes = run_data.token_bytes
 
     if resume:  # before the model is built: an edited config.json must not allocate first and fail later
         _check_resumable(run, cfg, checkpoint)
@@ -208,10 +194,12 @@ def _train(
     # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time.
     if cfg.init is not None and (cfg.lora.rank or not resume or run.resume_point(checkpoint) is None):
         load_init_weights(raw, cfg.init)
-    if run_data.preference is not None:  # the model as it starts is the reference policy
-        run_data.reference = run_data.preference.reference(
-            raw, run.root / REFERENCE_NAME, device, cfg.data.batch_size, write=info.is_main
-        )
+    objective: Objective
+    if isinstance(data, PreferenceData):  # the model as it starts is the reference policy
+        reference = data.reference(raw, run.root / REFERENCE_NAME, device, cfg.data.batch_size, write=info.is_main)
+        objective = PreferenceObjective(data, reference, cfg.beta)
+    else:
+        objective = NextToken(run_data.token_bytes, cfg.goldfish_k, cfg.goldfish_h)
     adapter = None  # what a LoRA run's checkpoints record beside the adapters
     if cfg.lora.rank:
         lora = cfg.lora
@@ -240,13 +228,11 @@ def _train(
     session = _Session(cfg, run, info, device, raw, model, opt, loader, guided, progress, plan,
                        autocast(device, resolve_dtype(cfg.dtype, device)),
                        saved_step=progress.step if training_state is not None else None, adapter=adapter,
-                       data=run_data)  # fmt: skip
+                       objective=objective)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
         batches = run_data.eval_batches(max_batches)
-        if run_data.preference is not None:
-            return session.evaluate_preference(batches)
-        return evaluate(model, batches, token_bytes, device, session.autocast, D.all_reduce_mean)
+        return objective.evaluate(model, batches, device, session.autocast, D.all_reduce_mean)
 
     logger = RunLogger(run, info.is_main, truncate_after_step=progress.step if resume else None)
     stop = StopRequest()
@@ -387,7 +373,7 @@ class _Session:
     """The step of the newest checkpoint (None: none yet)."""
     adapter: dict | None = None
     """A LoRA run's settings and base, saved with its adapters (None: not a LoRA run)."""
-    data: RunData | None = None
+    objective: Objective | None = None
     stats: dict[str, float] = field(default_factory=dict)
     """The objective's statistics of the last step, logged with it (DPO's margins, QRPO's rewards)."""
     bad_steps: int = 0
@@ -470,52 +456,14 @@ class _Session:
         cfg, accum = self.cfg, self.cfg.data.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = next(self.loader)
-            if self.data.preference is not None:
-                sync = micro == accum - 1 or cfg.distributed != "ddp"
-                batch = tuple(t.to(self.device) for t in batch)
-                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
-                    loss, stats = self.data.preference_loss(self.model, batch, "train", cfg.beta)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-                self.stats = {k: float(v) for k, v in stats.items()}
-                continue
-            tokens, seg, *marked = batch  # marked: the targets of the loss, where not all are
-            tokens, seg = tokens.to(self.device), seg.to(self.device)
-            inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            mask = marked[0][:, 1:].to(self.device) if marked else None
-            if cfg.goldfish_k:
-                dropped = goldfish_mask(inputs, cfg.goldfish_k, cfg.goldfish_h)
-                mask = dropped if mask is None else mask & dropped
+            batch = tuple(t.to(self.device) for t in next(self.loader))
             # DDP reduces gradients on the last micro-batch only
             sync = micro == accum - 1 or cfg.distributed != "ddp"
             with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
-                logits, _ = self.model(inputs, seg[:, :-1])
-            loss, _ = next_token_loss(logits, targets, mask)
+                loss, self.stats = self.objective.loss(self.model, batch)
             (loss / accum).backward()
             loss_sum += loss.detach()
         return D.all_reduce_mean(loss_sum / accum).item()
-
-    @torch.no_grad()
-    def evaluate_preference(self, batches: Iterable[tuple]) -> dict[str, float]:
-        """The DPO or QRPO loss and statistics over validation ``batches``, means over their rows
-        (and over ranks)."""
-        was_training = self.model.training
-        self.model.eval()
-        sums: dict[str, float] = {}
-        rows = 0
-        for batch in batches:
-            batch = tuple(t.to(self.device) for t in batch)
-            with self.autocast():
-                loss, stats = self.data.preference_loss(self.model, batch, "val", self.cfg.beta)
-            for key, value in {"loss": loss, **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[3])
-            rows += len(batch[3])
-        self.model.train(was_training)
-        means = D.all_reduce_mean(
-            torch.tensor([v / rows for v in sums.values()], dtype=torch.float64, device=self.device)
-        )
-        return {f"val_{key}": float(v) for key, v in zip(sums, means, strict=True)}
 
     def clip(self) -> float:
         """Clip the gradients (AGC, then the global norm, the guides included); return the norm."""
