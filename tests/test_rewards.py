@@ -84,3 +84,26 @@ def test_bad_rewards_and_arguments_get_one_line(setup, capsys):
         i = argv.index(change[0])
         assert main(argv[:i] + list(change) + argv[i + 2 :]) == 2
         assert message in capsys.readouterr().err
+
+
+def _reward(argv, value=None):
+    """``argv`` with its --reward replaced by ``value`` (dropped if None)."""
+    i = argv.index("--reward")
+    return argv[:i] + (["--reward", value] if value else []) + argv[i + 2 :]
+
+
+def test_completions_scored_elsewhere_come_back_as_a_table_of_rewards(setup, capsys):
+    """Without --reward the completions alone are listed; scored outside (here: by the same
+    function) and given back as a JSONL, they make the same dataset the function makes."""
+    tmp = setup
+    assert main(_reward(_argv(tmp, "listed.jsonl"))) == 0
+    listed = [json.loads(x) for x in (tmp / "listed.jsonl").read_text().splitlines()]
+    assert [set(r) for r in listed] == [{"prompt", "completion"}] * 15
+    scored = [r | {"reward": sum(c in "aeiou" for c in r["completion"]) - 0.1 * len(r["prompt"])} for r in listed]
+    (tmp / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    assert main(_reward(_argv(tmp, "q.jsonl"), str(tmp / "scores.jsonl"))) == 0
+    assert main(_argv(tmp, "direct.jsonl")) == 0
+    assert (tmp / "q.jsonl").read_text() == (tmp / "direct.jsonl").read_text()
+    (tmp / "scores.jsonl").write_text(json.dumps(scored[0]) + "\n")
+    assert main(_reward(_argv(tmp, "x.jsonl"), str(tmp / "scores.jsonl"))) == 2
+    assert "has no reward for the completion" in capsys.readouterr().err

@@ -142,3 +142,13 @@ def test_bad_sft_data_stops_before_anything_is_written(tmp_path, capsys):
     assert main([*argv, f"--set=data.path={tmp_path / 'none.jsonl'}"]) == 2
     assert "objective=sft reads a JSONL file of examples" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_chat_the_template_refuses_is_named_by_its_line(tmp_path):
+    from griffon.align.chat import GEMMA_TEMPLATE
+
+    path = _write(tmp_path / "c.jsonl", [_examples()[0], {"messages": [{"role": "system", "content": "x"},
+                                                                       {"role": "assistant", "content": "y"}]}])  # fmt: skip
+    with pytest.raises(DataError, match=r"c.jsonl:2: the chat template failed to render: System role not supported"):
+        read_examples(path, ChatTemplate(GEMMA_TEMPLATE, "<end_of_turn>"))
+    assert len(read_examples(path)) == 2  # without a template, only the fields are checked

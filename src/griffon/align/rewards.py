@@ -32,7 +32,11 @@ Reward = Callable[[str, str], float]
 
 
 def load_reward(spec: str) -> Reward:
-    """The callable ``module:function`` names (the module importable from the current directory)."""
+    """The reward ``spec`` names: ``module:function`` (the module importable from the current
+    directory), or a ``.jsonl`` file of ``{"prompt", "completion", "reward"}`` lines, rewards an
+    outside scorer gave the completions this command samples (:func:`table_reward`)."""
+    if spec.endswith(".jsonl"):
+        return table_reward(spec)
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ValueError(f"--reward {spec!r}: give module:function, e.g. my_rewards:score")
@@ -47,6 +51,25 @@ def load_reward(spec: str) -> Reward:
     if not callable(fn):
         raise ValueError(f"--reward {spec}: {module_name} has no callable {name!r}")
     return fn
+
+
+def table_reward(path: str | Path) -> Reward:
+    """Rewards looked up by (prompt, completion) in a JSONL file. Sampling is seeded, so the
+    completions ``griffon rewards`` lists without ``--reward`` (to be scored elsewhere) are the
+    ones it samples again when given their scores."""
+    table: dict[tuple[str, str], float] = {}
+    for where, obj in read_objects(path):
+        key = (obj.get("prompt"), obj.get("completion"))
+        if not all(isinstance(k, str) for k in key):
+            raise DataError(f"{where}: 'prompt' and 'completion' must be strings")
+        table[key] = obj.get("reward")  # checked when used: score()
+
+    def reward(prompt: str, completion: str) -> float:
+        if (prompt, completion) not in table:
+            raise ValueError(f"{path} has no reward for the completion {completion[:40]!r} of {prompt[:40]!r}")
+        return table[(prompt, completion)]
+
+    return reward
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -85,7 +108,7 @@ def sample_rewards(
     model,
     tokenizer,
     prompts: list[str],
-    reward: Reward,
+    reward: Reward | None,
     n: int,
     out: str | Path,
     dpo_out: str | Path | None = None,
@@ -98,7 +121,8 @@ def sample_rewards(
 ) -> int:
     """Write the QRPO dataset (and DPO pairs) for ``prompts``; returns the prompts done now. The
     completions of prompt i use seeds ``seed + i * n + j``, so a resumed run samples what an
-    uninterrupted one would."""
+    uninterrupted one would. Without a ``reward``, the completions alone are written, as the
+    reward would read them (``{"prompt", "completion"}``), to be scored elsewhere."""
     from griffon.serve import Engine, SamplingParams
 
     if n < 2:
@@ -120,14 +144,18 @@ def sample_rewards(
         for prompt, reqs in zip(group, requests, strict=True):
             # the reward reads the answer (up to a stop string); the data keep every token sampled,
             # the stop's too, which the policy's log-probability of the completion is taken over
-            rewards = [score(reward, prompt, r.text.visible(final=True)) for r in reqs]
-            lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(r.tokens), "reward": x,
-                                 "ref_rewards": rewards}) for r, x in zip(reqs, rewards, strict=True)]  # fmt: skip
+            answers = [r.text.visible(final=True) for r in reqs]
+            if reward is None:
+                lines = [json.dumps({"prompt": prompt, "completion": a}) for a in answers]
+            else:
+                rewards = [score(reward, prompt, a) for a in answers]
+                lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(r.tokens), "reward": x,
+                                     "ref_rewards": rewards}) for r, x in zip(reqs, rewards, strict=True)]  # fmt: skip
             _append(out, lines)
             done += 1
             if progress is not None:
                 progress(start + done, len(prompts))
-    if dpo_out is not None:
+    if dpo_out is not None and reward is not None:
         write_dpo_pairs(out, n, Path(dpo_out))
     return done
 

@@ -33,8 +33,9 @@ Example = tuple[list[int], list[bool]]
 """An example's token ids and, per token, whether it is a target of the loss."""
 
 
-def read_examples(path: str | Path) -> list[dict]:
-    """The examples of a JSONL file, each checked; :class:`DataError` naming the file and line."""
+def read_examples(path: str | Path, template: ChatTemplate | None = None) -> list[dict]:
+    """The examples of a JSONL file, each checked (with ``template``, each chat rendered too);
+    :class:`DataError` naming the file and line."""
     examples = []
     for where, ex in read_objects(path):
         if "messages" in ex:
@@ -44,6 +45,11 @@ def read_examples(path: str | Path) -> list[dict]:
                 raise DataError(f"{where}: {e}") from None
             if not any(m["role"] == "assistant" and m["content"] for m in ex["messages"]):
                 raise DataError(f"{where}: the chat has no assistant turn with content to learn")
+            if template is not None:
+                try:
+                    template.render(ex["messages"], add_generation_prompt=False)
+                except ChatTemplateError as e:
+                    raise DataError(f"{where}: {e}") from None
         elif "prompt" in ex or "completion" in ex:
             for key in ("prompt", "completion"):
                 if not isinstance(ex.get(key), str):
@@ -217,7 +223,7 @@ class SFTData:
             raise DataError(str(e)) from None
         if tokenizer.vocab_size > vocab_size:
             raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
-        train, val = split_examples(read_examples(path), val_fraction, seed)
+        train, val = split_examples(read_examples(path, template), val_fraction, seed)
         try:
             rows = [
                 pack([tokenize_example(ex, tokenizer, template) for ex in split], seq_len) for split in (train, val)

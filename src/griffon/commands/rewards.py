@@ -10,7 +10,7 @@ def run(args: argparse.Namespace) -> None:
     from griffon.align.rewards import load_reward, read_prompts, sample_rewards
     from griffon.checkpoint import load_for_inference
 
-    reward = load_reward(args.reward)
+    reward = load_reward(args.reward) if args.reward else None
     prompts = read_prompts(args.prompts)
     model, tokenizer = load_for_inference(args.policy)
 
@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("rewards", help="sample a reference policy's completions and score them (QRPO/DPO data)")
     s.add_argument("prompts", help='JSONL file of {"prompt": ...} lines')
     s.add_argument("--policy", required=True, help="the reference policy: the run or checkpoint alignment starts from")
-    s.add_argument("--reward", required=True, metavar="MODULE:FUNCTION", help="reward(prompt, completion) -> float")
+    s.add_argument("--reward", metavar="MODULE:FUNCTION|FILE.jsonl",
+                   help="reward(prompt, completion) -> float, or a JSONL of {prompt, completion, reward} scored "
+                        "elsewhere; without it, the completions alone are written, to be scored")  # fmt: skip
     s.add_argument("--n", type=int, default=8, help="completions per prompt (at least 2)")
     s.add_argument("--out", required=True, help="the QRPO dataset (JSONL); resumed if it exists")
     s.add_argument("--dpo-out", help="also write DPO pairs here: each prompt's best completion against its worst")
