@@ -14,13 +14,17 @@ def run(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts)
     model, tokenizer = load_for_inference(args.policy)
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), unit="prompt", file=sys.stderr)
+
     def progress(done: int, total: int) -> None:
-        sys.stderr.write(f"\r{done}/{total} prompts")
-        sys.stderr.flush()
+        bar.n = done
+        bar.refresh()
 
     done = sample_rewards(model, tokenizer, prompts, reward, args.n, args.out, args.dpo_out, args.max_tokens,
                           args.temperature, tuple(args.stop), args.seed, args.max_batch, progress)  # fmt: skip
-    sys.stderr.write("\n")
+    bar.close()
     print(
         f"{done} prompts sampled now, {len(prompts)} in {args.out}"
         + (f"; DPO pairs in {args.dpo_out}" if args.dpo_out else "")
