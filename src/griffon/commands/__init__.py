@@ -10,6 +10,7 @@ from griffon.commands import (
     info,
     lm_eval,
     presets,
+    probe,
     rewards,
     sample,
     scaling,
@@ -21,4 +22,4 @@ from griffon.commands import (
 
 # In the order ``griffon --help`` lists them.
 COMMANDS = (info, presets, convert, train, sample, serve, evaluation, lm_eval, data, tokenizer, bench, sweep, scaling,
-            export_hf, rewards)  # fmt: skip
+            export_hf, rewards, probe)  # fmt: skip

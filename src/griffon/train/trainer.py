@@ -92,7 +92,7 @@ def train(
     run: Run | str | Path,
     resume: bool = False,
     checkpoint: str | None = None,
-    data: TrainingData | None = None,
+    data: TrainingData | SFTData | PreferenceData | None = None,
 ) -> TrainResult:
     """Train (or resume) ``run`` (a :class:`~griffon.run.Run` or its directory) according to ``cfg``.
 
@@ -100,12 +100,14 @@ def train(
     a run (its ``config.json``) only once it is complete. One process trains a run at a time (an
     exclusive lock on the directory). Resuming a run with no checkpoint starts it from step 0;
     ``checkpoint`` names the checkpoint to resume from (default: the newest). ``data``: ``data.path``
-    as the caller resolved it (else resolved here). On SIGINT or SIGTERM the current step
+    as the caller resolved it (else resolved here), or examples the caller made (SFT, DPO, QRPO). On SIGINT or SIGTERM the current step
     completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
     run = run if isinstance(run, Run) else Run(run)
     d = cfg.data
-    if cfg.objective in ("sft", "dpo", "qrpo"):  # examples, read and tokenized here; nothing to prepare
+    if isinstance(data, SFTData | PreferenceData):  # examples the caller made (griffon probe)
+        pass
+    elif cfg.objective in ("sft", "dpo", "qrpo"):  # examples, read and tokenized here; nothing to prepare
         if cfg.objective == "sft":
             data = SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed,
                                 cfg.model.vocab_size)  # fmt: skip

@@ -1,0 +1,116 @@
+"""``griffon probe``: the Griffin paper's copying and retrieval probes (docs/probes.md).
+
+griffon probe train TASK --models griffin,hawk,mqa --out DIR [--steps N] [--lengths L ...]
+griffon probe eval CHECKPOINT TASK [--lengths L ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+CPU_SCALE = 4
+"""The default training length and Griffin window are the paper's divided by this (a CPU's budget)."""
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import from_pretrained
+    from griffon.probes.run import FAMILIES, accuracy, check_model_fits, probe_data, write_results
+    from griffon.probes.tasks import get_task
+    from griffon.run import Run
+    from griffon.train.config import TrainConfig, apply_overrides
+    from griffon.train.trainer import train
+
+    task = get_task(args.task)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown model family {unknown[0]!r}; families: {', '.join(FAMILIES)}")
+    length = args.train_length or max(task.train_length // CPU_SCALE, task.min_length)
+    window = args.window or max(task.window // CPU_SCALE, 1)
+    lengths = args.lengths or [length * k for k in (1, 2, 4, 8, 16)]
+    for n in [length, *lengths]:
+        task.check_length(n)
+    out = Path(args.out)
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds a probe's results; pick another --out")
+    data, seq_len = probe_data(task, length, args.examples, max(args.examples // 10, 16), args.seed)
+    configs = {}
+    for family in models:
+        d = apply_overrides(TrainConfig().to_dict(), [
+            f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={args.batch}",
+            f"max_steps={args.steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(args.steps // 5, 1)}",
+            "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"seed={args.seed}",
+            f"optim.lr={args.lr}",
+        ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
+          + ([f"model.max_seq_len={max(lengths) * 4 + 64}"] if family == "mqa" else []) + args.set)  # fmt: skip
+        cfg = TrainConfig.from_dict(d)
+        check_model_fits(task, cfg.model, lengths)
+        configs[family] = cfg
+    results: dict = {"task": task.name, "train_length": length, "window": window, "lengths": lengths,
+                     "steps": args.steps, "examples": args.examples, "seed": args.seed, "models": {}}  # fmt: skip
+    for family, cfg in configs.items():
+        run_dir = out / family
+        t0 = time.perf_counter()
+        train(cfg, run_dir, data=data)
+        curve = []
+        for ckpt in Run(run_dir).checkpoints():
+            model = from_pretrained(ckpt).eval()
+            step = int(ckpt.name.split("_")[1])
+            curve.append([step, accuracy(model, task, length, args.eval_examples, args.seed + 7).value])
+        model = from_pretrained(Run(run_dir).newest_checkpoint()).eval()
+        by_length = {n: accuracy(model, task, n, args.eval_examples, args.seed + 11).value for n in lengths}
+        results["models"][family] = {"curve": curve, "accuracy": by_length, "seconds": time.perf_counter() - t0}
+        print(f"{family}: accuracy by length {by_length}; learning curve {curve}", flush=True)
+    write_results(out / "results.json", results)
+    print(f"results: {out / 'results.json'}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from griffon.checkpoint import load_for_inference
+    from griffon.probes.run import accuracy
+    from griffon.probes.tasks import get_task
+
+    task = get_task(args.task)
+    lengths = args.lengths or [max(task.train_length // CPU_SCALE, task.min_length)]
+    for n in lengths:
+        task.check_length(n)
+    model, tokenizer = load_for_inference(args.checkpoint, device="cpu")
+    if tokenizer.kind != "bytes":
+        raise ValueError(
+            f"{args.checkpoint} reads with a {tokenizer.kind} tokenizer; probe eval renders tasks as bytes for now"
+        )
+    for n in lengths:
+        a = accuracy(model, task, n, args.eval_examples, args.seed)
+        print(f"{task.name} length {n}: {a.correct}/{a.total} exact ({a.value:.1%})")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``griffon probe`` to the command line."""
+    from griffon.probes.tasks import TASKS
+
+    s = sub.add_parser("probe", help="the Griffin paper's copying and retrieval probes")
+    psub = s.add_subparsers(dest="probe_command", required=True)
+    t = psub.add_parser("train", help="train models on a probe task; accuracy against length and steps")
+    t.add_argument("task", choices=list(TASKS))
+    t.add_argument("--models", default="griffin,hawk,mqa", help="comma-separated families: griffin, hawk, mqa")
+    t.add_argument("--out", required=True)
+    t.add_argument("--train-length", type=int, help=f"default: the paper's / {CPU_SCALE}")
+    t.add_argument("--window", type=int, help=f"Griffin's local attention window; default: the paper's / {CPU_SCALE}")
+    t.add_argument("--lengths", type=int, nargs="+", help="evaluation lengths (default: 1, 2, 4, 8, 16 x training)")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--examples", type=int, default=4000, help="training examples")
+    t.add_argument("--eval-examples", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training config override")
+    t.set_defaults(fn=run_train)
+    e = psub.add_parser("eval", help="probe a checkpoint, without training")
+    e.add_argument("checkpoint")
+    e.add_argument("task", choices=list(TASKS))
+    e.add_argument("--lengths", type=int, nargs="+")
+    e.add_argument("--eval-examples", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=run_eval)

@@ -1,0 +1,90 @@
+"""Train models on a probe task and measure exact-match accuracy against length: ``griffon probe``.
+
+Training goes through griffon's own trainer as supervised fine-tuning on byte tokens
+(``objective=sft``: the loss on the answer's bytes only), on examples of the task's training
+length drawn from a seed. Evaluation reads each prompt whole (the recurrences' state carried
+through it, as in decoding) and decodes the answer greedily; an answer counts when every byte is
+right. Checkpoints along the way give the learning curve: accuracy at the training length
+against steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from griffon.align.sft import SFTData, pack
+from griffon.data.tokenizers import ByteTokenizer
+from griffon.probes.tasks import Task
+
+FAMILIES = {"griffin": "griffin-tiny", "hawk": "hawk-tiny", "mqa": "mqa-tiny"}
+"""The model of each family a probe trains (``--set model.*`` changes it)."""
+
+
+def examples(task: Task, n: int, length: int, seed: int) -> list[tuple[list[int], list[bool]]]:
+    """``n`` examples of ``length`` as byte ids, the answer's bytes marked as the loss's targets."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ex = task.example(rng, length)
+        prompt, answer = list(ex.prompt.encode()), list(ex.answer.encode())
+        out.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    return out
+
+
+def probe_data(task: Task, length: int, n_train: int, n_val: int, seed: int) -> tuple[SFTData, int]:
+    """The training and validation examples of ``length``, packed; and the sequence length that holds one."""
+    train = examples(task, n_train, length, seed)
+    val = examples(task, n_val, length, seed + 1_000_003)
+    seq_len = max(len(ids) for ids, _ in train + val) - 1
+    return SFTData(ByteTokenizer(), pack(train, seq_len), pack(val, seq_len)), seq_len
+
+
+@dataclass
+class Accuracy:
+    length: int
+    correct: int
+    total: int
+
+    @property
+    def value(self) -> float:
+        return self.correct / self.total
+
+
+def accuracy(model, task: Task, length: int, n: int, seed: int, batch: int = 32) -> Accuracy:
+    """Exact-match accuracy of greedy answers on ``n`` fresh examples of ``length``."""
+    from griffon.decode.generate import generate
+
+    rng = np.random.default_rng(seed)
+    items = [task.example(rng, length) for _ in range(n)]
+    correct = 0
+    for start in range(0, n, batch):
+        group = items[start : start + batch]
+        width = max(len(ex.answer.encode()) for ex in group)
+        outs = generate(model, [list(ex.prompt.encode()) for ex in group], width, temperature=0.0, step="model")
+        for ex, out in zip(group, outs, strict=True):
+            correct += bytes(out[: len(ex.answer.encode())]) == ex.answer.encode()
+    return Accuracy(length, correct, n)
+
+
+def check_model_fits(task: Task, cfg, lengths: list[int]) -> None:
+    """A model that cannot represent the task is refused before anything is trained: its vocabulary
+    must hold the bytes, a global-attention model's ``max_seq_len`` the longest prompt."""
+    if cfg.vocab_size < 256:
+        raise ValueError(f"probes are byte tokens: model.vocab_size must be at least 256, got {cfg.vocab_size}")
+    longest = max(len(task.example(np.random.default_rng(0), n).prompt) + 16 for n in lengths)
+    if cfg.max_seq_len is not None and cfg.max_seq_len < longest:
+        raise ValueError(
+            f"{task.name}: the longest evaluation ({longest} bytes) is beyond model.max_seq_len={cfg.max_seq_len}; "
+            "raise it or drop the longest --lengths"
+        )
+
+
+def write_results(path: Path, results: dict) -> None:
+    from griffon.atomic import atomic_write
+
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
