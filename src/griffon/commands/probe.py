@@ -16,7 +16,7 @@ CPU_SCALE = 4
 
 def run_train(args: argparse.Namespace) -> None:
     from griffon.checkpoint import from_pretrained
-    from griffon.probes.run import FAMILIES, accuracy, check_model_fits, probe_data, write_results
+    from griffon.probes.run import FAMILIES, accuracy, check_model_fits, longest_prompt, probe_data, write_results
     from griffon.probes.tasks import get_task
     from griffon.run import Run
     from griffon.train.config import TrainConfig, apply_overrides
@@ -44,7 +44,8 @@ def run_train(args: argparse.Namespace) -> None:
             "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"seed={args.seed}",
             f"optim.lr={args.lr}",
         ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
-          + ([f"model.max_seq_len={max(lengths) * 4 + 64}"] if family == "mqa" else []) + args.set)  # fmt: skip
+          + ([f"model.max_seq_len={longest_prompt(task, lengths) * 5 // 4 + 64}"] if family == "mqa" else [])
+          + args.set)  # fmt: skip
         cfg = TrainConfig.from_dict(d)
         check_model_fits(task, cfg.model, lengths)
         configs[family] = cfg
@@ -54,15 +55,18 @@ def run_train(args: argparse.Namespace) -> None:
         run_dir = out / family
         t0 = time.perf_counter()
         train(cfg, run_dir, data=data)
-        curve = []
+        curve = []  # [step, exact, per byte] at the training length
         for ckpt in Run(run_dir).checkpoints():
-            model = from_pretrained(ckpt).eval()
-            step = int(ckpt.name.split("_")[1])
-            curve.append([step, accuracy(model, task, length, args.eval_examples, args.seed + 7).value])
+            a = accuracy(from_pretrained(ckpt).eval(), task, length, args.eval_examples, args.seed + 7)
+            curve.append([int(ckpt.name.split("_")[1]), a.value, a.per_byte])
         model = from_pretrained(Run(run_dir).newest_checkpoint()).eval()
-        by_length = {n: accuracy(model, task, n, args.eval_examples, args.seed + 11).value for n in lengths}
-        results["models"][family] = {"curve": curve, "accuracy": by_length, "seconds": time.perf_counter() - t0}
-        print(f"{family}: accuracy by length {by_length}; learning curve {curve}", flush=True)
+        scores = {n: accuracy(model, task, n, args.eval_examples, args.seed + 11) for n in lengths}
+        results["models"][family] = {
+            "curve": curve, "accuracy": {n: a.value for n, a in scores.items()},
+            "per_byte": {n: a.per_byte for n, a in scores.items()}, "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        print(f"{family}: exact by length {results['models'][family]['accuracy']}, per byte "
+              f"{results['models'][family]['per_byte']}; learning curve {curve}", flush=True)  # fmt: skip
     write_results(out / "results.json", results)
     print(f"results: {out / 'results.json'}")
 
@@ -83,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> None:
         )
     for n in lengths:
         a = accuracy(model, task, n, args.eval_examples, args.seed)
-        print(f"{task.name} length {n}: {a.correct}/{a.total} exact ({a.value:.1%})")
+        print(f"{task.name} length {n}: {a.correct}/{a.total} exact ({a.value:.1%}), {a.per_byte:.1%} of answer bytes")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -47,11 +47,19 @@ def probe_data(task: Task, length: int, n_train: int, n_val: int, seed: int) -> 
 class Accuracy:
     length: int
     correct: int
+    """Answers right in every byte."""
     total: int
+    bytes_right: int = 0
+    """Answer bytes right, in place: a partial credit that shows learning before exact answers do."""
+    bytes_total: int = 0
 
     @property
     def value(self) -> float:
         return self.correct / self.total
+
+    @property
+    def per_byte(self) -> float:
+        return self.bytes_right / self.bytes_total
 
 
 def accuracy(model, task: Task, length: int, n: int, seed: int, batch: int = 32) -> Accuracy:
@@ -60,14 +68,23 @@ def accuracy(model, task: Task, length: int, n: int, seed: int, batch: int = 32)
 
     rng = np.random.default_rng(seed)
     items = [task.example(rng, length) for _ in range(n)]
-    correct = 0
+    result = Accuracy(length, 0, n)
     for start in range(0, n, batch):
         group = items[start : start + batch]
         width = max(len(ex.answer.encode()) for ex in group)
         outs = generate(model, [list(ex.prompt.encode()) for ex in group], width, temperature=0.0, step="model")
         for ex, out in zip(group, outs, strict=True):
-            correct += bytes(out[: len(ex.answer.encode())]) == ex.answer.encode()
-    return Accuracy(length, correct, n)
+            want = ex.answer.encode()
+            got = bytes(out[: len(want)])
+            result.correct += got == want
+            result.bytes_right += sum(a == b for a, b in zip(got, want, strict=False))
+            result.bytes_total += len(want)
+    return result
+
+
+def longest_prompt(task: Task, lengths: list[int]) -> int:
+    """Bytes of a prompt of the longest of ``lengths`` (one drawn: phonebook names vary in length)."""
+    return max(len(task.example(np.random.default_rng(0), n).prompt.encode()) for n in lengths)
 
 
 def check_model_fits(task: Task, cfg, lengths: list[int]) -> None:
@@ -75,7 +92,7 @@ def check_model_fits(task: Task, cfg, lengths: list[int]) -> None:
     must hold the bytes, a global-attention model's ``max_seq_len`` the longest prompt."""
     if cfg.vocab_size < 256:
         raise ValueError(f"probes are byte tokens: model.vocab_size must be at least 256, got {cfg.vocab_size}")
-    longest = max(len(task.example(np.random.default_rng(0), n).prompt) + 16 for n in lengths)
+    longest = longest_prompt(task, lengths) + 16
     if cfg.max_seq_len is not None and cfg.max_seq_len < longest:
         raise ValueError(
             f"{task.name}: the longest evaluation ({longest} bytes) is beyond model.max_seq_len={cfg.max_seq_len}; "
