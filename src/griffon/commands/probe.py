@@ -15,7 +15,7 @@ CPU_SCALE = 4
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import from_pretrained
+    from griffon.checkpoint import load_for_inference
     from griffon.probes.run import FAMILIES, accuracy, check_model_fits, longest_prompt, probe_data, write_results
     from griffon.probes.tasks import get_task
     from griffon.run import Run
@@ -57,9 +57,9 @@ def run_train(args: argparse.Namespace) -> None:
         train(cfg, run_dir, data=data)
         curve = []  # [step, exact, per byte] at the training length
         for ckpt in Run(run_dir).checkpoints():
-            a = accuracy(from_pretrained(ckpt).eval(), task, length, args.eval_examples, args.seed + 7)
+            a = accuracy(load_for_inference(ckpt, device="cpu")[0], task, length, args.eval_examples, args.seed + 7)
             curve.append([int(ckpt.name.split("_")[1]), a.value, a.per_byte])
-        model = from_pretrained(Run(run_dir).newest_checkpoint()).eval()
+        model = load_for_inference(run_dir, device="cpu")[0]
         scores = {n: accuracy(model, task, n, args.eval_examples, args.seed + 11) for n in lengths}
         results["models"][family] = {
             "curve": curve, "accuracy": {n: a.value for n, a in scores.items()},
