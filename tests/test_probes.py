@@ -44,6 +44,7 @@ def _probe(tmp_path, name, *extra):
     argv = ["probe", "train", "induction", "--out", str(tmp_path / name), "--train-length", "24", "--lengths", "24",
             "--steps", "300", "--examples", "2000", "--eval-examples", "64", "--lr", "3e-3", *extra]  # fmt: skip
     assert main(argv) == 0
+    assert (tmp_path / name / "accuracy.png").stat().st_size > 0
     return json.loads((tmp_path / name / "results.json").read_text())["models"]
 
 

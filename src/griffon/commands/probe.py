@@ -16,7 +16,15 @@ CPU_SCALE = 4
 
 def run_train(args: argparse.Namespace) -> None:
     from griffon.checkpoint import load_for_inference
-    from griffon.probes.run import FAMILIES, accuracy, check_model_fits, longest_prompt, probe_data, write_results
+    from griffon.probes.run import (
+        FAMILIES,
+        accuracy,
+        check_model_fits,
+        longest_prompt,
+        plot_results,
+        probe_data,
+        write_results,
+    )
     from griffon.probes.tasks import get_task
     from griffon.run import Run
     from griffon.train.config import TrainConfig, apply_overrides
@@ -68,7 +76,8 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"{family}: exact by length {results['models'][family]['accuracy']}, per byte "
               f"{results['models'][family]['per_byte']}; learning curve {curve}", flush=True)  # fmt: skip
     write_results(out / "results.json", results)
-    print(f"results: {out / 'results.json'}")
+    plot_results(results, out / "accuracy.png")
+    print(f"results: {out / 'results.json'}, plot: {out / 'accuracy.png'}")
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -105,3 +105,25 @@ def write_results(path: Path, results: dict) -> None:
 
     text = json.dumps(results, indent=2) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Exact-match accuracy against length (left) and per-byte accuracy at the training length
+    against steps (right), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 4))
+    for family, r in results["models"].items():
+        lengths = sorted(r["accuracy"], key=int)
+        by_length.plot([int(n) for n in lengths], [r["accuracy"][n] for n in lengths], "o-", label=family)
+        by_step.plot([c[0] for c in r["curve"]], [c[-1] for c in r["curve"]], "o-", label=family)
+    by_length.axvline(results["train_length"], color="grey", ls=":", label="training length")
+    by_length.set(xscale="log", xlabel="length", ylabel="exact match", title=results["task"])
+    by_step.set(xlabel="step", ylabel="per-byte accuracy at the training length")
+    by_length.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
