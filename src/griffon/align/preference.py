@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from griffon.align.jsonl import read_objects
 from griffon.align.objectives import dpo_loss, qrpo_loss, quantile_reward
+from griffon.align.sft import ShuffledLoader, batch_count, examples_tokenizer, in_batches, split_examples
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
@@ -130,36 +131,19 @@ def reference_logps(model: nn.Module, rows: PreferenceRows, device: torch.device
     return torch.cat(out)
 
 
-class PreferenceLoader:
+class PreferenceLoader(ShuffledLoader):
     """Yields ``(tokens, segment_pos, targets, rows)`` for ``batch_size`` examples of this rank
     (DPO: 2 rows each), ``rows`` the row indices (for the reference log-probabilities and the
-    quantiles); examples shuffled every epoch, the position (epoch, step)."""
+    quantiles)."""
+
+    unit = "examples"
 
     def __init__(self, rows: PreferenceRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.rows, self.batch_size, self.seed, self.rank, self.world_size = rows, batch_size, seed, rank, world_size
-        self.steps_per_epoch = rows.n_examples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{rows.n_examples} examples cannot fill one step of {world_size} x {batch_size}; lower data.batch_size"
-            )
-        self.epoch, self.step = 0, 0
+        self.rows = rows
+        super().__init__(rows.n_examples, batch_size, seed, rank, world_size)
 
-    def __iter__(self) -> PreferenceLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, ...]:
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.rows.n_examples)
-        first = (self.step * self.world_size + self.rank) * self.batch_size
-        self.step += 1
-        return batch_of(self.rows, order[first : first + self.batch_size])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step, self.seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
+    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return batch_of(self.rows, items)
 
 
 def batch_of(rows: PreferenceRows, examples: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -174,16 +158,7 @@ def batch_of(rows: PreferenceRows, examples: np.ndarray) -> tuple[torch.Tensor, 
 
 def eval_batches(rows: PreferenceRows, batch_size: int, max_batches: int | None = None) -> Iterator[tuple]:
     """The examples in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
-    for i, start in enumerate(range(0, rows.n_examples, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch_of(rows, np.arange(start, min(start + batch_size, rows.n_examples)))
-
-
-def eval_batch_count(rows: PreferenceRows, batch_size: int, max_batches: int | None = None) -> int:
-    """How many batches :func:`eval_batches` yields for these arguments."""
-    n = -(-rows.n_examples // batch_size)
-    return n if max_batches is None else min(n, max_batches)
+    return in_batches(rows.n_examples, batch_size, max_batches, lambda items: batch_of(rows, items))
 
 
 def preference_loss(
@@ -217,21 +192,18 @@ class PreferenceData:
     @classmethod
     def open(cls, kind: str, path: str | None, tokenizer_spec: str, seq_len: int, val_fraction: float, seed: int,
              vocab_size: int) -> PreferenceData:  # fmt: skip
-        from griffon.align.sft import split_examples
-        from griffon.data.tokenizers import TokenizerError, bpe_vocab_size, load_tokenizer
-
-        if path is None or not Path(path).is_file():
-            raise DataError(f"objective={kind} reads a JSONL file of examples: data.path={path!r} is not a file")
-        if bpe_vocab_size(tokenizer_spec) is not None:
-            raise DataError(f"objective={kind} needs the model's own tokenizer (start with --init), not a new BPE")
-        try:
-            tokenizer = load_tokenizer(tokenizer_spec)
-        except TokenizerError as e:
-            raise DataError(str(e)) from None
-        if tokenizer.vocab_size > vocab_size:
-            raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
+        tokenizer = examples_tokenizer(kind, path, tokenizer_spec, vocab_size)
         train, val = split_examples(read_preference_examples(path, kind), val_fraction, seed)
         return cls(kind, tokenizer, *(build_rows(split, kind, tokenizer, seq_len) for split in (train, val)))
+
+    def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> PreferenceLoader:
+        return PreferenceLoader(self.train, batch_size, seed, rank, world_size)
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None):
+        return eval_batches(self.val, batch_size, max_batches)
+
+    def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        return batch_count(self.val.n_examples, batch_size, max_batches)
 
     def reference(self, model: nn.Module, path: Path, device: torch.device, batch_size: int,
                   write: bool) -> dict[str, torch.Tensor]:  # fmt: skip

@@ -18,6 +18,7 @@ row is cut to its first ``seq_len + 1`` tokens (and counted).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,54 +137,77 @@ def pack(examples: list[Example], seq_len: int) -> PackedRows:
     return PackedRows(tokens, seg, targets, truncated)
 
 
-class SFTLoader:
-    """Yields ``(tokens, segment_pos, targets)``, each (batch_size, seq_len + 1), for this rank;
-    rows shuffled every epoch (seeded by ``seed + epoch``); the position is (epoch, step)."""
+class ShuffledLoader:
+    """Batches of ``batch_size`` of ``n`` items for this rank, the items shuffled every epoch
+    (seeded by ``seed + epoch``); the position is (epoch, step). A subclass says what an item is
+    (:meth:`take`)."""
 
-    def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.rows, self.batch_size, self.seed, self.rank, self.world_size = rows, batch_size, seed, rank, world_size
-        self.steps_per_epoch = len(rows.tokens) // (batch_size * world_size)
+    unit, hint = "items", "lower data.batch_size"
+    """What an item is, and what to do when there are too few, for the message that says so."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise DataError(
-                f"the examples pack into {len(rows.tokens)} rows, fewer than one step of {world_size} x "
-                f"{batch_size}; lower data.batch_size or data.seq_len"
-            )
+            raise DataError(f"{n} {self.unit} cannot fill one step of {world_size} x {batch_size}; {self.hint}")
         self.epoch, self.step = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
 
-    def __iter__(self) -> SFTLoader:
+    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def __iter__(self) -> ShuffledLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-        order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.rows.tokens))
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng(self.seed + self.epoch).permutation(self.n))
         first = (self.step * self.world_size + self.rank) * self.batch_size
         self.step += 1
-        take = order[first : first + self.batch_size]
-        return tuple(torch.from_numpy(a[take]) for a in (self.rows.tokens, self.rows.segment_pos, self.rows.targets))
+        return self.take(self._order[1][first : first + self.batch_size])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
+        self._order = None
+
+
+def in_batches(n: int, batch_size: int, max_batches: int | None, take) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``take`` of items 0..n-1 in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
+    for start in range(0, n, batch_size)[:max_batches]:
+        yield take(np.arange(start, min(start + batch_size, n)))
+
+
+def batch_count(n: int, batch_size: int, max_batches: int | None = None) -> int:
+    """How many batches :func:`in_batches` yields for these arguments."""
+    count = -(-n // batch_size)
+    return count if max_batches is None else min(count, max_batches)
+
+
+class SFTLoader(ShuffledLoader):
+    """Yields ``(tokens, segment_pos, targets)``, each (batch_size, seq_len + 1): packed rows."""
+
+    unit, hint = "packed rows of examples", "lower data.batch_size or data.seq_len"
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.rows = rows
+        super().__init__(len(rows.tokens), batch_size, seed, rank, world_size)
+
+    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return rows_of(self.rows, items)
+
+
+def rows_of(rows: PackedRows, items: np.ndarray) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a[items]) for a in (rows.tokens, rows.segment_pos, rows.targets))
 
 
 def eval_batches(rows: PackedRows, batch_size: int, max_batches: int | None = None):
     """The rows in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
-    n = len(rows.tokens)
-    stops = range(0, n, batch_size)
-    for i, start in enumerate(stops):
-        if max_batches is not None and i >= max_batches:
-            return
-        s = slice(start, start + batch_size)
-        yield tuple(torch.from_numpy(a[s]) for a in (rows.tokens, rows.segment_pos, rows.targets))
-
-
-def eval_batch_count(rows: PackedRows, batch_size: int, max_batches: int | None = None) -> int:
-    """How many batches :func:`eval_batches` yields for these arguments."""
-    n = -(-len(rows.tokens) // batch_size)
-    return n if max_batches is None else min(n, max_batches)
+    return in_batches(len(rows.tokens), batch_size, max_batches, lambda items: rows_of(rows, items))
 
 
 def split_examples(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -193,6 +217,24 @@ def split_examples(examples: list[dict], val_fraction: float, seed: int) -> tupl
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = min(max(1, round(val_fraction * len(examples))), len(examples) - 1)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def examples_tokenizer(objective: str, path: str | None, tokenizer_spec: str, vocab_size: int) -> Tokenizer:
+    """Check that ``path`` is a file of examples for ``objective`` and load the tokenizer they are
+    read with: the model's own (a new BPE is refused), whose ids its vocabulary holds."""
+    from griffon.data.tokenizers import TokenizerError, bpe_vocab_size, load_tokenizer
+
+    if path is None or not Path(path).is_file():
+        raise DataError(f"objective={objective} reads a JSONL file of examples: data.path={path!r} is not a file")
+    if bpe_vocab_size(tokenizer_spec) is not None:
+        raise DataError(f"objective={objective} needs the model's own tokenizer (start with --init), not a new BPE")
+    try:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
+    return tokenizer
 
 
 @dataclass
@@ -210,19 +252,12 @@ class SFTData:
         tokenize with ``tokenizer_spec`` (``bytes`` or a file: the model's, from ``--init``) and
         the chat template, and pack both splits. :class:`DataError` naming what is wrong."""
         from griffon.align.chat import template_for
-        from griffon.data.tokenizers import TokenizerError, bpe_vocab_size, load_tokenizer
 
-        if path is None or not Path(path).is_file():
-            raise DataError(f"objective=sft reads a JSONL file of examples: data.path={path!r} is not a file")
-        if bpe_vocab_size(tokenizer_spec) is not None:
-            raise DataError("objective=sft needs the model's own tokenizer (start with --init), not a new BPE")
+        tokenizer = examples_tokenizer("sft", path, tokenizer_spec, vocab_size)
         try:
-            tokenizer = load_tokenizer(tokenizer_spec)
             template = template_for(tokenizer, template_file)
-        except (TokenizerError, ChatTemplateError) as e:
+        except ChatTemplateError as e:
             raise DataError(str(e)) from None
-        if tokenizer.vocab_size > vocab_size:
-            raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
         train, val = split_examples(read_examples(path, template), val_fraction, seed)
         try:
             rows = [
@@ -231,3 +266,12 @@ class SFTData:
         except ChatTemplateError as e:
             raise DataError(f"{path}: {e}") from None
         return cls(tokenizer, *rows)
+
+    def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> SFTLoader:
+        return SFTLoader(self.train, batch_size, seed, rank, world_size)
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None):
+        return eval_batches(self.val, batch_size, max_batches)
+
+    def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        return batch_count(len(self.val.tokens), batch_size, max_batches)

@@ -20,12 +20,8 @@ import torch
 from torch import nn
 
 from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
-from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceLoader, PreferenceObjective
-from griffon.align.preference import eval_batch_count as preference_eval_batch_count
-from griffon.align.preference import eval_batches as preference_eval_batches
-from griffon.align.sft import SFTData, SFTLoader
-from griffon.align.sft import eval_batch_count as sft_eval_batch_count
-from griffon.align.sft import eval_batches as sft_eval_batches
+from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceObjective
+from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
 from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, is_adapter, load_config, tensor_shapes
 from griffon.config import LinearStructure
@@ -141,7 +137,7 @@ class RunData:
     """What the loop reads: training and evaluation batches (whatever the run's objective,
     :mod:`griffon.train.objective`, takes), and the bytes of each token (for bits per byte)."""
 
-    loader: PackedLoader | SFTLoader | PreferenceLoader
+    loader: PackedLoader | ShuffledLoader
     eval_batches: Callable[[int | None], Iterable]
     eval_batch_count: Callable[[int | None], int]
     token_bytes: torch.Tensor
@@ -151,22 +147,13 @@ def _run_data(
     cfg: TrainConfig, data: TrainingData | SFTData | PreferenceData, data_dir: Path | None, info: D.DistInfo
 ) -> RunData:
     d, rank, world = cfg.data, info.rank, info.world_size
-    if isinstance(data, PreferenceData):
-        val = data.val
+    if isinstance(data, SFTData | PreferenceData):
         return RunData(
-            PreferenceLoader(data.train, d.batch_size, cfg.seed, rank, world),
-            lambda n: preference_eval_batches(val, d.batch_size, n),
-            lambda n: preference_eval_batch_count(val, d.batch_size, n),
+            data.loader(d.batch_size, cfg.seed, rank, world),
+            lambda n: data.eval_batches(d.batch_size, n),
+            lambda n: data.eval_batch_count(d.batch_size, n),
             byte_table(data.tokenizer),
-        )  # fmt: skip
-    if isinstance(data, SFTData):
-        val = data.val
-        return RunData(
-            SFTLoader(data.train, d.batch_size, cfg.seed, rank, world),
-            lambda n: sft_eval_batches(val, d.batch_size, n),
-            lambda n: sft_eval_batch_count(val, d.batch_size, n),
-            byte_table(data.tokenizer),
-        )  # fmt: skip
+        )
     assert data_dir is not None
     train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
     return RunData(
@@ -366,7 +353,7 @@ class _Session:
     """The model itself; ``model`` is it as wrapped for training (DDP, FSDP2, compile)."""
     model: nn.Module
     opt: torch.optim.Optimizer
-    loader: PackedLoader | SFTLoader
+    loader: PackedLoader | ShuffledLoader
     guided: GuidedPhase
     progress: Progress
     plan: RunPlan
