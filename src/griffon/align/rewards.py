@@ -90,8 +90,10 @@ def _done_prompts(out: Path, n: int) -> int:
     complete = out.read_bytes().split(b"\n")[:-1]  # what follows the last newline was cut short
     whole = len(complete) // n
     keep = b"".join(line + b"\n" for line in complete[: whole * n])
-    if len(keep) != out.stat().st_size:
-        out.write_bytes(keep)
+    if len(keep) != out.stat().st_size:  # atomically: a kill now must not lose the whole prompts
+        from griffon.atomic import atomic_write
+
+        atomic_write(out, lambda tmp: tmp.write_bytes(keep))
     return whole
 
 
