@@ -15,8 +15,12 @@ from griffon.cli import main
         (["scan", "--batch", "2", "--seq", "33", "--dim", "8", "--repeats", "1"], {"cpu_kernel", "cpu_autograd"}),
         (["ffn", "--widths", "32", "--tokens", "16", "--repeats", "1"], {"widths"}),
         (["train", "--preset", "griffin-tiny", "--batch", "1", "--seq", "40", "--repeats", "1"], {"tokens_per_s"}),
+        (
+            ["moe", "--width", "32", "--tokens", "50", "--repeats", "1"],
+            {"forward_vs_reference", "forward_backward_vs_dense"},
+        ),
     ],
-    ids=["scan", "ffn", "train"],
+    ids=["scan", "ffn", "train", "moe"],
 )
 def test_bench_commands_write_results(argv, keys, tmp_path, capsys):
     out = tmp_path / "out.json"

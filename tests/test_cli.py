@@ -9,7 +9,7 @@ from griffon.commands import COMMANDS
 NAMES = ["info", "presets", "convert", "train", "sample", "serve", "eval", "lm-eval", "data", "tokenizer", "bench",
          "sweep", "scaling", "export-hf", "rewards", "probe"]  # fmt: skip
 SUBCOMMANDS = {"probe": ["train", "eval"], "data": ["prepare", "verify"], "tokenizer": ["train"], "scaling": ["fit", "calibrate"],
-               "bench": ["sample", "train", "default-run", "ffn", "scan", "eval", "serve", "gpu", "finetune"]}  # fmt: skip
+               "bench": ["sample", "train", "default-run", "ffn", "moe", "scan", "eval", "serve", "gpu", "finetune"]}  # fmt: skip
 
 
 def test_one_module_per_command_in_order():

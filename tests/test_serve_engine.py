@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from griffon import Griffon
-from griffon.config import ModelConfig
+from griffon.config import ModelConfig, MoEConfig
 from griffon.decode.generate import generate
 from griffon.serve import Engine, QueueFull, SamplingParams
 
@@ -20,6 +20,8 @@ CONFIGS = {
     "griffin": dict(attention_window=6),
     "hawk": dict(block_pattern=("recurrent",)),
     "mqa": dict(block_pattern=("attention",), attention_window=None, max_seq_len=96),
+    # routing is per token, with no capacity: batching cannot change a token's experts
+    "griffin-moe": dict(attention_window=6, moe=MoEConfig(num_experts=4, top_k=2, shared_experts=1, expert_width=24)),
 }
 
 

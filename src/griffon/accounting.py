@@ -60,12 +60,41 @@ def linear_params(in_features: int, out_features: int, structure: LinearStructur
     return s.rank * in_features // s.blocks + out_features * s.rank  # type: ignore[operator]
 
 
-def ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
-    """Weight parameters (no biases) of layer ``layer``'s FFN projections."""
-    D, E = cfg.width, cfg.resolved_mlp_width
-    structure = cfg.ffn_structure_of(layer)
+def mlp_matmul_params(cfg: ModelConfig, layer: int, expanded: int) -> int:
+    """Weight parameters (no biases) of one MLP of layer ``layer`` expanding to ``expanded``."""
+    D, structure = cfg.width, cfg.ffn_structure_of(layer)
     n_in = 2 if cfg.mlp_type == "geglu" else 1  # gate and up, or up alone
-    return n_in * linear_params(D, E, structure) + linear_params(E, D, structure)
+    return n_in * linear_params(D, expanded, structure) + linear_params(expanded, D, structure)
+
+
+def ffn_matmul_params(cfg: ModelConfig, layer: int, active: bool = True) -> int:
+    """Weight parameters (no biases) of layer ``layer``'s FFN projections. For a mixture of
+    experts: the router, the shared experts and the ``top_k`` experts a token uses (``active``,
+    what its FLOPs are counted from) or every routed expert (not ``active``: what it holds)."""
+    moe = cfg.moe
+    if not moe.enabled:
+        return mlp_matmul_params(cfg, layer, cfg.resolved_mlp_width)
+    H = cfg.resolved_expert_width
+    routed = moe.top_k if active else moe.num_experts
+    shared = mlp_matmul_params(cfg, layer, H * moe.shared_experts) if moe.shared_experts else 0
+    return cfg.width * moe.num_experts + routed * mlp_matmul_params(cfg, layer, H) + shared  # type: ignore[operator]
+
+
+def mlp_bias_params(cfg: ModelConfig, expanded: int) -> int:
+    """Biases of one MLP expanding to ``expanded``."""
+    return (2 if cfg.mlp_type == "geglu" else 1) * expanded + cfg.width
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters a token uses: all of the model's less the routed experts it is not sent to
+    (equal to the total for a dense FFN)."""
+    moe = cfg.moe
+    total = param_counts(cfg)[0]
+    if not moe.enabled:
+        return total
+    H = cfg.resolved_expert_width
+    idle = moe.num_experts - moe.top_k  # type: ignore[operator]
+    return total - sum(idle * (mlp_matmul_params(cfg, i, H) + mlp_bias_params(cfg, H)) for i in range(cfg.num_layers))
 
 
 def self_guided_flops_per_token(cfg: ModelConfig) -> float:
@@ -79,8 +108,14 @@ def self_guided_flops_per_token(cfg: ModelConfig) -> float:
 
 def ffn_params(cfg: ModelConfig) -> int:
     """All FFN parameters of the model, biases included (what the built model holds)."""
-    biases = (2 if cfg.mlp_type == "geglu" else 1) * cfg.resolved_mlp_width + cfg.width
-    return sum(ffn_matmul_params(cfg, i) + biases for i in range(cfg.num_layers))
+    moe = cfg.moe
+    if not moe.enabled:
+        biases = mlp_bias_params(cfg, cfg.resolved_mlp_width)
+    else:
+        H = cfg.resolved_expert_width
+        shared = mlp_bias_params(cfg, H * moe.shared_experts) if moe.shared_experts else 0
+        biases = moe.num_experts * mlp_bias_params(cfg, H) + shared  # type: ignore[operator]
+    return sum(ffn_matmul_params(cfg, i, active=False) + biases for i in range(cfg.num_layers))
 
 
 # Elementwise FLOPs per channel and token of the RG-LRU (each add, multiply, exp, sqrt, sigmoid
@@ -91,15 +126,16 @@ RGLRU_FLOPS_PER_CHANNEL = 2 + 2 + 1 + 4 + 2 + 2
 GATE_FLOPS_PER_CHANNEL = 9
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def matmul_params(cfg: ModelConfig, active: bool = True) -> int:
     """Weights of every matrix multiply of a forward pass (no biases, norms or ``a_param``): the
-    tied embedding once (as the output head), FFN projections (structured ones as their factors),
+    tied embedding once (as the output head), FFN projections (structured ones as their factors;
+    of a mixture of experts the router and the experts a token uses, or all with ``active=False``),
     the recurrent blocks' projections and block-diagonal gates, the attention projections."""
     D, L = cfg.width, cfg.resolved_lru_width
     q_dim, kv_dim = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
     total = cfg.vocab_size * D
     for layer, kind in enumerate(cfg.block_types):
-        total += ffn_matmul_params(cfg, layer)
+        total += ffn_matmul_params(cfg, layer, active)
         if kind == "recurrent":
             total += 3 * D * L + 2 * L * L // cfg.resolved_lru_num_blocks
         else:
@@ -142,17 +178,20 @@ def structuredffn_counts(cfg: ModelConfig, seq_len: int, tokens: float | None = 
     """Parameters and FLOPs under the StructuredFFN papers' convention (arXiv 2406.16450, Table 1).
 
     Parameters are matmul weights only (no biases, norms or RG-LRU ``a_param``; the tied
-    embedding counted once); forward FLOPs per token are 2 per matmul weight plus, per attention
+    embedding counted once; of a mixture of experts every expert, and ``active_params`` those a
+    token uses, from which its FLOPs are counted); forward FLOPs per token are 2 per matmul weight plus, per attention
     layer, ``2 * 2 * seq_len * attention width`` (the full causal square, not halved, window
     ignored); training is 3x forward; a run of ``tokens`` takes ``floor(tokens / 524288)`` steps of
     524288 tokens.
     """
     q_dim = cfg.num_heads * cfg.resolved_head_dim
-    ffn = sum(ffn_matmul_params(cfg, i) for i in range(cfg.num_layers))
-    params = matmul_params(cfg)
+    ffn = sum(ffn_matmul_params(cfg, i, active=False) for i in range(cfg.num_layers))
+    params, active = matmul_params(cfg, active=False), matmul_params(cfg)
     attention = 4.0 * seq_len * q_dim * cfg.block_types.count("attention")
-    train_per_token = 3.0 * (2.0 * params + attention)
+    train_per_token = 3.0 * (2.0 * active + attention)
     out: dict[str, float] = {"params": params, "ffn_params": ffn, "train_flops_per_token": train_per_token}
+    if cfg.moe.enabled:
+        out["active_params"] = active
     if tokens is not None:
         steps = int(tokens // STRUCTUREDFFN_TOKENS_PER_STEP)
         out.update(steps=steps, train_flops=train_per_token * steps * STRUCTUREDFFN_TOKENS_PER_STEP)

@@ -86,6 +86,56 @@ class LinearStructure:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture-of-experts FFN in place of the dense one (:mod:`griffon.nn.moe`).
+
+    Token-choice top-k routing with softmax gates renormalised over the chosen experts (as
+    Mixtral), dropless. Each expert is the model's MLP (``mlp_type``, projections of
+    ``ffn_structure``) at ``expert_width``. Balancing: the Switch/GShard loss, the ST-MoE router
+    z-loss, and optionally DeepSeek-V3's auxiliary-loss-free per-expert bias.
+    """
+
+    num_experts: int | None = None
+    """Routed experts; ``None``: a dense FFN, no routing."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    shared_experts: int = 0
+    """Experts every token goes through besides the routed ones (as DeepSeekMoE)."""
+    expert_width: int | None = None
+    """Expanded width of each expert; ``None``: the model's ``mlp_width`` (each expert a copy of the dense FFN)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss ``E * sum_i f_i P_i`` (1 when balanced)."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss ``mean(logsumexp(logits)^2)``."""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3's balancing: after each step every expert's routing bias moves by this much
+    towards the mean load (0: off; they use 0.001 with ``aux_loss_coef`` near 0)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.num_experts is None:
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"moe.num_experts must be at least 1 (null for a dense FFN), got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"moe.top_k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.shared_experts < 0:
+            raise ConfigError(f"moe.shared_experts must be >= 0, got {self.shared_experts}")
+        if self.expert_width is not None and self.expert_width <= 0:
+            raise ConfigError(f"moe.expert_width must be positive or null, got {self.expert_width}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a Griffin-family language model.
 
@@ -123,6 +173,8 @@ class ModelConfig:
     """``geglu``: Griffin's gated MLP (gate, up, down); ``gelu``: a GeLU MLP (up, down) as in GPT-2."""
     ffn_structure: LinearStructure = field(default_factory=LinearStructure)
     """Dense or structured FFN projections (LowRank, BlockShuffle, BlockDense)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """A mixture of experts in place of the dense FFN (off unless ``moe.num_experts`` is set)."""
     norm_type: str = "rmsnorm"
     """``rmsnorm`` (Griffin's, zero-initialised ``1 + scale`` gain) or ``layernorm`` (with bias)."""
     embed_scale: bool = True
@@ -179,6 +231,11 @@ class ModelConfig:
         if layer == 0 and self.ffn_structure.keep_first_dense:
             return LinearStructure()
         return self.ffn_structure
+
+    @property
+    def resolved_expert_width(self) -> int:
+        """Expanded width of each expert of a mixture-of-experts FFN."""
+        return self.moe.expert_width if self.moe.expert_width is not None else self.resolved_mlp_width
 
     @property
     def rope_dim(self) -> int:
@@ -249,9 +306,13 @@ class ModelConfig:
         need(self.init in INIT_SCHEMES, f"init {self.init!r} is not one of {INIT_SCHEMES}")
         need(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
         self.ffn_structure.validate()
-        E = self.resolved_mlp_width
+        self.moe.validate()
+        E = self.resolved_expert_width if self.moe.enabled else self.resolved_mlp_width
         self.ffn_structure.check_shape(self.width, E)
         self.ffn_structure.check_shape(E, self.width)
+        if self.moe.enabled and self.moe.shared_experts:
+            self.ffn_structure.check_shape(self.width, E * self.moe.shared_experts)
+            self.ffn_structure.check_shape(E * self.moe.shared_experts, self.width)
         if self.window_semantics == "hf" and self.attention_window is not None:
             need(self.attention_window >= 1, "attention_window must be >= 1 with hf semantics")
 

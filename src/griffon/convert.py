@@ -103,6 +103,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"mlp_type={cfg.mlp_type!r}, norm_type={cfg.norm_type!r} (HF has the GeGLU MLP and RMSNorm)")
     if cfg.ffn_structure.is_structured():
         problems.append(f"a structured FFN ({cfg.ffn_structure.kind}; HF has dense projections only)")
+    if cfg.moe.enabled:
+        problems.append("a mixture-of-experts FFN (RecurrentGemma's layout has one dense MLP a layer)")
     if not cfg.embed_scale:
         problems.append("embed_scale=False (HF always scales embeddings)")
     if not cfg.logit_soft_cap:

@@ -11,6 +11,7 @@ from griffon.config import ModelConfig
 from griffon.nn.attention import ATTENTION_KERNELS, Attention, AttentionState
 from griffon.nn.embedding import Embedding
 from griffon.nn.mlp import make_mlp
+from griffon.nn.moe import MoE
 from griffon.nn.norms import make_norm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 from griffon.nn.rglru import BlockDiagonalLinear
@@ -115,7 +116,12 @@ class ResidualBlock(nn.Module):
                 cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale, cfg.qkv_bias,
             )  # fmt: skip
         self.channel_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
-        self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, cfg.ffn_structure_of(layer))
+        structure = cfg.ffn_structure_of(layer)
+        self.mlp: nn.Module
+        if cfg.moe.enabled:
+            self.mlp = MoE(cfg.moe, cfg.mlp_type, cfg.width, cfg.resolved_expert_width, out_scale, structure)
+        else:
+            self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, structure)
 
     def forward(
         self,

@@ -6,6 +6,7 @@ one run compare, absolute figures drift.
 * ``train``: training throughput against the HF and DeepMind references (:mod:`.train`)
 * ``default-run``: throughput and MFU of the default ``griffon train`` model, fp32 and bf16 (:mod:`.default_run`)
 * ``ffn``: structured FFN training and decode speed against dense (:mod:`.ffn`)
+* ``moe``: the mixture-of-experts dispatch against its masked reference and an equal-FLOPs dense FFN (:mod:`.moe`)
 * ``scan``: the linear scan against its memory bound (:mod:`.scan`)
 * ``eval``: lm-evaluation-harness requests/s against lm-eval's own ``hf`` model (:mod:`.evaluation`)
 * ``serve``: load on ``griffon serve`` over loopback; server vs offline, Griffin vs MQA, prefix cache (:mod:`.serve`)
@@ -19,6 +20,7 @@ BENCHMARKS = {
     "train": "train",
     "default-run": "default_run",
     "ffn": "ffn",
+    "moe": "moe",
     "scan": "scan",
     "eval": "evaluation",
     "gpu": "gpu",

@@ -24,6 +24,7 @@ def resolve_config(name_or_path: str) -> ModelConfig:
 
 def run(args: argparse.Namespace) -> None:
     from griffon.accounting import (
+        active_params,
         decode_state_bytes,
         ffn_params,
         forward_flops_per_token,
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> None:
     info = {
         "params": params,
         "params_non_embedding": non_embedding,
+        "active_params": active_params(cfg),
         "ffn_params": ffn_params(cfg),
         "train_flops_per_token": train_flops_per_token(cfg, args.seq_len),
         "forward_flops_per_token": forward_flops_per_token(cfg, args.seq_len),
@@ -60,6 +62,10 @@ def run(args: argparse.Namespace) -> None:
         return
     print(f"params                  {info['params']:,}")
     print(f"params (non-embedding)  {info['params_non_embedding']:,}")
+    if cfg.moe.enabled:
+        m = cfg.moe
+        print(f"active params / token   {info['active_params']:,} (top {m.top_k} of {m.num_experts} experts"
+              f"{f', {m.shared_experts} shared' if m.shared_experts else ''}, router included)")  # fmt: skip
     print(f"FFN params              {info['ffn_params']:,}")
     print(f"train FLOPs / token     {info['train_flops_per_token']:.4g} at {args.seq_len} tokens per sequence")
     if args.tokens is not None:
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> None:
     if "structuredffn" in info:
         c = info["structuredffn"]
         line = f"StructuredFFN convention: params {c['params'] / 1e6:.1f}M, FFN {c['ffn_params'] / 1e6:.1f}M"
+        if "active_params" in c:
+            line += f", active {c['active_params'] / 1e6:.1f}M"
         if "train_flops" in c:
             line += f", train FLOPs {c['train_flops']:.4g} ({c['steps']} steps of 524288 tokens)"
         print(line)

@@ -7,6 +7,7 @@ griffon probe eval CHECKPOINT TASK [--lengths L ...]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,13 +17,19 @@ CPU_SCALE = 4
 
 def run_train(args: argparse.Namespace) -> None:
     from griffon.checkpoint import load_for_inference
+    from griffon.data.tokenizers import ByteTokenizer
     from griffon.probes.run import (
         FAMILIES,
+        REACHED,
         accuracy,
         check_model_fits,
+        differences,
+        example_seq_len,
         longest_prompt,
         plot_results,
         probe_data,
+        probe_examples,
+        summarize,
         write_results,
     )
     from griffon.probes.tasks import get_task
@@ -30,7 +37,7 @@ def run_train(args: argparse.Namespace) -> None:
     from griffon.train.config import TrainConfig, apply_overrides
     from griffon.train.trainer import train
 
-    task = get_task(args.task)
+    task = get_task(args.task, args.param)
     models = args.models.split(",")
     unknown = [m for m in models if m not in FAMILIES]
     if unknown:
@@ -43,38 +50,54 @@ def run_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "results.json").exists():
         raise ValueError(f"{out} already holds a probe's results; pick another --out")
-    data, seq_len = probe_data(task, length, args.examples, max(args.examples // 10, 16), args.seed)
+    drawn = {
+        seed: probe_examples(task, length, args.examples, max(args.examples // 10, 16), seed) for seed in args.seeds
+    }
+    seq_len = example_seq_len(*(s for pair in drawn.values() for s in pair))
     configs = {}
     for family in models:
         d = apply_overrides(TrainConfig().to_dict(), [
             f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={args.batch}",
             f"max_steps={args.steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(args.steps // 5, 1)}",
-            "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"seed={args.seed}",
-            f"optim.lr={args.lr}",
+            "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"optim.lr={args.lr}",
         ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
           + ([f"model.max_seq_len={longest_prompt(task, lengths) * 5 // 4 + 64}"] if family == "mqa" else [])
           + args.set)  # fmt: skip
         cfg = TrainConfig.from_dict(d)
         check_model_fits(task, cfg.model, lengths)
         configs[family] = cfg
-    results: dict = {"task": task.name, "train_length": length, "window": window, "lengths": lengths,
-                     "steps": args.steps, "examples": args.examples, "seed": args.seed, "models": {}}  # fmt: skip
-    for family, cfg in configs.items():
-        run_dir = out / family
-        t0 = time.perf_counter()
-        train(cfg, run_dir, data=data)
-        curve = []  # [step, exact, per byte] at the training length
-        for ckpt in Run(run_dir).checkpoints():
-            a = accuracy(load_for_inference(ckpt, device="cpu")[0], task, length, args.eval_examples, args.seed + 7)
-            curve.append([int(ckpt.name.split("_")[1]), a.value, a.per_byte])
-        model = load_for_inference(run_dir, device="cpu")[0]
-        scores = {n: accuracy(model, task, n, args.eval_examples, args.seed + 11) for n in lengths}
-        results["models"][family] = {
-            "curve": curve, "accuracy": {n: a.value for n, a in scores.items()},
-            "per_byte": {n: a.per_byte for n, a in scores.items()}, "seconds": time.perf_counter() - t0,
-        }  # fmt: skip
-        print(f"{family}: exact by length {results['models'][family]['accuracy']}, per byte "
-              f"{results['models'][family]['per_byte']}; learning curve {curve}", flush=True)  # fmt: skip
+    results: dict = {
+        "task": task.name, "params": dataclasses.asdict(task), "train_length": length, "window": window,
+        "lengths": lengths, "steps": args.steps, "examples": args.examples, "seeds": args.seeds,
+        "reached_at": REACHED, "models": {f: {"runs": []} for f in models},
+    }  # fmt: skip
+    tokenizer = ByteTokenizer()
+    for seed in args.seeds:
+        data = probe_data(*drawn[seed], seq_len)
+        for family, cfg in configs.items():
+            run_dir = out / f"{family}-s{seed}"
+            t0 = time.perf_counter()
+            train(dataclasses.replace(cfg, seed=seed), run_dir, data=data)
+            curve = []  # [step, exact, per symbol] at the training length
+            for ckpt in Run(run_dir).checkpoints():
+                model = load_for_inference(ckpt, device="cpu")[0]
+                a = accuracy(model, tokenizer, task, length, args.eval_examples, seed + 7)
+                curve.append([int(ckpt.name.split("_")[1]), a.value, a.per_symbol])
+            model = load_for_inference(run_dir, device="cpu")[0]
+            scores = {n: accuracy(model, tokenizer, task, n, args.eval_examples, seed + 11) for n in lengths}
+            run = {
+                "seed": seed, "curve": curve, "accuracy": {n: a.value for n, a in scores.items()},
+                "per_symbol": {n: a.per_symbol for n, a in scores.items()},
+                "reached": scores[length].value >= REACHED if length in scores else curve[-1][1] >= REACHED,
+                "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+            results["models"][family]["runs"].append(run)
+            print(f"{family} seed {seed}: {'reached' if run['reached'] else 'did not reach'} the task; exact by "
+                  f"length {run['accuracy']}; per symbol {run['per_symbol']}; curve {curve}", flush=True)  # fmt: skip
+    for m in results["models"].values():
+        m["summary"] = summarize(m["runs"])
+    if "mqa" in results["models"]:
+        results["differences"] = differences(results["models"], "mqa")
     write_results(out / "results.json", results)
     plot_results(results, out / "accuracy.png")
     print(f"results: {out / 'results.json'}, plot: {out / 'accuracy.png'}")
@@ -85,18 +108,16 @@ def run_eval(args: argparse.Namespace) -> None:
     from griffon.probes.run import accuracy
     from griffon.probes.tasks import get_task
 
-    task = get_task(args.task)
+    task = get_task(args.task, args.param)
     lengths = args.lengths or [max(task.train_length // CPU_SCALE, task.min_length)]
     for n in lengths:
         task.check_length(n)
     model, tokenizer = load_for_inference(args.checkpoint, device="cpu")
-    if tokenizer.kind != "bytes":
-        raise ValueError(
-            f"{args.checkpoint} reads with a {tokenizer.kind} tokenizer; probe eval renders tasks as bytes for now"
-        )
+    rendering = "side by side" if tokenizer.kind == "bytes" else "spaced"
     for n in lengths:
-        a = accuracy(model, task, n, args.eval_examples, args.seed)
-        print(f"{task.name} length {n}: {a.correct}/{a.total} exact ({a.value:.1%}), {a.per_byte:.1%} of answer bytes")
+        a = accuracy(model, tokenizer, task, n, args.eval_examples, args.seed)
+        print(f"{task.name} length {n} ({rendering}): {a.correct}/{a.total} exact ({a.value:.1%}), "
+              f"{a.per_symbol:.1%} of answer symbols")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--examples", type=int, default=4000, help="training examples")
     t.add_argument("--eval-examples", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run a family a seed; intervals over seeds")
+    t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a task parameter")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training config override")
     t.set_defaults(fn=run_train)
     e = psub.add_parser("eval", help="probe a checkpoint, without training")
@@ -126,4 +148,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--lengths", type=int, nargs="+")
     e.add_argument("--eval-examples", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a task parameter")
     e.set_defaults(fn=run_eval)

@@ -33,6 +33,7 @@ from griffon.decode.kernels import PARALLEL, PARALLEL_MIN_ROWS, SERIAL
 from griffon.model import BlockState, Cache, Griffon
 from griffon.nn.attention import AttentionState, append_to_global_cache, inverse_frequencies
 from griffon.nn.mlp import GatedMLP
+from griffon.nn.moe import MoE
 from griffon.nn.norms import RMSNorm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 from griffon.nn.rglru import RGLRU_C
@@ -121,7 +122,8 @@ def _layer_weights(block: nn.Module, cfg) -> LayerWeights:
             history=t.history,
         )
         out = t.o
-    dense = all(isinstance(p, nn.Linear) for p in (mlp.gate, mlp.up, mlp.down))
+    # Structured and mixture-of-experts FFNs run as their own modules (a MoE's routing is per token).
+    dense = isinstance(mlp, GatedMLP) and all(isinstance(p, nn.Linear) for p in (mlp.gate, mlp.up, mlp.down))
     return LayerWeights(
         temporal_gain=_gain(block.temporal_norm),
         channel_gain=_gain(block.channel_norm),
@@ -165,7 +167,7 @@ class FusedDecoder:
             return f"it runs float32 on the CPU, the model is {weight.dtype} on {weight.device.type}"
         if not all(isinstance(b.temporal_norm, RMSNorm) for b in model.blocks):
             return "it implements RMSNorm only"
-        if not all(isinstance(b.mlp, GatedMLP) for b in model.blocks):
+        if not all(isinstance(b.mlp, GatedMLP | MoE) for b in model.blocks):
             return "it implements the gated (GeGLU) MLP only"
         if model.config.qkv_bias:
             return "it has no biases on the query, key and value projections"

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from griffon.align.sft import SFTData, pack
-from griffon.data.tokenizers import ByteTokenizer
-from griffon.probes.tasks import Task
+from griffon.data.tokenizers import ByteTokenizer, Tokenizer
+from griffon.probes.tasks import Task, symbols
 
 FAMILIES = {"griffin": "griffin-tiny", "hawk": "hawk-tiny", "mqa": "mqa-tiny"}
 """The model of each family a probe trains (``--set model.*`` changes it)."""
@@ -35,50 +35,64 @@ def examples(task: Task, n: int, length: int, seed: int) -> list[tuple[list[int]
     return out
 
 
-def probe_data(task: Task, length: int, n_train: int, n_val: int, seed: int) -> tuple[SFTData, int]:
-    """The training and validation examples of ``length``, packed; and the sequence length that holds one."""
-    train = examples(task, n_train, length, seed)
-    val = examples(task, n_val, length, seed + 1_000_003)
-    seq_len = max(len(ids) for ids, _ in train + val) - 1
-    return SFTData(ByteTokenizer(), pack(train, seq_len), pack(val, seq_len)), seq_len
+def probe_examples(task: Task, length: int, n_train: int, n_val: int, seed: int) -> tuple[list, list]:
+    """The training and validation examples of ``length`` drawn from ``seed``."""
+    return examples(task, n_train, length, seed), examples(task, n_val, length, seed + 1_000_003)
+
+
+def example_seq_len(*sets: list) -> int:
+    """The training sequence length that holds the longest of these examples."""
+    return max(len(ids) for s in sets for ids, _ in s) - 1
+
+
+def probe_data(train: list, val: list, seq_len: int) -> SFTData:
+    """Examples packed into rows of ``seq_len`` for the trainer."""
+    return SFTData(ByteTokenizer(), pack(train, seq_len), pack(val, seq_len))
 
 
 @dataclass
 class Accuracy:
     length: int
-    correct: int
-    """Answers right in every byte."""
-    total: int
-    bytes_right: int = 0
-    """Answer bytes right, in place: a partial credit that shows learning before exact answers do."""
-    bytes_total: int = 0
+    correct: int = 0
+    """Answers right in every symbol."""
+    total: int = 0
+    symbols_right: int = 0
+    """Answer symbols right, in place: a partial credit that shows learning before exact answers do."""
+    symbols_total: int = 0
 
     @property
     def value(self) -> float:
         return self.correct / self.total
 
     @property
-    def per_byte(self) -> float:
-        return self.bytes_right / self.bytes_total
+    def per_symbol(self) -> float:
+        return self.symbols_right / self.symbols_total
+
+    def add(self, answer: str, completion: str) -> None:
+        """Score one completion against its answer, symbol by symbol (whitespace dropped)."""
+        want, got = symbols(answer), symbols(completion)[: len(symbols(answer))]
+        self.correct += got == want
+        self.total += 1
+        self.symbols_right += sum(a == b for a, b in zip(got, want, strict=False))
+        self.symbols_total += len(want)
 
 
-def accuracy(model, task: Task, length: int, n: int, seed: int, batch: int = 32) -> Accuracy:
-    """Exact-match accuracy of greedy answers on ``n`` fresh examples of ``length``."""
-    from griffon.decode.generate import generate
+def accuracy(model, tokenizer: Tokenizer, task: Task, length: int, n: int, seed: int, batch: int = 32) -> Accuracy:
+    """Exact-match accuracy of greedy answers on ``n`` fresh examples of ``length``, rendered for
+    ``tokenizer`` (side by side for bytes, spaced for any other: :mod:`griffon.probes.tasks`)."""
+    from griffon.decode.generate import generate_text
 
+    spaced = tokenizer.kind != "bytes"
     rng = np.random.default_rng(seed)
-    items = [task.example(rng, length) for _ in range(n)]
-    result = Accuracy(length, 0, n)
+    items = [task.example(rng, length, spaced) for _ in range(n)]
+    result = Accuracy(length)
     for start in range(0, n, batch):
         group = items[start : start + batch]
-        width = max(len(ex.answer.encode()) for ex in group)
-        outs = generate(model, [list(ex.prompt.encode()) for ex in group], width, temperature=0.0, step="model")
+        # A byte model answers in exactly the answer's bytes; a subword one gets a little slack.
+        width = max(len(tokenizer.encode(ex.answer)) + (2 if spaced else 0) for ex in group)
+        outs = generate_text(model, tokenizer, [ex.prompt for ex in group], width, temperature=0.0, step="model")
         for ex, out in zip(group, outs, strict=True):
-            want = ex.answer.encode()
-            got = bytes(out[: len(want)])
-            result.correct += got == want
-            result.bytes_right += sum(a == b for a, b in zip(got, want, strict=False))
-            result.bytes_total += len(want)
+            result.add(ex.answer, out)
     return result
 
 
@@ -107,23 +121,88 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+REACHED = 0.9
+"""Exact-match accuracy at the training length from which a run counts as having learned the task:
+only such runs' accuracy at other lengths is read (an untrained model at chance is not a finding)."""
+
+
+def interval(values: list[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of ``values`` (one per seed) and Student's t interval for it; a single value has none."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": len(x)}
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(x)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Across one family's seeds: how many reached the task, exact accuracy against length over
+    those that did, and the per-symbol learning curve (every seed: slow learning is the finding)."""
+    reached = [r for r in runs if r["reached"]]
+    lengths = list(runs[0]["accuracy"])
+    steps = [c[0] for c in runs[0]["curve"]]
+    return {
+        "reached": len(reached), "seeds": len(runs),
+        "accuracy": {n: interval([r["accuracy"][n] for r in reached]) for n in lengths} if reached else {},
+        "curve": [[s, interval([r["curve"][i][2] for r in runs])] for i, s in enumerate(steps)],
+    }  # fmt: skip
+
+
+def differences(models: dict[str, dict], baseline: str) -> dict[str, list]:
+    """Each family's per-symbol learning curve minus ``baseline``'s, seed by seed (the same seed
+    draws the same examples for every family, so the differences are paired), with intervals."""
+    out = {}
+    base = {r["seed"]: r for r in models[baseline]["runs"]}
+    for family, m in models.items():
+        if family == baseline:
+            continue
+        pairs = [(r, base[r["seed"]]) for r in m["runs"] if r["seed"] in base]
+        steps = [c[0] for c in pairs[0][0]["curve"]] if pairs else []
+        out[f"{family}-{baseline}"] = [
+            [s, interval([r["curve"][i][2] - b["curve"][i][2] for r, b in pairs])] for i, s in enumerate(steps)
+        ]
+    return out
+
+
 def plot_results(results: dict, path: Path) -> None:
-    """Exact-match accuracy against length (left) and per-byte accuracy at the training length
-    against steps (right), one line per model."""
+    """Exact-match accuracy against length over the runs that reached the task (left), and
+    per-symbol accuracy at the training length against steps over every seed (right), one line
+    per model, with 95% intervals where there are several seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 4))
-    for family, r in results["models"].items():
-        lengths = sorted(r["accuracy"], key=int)
-        by_length.plot([int(n) for n in lengths], [r["accuracy"][n] for n in lengths], "o-", label=family)
-        by_step.plot([c[0] for c in r["curve"]], [c[-1] for c in r["curve"]], "o-", label=family)
+    for family, m in results["models"].items():
+        s = m["summary"]
+        if s["accuracy"]:
+            lengths = sorted(s["accuracy"], key=int)
+            pts = [s["accuracy"][n] for n in lengths]
+            by_length.errorbar(
+                [int(n) for n in lengths], [p["mean"] for p in pts], capsize=3, marker="o",
+                yerr=_bars(pts), label=f"{family} ({s['reached']}/{s['seeds']} seeds reached the task)",
+            )  # fmt: skip
+        steps = [c[0] for c in s["curve"]]
+        mean = np.array([c[1]["mean"] for c in s["curve"]])
+        (line,) = by_step.plot(steps, mean, "o-", label=family)
+        if s["seeds"] > 1:
+            lo, hi = (np.array([c[1][k] for c in s["curve"]]) for k in ("lo", "hi"))
+            by_step.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
     by_length.axvline(results["train_length"], color="grey", ls=":", label="training length")
-    by_length.set(xscale="log", xlabel="length", ylabel="exact match", title=results["task"])
-    by_step.set(xlabel="step", ylabel="per-byte accuracy at the training length")
-    by_length.legend()
+    by_length.set(xscale="log", xlabel="length", ylabel="exact match", ylim=(-0.05, 1.05), title=results["task"])
+    by_step.set(xlabel="step", ylabel="per-symbol accuracy at the training length", ylim=(-0.05, 1.05))
+    by_length.legend(fontsize=7)
+    by_step.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bars(points: list[dict]) -> np.ndarray | None:
+    if any(np.isnan(p["lo"]) for p in points):
+        return None
+    return np.array([[p["mean"] - p["lo"] for p in points], [p["hi"] - p["mean"] for p in points]])

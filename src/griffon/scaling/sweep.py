@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from griffon.accounting import ffn_params, param_counts, train_flops_per_token
+from griffon.accounting import active_params, ffn_params, param_counts, train_flops_per_token
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError
 from griffon.data.training_data import TrainingData
@@ -58,7 +58,7 @@ from griffon.train.config import TrainConfig, apply_overrides
 SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "min_steps", "seed"}
 BUDGET_KINDS = ("tokens", "flops", "tokens_per_param")
 RESULT_NAME = "result.json"
-COLUMNS = ["run", "family", "size", "budget", "config_hash", "params", "non_embedding_params", "ffn_params",
+COLUMNS = ["run", "family", "size", "budget", "config_hash", "params", "non_embedding_params", "active_params", "ffn_params",
            "flops", "flops_6nd", "tokens", "steps", "val_loss", "val_bpb", "wall_s", "tokens_per_s", "device",
            "seed", "git_commit"]  # fmt: skip
 
@@ -211,6 +211,12 @@ def _counts(cfg: TrainConfig) -> tuple[int, int, float]:
     return *param_counts(cfg.model), train_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
+def _active(cfg: TrainConfig) -> int:
+    """The parameters a token uses (a mixture of experts' idle experts left out): what a
+    tokens-per-parameter ratio counts, as the FLOPs do."""
+    return active_params(cfg.model)
+
+
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the spec, with its size, tokens and FLOPs; raises :class:`SweepError` for a
     config that cannot be built or a budget too small for one optimizer step."""
@@ -222,7 +228,7 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
         params, non_embedding, per_token = counts[(family, size)]
         for kind, values in spec.get("budgets", {}).items():
             for value in values:
-                tokens = {"tokens": value, "flops": value / per_token, "tokens_per_param": value * params}[kind]
+                tokens = {"tokens": value, "flops": value / per_token, "tokens_per_param": value * _active(cfg)}[kind]
                 label = {"tokens": "t", "flops": "c", "tokens_per_param": "r"}[kind] + f"{value:.3g}"
                 runs.append(_planned(family, size, label, cfg, params, non_embedding, tokens, per_token, min_steps))
     iso = spec.get("isoflop")
@@ -232,8 +238,8 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
             for family in spec["families"]:
                 # the sizes nearest the one whose tokens at this ratio spend the budget: C = per_token * ratio * N
                 def distance(size: str, family: str = family, budget: float = budget) -> float:
-                    params, _, per_token = counts[(family, size)]
-                    return abs(math.log(params * per_token * ratio / budget))
+                    per_token = counts[(family, size)][2]
+                    return abs(math.log(_active(shapes[(family, size)]) * per_token * ratio / budget))
 
                 for size in sorted(spec["sizes"], key=distance)[:keep]:
                     params, non_embedding, per_token = counts[(family, size)]
@@ -296,7 +302,7 @@ def run_one(run: PlannedRun, out: Path) -> dict[str, Any]:
     row = {
         "run": run.name, "family": run.family, "size": run.size, "budget": run.budget,
         "config_hash": run.config_hash, "params": run.params, "non_embedding_params": run.non_embedding_params,
-        "ffn_params": ffn_params(run.config.model), "flops": result.flops, "flops_6nd": 6 * run.params * result.tokens,
+        "active_params": active_params(run.config.model), "ffn_params": ffn_params(run.config.model), "flops": result.flops, "flops_6nd": 6 * run.params * result.tokens,
         "tokens": result.tokens, "steps": result.steps, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
         "wall_s": time.perf_counter() - started, "tokens_per_s": result.tokens_per_s,
         "device": _device(run.config.device), "seed": run.config.seed, "git_commit": _git_commit(),

@@ -243,6 +243,8 @@ class TrainConfig:
                 raise ConfigError("self_guided.enabled needs a structured FFN: set model.ffn_structure.kind")
             if self.distributed == "fsdp":
                 raise ConfigError("self-guided training supports distributed=none or ddp, not fsdp yet")
+            if self.model.moe.enabled:
+                raise ConfigError("self-guided training guides a dense FFN's projections, not a mixture of experts")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.distributed not in DISTRIBUTED:

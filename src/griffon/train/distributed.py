@@ -40,6 +40,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
 def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of parameters that no DDP wrapper reduces (the self-guided guides)."""
     if dist.is_initialized():

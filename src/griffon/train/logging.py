@@ -88,7 +88,10 @@ class RunLogger:
         except OSError as e:
             raise LogWriteError(f"cannot write the log in {self.run.root}: {describe_os_error(e)}") from None
         if not sys.stderr.isatty():  # no progress bar in logs: print the record instead
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
+            # lists (each MoE layer's load) go to the JSONL only
+            shown = {
+                k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if not isinstance(v, list)
+            }
             sys.stderr.write(" ".join(f"{k}={v}" for k, v in shown.items()) + "\n")
         if self._tb is not None:
             for key, value in record.items():
@@ -149,6 +152,43 @@ def plot_losses(run: Run) -> Path | None:
     ax.legend()
     out = run.plot
     fig.tight_layout()
+    atomic_savefig(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_moe_load(run: Run) -> Path | None:
+    """Each mixture-of-experts layer's load (the share of assignments each expert got) against
+    steps, as ``moe_load.png``; None for a run without experts."""
+    records = (
+        [r for r in read_records(run.log) if r["kind"] == "train" and "moe_load" in r] if run.log.is_file() else []
+    )
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    layers = len(records[0]["moe_load"])
+    cols = min(layers, 4)
+    rows = -(-layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for layer, ax in enumerate(axes.flat):
+        if layer >= layers:
+            ax.axis("off")
+            continue
+        shares = [r["moe_load"][layer] for r in records]  # (steps, experts)
+        for expert in range(len(shares[0])):
+            ax.plot(steps, [s[expert] for s in shares], lw=1)
+        ax.axhline(1 / len(shares[0]), color="grey", ls=":", lw=1)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0][0].set_ylabel("share of assignments")
+    fig.suptitle(f"{run.root.name}: expert load (dotted: uniform)", fontsize=10)
+    fig.tight_layout()
+    out = run.root / "moe_load.png"
     atomic_savefig(fig, out)
     plt.close(fig)
     return out

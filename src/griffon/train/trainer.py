@@ -30,11 +30,12 @@ from griffon.data.tokenizers import load_tokenizer
 from griffon.data.training_data import TrainingData
 from griffon.eval.score import byte_table
 from griffon.model import Griffon
+from griffon.nn.moe import discard_router_stats, router_loss, update_routers
 from griffon.run import Run
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
 from griffon.train.init import load_init_weights
-from griffon.train.logging import RunLogger, plot_losses
+from griffon.train.logging import RunLogger, plot_losses, plot_moe_load
 from griffon.train.lora import apply_lora, lora_targets
 from griffon.train.objective import NextToken, Objective
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
@@ -246,6 +247,7 @@ def _train(
             session.bad_steps = 0
             opt.step()
             opt.zero_grad(set_to_none=True)
+            session.stats |= update_routers(raw, cfg.model.moe, D.all_reduce_sum)
             progress.step += 1
             progress.tokens += plan.tokens_per_step
             progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
@@ -267,6 +269,7 @@ def _train(
         logger.close()
     if info.is_main:
         plot_losses(run)
+        plot_moe_load(run)
     return TrainResult(
         steps=progress.step,
         tokens=progress.tokens,
@@ -450,7 +453,9 @@ class _Session:
             sync = micro == accum - 1 or cfg.distributed != "ddp"
             with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
                 loss, self.stats = self.objective.loss(self.model, batch)
-            (loss / accum).backward()
+                router, router_stats = router_loss(self.raw, cfg.model.moe)
+            self.stats |= router_stats
+            ((loss if router is None else loss + router) / accum).backward()
             loss_sum += loss.detach()
         return D.all_reduce_mean(loss_sum / accum).item()
 
@@ -467,6 +472,7 @@ class _Session:
         """Drop a step with a non-finite loss or gradient; stop after ``max_bad_steps`` in a row."""
         self.bad_steps += 1
         self.opt.zero_grad(set_to_none=True)
+        discard_router_stats(self.raw)
         logger.log({"kind": "skip", "step": self.progress.step + 1, "loss": loss, "grad_norm": grad_norm})
         if self.bad_steps >= self.cfg.max_bad_steps:
             newest = (
