@@ -255,3 +255,33 @@ def test_hf_export_encodes_like_griffon(kind, tmp_path):
         assert hf.encode(text, add_special_tokens=True) == hf.encode(text, add_special_tokens=False) == ids, text
         assert hf.decode(ids) == tok.decode(ids)
     assert hf.eos_token_id == (tok.eos_id if tok.eos_id is not None else ord("\n"))
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_incremental_detokenisation_equals_decoding_the_whole(kind, tmp_path):
+    """TextStream decodes a window per token; whenever the whole sequence's decode ends in a
+    complete character, its text is that decode (random ids too: broken UTF-8, lone word-boundary
+    markers). Byte-fallback decoders turn a whole run of bytes into replacement marks when the run
+    is not valid UTF-8 as a whole (a character, then the first byte of the next), which a stream
+    that has already shown the character does not take back: there random ids are not compared."""
+    import random
+
+    from griffon.decode.generate import TextStream
+
+    tok = _tokenizer(kind, tmp_path)
+    rng = random.Random(0)
+    sequences = [tok.encode(t) for t in [*UNSEEN_TEXTS, *TEXTS[:3]]]
+    if kind in ("bytes", "bpe"):
+        sequences += [[rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(40)]
+    compared = 0
+    for ids in sequences:
+        ids = [t for t in ids if t != tok.eos_id]
+        stream = TextStream(tok)
+        for n, token in enumerate(ids, 1):
+            stream.push(token)
+            whole = tok.decode(ids[:n])
+            if not whole.endswith("\ufffd"):
+                assert stream.text == whole, (kind, ids[:n])
+                compared += 1
+        assert stream.visible(final=True) == tok.decode(ids)
+    assert compared > 100

@@ -43,6 +43,21 @@ def test_dispatch_equals_the_masked_reference(structure, shared, mlp_type):
     _compare(layer, torch.randn(3, 37, 24))  # 111 tokens: not a multiple of anything
 
 
+@pytest.mark.parametrize("mlp_type", ["geglu", "gelu"])
+def test_grouped_gemms_equal_the_masked_reference(mlp_type):
+    """The GPU's path (``torch._grouped_mm``, which also runs on the CPU in float32), with an
+    expert that gets no tokens."""
+    layer = _layer(shared=1, mlp_type=mlp_type)
+    layer.grouped = True
+    with torch.no_grad():
+        layer.expert_bias[2] = -5.0
+    _compare(layer, torch.randn(2, 29, 24))
+    structured = _layer(LinearStructure("lowrank", rank=8))
+    structured.grouped = True
+    with pytest.raises(ValueError, match="grouped GEMMs run dense experts only"):
+        structured(torch.randn(4, 24))
+
+
 def test_uneven_loads_and_an_expert_without_tokens():
     layer = _layer()
     with torch.no_grad():

@@ -449,6 +449,25 @@ def test_bench_serve_runs_on_loopback(tmp_path):
         _check_loopback("http://example.com:8000")
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the load generator and the server apart")
+def test_bench_serve_offline_reports_cpu_shares_with_the_client_pinned(tmp_path):
+    from griffon.cli import main
+
+    out = tmp_path / "offline.json"
+    before = os.sched_getaffinity(0)
+    client = sorted(before)[-1]
+    argv = ["bench", "serve", "--preset", "griffin-tiny", "--experiments", "offline", "--repeats", "1",
+            "--client-cpus", str(client), "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    offline = json.loads(out.read_text())["offline"]
+    assert offline["client_cpus"] == [client] and client not in offline["server_cpus"]
+    for kind in ("whole", "streamed"):
+        run = offline["server"][kind]
+        assert run["completed"] == 16 and 0 < run["client_cpu_share"] and 0 < run["server_cpu_share"]
+        assert offline["server_over_offline"][kind] > 0
+    assert os.sched_getaffinity(0) == before  # restored
+
+
 def _serve_process(tmp_path, *flags: str, stderr=subprocess.DEVNULL, env: dict | None = None):
     """Start ``griffon serve`` on a tiny Griffin in a process of its own; return it, its URL and
     the /health answers seen until it was ready."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import statistics
 import time
@@ -55,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is abandoned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", help="comma-separated: offline,models,prefix (see the module docstring)")
+    p.add_argument(
+        "--client-cpus",
+        help="offline experiment: comma-separated CPUs for the load generator; the "
+        "server and offline generate get the others",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="offline experiment: interleaved runs, best of each")
     p.add_argument("--long", default="4096:1024", help="models experiment: prompt:output tokens (default 4096:1024)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot latency against load here")
@@ -119,14 +126,15 @@ async def run_load(
     limits = httpx.Limits(max_connections=len(workload) + 4, max_keepalive_connections=len(workload) + 4)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         tasks = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for prompt, max_tokens in workload:
             tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, timeout, stream)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate) if arrival == "poisson" else 1.0 / rate)
         done = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t0
-    return summarise(done, duration, rate)
+        duration, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # The load generator's own CPU time, as a share of one core: what it took from the server.
+    return summarise(done, duration, rate) | {"client_cpu_share": cpu / duration}
 
 
 def _stats(values: list[float]) -> dict:
@@ -165,10 +173,14 @@ def _print(label: str, s: dict) -> None:
           f"ITL {ms(s['itl_s'])}  E2E {ms(s['e2e_s'])} ms (mean/p50/p99)")  # fmt: skip
 
 
-def _server_main(config: dict, max_batch: int, prefix_cache: bool, conn) -> None:
-    """A server process: the random-weight model of ``config`` behind ``griffon serve``'s app."""
+def _server_main(config: dict, max_batch: int, prefix_cache: bool, cpus: list[int] | None, conn) -> None:
+    """A server process: the random-weight model of ``config`` behind ``griffon serve``'s app,
+    on ``cpus`` (with one torch thread each) if given."""
     from griffon.serve import Engine
     from griffon.serve.server import BackgroundServer, create_app
+
+    if cpus:
+        pin(cpus)
 
     engine = Engine(_model(ModelConfig.from_dict(config)), None, max_batch=max_batch, max_queue=100_000,
                     prefix_cache_bytes=(256 * 2**20) if prefix_cache else 0)  # fmt: skip
@@ -182,13 +194,19 @@ class ServerProcess:
     """``with ServerProcess(cfg, ...) as url``: a server in its own process on loopback, so the load
     generator's Python does not share the server's interpreter (as a remote client would not)."""
 
-    def __init__(self, cfg: ModelConfig, max_batch: int, prefix_cache: bool) -> None:
+    def __init__(self, cfg: ModelConfig, max_batch: int, prefix_cache: bool, cpus: list[int] | None = None) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_server_main, args=(cfg.to_dict(), max_batch, prefix_cache, child))
+        args = (cfg.to_dict(), max_batch, prefix_cache, cpus, child)
+        self._process = ctx.Process(target=_server_main, args=args)
         self.stats: dict = {}
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system, all its threads)."""
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> str:
         self._process.start()
@@ -206,6 +224,12 @@ class ServerProcess:
             self._process.kill()
 
 
+def pin(cpus: list[int]) -> None:
+    """Run this process on ``cpus`` only, with one torch thread each."""
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+
+
 def _check_loopback(url: str) -> None:
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -218,22 +242,45 @@ def _model(cfg: ModelConfig) -> Griffon:
 
 
 def experiment_offline(
-    base: ModelConfig, batch: int, prompt_len: int, output_len: int, seed: int, repeats: int = 3
-) -> dict:
+    base: ModelConfig, batch: int, prompt_len: int, output_len: int, seed: int, repeats: int = 3,
+    client_cpus: list[int] | None = None,
+) -> dict:  # fmt: skip
     """Saturated server vs offline generate, same prompts, same batch (every request admitted at
-    once): answers returned whole and streamed token by token; best of ``repeats`` interleaved runs."""
+    once): answers returned whole and streamed token by token; best of ``repeats`` interleaved
+    runs; the load generator's and the server's CPU time as shares of one core. With
+    ``client_cpus``, the load generator runs on those CPUs and the server, offline ``generate`` and
+    the engine alone on the others (one torch thread a CPU), so that the two do not share a core."""
     from griffon.decode.generate import generate
     from griffon.serve import Engine, SamplingParams
+
+    everything, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    server_cpus = None
+    if client_cpus:
+        server_cpus = [c for c in everything if c not in client_cpus]
+        if not server_cpus or not set(client_cpus) <= set(everything):
+            raise SystemExit(f"--client-cpus {client_cpus} must be some, not all, of this machine's CPUs {everything}")
+
+    def on_server_cpus() -> None:  # offline generate and the engine alone run where the server does
+        if server_cpus:
+            pin(server_cpus)
+
+    def on_client_cpus() -> None:
+        if client_cpus:
+            pin(client_cpus)
 
     model = _model(base)
     workload = [(p, output_len) for p, _ in make_workload(batch, base.vocab_size, (prompt_len, prompt_len),
                                                           (1, 1), 0.0, 0, seed)]  # fmt: skip
     prompts = [p for p, _ in workload]
+    on_server_cpus()
     generate(model, prompts[:2], 4, temperature=0.0)  # warm-up
     offline, engine_alone, served = 0.0, 0.0, {}
-    with ServerProcess(base, batch, prefix_cache=False) as url:
+    server = ServerProcess(base, batch, prefix_cache=False, cpus=server_cpus)
+    with server as url:
+        on_client_cpus()
         asyncio.run(run_load(url, workload[:2], math.inf, "fixed", 600, seed))  # warm-up
         for _ in range(repeats):  # interleaved, best of each: the machine's drift hits all alike
+            on_server_cpus()
             t0 = time.perf_counter()
             generate(model, prompts, output_len, temperature=0.0)
             offline = max(offline, batch * output_len / (time.perf_counter() - t0))
@@ -243,18 +290,29 @@ def experiment_offline(
                 engine.submit(p, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
             engine.run_until_done()
             engine_alone = max(engine_alone, batch * output_len / (time.perf_counter() - t0))
+            on_client_cpus()
             for kind in ("whole", "streamed"):
+                cpu0 = server.cpu_seconds()
                 s = asyncio.run(run_load(url, workload, math.inf, "fixed", 600, seed, stream=kind == "streamed"))
+                s["server_cpu_share"] = (server.cpu_seconds() - cpu0) / s["duration_s"]
                 if kind not in served or s["output_tokens_per_s"] > served[kind]["output_tokens_per_s"]:
                     served[kind] = s
+    os.sched_setaffinity(0, everything)
+    torch.set_num_threads(threads)
     ratios = {kind: s["output_tokens_per_s"] / offline for kind, s in served.items()}
     print(
-        f"  batch {batch}, prompts {prompt_len}, outputs {output_len}: offline generate {offline:7.1f} tok/s; "
-        f"engine alone {engine_alone:7.1f} ({engine_alone / offline:.0%}); "
-        + "; ".join(f"server, {k} {served[k]['output_tokens_per_s']:7.1f} tok/s ({ratios[k]:.0%})" for k in served)
+        f"  batch {batch}, prompts {prompt_len}, outputs {output_len}"
+        + (f", client on CPUs {client_cpus}, server on {server_cpus}" if client_cpus else "")
+        + f": offline generate {offline:7.1f} tok/s; engine alone {engine_alone:7.1f} ({engine_alone / offline:.0%}); "
+        + "; ".join(
+            f"server, {k} {served[k]['output_tokens_per_s']:7.1f} tok/s ({ratios[k]:.0%}; CPU: load generator "
+            f"{served[k]['client_cpu_share']:.0%}, server {served[k]['server_cpu_share']:.0%} of a core)"
+            for k in served
+        )
     )
     return {"batch": batch, "prompt_len": prompt_len, "output_len": output_len, "offline_tokens_per_s": offline,
-            "engine_tokens_per_s": engine_alone, "server": served, "server_over_offline": ratios}  # fmt: skip
+            "engine_tokens_per_s": engine_alone, "server": served, "server_over_offline": ratios,
+            "client_cpus": client_cpus, "server_cpus": server_cpus}  # fmt: skip
 
 
 def experiment_models(base: ModelConfig, n: int, max_batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
@@ -330,7 +388,8 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"unknown experiments {sorted(wanted - {'offline', 'models', 'prefix'})}")
         if "offline" in wanted:
             print("server vs offline generate:")
-            results["offline"] = experiment_offline(base, 16, 64, 128, args.seed)
+            cpus = [int(c) for c in args.client_cpus.split(",")] if args.client_cpus else None
+            results["offline"] = experiment_offline(base, 16, 64, 128, args.seed, args.repeats, cpus)
         if "models" in wanted:
             print("Griffin vs MQA transformer, long prompts and outputs:")
             prompt_len, output_len = (int(v) for v in args.long.split(":"))

@@ -77,7 +77,8 @@ def run_train(args: argparse.Namespace) -> None:
         for family, cfg in configs.items():
             run_dir = out / f"{family}-s{seed}"
             t0 = time.perf_counter()
-            train(dataclasses.replace(cfg, seed=seed), run_dir, data=data)
+            # A study cut short resumes: finished runs are read again, killed ones go on.
+            train(dataclasses.replace(cfg, seed=seed), run_dir, resume=(run_dir / "config.json").exists(), data=data)
             curve = []  # [step, exact, per symbol] at the training length
             for ckpt in Run(run_dir).checkpoints():
                 model = load_for_inference(ckpt, device="cpu")[0]

@@ -196,7 +196,12 @@ class TextStream:
     """Token ids in, text out, for one row: the text that can be shown as tokens arrive, cut
     before the first stop string. Text that could still become the start of a stop string (the
     longest one's length minus one characters) or that ends in an incomplete UTF-8 character is
-    held back until it cannot. ``done`` turns True at the tokenizer's EOS or a stop string."""
+    held back until it cannot. ``done`` turns True at the tokenizer's EOS or a stop string.
+
+    Detokenisation is incremental, as in TGI and vLLM: each token decodes a short window (the
+    ids since the last piece of text was taken, and the few before them that give the
+    tokenizer its context: a word-boundary marker, a merge), not the whole sequence, so a token
+    costs the same however long the text."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
@@ -207,6 +212,20 @@ class TextStream:
         self._shown = 0
         self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
         self._searched = 0  # text before this is not searched for stop strings again
+        # ids[_prefix:_read] decode to the end of ``_decoded``: the context of the next window
+        self._prefix = self._read = 0
+        self._decoded = ""
+
+    def _decode(self) -> str:
+        """All the text so far: the text taken, and the window's new text, which is taken unless
+        it ends in an incomplete character (then the ids wait in the window for the rest)."""
+        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        window = self.tokenizer.decode(self.ids[self._prefix :])
+        tail = window[len(context) :] if len(window) > len(context) else ""
+        if tail and not tail.endswith("\ufffd"):
+            self._decoded += tail
+            self._prefix, self._read, tail = self._read, len(self.ids), ""
+        return self._decoded + tail
 
     def push(self, token: int, stops: bool = True) -> str:
         """Add a token; return the new text that is safe to show (often empty). With ``stops``
@@ -219,7 +238,7 @@ class TextStream:
             return self.flush()
         self.ids.append(token)
         # Assigned once, already cut: a reader on another thread never sees a stop string's start.
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode()
         if not stops:
             self.text, self._searched = text, len(text)
             return ""

@@ -31,6 +31,9 @@ class _MLP(nn.Module):
     def _inputs(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
 
+    def _projections(self) -> tuple[nn.Module, ...]:
+        return (*self._inputs(), self.down)
+
     def reset_parameters(self) -> None:
         in_std, out_std = self._stds()
         for layer in self._inputs():

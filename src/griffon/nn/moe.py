@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from griffon.config import LinearStructure, MoEConfig
-from griffon.nn.mlp import make_mlp
+from griffon.nn.mlp import GatedMLP, make_mlp
 
 
 @dataclass
@@ -70,6 +70,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self._reset_router()
         self.stats = RouterStats(cfg.num_experts)
+        self.grouped: bool | None = None
+        """Run dense experts as grouped GEMMs (True), one GEMM an expert (False), or choose (None:
+        grouped for dense experts on the GPU in bfloat16)."""
         self.losses: dict[str, torch.Tensor] = {}
         """The last training forward's balance and z losses (with their graphs), for the trainer."""
 
@@ -102,12 +105,47 @@ class MoE(nn.Module):
         token = order // self.top_k  # (T k,) the token of each sorted assignment
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[token]  # (T k, D)
-        # An expert without tokens still runs, on no rows: its parameters stay in the graph with
-        # zero gradients, as DDP (which waits for every parameter's gradient) needs.
-        outs = [expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts), strict=True)]
-        ys = torch.cat(outs) * r.gates.reshape(-1)[order, None].to(x.dtype)  # (T k, D)
+        if self._use_grouped(x):
+            ys = self._grouped_experts(xs, torch.bincount(flat, minlength=self.num_experts))
+        else:
+            # An expert without tokens still runs, on no rows: its parameters stay in the graph
+            # with zero gradients, as DDP (which waits for every parameter's gradient) needs.
+            ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts), strict=True)])
+        ys = ys * r.gates.reshape(-1)[order, None].to(x.dtype)  # (T k, D)
         y = torch.zeros_like(x).index_add_(0, token, ys)
         return self._finish(x, y, r).reshape(shape)
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.grouped and not self.dense_experts:
+            raise ValueError("grouped GEMMs run dense experts only; these are structured")
+        if self.grouped is not None:
+            return self.grouped
+        # Grouped GEMM on the GPU in bfloat16 (CUTLASS kernels); per-expert GEMMs elsewhere.
+        return x.is_cuda and x.dtype == torch.bfloat16 and self.dense_experts and hasattr(torch, "_grouped_mm")
+
+    @property
+    def dense_experts(self) -> bool:
+        """Whether every expert is an MLP of dense ``nn.Linear`` projections (the grouped path's case)."""
+        return all(isinstance(p, nn.Linear) for e in self.experts for p in e._projections())
+
+    def _grouped_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert on its slice of ``xs`` (T k, D), sorted by expert, in one grouped GEMM a
+        projection (``torch._grouped_mm``); the experts' weights stacked (E, in, out) for it."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        which = torch.repeat_interleave(torch.arange(self.num_experts, device=xs.device), counts)  # (T k,)
+
+        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+            layers = [getattr(e, name) for e in self.experts]
+            weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)  # (E, in, out)
+            out = torch._grouped_mm(inputs, weight, offs=offsets)
+            return out + torch.stack([layer.bias for layer in layers])[which]
+
+        first = self.experts[0]
+        if isinstance(first, GatedMLP):
+            hidden = F.gelu(project("gate", xs), approximate="tanh") * project("up", xs)
+        else:
+            hidden = F.gelu(project("up", xs), approximate="tanh")
+        return project("down", hidden)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, weighted by its gate (zero where not chosen)."""

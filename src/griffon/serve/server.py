@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import sys
 import threading
@@ -37,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -504,27 +504,33 @@ class Server:
     async def stream(
         self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int = 1,
         shape: Callable[[dict], list[dict]] | None = None,
-    ) -> AsyncIterator[str]:  # fmt: skip
+    ) -> AsyncIterator[bytes]:  # fmt: skip
         """One event per new token of each request, the echoed prompt first (once it is scored,
         with logprobs); ``text_offset`` counts from the start of the answer, echo included, so the
         events concatenated are the non-streamed answer. ``shape`` turns each completions event
-        into another API's events (the chat API's)."""
-        async for event in self._stream(requests, wake, rid, usage, choices):
-            if shape is None or event is None:
-                yield "data: [DONE]\n\n" if event is None else f"data: {json.dumps(event)}\n\n"
-                continue
-            for shaped in shape(event):
-                yield f"data: {json.dumps(shaped)}\n\n"
+        into another API's events (the chat API's). The events ready at a wake-up go out in one
+        write (a decode step's tokens of every choice), serialised with orjson."""
+        async for events in self._stream(requests, wake, rid, usage, choices):
+            chunk = []
+            for event in events:
+                if event is None:
+                    chunk.append(b"data: [DONE]\n\n")
+                    continue
+                for shaped in [event] if shape is None else shape(event):
+                    chunk.append(b"data: " + orjson.dumps(shaped) + b"\n\n")
+            yield b"".join(chunk)
 
     async def _stream(
         self, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, usage: bool, choices: int
-    ) -> AsyncIterator[dict | None]:
-        """:meth:`stream`'s events as completions bodies, then None for ``[DONE]``."""
+    ) -> AsyncIterator[list[dict | None]]:
+        """:meth:`stream`'s events as completions bodies, then None for ``[DONE]``: a list of
+        those ready at each wake-up."""
         k = len(requests)
         sent_text, sent_entries, offset = [0] * k, [0] * k, [0] * k
         echoed, closed = [not r.params.echo for r in requests], [False] * k
         try:
             while not all(closed):
+                ready_events: list[dict | None] = []
                 for i, r in enumerate(requests):
                     if closed[i]:
                         continue
@@ -536,7 +542,7 @@ class Server:
                         lp = None
                         if r.params.logprobs is not None and ready:
                             lp, offset[i] = self.logprobs(r, 0, len(r.prompt), 0)
-                        yield self._event(rid, i, self.echo_text(r), lp, None)
+                        ready_events.append(self._event(rid, i, self.echo_text(r), lp, None))
                         echoed[i], sent_entries[i] = True, len(r.prompt)
                     text = self.text(r, final=finished)
                     delta = text[sent_text[i] :]
@@ -548,15 +554,17 @@ class Server:
                         if finished:
                             reason = _REASONS.get(r.finish_reason, r.finish_reason)
                             closed[i] = True
-                        yield self._event(rid, i, delta, lp, reason)
+                        ready_events.append(self._event(rid, i, delta, lp, reason))
                         sent_text[i], sent_entries[i] = len(text), max(ready, sent_entries[i])
                 if not all(closed):
+                    if ready_events:
+                        yield ready_events
                     await wake.get()
                     while not wake.empty():  # one pass serves every wake-up so far
                         wake.get_nowait()
             if usage:
-                yield self.envelope(rid, []) | {"usage": self.usage(requests, choices)}
-            yield None
+                ready_events.append(self.envelope(rid, []) | {"usage": self.usage(requests, choices)})
+            yield [*ready_events, None]
         finally:  # also when the client went away and the response task was cancelled
             self.cancel(requests)
 
