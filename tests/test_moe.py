@@ -259,3 +259,14 @@ def test_export_hf_refuses_a_moe_model(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "a mixture-of-experts FFN" in err and "\n" not in err and not (tmp_path / "hf").exists()
+
+
+def test_dispatch_under_bf16_autocast_matches_the_reference():
+    layer = _layer(shared=1)
+    x = torch.randn(40, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), layer.forward_reference(x)
+        chosen = layer.route(x).experts
+    assert y.dtype == want.dtype == torch.float32
+    assert torch.equal(chosen, layer.route(x).experts)  # the router runs in float32 under autocast too
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from griffon.cli import main
-from griffon.probes.run import Accuracy, differences, example_seq_len, examples, interval, probe_data, probe_examples
+from griffon.probes.run import (
+    Accuracy,
+    differences,
+    example_seq_len,
+    examples,
+    interval,
+    probe_data,
+    probe_examples,
+    summarize,
+)
 from griffon.probes.tasks import TASKS, get_task, symbols
 
 
@@ -80,10 +89,13 @@ def test_intervals_over_seeds_and_paired_differences():
     assert one["mean"] == 0.5 and np.isnan(one["lo"])
     two = interval([0.0, 1.0])  # t(0.975, 1) = 12.706: half width 12.706 * 0.7071 / 1.4142
     assert two["mean"] == 0.5 and two["hi"] - 0.5 == pytest.approx(6.3531, abs=1e-3)
-    runs = {f: {"runs": [{"seed": s, "curve": [[10, 0, v + (f == "hawk") * d]]} for s, v, d in
+    runs = {f: {"runs": [{"seed": s, "curve": [[10, 0, v + (f == "hawk") * d]], "reached": False, "accuracy": {}} for s, v, d in
                          ((0, 0.2, 0.1), (1, 0.6, 0.3), (2, 0.9, 0.2))]} for f in ("mqa", "hawk")}  # fmt: skip
+    runs["hawk"]["runs"][1]["curve"].insert(0, [5, 0, 0.0])  # a resumed run's extra checkpoint, left out
     diff = differences(runs, "mqa")["hawk-mqa"]
-    assert diff[0][0] == 10 and diff[0][1]["mean"] == pytest.approx(0.2) and diff[0][1]["n"] == 3
+    assert len(diff) == 1 and diff[0][0] == 10 and diff[0][1]["mean"] == pytest.approx(0.2) and diff[0][1]["n"] == 3
+    curve = summarize(runs["hawk"]["runs"])["curve"]
+    assert [s for s, _ in curve] == [10] and curve[0][1]["mean"] == pytest.approx((0.3 + 0.9 + 1.1) / 3)
 
 
 def _probe(tmp_path, name, *extra):

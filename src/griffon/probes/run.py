@@ -143,12 +143,21 @@ def summarize(runs: list[dict]) -> dict:
     those that did, and the per-symbol learning curve (every seed: slow learning is the finding)."""
     reached = [r for r in runs if r["reached"]]
     lengths = list(runs[0]["accuracy"])
-    steps = [c[0] for c in runs[0]["curve"]]
     return {
         "reached": len(reached), "seeds": len(runs),
         "accuracy": {n: interval([r["accuracy"][n] for r in reached]) for n in lengths} if reached else {},
-        "curve": [[s, interval([r["curve"][i][2] for r in runs])] for i, s in enumerate(steps)],
+        "curve": [[s, interval([_at(r, s) for r in runs])] for s in _common_steps(runs)],
     }  # fmt: skip
+
+
+def _common_steps(runs: list[dict]) -> list[int]:
+    """The checkpoint steps every run has (a resumed run has one more, where it was cut)."""
+    return sorted(set.intersection(*(set(c[0] for c in r["curve"]) for r in runs))) if runs else []
+
+
+def _at(run: dict, step: int) -> float:
+    """A run's per-symbol accuracy at the training length at ``step``."""
+    return next(c[2] for c in run["curve"] if c[0] == step)
 
 
 def differences(models: dict[str, dict], baseline: str) -> dict[str, list]:
@@ -160,10 +169,8 @@ def differences(models: dict[str, dict], baseline: str) -> dict[str, list]:
         if family == baseline:
             continue
         pairs = [(r, base[r["seed"]]) for r in m["runs"] if r["seed"] in base]
-        steps = [c[0] for c in pairs[0][0]["curve"]] if pairs else []
-        out[f"{family}-{baseline}"] = [
-            [s, interval([r["curve"][i][2] - b["curve"][i][2] for r, b in pairs])] for i, s in enumerate(steps)
-        ]
+        steps = _common_steps([run for pair in pairs for run in pair])
+        out[f"{family}-{baseline}"] = [[s, interval([_at(r, s) - _at(b, s) for r, b in pairs])] for s in steps]
     return out
 
 
