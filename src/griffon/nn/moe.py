@@ -103,14 +103,15 @@ class MoE(nn.Module):
         flat = r.experts.reshape(-1)  # (T k,)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = order // self.top_k  # (T k,) the token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,) assignments per expert
         xs = x[token]  # (T k, D)
         if self._use_grouped(x):
-            ys = self._grouped_experts(xs, torch.bincount(flat, minlength=self.num_experts))
+            ys = self._grouped_experts(xs, counts)  # the counts stay on the device: no sync
         else:
             # An expert without tokens still runs, on no rows: its parameters stay in the graph
             # with zero gradients, as DDP (which waits for every parameter's gradient) needs.
-            ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts), strict=True)])
+            chunks = xs.split(counts.tolist())
+            ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
         ys = ys * r.gates.reshape(-1)[order, None].to(x.dtype)  # (T k, D)
         y = torch.zeros_like(x).index_add_(0, token, ys)
         return self._finish(x, y, r).reshape(shape)
