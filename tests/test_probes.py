@@ -155,3 +155,21 @@ def test_a_subword_checkpoint_is_probed_on_spaced_text(tmp_path, capsys):
     save_pretrained(Griffon(get_preset("griffin-tiny", vocab_size=400)), tmp_path / "run" / "checkpoints" / "step_1")
     assert main(["probe", "eval", str(tmp_path / "run"), "induction", "--lengths", "30", "--eval-examples", "8"]) == 0
     assert "induction length 30 (spaced): " in capsys.readouterr().out
+
+
+def test_a_finished_study_takes_more_seeds_under_its_own_settings(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    argv = ["probe", "train", "induction", "--models", "hawk", "--out", out, "--train-length", "16", "--lengths", "16",
+            "--steps", "10", "--examples", "64", "--eval-examples", "8"]  # fmt: skip
+    assert main([*argv, "--seeds", "0"]) == 0
+    first = json.loads((tmp_path / "study" / "results.json").read_text())["models"]["hawk"]["runs"]
+    stamps = [p.stat().st_mtime_ns for p in (tmp_path / "study" / "hawk-s0" / "checkpoints").rglob("*")]
+    assert main([*argv, "--seeds", "0", "1"]) == 0
+    both = json.loads((tmp_path / "study" / "results.json").read_text())["models"]["hawk"]["runs"]
+    assert [r["seed"] for r in both] == [0, 1] and both[0]["curve"] == first[0]["curve"]
+    assert both[0]["accuracy"] == first[0]["accuracy"]
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "study" / "hawk-s0" / "checkpoints").rglob("*")] == stamps
+    capsys.readouterr()
+    assert main([*argv[:-6], "--steps", "20", *argv[-4:], "--seeds", "2"]) == 2
+    assert "holds a probe study with other settings (steps)" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "hawk-s2").exists()

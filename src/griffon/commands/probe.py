@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import time
 from pathlib import Path
 
@@ -48,14 +50,27 @@ def run_train(args: argparse.Namespace) -> None:
     for n in [length, *lengths]:
         task.check_length(n)
     out = Path(args.out)
+    results: dict = {
+        "task": task.name, "params": dataclasses.asdict(task), "train_length": length, "window": window,
+        "lengths": lengths, "steps": args.steps, "examples": args.examples, "seeds": args.seeds,
+        "reached_at": REACHED, "models": {f: {"runs": []} for f in models},
+    }  # fmt: skip
     if (out / "results.json").exists():
-        raise ValueError(f"{out} already holds a probe's results; pick another --out")
+        # More seeds may join a finished study (its runs are read again), but only under its settings.
+        held = json.loads((out / "results.json").read_text())
+        changed = [k for k in ("task", "params", "train_length", "window", "lengths", "steps", "examples")
+                   if held.get(k) != json.loads(json.dumps(results[k]))]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{out} holds a probe study with other settings ({', '.join(changed)}); pick another --out"
+            )
     drawn = {
         seed: probe_examples(task, length, args.examples, max(args.examples // 10, 16), seed) for seed in args.seeds
     }
-    seq_len = example_seq_len(*(s for pair in drawn.values() for s in pair))
     configs = {}
-    for family in models:
+    for family, seed in itertools.product(models, args.seeds):
+        # Per seed, so that a run's config does not depend on which other seeds share the command.
+        seq_len = example_seq_len(*drawn[seed])
         d = apply_overrides(TrainConfig().to_dict(), [
             f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={args.batch}",
             f"max_steps={args.steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(args.steps // 5, 1)}",
@@ -65,20 +80,15 @@ def run_train(args: argparse.Namespace) -> None:
           + args.set)  # fmt: skip
         cfg = TrainConfig.from_dict(d)
         check_model_fits(task, cfg.model, lengths)
-        configs[family] = cfg
-    results: dict = {
-        "task": task.name, "params": dataclasses.asdict(task), "train_length": length, "window": window,
-        "lengths": lengths, "steps": args.steps, "examples": args.examples, "seeds": args.seeds,
-        "reached_at": REACHED, "models": {f: {"runs": []} for f in models},
-    }  # fmt: skip
+        configs[family, seed] = dataclasses.replace(cfg, seed=seed)
     tokenizer = ByteTokenizer()
     for seed in args.seeds:
-        data = probe_data(*drawn[seed], seq_len)
-        for family, cfg in configs.items():
+        data = probe_data(*drawn[seed], example_seq_len(*drawn[seed]))
+        for family in models:
             run_dir = out / f"{family}-s{seed}"
             t0 = time.perf_counter()
             # A study cut short resumes: finished runs are read again, killed ones go on.
-            train(dataclasses.replace(cfg, seed=seed), run_dir, resume=(run_dir / "config.json").exists(), data=data)
+            train(configs[family, seed], run_dir, resume=(run_dir / "config.json").exists(), data=data)
             curve = []  # [step, exact, per symbol] at the training length
             for ckpt in Run(run_dir).checkpoints():
                 model = load_for_inference(ckpt, device="cpu")[0]
