@@ -1,5 +1,9 @@
 """Fast scan backends against the float64 reference: values and gradients, odd shapes, resets."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,3 +93,23 @@ def test_single_step_fast_path_equals_reference():
         got = _value_and_grads(linear_scan, a, x, h0, reset, 4)
         for w, o in zip(want, got, strict=True):
             assert torch.allclose(o, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell one thread from all")
+def test_the_cpu_scan_keeps_the_thread_count_torch_was_given():
+    """Numba's OpenMP pool, started on first use, used to set the process's OpenMP thread count to
+    every CPU: a process told OMP_NUM_THREADS=1 ran torch on all of them after its first scan."""
+    code = (
+        "import torch, numba\n"
+        "from griffon.scan.cpu import linear_scan_cpu\n"
+        "a = torch.rand(2, 8, 4, requires_grad=True)\n"
+        "h, _ = linear_scan_cpu(a, torch.rand(2, 8, 4), torch.zeros(2, 4), torch.zeros(2, 8, dtype=torch.bool))\n"
+        "h.sum().backward()\n"
+        "before = (torch.get_num_threads(), numba.get_num_threads())\n"
+        "torch.set_num_threads(2)\n"
+        "linear_scan_cpu(a, torch.rand(2, 8, 4), torch.zeros(2, 4), torch.zeros(2, 8, dtype=torch.bool))\n"
+        "print(*before, torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "2", "2"]  # one thread as told, then two as set, numba following torch

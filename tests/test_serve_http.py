@@ -425,6 +425,7 @@ def test_griffon_serve_command_builds_the_app(tmp_path, monkeypatch, capsys):
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
         r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 6}, headers=ok)
         assert r.status_code == 400 and "max_tokens=5" in r.json()["error"]["message"]
+    argv += ["--engine", "thread"]  # the engine's place does not matter below (and no process is left behind)
     monkeypatch.setenv("GRIFFON_API_KEY", "from-the-environment")
     assert main(argv) == 0
     assert seen["app"].state.server.api_key == "from-the-environment"
@@ -461,10 +462,11 @@ def test_bench_serve_offline_reports_cpu_shares_with_the_client_pinned(tmp_path)
     assert main(argv) == 0
     offline = json.loads(out.read_text())["offline"]
     assert offline["client_cpus"] == [client] and client not in offline["server_cpus"]
-    for kind in ("whole", "streamed"):
-        run = offline["server"][kind]
-        assert run["completed"] == 16 and 0 < run["client_cpu_share"] and 0 < run["server_cpu_share"]
-        assert offline["server_over_offline"][kind] > 0
+    for engine in ("process", "thread"):
+        for kind in ("whole", "streamed"):
+            run = offline["runs"][f"{engine} {kind}"][0]
+            assert run["completed"] == 16 and 0 < run["client_cpu_share"] and 0 < run["server_cpu_share"]
+            assert offline["server_over_offline"][f"{engine} {kind}"] == run["over_offline"] > 0
     assert os.sched_getaffinity(0) == before  # restored
 
 

@@ -61,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="offline experiment: comma-separated CPUs for the load generator; the "
         "server and offline generate get the others",
     )
-    p.add_argument("--repeats", type=int, default=3, help="offline experiment: interleaved runs, best of each")
+    p.add_argument("--repeats", type=int, default=3, help="offline experiment: interleaved runs (medians reported)")
+    p.add_argument("--engine", default=None,
+                   help="the server's engine: process or thread (the offline experiment: both, or a "
+                        "comma-separated list; default process,thread there, process elsewhere)")  # fmt: skip
     p.add_argument("--long", default="4096:1024", help="models experiment: prompt:output tokens (default 4096:1024)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="plot latency against load here")
@@ -173,47 +176,79 @@ def _print(label: str, s: dict) -> None:
           f"ITL {ms(s['itl_s'])}  E2E {ms(s['e2e_s'])} ms (mean/p50/p99)")  # fmt: skip
 
 
-def _server_main(config: dict, max_batch: int, prefix_cache: bool, cpus: list[int] | None, conn) -> None:
-    """A server process: the random-weight model of ``config`` behind ``griffon serve``'s app,
-    on ``cpus`` (with one torch thread each) if given."""
+ENGINES = ("process", "thread")
+
+
+def bench_engine(config: dict, max_batch: int, prefix_cache: bool):
+    """The benchmark's engine: the random-weight model of ``config`` (picklable: an engine process builds it)."""
     from griffon.serve import Engine
+
+    return Engine(_model(ModelConfig.from_dict(config)), None, max_batch=max_batch, max_queue=100_000,
+                  prefix_cache_bytes=(256 * 2**20) if prefix_cache else 0)  # fmt: skip
+
+
+def _server_main(
+    config: dict, max_batch: int, prefix_cache: bool, cpus: list[int] | None, engine_kind: str, conn
+) -> None:
+    """A server process: the random-weight model of ``config`` behind ``griffon serve``'s app, its
+    engine on a thread or in a process of its own (``engine_kind``), on ``cpus`` (with one torch
+    thread each) if given."""
+    import functools
+
+    from griffon.serve.engine_process import EngineProcess
     from griffon.serve.server import BackgroundServer, create_app
 
     if cpus:
         pin(cpus)
-
-    engine = Engine(_model(ModelConfig.from_dict(config)), None, max_batch=max_batch, max_queue=100_000,
-                    prefix_cache_bytes=(256 * 2**20) if prefix_cache else 0)  # fmt: skip
+    build = functools.partial(bench_engine, config, max_batch, prefix_cache)
+    engine = build() if engine_kind == "thread" else EngineProcess(build, None)
     with BackgroundServer(create_app(engine, "bench")) as url:
-        conn.send(url)
+        conn.send((url, [os.getpid()] + ([engine.pid] if engine_kind == "process" else [])))
         conn.recv()  # until the benchmark is done with it
-        conn.send({"prefix_hits": engine.prefix_cache.hits if engine.prefix_cache else 0})
+        if engine_kind == "process":
+            hits = engine.stats.prefix_hits
+        else:
+            hits = engine.prefix_cache.hits if engine.prefix_cache else 0
+        conn.send({"prefix_hits": hits})
 
 
 class ServerProcess:
     """``with ServerProcess(cfg, ...) as url``: a server in its own process on loopback, so the load
-    generator's Python does not share the server's interpreter (as a remote client would not)."""
+    generator's Python does not share the server's interpreter (as a remote client would not); its
+    engine on a thread of it or in a process of its own (``engine``: :data:`ENGINES`)."""
 
-    def __init__(self, cfg: ModelConfig, max_batch: int, prefix_cache: bool, cpus: list[int] | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_batch: int, prefix_cache: bool, cpus: list[int] | None = None,
+        engine: str = "process",
+    ) -> None:  # fmt: skip
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        args = (cfg.to_dict(), max_batch, prefix_cache, cpus, child)
+        args = (cfg.to_dict(), max_batch, prefix_cache, cpus, engine, child)
         self._process = ctx.Process(target=_server_main, args=args)
+        self._pids: list[int] = []
         self.stats: dict = {}
 
+    def pids(self) -> list[int]:
+        """The server's process and its engine's, if that has its own."""
+        return list(self._pids)
+
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used so far (user + system, all its threads)."""
-        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the server's processes have used so far (user + system, all their threads)."""
+        total = 0.0
+        for pid in self._pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def __enter__(self) -> str:
         self._process.start()
         if not self._conn.poll(300):
             self._process.kill()
             raise RuntimeError("the benchmark's server did not start within 300 s")
-        return self._conn.recv()
+        url, self._pids = self._conn.recv()
+        return url
 
     def __exit__(self, *exc) -> None:
         self._conn.send("stop")
@@ -225,8 +260,13 @@ class ServerProcess:
 
 
 def pin(cpus: list[int]) -> None:
-    """Run this process on ``cpus`` only, with one torch thread each."""
-    os.sched_setaffinity(0, cpus)
+    """Run this process on ``cpus`` only, every thread of it (``sched_setaffinity(0)`` would move
+    the calling thread alone, leaving torch's workers where they were), with one torch thread each."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that has just ended
+            pass
     torch.set_num_threads(len(cpus))
 
 
@@ -243,13 +283,18 @@ def _model(cfg: ModelConfig) -> Griffon:
 
 def experiment_offline(
     base: ModelConfig, batch: int, prompt_len: int, output_len: int, seed: int, repeats: int = 3,
-    client_cpus: list[int] | None = None,
+    client_cpus: list[int] | None = None, engines: tuple[str, ...] = ENGINES,
 ) -> dict:  # fmt: skip
     """Saturated server vs offline generate, same prompts, same batch (every request admitted at
-    once): answers returned whole and streamed token by token; best of ``repeats`` interleaved
-    runs; the load generator's and the server's CPU time as shares of one core. With
-    ``client_cpus``, the load generator runs on those CPUs and the server, offline ``generate`` and
-    the engine alone on the others (one torch thread a CPU), so that the two do not share a core."""
+    once): answers returned whole and streamed token by token, by a server of each kind of
+    ``engines`` (its engine in a process of its own, or on a thread of the server's); ``repeats``
+    interleaved runs, each server's ratio to the offline figure of its own run, the median over
+    runs reported (and the best run's figures); the load generator's and the server's CPU time as
+    shares of one core. With ``client_cpus``, the load generator runs on those CPUs and the
+    servers, offline ``generate`` and the engine alone on the others (one torch thread a CPU), so
+    that the two do not share a core."""
+    import contextlib
+
     from griffon.decode.generate import generate
     from griffon.serve import Engine, SamplingParams
 
@@ -274,45 +319,57 @@ def experiment_offline(
     prompts = [p for p, _ in workload]
     on_server_cpus()
     generate(model, prompts[:2], 4, temperature=0.0)  # warm-up
-    offline, engine_alone, served = 0.0, 0.0, {}
-    server = ServerProcess(base, batch, prefix_cache=False, cpus=server_cpus)
-    with server as url:
+    offline, engine_alone = [], []
+    runs: dict[str, list[dict]] = {f"{e} {k}": [] for e in engines for k in ("whole", "streamed")}
+    with contextlib.ExitStack() as stack:
+        servers = {e: ServerProcess(base, batch, prefix_cache=False, cpus=server_cpus, engine=e) for e in engines}
+        urls = {e: stack.enter_context(server) for e, server in servers.items()}
         on_client_cpus()
-        asyncio.run(run_load(url, workload[:2], math.inf, "fixed", 600, seed))  # warm-up
-        for _ in range(repeats):  # interleaved, best of each: the machine's drift hits all alike
+        for url in urls.values():
+            asyncio.run(run_load(url, workload[:2], math.inf, "fixed", 600, seed))  # warm-up
+        for _ in range(repeats):  # interleaved: the machine's drift hits all alike
             on_server_cpus()
             t0 = time.perf_counter()
             generate(model, prompts, output_len, temperature=0.0)
-            offline = max(offline, batch * output_len / (time.perf_counter() - t0))
+            offline.append(batch * output_len / (time.perf_counter() - t0))
             engine = Engine(model, None, max_batch=batch, prefix_cache_bytes=0)  # the engine alone, no HTTP
             t0 = time.perf_counter()
             for p in prompts:
                 engine.submit(p, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
             engine.run_until_done()
-            engine_alone = max(engine_alone, batch * output_len / (time.perf_counter() - t0))
+            engine_alone.append(batch * output_len / (time.perf_counter() - t0))
             on_client_cpus()
-            for kind in ("whole", "streamed"):
-                cpu0 = server.cpu_seconds()
-                s = asyncio.run(run_load(url, workload, math.inf, "fixed", 600, seed, stream=kind == "streamed"))
-                s["server_cpu_share"] = (server.cpu_seconds() - cpu0) / s["duration_s"]
-                if kind not in served or s["output_tokens_per_s"] > served[kind]["output_tokens_per_s"]:
-                    served[kind] = s
-    os.sched_setaffinity(0, everything)
+            for e, server in servers.items():
+                for kind in ("whole", "streamed"):
+                    cpu0 = server.cpu_seconds()
+                    s = asyncio.run(
+                        run_load(urls[e], workload, math.inf, "fixed", 600, seed, stream=kind == "streamed")
+                    )
+                    s["server_cpu_share"] = (server.cpu_seconds() - cpu0) / s["duration_s"]
+                    s["over_offline"] = s["output_tokens_per_s"] / offline[-1]
+                    runs[f"{e} {kind}"].append(s)
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), everything)
     torch.set_num_threads(threads)
-    ratios = {kind: s["output_tokens_per_s"] / offline for kind, s in served.items()}
+    ratios = {k: statistics.median(s["over_offline"] for s in rs) for k, rs in runs.items()}
+    best = {k: max(rs, key=lambda s: s["output_tokens_per_s"]) for k, rs in runs.items()}
     print(
-        f"  batch {batch}, prompts {prompt_len}, outputs {output_len}"
+        f"  batch {batch}, prompts {prompt_len}, outputs {output_len}, {repeats} runs"
         + (f", client on CPUs {client_cpus}, server on {server_cpus}" if client_cpus else "")
-        + f": offline generate {offline:7.1f} tok/s; engine alone {engine_alone:7.1f} ({engine_alone / offline:.0%}); "
-        + "; ".join(
-            f"server, {k} {served[k]['output_tokens_per_s']:7.1f} tok/s ({ratios[k]:.0%}; CPU: load generator "
-            f"{served[k]['client_cpu_share']:.0%}, server {served[k]['server_cpu_share']:.0%} of a core)"
-            for k in served
-        )
+        + f": offline generate {statistics.median(offline):7.1f} tok/s (median); engine alone "
+        + f"{statistics.median(e / o for e, o in zip(engine_alone, offline, strict=True)):.0%}"
     )
-    return {"batch": batch, "prompt_len": prompt_len, "output_len": output_len, "offline_tokens_per_s": offline,
-            "engine_tokens_per_s": engine_alone, "server": served, "server_over_offline": ratios,
-            "client_cpus": client_cpus, "server_cpus": server_cpus}  # fmt: skip
+    for k, rs in runs.items():
+        print(
+            f"  server, engine {k:<18} {ratios[k]:4.0%} of offline (median; runs "
+            + ", ".join(f"{s['over_offline']:.0%}" for s in rs)
+            + f"); CPU: load generator {statistics.median(s['client_cpu_share'] for s in rs):.0%}, "
+            + f"server {statistics.median(s['server_cpu_share'] for s in rs):.0%} of a core"
+        )
+    return {"batch": batch, "prompt_len": prompt_len, "output_len": output_len, "repeats": repeats,
+            "offline_tokens_per_s": offline, "engine_tokens_per_s": engine_alone, "server": best, "runs": runs,
+            "server_over_offline": ratios, "client_cpus": client_cpus, "server_cpus": server_cpus}  # fmt: skip
 
 
 def experiment_models(base: ModelConfig, n: int, max_batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
@@ -381,6 +438,9 @@ def run(args: argparse.Namespace) -> dict:
     from griffon.presets import get_preset
 
     results: dict = {"machine": machine(), "preset": args.preset}
+    bad = set((args.engine or "process").split(",")) - set(ENGINES)
+    if bad:
+        raise SystemExit(f"unknown --engine {sorted(bad)[0]!r}; engines: {', '.join(ENGINES)}")
     base = get_preset(args.preset)
     if args.experiments:
         wanted = set(args.experiments.split(","))
@@ -389,7 +449,8 @@ def run(args: argparse.Namespace) -> dict:
         if "offline" in wanted:
             print("server vs offline generate:")
             cpus = [int(c) for c in args.client_cpus.split(",")] if args.client_cpus else None
-            results["offline"] = experiment_offline(base, 16, 64, 128, args.seed, args.repeats, cpus)
+            engines = tuple(args.engine.split(",")) if args.engine else ENGINES
+            results["offline"] = experiment_offline(base, 16, 64, 128, args.seed, args.repeats, cpus, engines)
         if "models" in wanted:
             print("Griffin vs MQA transformer, long prompts and outputs:")
             prompt_len, output_len = (int(v) for v in args.long.split(":"))
@@ -406,7 +467,7 @@ def run(args: argparse.Namespace) -> dict:
             _check_loopback(args.url)
             server, url = None, args.url.rstrip("/")
         else:
-            server = ServerProcess(base, args.max_batch, prefix_cache=True)
+            server = ServerProcess(base, args.max_batch, prefix_cache=True, engine=args.engine or "process")
             url = server.__enter__()
         try:
             asyncio.run(run_load(url, workload[:2], math.inf, "fixed", args.timeout, args.seed))  # warm-up

@@ -32,39 +32,64 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key
 
 
-def run(args: argparse.Namespace) -> None:
+def build_engine(options: dict):
+    """The engine ``griffon serve`` serves, built from its options (``vars(args)``'s engine part):
+    in the engine's own process (``--engine process``), or in the server's."""
     from griffon.checkpoint import load_for_inference
     from griffon.decode import calibrate_merge_thresholds
+    from griffon.serve import Engine, limits, server
+
+    log = server.configure_logging()
+    model, tokenizer = load_for_inference(options["model"], device=options["device"])
+    calibrate_merge_thresholds(model)
+    max_prompt = options["max_prompt_tokens"]
+    if max_prompt is None:
+        memory = int(limits.MEMORY_SHARE * limits.free_memory(model.embed.weight.device))
+        max_prompt = limits.default_max_prompt_tokens(
+            model, options["max_batch"], options["max_queue"], options["step_tokens"], memory
+        )
+        log.info("--max-prompt-tokens %d: fits %.1f GB (half the free memory)", max_prompt, memory / 1e9)
+        if max_prompt < options["prefill_chunk"]:
+            log.warning(
+                "%d slots of this model hardly fit %.1f GB: prompts are limited to %d tokens; "
+                "lower --max-batch, or set --max-prompt-tokens", options["max_batch"], memory / 1e9, max_prompt
+            )  # fmt: skip
+    request_limits = limits.Limits(
+        max_prompt_tokens=max_prompt, max_tokens=options["max_tokens"],
+        max_logprob_entries=options["max_logprob_entries"], request_timeout=options["request_timeout"],
+    )  # fmt: skip
+    return Engine(
+        model, tokenizer, max_batch=options["max_batch"], max_queue=options["max_queue"],
+        prefill_chunk=options["prefill_chunk"], step_tokens=options["step_tokens"],
+        prefix_cache_bytes=int(options["prefix_cache_mb"] * 2**20), step=options["step"], limits=request_limits,
+    )  # fmt: skip
+
+
+ENGINE_OPTIONS = ("model", "device", "max_prompt_tokens", "max_batch", "max_queue", "step_tokens", "prefill_chunk",
+                  "max_tokens", "max_logprob_entries", "request_timeout", "prefix_cache_mb", "step")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    import functools
+
+    from griffon.checkpoint import resolve_with_tokenizer
 
     try:
         from griffon.serve import server
     except ImportError as e:
         raise SystemExit(f"griffon serve needs the serve extra: pip install 'griffon[serve]' ({e})") from e
-    from griffon.serve import Engine, limits
+    from griffon.serve.engine_process import EngineProcess
 
     log = server.configure_logging()
     api_key = _api_key(args)
-    model, tokenizer = load_for_inference(args.model, device=args.device)
-    calibrate_merge_thresholds(model)
-    max_prompt = args.max_prompt_tokens
-    if max_prompt is None:
-        memory = int(limits.MEMORY_SHARE * limits.free_memory(model.embed.weight.device))
-        max_prompt = limits.default_max_prompt_tokens(model, args.max_batch, args.max_queue, args.step_tokens, memory)
-        log.info("--max-prompt-tokens %d: fits %.1f GB (half the free memory)", max_prompt, memory / 1e9)
-        if max_prompt < args.prefill_chunk:
-            log.warning(
-                "%d slots of this model hardly fit %.1f GB: prompts are limited to %d tokens; "
-                "lower --max-batch, or set --max-prompt-tokens", args.max_batch, memory / 1e9, max_prompt
-            )  # fmt: skip
-    request_limits = limits.Limits(
-        max_prompt_tokens=max_prompt, max_tokens=args.max_tokens, max_logprob_entries=args.max_logprob_entries,
-        request_timeout=args.request_timeout,
-    )  # fmt: skip
-    engine = Engine(
-        model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-        step_tokens=args.step_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), step=args.step,
-        limits=request_limits,
-    )  # fmt: skip
+    options = {k: getattr(args, k) for k in ENGINE_OPTIONS}
+    if args.engine == "process":
+        tokenizer = resolve_with_tokenizer(args.model)[1]  # a bad checkpoint is told before the process starts
+        engine = EngineProcess(functools.partial(build_engine, options), tokenizer)
+        engine.start()
+    else:
+        engine = build_engine(options)
+        tokenizer = engine.tokenizer
     name = args.name or Path(args.model).resolve().name
     template = None
     if args.chat_template:
@@ -115,4 +140,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may go on after SIGTERM/SIGINT before they are aborted")  # fmt: skip
     s.add_argument("--step", choices=STEPS, default="auto", help="decode step (see griffon sample --step)")
+    s.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="run the engine in its own process (default; docs/serving.md) or on a thread of the server's")  # fmt: skip
     s.set_defaults(fn=run)

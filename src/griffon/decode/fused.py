@@ -38,6 +38,7 @@ from griffon.nn.norms import RMSNorm
 from griffon.nn.recurrent import RecurrentBlock, RecurrentState
 from griffon.nn.rglru import RGLRU_C
 from griffon.nn.visibility import visible_keys
+from griffon.scan.cpu import match_torch_threads
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -182,7 +183,7 @@ class FusedDecoder:
         """Consume one token per row (``tokens`` (B,)) and return the next logits (B, V)."""
         cfg = self.config
         seg = _np(cache.segment_pos)
-        k = PARALLEL if tokens.shape[0] >= PARALLEL_MIN_ROWS else SERIAL
+        k = PARALLEL if tokens.shape[0] >= PARALLEL_MIN_ROWS and match_torch_threads() > 1 else SERIAL
         x = self.embedding[tokens] * self.embed_scale  # (B, D), a new tensor: the residual stream
         normed = torch.empty_like(x)
         delta, bias = np.empty((0, 0), np.float32), self.final_gain  # nothing to add before the first norm

@@ -65,13 +65,35 @@ def scan_backward(a, reset, h0, h, grad_h, grad_last, grad_a, grad_x, grad_h0, n
         grad_h0[b, d0:d1] = carry
 
 
+# Numba starts its thread pool (OpenMP here) on first use, and starting it sets the process's OpenMP
+# thread count to numba's pool size, which torch's kernels then use too: a process started with
+# OMP_NUM_THREADS=1 (or torch.set_num_threads(1)) ran torch on every core after its first scan. So the
+# pool is started here, at import, and torch's count put back.
+_TORCH_THREADS = torch.get_num_threads()
+numba.set_num_threads(min(_TORCH_THREADS, numba.config.NUMBA_NUM_THREADS))
+torch.set_num_threads(_TORCH_THREADS)
+
+
+def match_torch_threads() -> int:
+    """Give numba's next parallel kernel as many threads as torch has (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``), at most numba's pool; return the number. Numba sizes its pool from the CPU
+    count at import and ignores ``OMP_NUM_THREADS``: a process told to use one thread ran its numba
+    kernels on every core, and the extra OpenMP worker spun in its wait loop between kernels, on
+    the cores the process had been told to leave to others (one-thread training processes running
+    side by side went several times slower). Call before each launch (the setting is per thread)."""
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
 def row_split(batch: int) -> int:
     """Channel blocks per batch row: just enough jobs to occupy every thread.
 
     Whole rows keep each time step's reads contiguous (a 128-channel block touched a new page
     per step and ran 3x slower), so rows are split only when the batch is smaller than the threads.
     """
-    return max(1, -(-numba.get_num_threads() // batch))
+    return max(1, -(-match_torch_threads() // batch))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -63,6 +63,28 @@ WARM_UP_BATCH = PARALLEL_MIN_ROWS
 log = logging.getLogger("griffon.serve")
 
 
+def check_request(
+    prompt: list[int], params: SamplingParams, choices: int, vocab_size: int, max_len: int | None, limits: Limits,
+    has_tokenizer: bool,
+) -> None:  # fmt: skip
+    """Raise ValueError if a request cannot run on an engine of this vocabulary, ``max_len``,
+    limits and tokenizer: parameters out of range, an empty prompt, ids outside the vocabulary,
+    longer than ``max_len``, stop strings without a tokenizer, or over a limit
+    (:class:`~griffon.serve.limits.LimitExceeded`, naming it) with ``choices`` completions of the
+    prompt."""
+    params.validate()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    limits.check(len(prompt), params.max_tokens, params.logprobs, params.echo, choices)
+    check_prompt(prompt, vocab_size, max_len, params.max_tokens)
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got {bad[0]}")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+
+
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
@@ -110,23 +132,9 @@ class Engine:
     # ----- requests in ------------------------------------------------------------------------
 
     def check(self, prompt: list[int], params: SamplingParams, choices: int = 1) -> None:
-        """Raise ValueError if this request cannot run: parameters out of range, an empty prompt,
-        ids outside the vocabulary, longer than ``max_len``, stop strings without a tokenizer, or
-        over a limit (:class:`~griffon.serve.limits.LimitExceeded`, naming it) with ``choices``
-        completions of the prompt."""
-        params.validate()
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        self.limits.check(len(prompt), params.max_tokens, params.logprobs, params.echo, choices)
-        vocab = self.model.config.vocab_size
-        check_prompt(prompt, vocab, self.max_len, params.max_tokens)
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(
-                    f"{name}: token ids must lie in [0, {vocab}), got {next(t for t in ids if not 0 <= t < vocab)}"
-                )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        """Raise ValueError if this request cannot run (:func:`check_request`)."""
+        check_request(prompt, params, choices, self.model.config.vocab_size, self.max_len, self.limits,
+                      self.tokenizer is not None)  # fmt: skip
 
     def submit(
         self,

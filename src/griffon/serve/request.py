@@ -45,18 +45,26 @@ class LogprobRows:
 
     def extend(self, logp: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append the rows for log-probabilities ``logp`` (n, V) and the tokens taken ``tokens`` (n,)."""
-        n = logp.shape[0]
+        chosen = logp.gather(-1, tokens[:, None])[:, 0].double().cpu().numpy()
+        values, ids = torch.topk(logp, self.k, dim=-1)  # (n, k); k = 0 gives empty rows
+        self.extend_arrays(chosen, ids.cpu().numpy(), values.double().cpu().numpy())
+
+    def arrays(self, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``start`` onwards as arrays (the tokens' own (n,), the top ids (n, k), their values
+        (n, k)): what an engine in another process sends (:mod:`griffon.serve.engine_process`)."""
+        rows = slice(start, self._n)
+        return self._chosen[rows].copy(), self._ids[rows].copy(), self._values[rows].copy()
+
+    def extend_arrays(self, chosen: np.ndarray, ids: np.ndarray, values: np.ndarray) -> None:
+        """Append rows given as :meth:`arrays` gives them."""
+        n = len(chosen)
         if self._n + n > len(self._chosen):
             size = max(2 * len(self._chosen), self._n + n, 16)
             self._chosen = np.resize(self._chosen, size)
             self._ids = np.resize(self._ids, (size, self.k))
             self._values = np.resize(self._values, (size, self.k))
         rows = slice(self._n, self._n + n)
-        self._chosen[rows] = logp.gather(-1, tokens[:, None])[:, 0].double().cpu().numpy()
-        if self.k:
-            values, ids = torch.topk(logp, self.k, dim=-1)  # (n, k)
-            self._ids[rows] = ids.cpu().numpy()
-            self._values[rows] = values.double().cpu().numpy()
+        self._chosen[rows], self._ids[rows], self._values[rows] = chosen, ids, values
         self._n += n
 
     def rows(self, start: int, end: int) -> list[TokenLogprob]:

@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import multiprocessing
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from griffon.align.chat import ChatTemplate, ChatTemplateError, template_for
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
 from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
 from griffon.serve.engine import Engine, EngineThread
+from griffon.serve.engine_process import EngineProcess
 from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_CHOICES
 from griffon.serve.request import QueueFull
 from griffon.serve.request import Request as EngineRequest
@@ -242,17 +244,19 @@ class Gate:
 
 
 class Server:
-    """The app's state: the engine, its thread, readiness, and how requests become engine requests."""
+    """The app's state: the engine and what runs it (a thread, or the engine's own process),
+    readiness, and how requests become engine requests."""
 
     def __init__(
-        self, engine: Engine, model_name: str, api_key: str | None, max_body_bytes: int, warm_up: bool
-    ) -> None:
+        self, engine: Engine | EngineProcess, model_name: str, api_key: str | None, max_body_bytes: int,
+        warm_up: bool,
+    ) -> None:  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.warm_up = warm_up
-        self.thread = EngineThread(engine)
+        self.thread = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
         self.created = int(time.time())
         self.ready = threading.Event()
         self.draining = False
@@ -263,9 +267,15 @@ class Server:
 
     def start(self) -> None:
         """Warm the engine up (on a thread of its own: the HTTP server answers 503 meanwhile), then
-        start the engine's thread and declare the server ready."""
+        start the engine's thread and declare the server ready; an engine in its own process warms
+        up there, and is waited for."""
 
         def run() -> None:
+            if isinstance(self.engine, EngineProcess):
+                if self.engine.wait_ready():
+                    log.info("engine process %d warmed up in %.1f s", self.engine.pid, self.engine.warm_up_seconds)
+                self.ready.set()
+                return
             try:
                 if self.warm_up:
                     seconds = self.engine.warm_up()
@@ -285,6 +295,24 @@ class Server:
         """Shutdown has begun: refuse new requests (503) and let those running finish within ``seconds``."""
         self.draining = True
         self.thread.drain(seconds)
+
+    @property
+    def engine_dead(self) -> str | None:
+        """Why the engine's process is gone, if it is."""
+        return self.engine.dead if isinstance(self.engine, EngineProcess) else None
+
+    def engine_errors(self) -> int:
+        """Errors inside the engine and its loop (logged with their tracebacks)."""
+        if isinstance(self.engine, EngineProcess):
+            return self.engine.errors
+        return self.engine.errors + self.thread.errors
+
+    def prefix_stats(self) -> tuple[int, int]:
+        """The prefix cache's lookups and hits (0, 0 without one)."""
+        if isinstance(self.engine, EngineProcess):
+            return self.engine.stats.prefix_lookups, self.engine.stats.prefix_hits
+        cache = self.engine.prefix_cache
+        return (cache.lookups, cache.hits) if cache is not None else (0, 0)
 
     def rejected(self, reason: str) -> None:
         """Count a refused HTTP request once, whatever the number of prompts in it."""
@@ -574,18 +602,21 @@ class Server:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | EngineProcess,
     model_name: str = "griffon",
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     warm_up: bool = True,
     chat_template: ChatTemplate | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``. Its lifespan warms the engine up and starts its thread
-    (the app answers 503 until then) and stops it. With an API key, the interactive docs and the
+    """The FastAPI app serving ``engine``: an :class:`Engine`, run on a thread of this process, or
+    an :class:`EngineProcess`, started here if it is not yet (its own ``warm_up`` applies). Its
+    lifespan warms the engine up and starts its thread (the app answers 503 until then) and stops it. With an API key, the interactive docs and the
     OpenAPI schema are off; ``/health`` and ``/metrics`` stay open, as vLLM's do. Chat requests
     are rendered with ``chat_template`` (default: the tokenizer's, :func:`griffon.align.chat.template_for`;
     an engine without a tokenizer serves no chat)."""
+    if isinstance(engine, EngineProcess) and engine.info is None:
+        engine.start()
     server = Server(engine, model_name, api_key, max_body_bytes, warm_up)
     if chat_template is None and engine.tokenizer is not None:
         chat_template = template_for(engine.tokenizer)
@@ -619,6 +650,8 @@ def create_app(
         return _error(500, f"internal error: {type(exc).__name__}", kind="internal_error")
 
     def unavailable() -> JSONResponse | None:
+        if server.engine_dead is not None:
+            return _error(503, f"the engine process is gone ({server.engine_dead})", kind="unavailable")
         if server.draining:
             return _error(503, "the server is shutting down", kind="unavailable")
         if not server.ready.is_set():
@@ -627,11 +660,13 @@ def create_app(
 
     @app.get("/health", responses={503: {"description": "starting or shutting down"}})
     async def health():
+        if server.engine_dead is not None:
+            return JSONResponse({"status": f"the engine process is gone ({server.engine_dead})"}, status_code=503)
         if server.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not server.ready.is_set():
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER)})
-        return {"status": "ok", "engine_errors": engine.errors + server.thread.errors}
+        return {"status": "ok", "engine_errors": server.engine_errors()}
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models():
@@ -640,8 +675,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        cache = engine.prefix_cache
-        text = engine.metrics.render(cache.lookups if cache else 0, cache.hits if cache else 0, server.rejections)
+        text = engine.metrics.render(*server.prefix_stats(), server.rejections)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def answer(body: CompletionRequest, http: Request, top_logprobs: int | None = None):
@@ -749,8 +783,8 @@ class _LogHandler(logging.StreamHandler):
         super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if self.failed:
-            return
+        if self.failed or multiprocessing.parent_process() is not None:
+            return  # said once, by the server's process (not again by its engine's)
         self.failed = True
         try:
             print("griffon serve: the log (stderr) cannot be written; serving on without it", flush=True)
