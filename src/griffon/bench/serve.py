@@ -88,16 +88,12 @@ def make_workload(n: int, vocab: int, prompt_len, output_len, shared: float, pre
     return out
 
 
-async def _one(session, url: str, prompt: list[int], max_tokens: int, timeout: float, stream: bool) -> dict:
-    import aiohttp
-
+async def _one(session, url: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream, "ignore_eos": True}
     t0 = time.perf_counter()
     events, first = [], None
     try:
-        async with session.post(
-            f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as r:  # fmt: skip
+        async with session.post(f"{url}/v1/completions", json=body) as r:
             if r.status != 200:
                 return {"ok": False, "status": r.status}
             if not stream:  # one answer at the end: only end-to-end latency
@@ -131,11 +127,12 @@ async def run_load(
 
     rng = random.Random(seed)
     connector = aiohttp.TCPConnector(limit=len(workload) + 4)
-    async with aiohttp.ClientSession(connector=connector) as client:
+    per_request = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=per_request) as client:
         tasks = []
         t0, cpu0 = time.perf_counter(), time.process_time()
         for prompt, max_tokens in workload:
-            tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, timeout, stream)))
+            tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, stream)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate) if arrival == "poisson" else 1.0 / rate)
         done = await asyncio.gather(*tasks)
