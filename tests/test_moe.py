@@ -94,6 +94,28 @@ def test_gates_and_the_bias_steer_only_the_choice():
     torch.testing.assert_close(r2.gates[0], gates / gates.sum())
 
 
+def test_top1_gates_are_the_router_probability_so_the_task_loss_trains_the_router():
+    """Switch's top-1: the gate is the chosen expert's probability (renormalising it would make it
+    exactly 1, and the router would get no gradient from the task loss); top-2 renormalises as
+    Mixtral; ``renormalize`` overrides the default where it means something."""
+    x = torch.randn(40, 24)
+    grads = {}
+    for k in (1, 2):
+        layer = _layer(top_k=k)
+        r = layer.route(x)
+        want = r.probs.gather(1, r.experts)
+        torch.testing.assert_close(r.gates, want if k == 1 else want / want.sum(-1, keepdim=True))
+        layer(x).square().sum().backward()  # a task loss alone: no balance or z loss (eval mode)
+        grads[k] = float(layer.router.weight.grad.norm())
+    assert grads[1] > 1e-3 * grads[2] and grads[1] > 1e-4
+    torch.manual_seed(0)
+    plain = MoE(MoEConfig(num_experts=6, top_k=2, renormalize=False), "geglu", 24, 40)
+    r = plain.route(x)
+    torch.testing.assert_close(r.gates, r.probs.gather(1, r.experts))
+    with pytest.raises(ConfigError, match="router gets no gradient"):
+        MoEConfig(num_experts=6, top_k=1, renormalize=True)
+
+
 def test_balance_and_z_losses_follow_their_formulas():
     torch.manual_seed(1)
     T, E, k = 40, 5, 2
@@ -187,6 +209,35 @@ def test_info_prints_active_parameters(capsys):
     info = json.loads(capsys.readouterr().out)
     cfg = get_preset("griffin-tiny").replace(moe=MoEConfig(num_experts=8, expert_width=96))
     assert info["active_params"] == active_params(cfg) < info["params"] == param_counts(cfg)[0]
+
+
+def test_many_experts_are_counted_without_building_them_and_refused_for_training(tmp_path, capsys):
+    """A mixture is counted exactly from two small builds (the linear extension equals the count
+    of the model built whole), so ``info`` on 10,000 experts a layer is quick; training it is
+    refused with the memory estimate before anything is written."""
+    import time
+
+    from griffon.accounting import build_bytes, module_count
+    from griffon.train.trainer import train
+    from test_train import tiny_config
+
+    for moe in (MoEConfig(num_experts=7, top_k=2, shared_experts=1), MoEConfig(num_experts=9, top_k=1)):
+        cfg = get_preset("griffin-tiny").replace(moe=moe)
+        with torch.device("meta"):
+            built = Griffon(cfg)
+        assert param_counts(cfg) == (built.num_params(), built.num_params(non_embedding=True))
+        assert abs(module_count(cfg) - sum(1 for _ in built.modules())) <= 0.1 * module_count(cfg)
+    t0 = time.perf_counter()
+    assert main(["info", "griffin-small", "--set", "moe.num_experts=10000", "--json"]) == 0
+    assert time.perf_counter() - t0 < 60  # building it whole on the meta device took 3.5 minutes
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] > 3.5e10
+    cfg = tiny_config("model.moe.num_experts=100000", "model.moe.expert_width=512")
+    assert build_bytes(cfg.model, 16) > 2**38  # 459 GiB
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^training this model needs about [\d.]+ GiB \([\d,]+ weights, 100000 "):
+        train(cfg, run)
+    assert not run.exists()
 
 
 def test_decoding_a_moe_model_equals_its_forward():

@@ -128,12 +128,29 @@ def test_bad_probe_requests_get_one_line(tmp_path, capsys):
         (["induction", "--models", "mqa", "--set", "model.max_seq_len=32"], "beyond model.max_seq_len=32"),
         (["induction", "--set", "model.vocab_size=64"], "model.vocab_size must be at least 256"),
         (["phonebook", "--param", "pages=3"], "bad probe parameter 'pages=3'"),
+        (["induction", "--train-length", "0"], "length 0 is below the task's minimum 3"),
+        (["induction", "--window", "0"], "--window must be at least 1, got 0"),
+        (["phonebook", "--train-length", "5000"], "length 5000 is above the task's maximum 1872"),
+        (["induction", "--train-length", "1000000000"], "GiB free here: lower the lengths or the examples"),
+        (["selective-copy", "--lengths", "100000000"], "selective-copy at training length 256 and lengths up to"),
     ):
         assert main(["probe", "train", *argv, "--out", out]) == 2, argv
         assert message in capsys.readouterr().err, argv
         assert not (tmp_path / "p").exists()
     with pytest.raises(ValueError, match="unknown probe task 'copy'"):
         get_task("copy")
+    from griffon.checkpoint import save_pretrained
+    from griffon.model import Griffon
+    from griffon.presets import get_preset
+
+    from griffon.data.tokenizers import ByteTokenizer
+
+    save_pretrained(Griffon(get_preset("hawk-tiny")), tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    for lengths, message in ((["0"], "length 0 is below"), (["2000000000"], "GiB free here")):
+        assert main(["probe", "eval", str(tmp_path / "ckpt"), "induction", "--lengths", *lengths]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
 
 
 def test_a_subword_checkpoint_is_probed_on_spaced_text(tmp_path, capsys):
@@ -167,6 +184,8 @@ def test_a_finished_study_takes_more_seeds_under_its_own_settings(tmp_path, caps
     assert main([*argv, "--seeds", "0", "1"]) == 0
     both = json.loads((tmp_path / "study" / "results.json").read_text())["models"]["hawk"]["runs"]
     assert [r["seed"] for r in both] == [0, 1] and both[0]["curve"] == first[0]["curve"]
+    held = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert held["window"] is None and held["models"]["hawk"]["attention_window"] is None  # no Griffin trained
     assert both[0]["accuracy"] == first[0]["accuracy"]
     assert [p.stat().st_mtime_ns for p in (tmp_path / "study" / "hawk-s0" / "checkpoints").rglob("*")] == stamps
     capsys.readouterr()

@@ -89,8 +89,10 @@ class LinearStructure:
 class MoEConfig:
     """A mixture-of-experts FFN in place of the dense one (:mod:`griffon.nn.moe`).
 
-    Token-choice top-k routing with softmax gates renormalised over the chosen experts (as
-    Mixtral), dropless. Each expert is the model's MLP (``mlp_type``, projections of
+    Token-choice top-k routing with softmax gates, renormalised over the chosen experts when
+    ``top_k > 1`` (as Mixtral) and the router's probability itself at ``top_k = 1`` (as Switch
+    Transformers: renormalising one gate makes it exactly 1 and the router learns nothing from the
+    task loss), dropless. Each expert is the model's MLP (``mlp_type``, projections of
     ``ffn_structure``) at ``expert_width``. Balancing: the Switch/GShard loss, the ST-MoE router
     z-loss, and optionally DeepSeek-V3's auxiliary-loss-free per-expert bias.
     """
@@ -99,6 +101,9 @@ class MoEConfig:
     """Routed experts; ``None``: a dense FFN, no routing."""
     top_k: int = 2
     """Experts each token is sent to."""
+    renormalize: bool | None = None
+    """Whether the chosen experts' gates are rescaled to sum to 1; ``None``: for ``top_k > 1``
+    (Mixtral, arXiv 2401.04088), not for ``top_k = 1`` (Switch, arXiv 2101.03961)."""
     shared_experts: int = 0
     """Experts every token goes through besides the routed ones (as DeepSeekMoE)."""
     expert_width: int | None = None
@@ -118,6 +123,11 @@ class MoEConfig:
     def enabled(self) -> bool:
         return self.num_experts is not None
 
+    @property
+    def renormalizes(self) -> bool:
+        """Whether the gates are renormalised over the chosen experts (``renormalize`` resolved)."""
+        return self.renormalize if self.renormalize is not None else self.top_k > 1
+
     def validate(self) -> None:
         check_types(self)
         if self.num_experts is None:
@@ -126,6 +136,11 @@ class MoEConfig:
             raise ConfigError(f"moe.num_experts must be at least 1 (null for a dense FFN), got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"moe.top_k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.renormalize and self.top_k == 1:
+            raise ConfigError(
+                "moe.renormalize=true with top_k=1 makes every gate exactly 1, so the router gets no gradient "
+                "from the task loss; leave it null (Switch's gate: the router probability)"
+            )
         if self.shared_experts < 0:
             raise ConfigError(f"moe.shared_experts must be >= 0, got {self.shared_experts}")
         if self.expert_width is not None and self.expert_width <= 0:

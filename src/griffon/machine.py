@@ -1,7 +1,9 @@
-"""The machine a run or a benchmark measured on, described once: CPU, threads, torch, GPU."""
+"""The machine a run or a benchmark measured on, described once: CPU, threads, torch, GPU; and the
+memory free on it, which the commands size their bounds by."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -35,3 +37,28 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (the
+    smaller of ``MemAvailable`` and the cgroup's limit, where one is set)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)

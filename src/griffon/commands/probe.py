@@ -18,12 +18,16 @@ CPU_SCALE = 4
 
 
 def run_train(args: argparse.Namespace) -> None:
+    import torch
+
     from griffon.checkpoint import load_for_inference
     from griffon.data.tokenizers import ByteTokenizer
+    from griffon.machine import free_memory
     from griffon.probes.run import (
         FAMILIES,
         REACHED,
         accuracy,
+        check_memory,
         check_model_fits,
         differences,
         example_seq_len,
@@ -31,6 +35,7 @@ def run_train(args: argparse.Namespace) -> None:
         plot_results,
         probe_data,
         probe_examples,
+        probe_memory,
         summarize,
         write_results,
     )
@@ -44,14 +49,36 @@ def run_train(args: argparse.Namespace) -> None:
     unknown = [m for m in models if m not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown model family {unknown[0]!r}; families: {', '.join(FAMILIES)}")
-    length = args.train_length or max(task.train_length // CPU_SCALE, task.min_length)
-    window = args.window or max(task.window // CPU_SCALE, 1)
+    length = (
+        args.train_length if args.train_length is not None else max(task.train_length // CPU_SCALE, task.min_length)
+    )
+    window = args.window if args.window is not None else max(task.window // CPU_SCALE, 1)
+    if window < 1:
+        raise ValueError(f"--window must be at least 1, got {window}")
     lengths = args.lengths or [length * k for k in (1, 2, 4, 8, 16)]
     for n in [length, *lengths]:
         task.check_length(n)
+
+    def config(family: str, seed: int, seq_len: int) -> TrainConfig:
+        d = apply_overrides(TrainConfig().to_dict(), [
+            f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={args.batch}",
+            f"max_steps={args.steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(args.steps // 5, 1)}",
+            "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"optim.lr={args.lr}",
+        ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
+          + ([f"model.max_seq_len={longest_prompt(task, lengths) * 5 // 4 + 64}"] if family == "mqa" else [])
+          + args.set)  # fmt: skip
+        return dataclasses.replace(TrainConfig.from_dict(d), seed=seed)
+
+    # Before anything is drawn: what the lengths and examples would take, by each family's model.
+    free = free_memory(torch.device("cpu"))
+    for family in models:
+        planned = config(family, args.seeds[0], task.prompt_bytes(length)).model
+        need = probe_memory(task, planned, length, lengths, args.examples, args.eval_examples, args.batch)
+        check_memory(need, free, f"{task.name} at training length {length} and lengths up to {max(lengths)}")
     out = Path(args.out)
     results: dict = {
-        "task": task.name, "params": dataclasses.asdict(task), "train_length": length, "window": window,
+        "task": task.name, "params": dataclasses.asdict(task), "train_length": length,
+        "window": window if "griffin" in models else None,
         "lengths": lengths, "steps": args.steps, "examples": args.examples, "seeds": args.seeds,
         "reached_at": REACHED, "models": {f: {"runs": []} for f in models},
     }  # fmt: skip
@@ -70,17 +97,13 @@ def run_train(args: argparse.Namespace) -> None:
     configs = {}
     for family, seed in itertools.product(models, args.seeds):
         # Per seed, so that a run's config does not depend on which other seeds share the command.
-        seq_len = example_seq_len(*drawn[seed])
-        d = apply_overrides(TrainConfig().to_dict(), [
-            f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={args.batch}",
-            f"max_steps={args.steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(args.steps // 5, 1)}",
-            "keep_checkpoints=10", f"eval_every={args.steps}", "log_every=10", f"optim.lr={args.lr}",
-        ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
-          + ([f"model.max_seq_len={longest_prompt(task, lengths) * 5 // 4 + 64}"] if family == "mqa" else [])
-          + args.set)  # fmt: skip
-        cfg = TrainConfig.from_dict(d)
+        cfg = config(family, seed, example_seq_len(*drawn[seed]))
         check_model_fits(task, cfg.model, lengths)
-        configs[family, seed] = dataclasses.replace(cfg, seed=seed)
+        configs[family, seed] = cfg
+    for family in models:  # each model's own window (None: global attention or none)
+        model_cfg = configs[family, args.seeds[0]].model
+        has_local = any(t == "attention" for t in model_cfg.block_types) and not model_cfg.has_global_attention
+        results["models"][family]["attention_window"] = model_cfg.attention_window if has_local else None
     tokenizer = ByteTokenizer()
     for seed in args.seeds:
         data = probe_data(*drawn[seed], example_seq_len(*drawn[seed]))
@@ -115,8 +138,11 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from griffon.checkpoint import load_for_inference
-    from griffon.probes.run import accuracy
+    from griffon.machine import free_memory
+    from griffon.probes.run import accuracy, check_memory, probe_memory
     from griffon.probes.tasks import get_task
 
     task = get_task(args.task, args.param)
@@ -124,6 +150,9 @@ def run_eval(args: argparse.Namespace) -> None:
     for n in lengths:
         task.check_length(n)
     model, tokenizer = load_for_inference(args.checkpoint, device="cpu")
+    spaced = tokenizer.kind != "bytes"
+    need = probe_memory(task, model.config, None, lengths, 0, args.eval_examples, spaced=spaced)
+    check_memory(need, free_memory(torch.device("cpu")), f"{task.name} at lengths up to {max(lengths)}")
     rendering = "side by side" if tokenizer.kind == "bytes" else "spaced"
     for n in lengths:
         a = accuracy(model, tokenizer, task, n, args.eval_examples, args.seed)

@@ -37,6 +37,7 @@ def build_engine(options: dict):
     in the engine's own process (``--engine process``), or in the server's."""
     from griffon.checkpoint import load_for_inference
     from griffon.decode import calibrate_merge_thresholds
+    from griffon.machine import free_memory
     from griffon.serve import Engine, limits, server
 
     log = server.configure_logging()
@@ -44,7 +45,7 @@ def build_engine(options: dict):
     calibrate_merge_thresholds(model)
     max_prompt = options["max_prompt_tokens"]
     if max_prompt is None:
-        memory = int(limits.MEMORY_SHARE * limits.free_memory(model.embed.weight.device))
+        memory = int(limits.MEMORY_SHARE * free_memory(model.embed.weight.device))
         max_prompt = limits.default_max_prompt_tokens(
             model, options["max_batch"], options["max_queue"], options["step_tokens"], memory
         )

@@ -3,7 +3,11 @@
 Routing (Mixtral, arXiv 2401.04088): router logits ``x W_r`` (float32), softmax probabilities
 ``p``, the ``top_k`` experts of highest ``p + b`` chosen (``b`` is DeepSeek-V3's balancing bias,
 arXiv 2412.19437, zero unless ``bias_update_rate`` is set; it steers the choice only, never the
-gates), gates ``p`` of the chosen renormalised to sum to 1. Dropless: every token reaches all its
+gates), gates ``p`` of the chosen renormalised to sum to 1 for ``top_k > 1`` and left as they are
+for ``top_k = 1``, where Switch Transformers (arXiv 2101.03961) multiply by the router probability
+so that the task loss reaches the router (``MoEConfig.renormalize`` overrides). DeepSeek-V3 adds its
+bias to sigmoid scores; here it is added to the softmax probabilities, on the same footing as the
+choice it steers. Dropless: every token reaches all its
 experts, however uneven the load (as MegaBlocks, arXiv 2211.15841).
 
 Dispatch (:meth:`MoE.forward`): the ``T * top_k`` assignments are sorted by expert, each expert
@@ -15,7 +19,9 @@ Balancing, weighted in the training loss (:func:`router_loss`):
 
 * load balance (Switch, arXiv 2101.03961; GShard): ``E * sum_i f_i P_i`` with ``f_i`` the
   fraction of assignments expert ``i`` gets and ``P_i`` its mean router probability; 1 when
-  the load is uniform;
+  the load is uniform. ``f`` sums to 1 over the ``T * k`` assignments, as in Switch; HF's Mixtral
+  loss counts each token's k choices each as a whole token (``f`` summing to k), so at ``top_k = 2``
+  the same coefficient pushes half as hard here as there;
 * router z-loss (ST-MoE, arXiv 2202.08906): ``mean_t logsumexp(logits_t)^2``, which keeps the
   logits small enough for float32 softmax to stay exact.
 """
@@ -38,7 +44,7 @@ class Routing:
     """Which experts each token goes to, with what weight."""
 
     experts: torch.Tensor  # (T, k) long: the chosen experts
-    gates: torch.Tensor  # (T, k) float32 (or the model's dtype if wider): their weights, summing to 1
+    gates: torch.Tensor  # (T, k) float32 (or the model's dtype if wider): their weights (sum 1 if renormalised)
     logits: torch.Tensor  # (T, E) same dtype
     probs: torch.Tensor  # (T, E) same dtype: softmax(logits)
 
@@ -58,7 +64,7 @@ class MoE(nn.Module):
         super().__init__()
         assert cfg.num_experts is not None
         structure = structure or LinearStructure()
-        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.num_experts, self.top_k, self.renormalize = cfg.num_experts, cfg.top_k, cfg.renormalizes
         self.router = nn.Linear(width, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(
             make_mlp(mlp_type, width, expert_width, out_init_scale, structure) for _ in range(cfg.num_experts)
@@ -93,8 +99,10 @@ class MoE(nn.Module):
             logits = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (T, E)
         probs = logits.softmax(dim=-1)
         chosen = torch.topk(probs + self.expert_bias, self.top_k, dim=-1).indices  # (T, k)
-        gates = probs.gather(1, chosen)
-        return Routing(chosen, gates / gates.sum(dim=-1, keepdim=True), logits, probs)
+        gates = probs.gather(1, chosen)  # (T, k)
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return Routing(chosen, gates, logits, probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from griffon.accounting import decode_state_bytes
 from griffon.align.sft import SFTData, pack
 from griffon.data.tokenizers import ByteTokenizer, Tokenizer
 from griffon.probes.tasks import Task, symbols
@@ -111,6 +113,45 @@ def check_model_fits(task: Task, cfg, lengths: list[int]) -> None:
         raise ValueError(
             f"{task.name}: the longest evaluation ({longest} bytes) is beyond model.max_seq_len={cfg.max_seq_len}; "
             "raise it or drop the longest --lengths"
+        )
+
+
+# Host bytes per token of a drawn example: its symbols, ids and loss mask as Python lists, and
+# the packed rows, rounded up.
+HOST_BYTES_PER_TOKEN = 64
+# Training activations per token, layer and unit of width, in float32 words (forward and backward
+# of a block hold a few dozen tensors of the residual's width), rounded up.
+ACTIVATION_WORDS = 32
+EVAL_BATCH = 32  # examples decoded together by :func:`accuracy`
+PREFILL_CHUNK = 1024  # prompt tokens per prefill call of :func:`~griffon.decode.generate.generate_text`
+MEMORY_SHARE = 0.5  # of the memory free at the start, what a probe may plan to take
+
+
+def probe_memory(task: Task, cfg, train_length: int | None, lengths: list[int], n_train: int, n_eval: int,
+                 batch: int = 16, spaced: bool = False) -> int:  # fmt: skip
+    """Bytes a probe needs, estimated before anything is drawn: the training and validation
+    examples and a training batch's activations at ``train_length`` (``None``: no training), and
+    the evaluation's examples, decode state and, with global attention, one prefill chunk's scores
+    at the longest of ``lengths``."""
+    longest = max(task.prompt_bytes(n, spaced) for n in lengths)
+    need = n_eval * longest * HOST_BYTES_PER_TOKEN + EVAL_BATCH * decode_state_bytes(cfg, longest, torch.float32)
+    if cfg.has_global_attention:
+        need += EVAL_BATCH * cfg.num_heads * min(longest, PREFILL_CHUNK) * longest * 4
+    if train_length is not None:
+        seq = task.prompt_bytes(train_length, spaced)
+        need += (n_train + max(n_train // 10, 16)) * seq * HOST_BYTES_PER_TOKEN
+        need += batch * seq * cfg.width * cfg.num_layers * ACTIVATION_WORDS * 4
+        if cfg.has_global_attention:
+            need += 2 * batch * cfg.num_heads * seq * seq * 4
+    return need
+
+
+def check_memory(need: int, free: int, what: str) -> None:
+    """Refuse a probe whose :func:`probe_memory` passes ``MEMORY_SHARE`` of ``free`` bytes."""
+    if need > MEMORY_SHARE * free:
+        raise ValueError(
+            f"{what} needs about {need / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the "
+            f"{free / 2**30:.1f} GiB free here: lower the lengths or the examples"
         )
 
 

@@ -53,12 +53,22 @@ class Task:
 
     name: ClassVar[str]
     train_length: ClassVar[int]
-    """The paper's training length (scaled where the CPU needs it: the probe command says so)."""
+    """The training length: the paper's where it trains on the task (scaled where the CPU needs it:
+    the probe command says so)."""
     window: ClassVar[int]
-    """Griffin's local attention window in the paper's experiment."""
+    """Griffin's local attention window: the paper's where it trains on the task."""
 
     @property
     def min_length(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest example the task can draw (``None``: no bound of its own)."""
+        return None
+
+    def prompt_bytes(self, length: int, spaced: bool = False) -> int:
+        """An upper bound on the bytes of a prompt of ``length``, known without drawing one."""
         raise NotImplementedError
 
     def example(self, rng: np.random.Generator, length: int, spaced: bool = False) -> Example:
@@ -70,9 +80,15 @@ class Task:
     def check_length(self, length: int) -> None:
         if length < self.min_length:
             raise ValueError(f"{self.name}: length {length} is below the task's minimum {self.min_length}")
+        if self.max_length is not None and length > self.max_length:
+            raise ValueError(f"{self.name}: length {length} is above the task's maximum {self.max_length}")
 
     def validate(self) -> None:
         """Refuse parameters the task cannot be drawn with."""
+
+    @staticmethod
+    def _symbols_bytes(symbols: int, spaced: bool) -> int:
+        return 2 * symbols - 1 if spaced else symbols
 
     @staticmethod
     def _join(prompt: list[str], answer: list[str], spaced: bool) -> Example:
@@ -89,6 +105,9 @@ class SelectiveCopy(Task):
     @property
     def min_length(self) -> int:
         return self.data_tokens
+
+    def prompt_bytes(self, length: int, spaced: bool = False) -> int:
+        return self._symbols_bytes(length + 1, spaced)  # the symbols, then "="
 
     def validate(self) -> None:
         _check_range(self.name, "vocab", self.vocab, 2, len(ALPHABET))
@@ -118,6 +137,9 @@ class Induction(Task):
     def min_length(self) -> int:
         return 3
 
+    def prompt_bytes(self, length: int, spaced: bool = False) -> int:
+        return self._symbols_bytes(length + 1, spaced)  # the letters, then the trigger again
+
     def validate(self) -> None:
         _check_range(self.name, "vocab", self.vocab, 2, len(ALPHABET))
 
@@ -135,6 +157,8 @@ class Induction(Task):
 
 @dataclass(frozen=True)
 class Phonebook(Task):
+    # The paper probes its pretrained models on phonebooks and trains none on the task, so the
+    # training length and window here are griffon's choices, not the paper's settings.
     name, train_length, window = "phonebook", 20, 128
     digits: int = 7
     worked: int = 2
@@ -143,6 +167,16 @@ class Phonebook(Task):
     @property
     def min_length(self) -> int:
         return self.worked + 1
+
+    @property
+    def max_length(self) -> int:
+        """As many entries as there are distinct names of 2-3 syllables."""
+        n = len(self.syllables)
+        return n**2 + n**3
+
+    def prompt_bytes(self, length: int, spaced: bool = False) -> int:
+        name = 2 * 3  # three syllables of two letters at most
+        return length * (name + self.digits + 2) + self.worked * (name + self.digits + 3) + name + 2
 
     def validate(self) -> None:
         _check_range(self.name, "digits", self.digits, 1, None)

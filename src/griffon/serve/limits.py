@@ -12,10 +12,7 @@ memory free on the model's device when the server starts, capped at :data:`PROMP
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-import torch
 
 from griffon.model import Griffon
 from griffon.nn.attention import Attention
@@ -93,31 +90,6 @@ def attention_score_bytes_per_token(model: Griffon, step_tokens: int) -> int:
         b.temporal.num_heads for b in model.blocks if isinstance(b.temporal, Attention) and b.temporal.history is None
     ]
     return step_tokens * max(heads) * 4 if heads else 0
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (the
-    smaller of ``MemAvailable`` and the cgroup's limit, where one is set)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return max(available, 0)
 
 
 def default_max_prompt_tokens(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from griffon.accounting import self_guided_flops_per_token, train_flops_per_token
+from griffon.accounting import check_buildable, self_guided_flops_per_token, train_flops_per_token
 from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceObjective
 from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
@@ -29,6 +29,7 @@ from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval
 from griffon.data.tokenizers import load_tokenizer
 from griffon.data.training_data import TrainingData
 from griffon.eval.score import byte_table
+from griffon.machine import free_memory
 from griffon.model import Griffon
 from griffon.nn.moe import discard_router_stats, router_loss, update_routers
 from griffon.run import Run
@@ -121,6 +122,8 @@ def train(
         with torch.device("meta"):
             lora_targets(Griffon(cfg.model), cfg.lora.targets)
     device = resolve_device(cfg.device)
+    # Float32 weights, gradients and Adam's two moments; a LoRA run trains adapters only.
+    check_buildable(cfg.model, 4 if cfg.lora.rank else 16, free_memory(device), "training this model")
     info = D.init_distributed(cfg.distributed, device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
