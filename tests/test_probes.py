@@ -140,10 +140,9 @@ def test_bad_probe_requests_get_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown probe task 'copy'"):
         get_task("copy")
     from griffon.checkpoint import save_pretrained
+    from griffon.data.tokenizers import ByteTokenizer
     from griffon.model import Griffon
     from griffon.presets import get_preset
-
-    from griffon.data.tokenizers import ByteTokenizer
 
     save_pretrained(Griffon(get_preset("hawk-tiny")), tmp_path / "ckpt")
     ByteTokenizer().save(tmp_path / "ckpt")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from griffon.files import CONFIG_BYTES, FileError, read_text
+
 BlockType = Literal["recurrent", "attention"]
 BLOCK_TYPES: tuple[str, ...] = ("recurrent", "attention")
 WINDOW_SEMANTICS: tuple[str, ...] = ("deepmind", "hf")
@@ -356,9 +358,12 @@ class ModelConfig:
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             path = Path(path_or_text)
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"config file not found: {path}")
-            text = path.read_text()
+            try:
+                text = read_text(path, CONFIG_BYTES, "a config file")
+            except FileError as e:
+                raise ConfigError(str(e)) from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

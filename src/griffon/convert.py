@@ -25,6 +25,7 @@ from griffon.checkpoint import (
 )
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.tokenizers import Tokenizer
+from griffon.files import CONFIG_BYTES, FileError, read_json
 from griffon.model import Griffon
 from griffon.presets import get_preset
 
@@ -324,9 +325,9 @@ def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> 
     else:
         assert config_file is not None
         try:
-            fields = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConversionError(f"cannot read --config {config_file}: {e}") from None
+            fields = read_json(config_file, CONFIG_BYTES, "a --config file")
+        except FileError as e:
+            raise ConversionError(str(e)) from None
         cfg = config_from_deepmind(fields)
     return cfg, from_deepmind_state_dict(state, cfg)
 

@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from griffon.files import TEMPLATE_BYTES, FileError, read_json, read_text
+
 ROLES = ("system", "user", "assistant")
 
 GEMMA_TEMPLATE = (
@@ -110,18 +112,28 @@ def _compile(source: str):
         raise ChatTemplateError(f"the chat template does not compile: {e}") from None
 
 
+def read_template(path: str | Path) -> str:
+    """A chat template file's text, read within :data:`~griffon.files.TEMPLATE_BYTES`."""
+    try:
+        return read_text(path, TEMPLATE_BYTES, "a chat template")
+    except FileError as e:
+        raise ChatTemplateError(str(e)) from None
+
+
 def _hf_template(directory: Path) -> ChatTemplate | None:
     """The chat template saved with an HF tokenizer in ``directory``, if there is one."""
     config: dict = {}
     path = directory / "tokenizer_config.json"
     if path.is_file():
         try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ChatTemplateError(f"cannot read {path}: {e}") from None
+            config = read_json(path, TEMPLATE_BYTES, "a tokenizer configuration")
+        except FileError as e:
+            raise ChatTemplateError(str(e)) from None
+        if not isinstance(config, dict):
+            raise ChatTemplateError(f"{path} is not a JSON object")
     source = config.get("chat_template")
     if (directory / "chat_template.jinja").is_file():
-        source = (directory / "chat_template.jinja").read_text()
+        source = read_template(directory / "chat_template.jinja")
     if isinstance(source, list):  # named templates: the default one
         source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(source, str) or not source:
@@ -143,10 +155,7 @@ def template_for(tokenizer, override: str | Path | None = None) -> ChatTemplate:
     reads; ``override``: a Jinja file to use instead (its end of turn: ``<end_of_turn>`` if it
     uses Gemma's markers, else ``<|end|>``)."""
     if override is not None:
-        try:
-            source = Path(override).read_text()
-        except OSError as e:
-            raise ChatTemplateError(f"cannot read the chat template {override}: {e}") from None
+        source = read_template(override)
         _compile(source)
         return ChatTemplate(source, "<end_of_turn>" if "<end_of_turn>" in source else "<|end|>")
     if tokenizer.kind == "hf":

@@ -7,17 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from griffon.data.sources import DataError
+from griffon.files import iter_lines
 
 
-def read_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Each non-blank line of ``path`` as a JSON object, with ``FILE:LINE`` to name it in errors;
-    :class:`DataError` for a file that cannot be read or a line that is not a JSON object."""
+def read_objects(path: str | Path, what: str = "a JSONL file") -> Iterator[tuple[str, dict]]:
+    """Each non-blank line of ``path`` as a JSON object, with ``FILE:LINE`` to name it in errors,
+    streamed a bounded line at a time (:func:`griffon.files.iter_lines`);
+    :class:`~griffon.files.FileError` for a file that cannot be read within its bounds,
+    :class:`DataError` for a line that is not a JSON object."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in iter_lines(path, what):
         if not line.strip():
             continue
         where = f"{path}:{number}"

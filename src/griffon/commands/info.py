@@ -17,7 +17,7 @@ def resolve_config(name_or_path: str) -> ModelConfig:
         from griffon.checkpoint import load_config, resolve
 
         return load_config(resolve(path)[0])
-    if path.suffix == ".json" or path.is_file():
+    if path.suffix == ".json" or path.exists():
         return ModelConfig.from_json(path)
     return get_preset(name_or_path)
 

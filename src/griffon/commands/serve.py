@@ -15,10 +15,12 @@ def _api_key(args: argparse.Namespace) -> str | None:
     import os
 
     if args.api_key_file:
+        from griffon.files import KEY_BYTES, FileError, read_text
+
         try:
-            key = Path(args.api_key_file).read_text().strip()
-        except OSError as e:
-            raise SystemExit(f"griffon serve: cannot read --api-key-file {args.api_key_file}: {e.strerror}") from e
+            key = read_text(args.api_key_file, KEY_BYTES, "an API key file").strip()
+        except FileError as e:
+            raise SystemExit(f"griffon serve: {e}") from None
         if not key:
             raise SystemExit(f"griffon serve: --api-key-file {args.api_key_file} is empty")
         return key
@@ -83,6 +85,11 @@ def run(args: argparse.Namespace) -> None:
 
     log = server.configure_logging()
     api_key = _api_key(args)
+    template = None
+    if args.chat_template:  # read and compiled before any model is loaded
+        from griffon.align.chat import template_for
+
+        template = template_for(None, args.chat_template)
     options = {k: getattr(args, k) for k in ENGINE_OPTIONS}
     if args.engine == "process":
         tokenizer = resolve_with_tokenizer(args.model)[1]  # a bad checkpoint is told before the process starts
@@ -90,13 +97,7 @@ def run(args: argparse.Namespace) -> None:
         engine.start()
     else:
         engine = build_engine(options)
-        tokenizer = engine.tokenizer
     name = args.name or Path(args.model).resolve().name
-    template = None
-    if args.chat_template:
-        from griffon.align.chat import template_for
-
-        template = template_for(tokenizer, args.chat_template)
     app = server.create_app(
         engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template
     )

@@ -29,6 +29,7 @@ docs/scaling.md).
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from griffon.atomic import atomic_savefig
+from griffon.files import FileError, read_text
+
+# A results table: a row a run, a few hundred bytes each.
+TABLE_BYTES = 256 * 2**20
 
 HUBER_DELTA = 1e-3
 # Initialisation grid of Hoffmann et al. 2022 (Appendix D.2), as Besiroglu et al. 2024 reran it.
@@ -91,9 +96,9 @@ def read_runs(path: str | Path, columns: dict[str, str] | None = None, exclude_t
     columns = {name: name for name in ("params", "tokens", "loss", "flops", "family")} | (columns or {})
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is dropped
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        text = read_text(path, TABLE_BYTES, "a results table").removeprefix("\ufeff")  # a spreadsheet's byte-order mark
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (FileError, csv.Error) as e:
         raise ScalingFitError(f"cannot read {path}: {e}") from None
     if not rows:
         raise ScalingFitError(f"{path} holds no runs")

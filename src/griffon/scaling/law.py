@@ -14,6 +14,7 @@ from typing import Any
 
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError
+from griffon.files import CONFIG_BYTES, FileError, read_json
 
 
 @dataclass
@@ -49,9 +50,9 @@ class ScalingLaw:
     @classmethod
     def load(cls, path: str | Path) -> ScalingLaw:
         try:
-            d = json.loads(Path(path).read_text())
+            d = read_json(path, CONFIG_BYTES, "a scaling law file")
             return cls(**{k: d[k] for k in ("E", "A", "alpha", "B", "beta")}, source=d.get("source", {}))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (FileError, KeyError, TypeError) as e:
             raise ConfigError(f"{path} is not a scaling law file ({e}); rerun `griffon scaling calibrate`") from None
 
 

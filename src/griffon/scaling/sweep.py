@@ -52,6 +52,7 @@ from griffon.accounting import active_params, ffn_params, param_counts, train_fl
 from griffon.atomic import atomic_write
 from griffon.config import ConfigError
 from griffon.data.training_data import TrainingData
+from griffon.files import CONFIG_BYTES, FileError, read_text
 from griffon.run import Run
 from griffon.train.config import TrainConfig, apply_overrides
 
@@ -127,13 +128,13 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     with one line naming what is wrong."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path, CONFIG_BYTES, "a sweep spec")
         if path.suffix == ".toml":
             spec = tomllib.loads(text)
         else:
             spec = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepError(f"cannot read sweep spec {path}: {e}") from None
+    except FileError as e:
+        raise SweepError(str(e)) from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise SweepError(f"sweep spec {path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
     if not isinstance(spec, dict):

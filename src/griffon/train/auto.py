@@ -40,6 +40,7 @@ from griffon.accounting import param_counts, train_flops_per_token
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer, train_bpe
 from griffon.data.training_data import TrainingData
+from griffon.files import CONFIG_BYTES, FileError, read_json
 from griffon.model import Griffon
 from griffon.run import Run
 from griffon.scaling.law import ScalingLaw, default_law
@@ -363,8 +364,8 @@ def user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:
         return d["optim"]["lr"]
     if config is not None and Path(config).is_file():
         try:
-            given = json.loads(Path(config).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            given = read_json(config, CONFIG_BYTES, "a config file")
+        except FileError:
             return None
         if isinstance(given, dict) and isinstance(given.get("optim"), dict) and "lr" in given["optim"]:
             return d["optim"]["lr"]

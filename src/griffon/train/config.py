@@ -11,6 +11,7 @@ from typing import Any
 
 from griffon.config import ConfigError, ModelConfig, check_types, dataclass_from_dict
 from griffon.config import apply_overrides as config_overrides
+from griffon.files import CONFIG_BYTES, FileError, read_text
 from griffon.presets import get_preset
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -297,11 +298,15 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = read_text(path, CONFIG_BYTES, "a config file")
+        except FileError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None

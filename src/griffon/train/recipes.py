@@ -21,11 +21,11 @@ re-reading the guided phase's data, with the guided fraction they chose per size
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from griffon.config import ConfigError, LinearStructure
+from griffon.files import CONFIG_BYTES, FileError, read_json
 from griffon.presets import get_preset, preset_tokens
 from griffon.train.config import DataConfig, OptimConfig, SelfGuidedConfig, TrainConfig
 
@@ -119,7 +119,7 @@ def starting_config(config: str | None, overrides: list[str]) -> dict:
         return get_recipe(config).to_dict()
     path = Path(config)
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = read_json(path, CONFIG_BYTES, "a config file")
+    except FileError:
         return TrainConfig.load(path).to_dict()  # raises the config loader's clear error
     return d if isinstance(d, dict) and d.get("model") == "auto" else TrainConfig.load(path).to_dict()
