@@ -37,7 +37,9 @@ def test_whole_files_are_bounded_and_lines_are_streamed_with_a_bound(tmp_path):
     key = tmp_path / "key"
     key.write_text("k" * 2048)
     assert read_text(key, 2048, "an API key file") == "k" * 2048
-    with pytest.raises(FileError, match=r"^an API key file .*key is larger than 1 KiB, the bound for an API key files$"):
+    with pytest.raises(
+        FileError, match=r"^an API key file .*key is larger than 1 KiB, the bound for an API key files$"
+    ):
         read_text(key, 1024, "an API key file")
     lines = tmp_path / "lines.jsonl"
     lines.write_bytes(b'{"a": 1}\r\n' + b'{"b": "' + b"x" * 5000 + b'"}\n' + b"tail")
@@ -76,10 +78,29 @@ def test_every_file_option_refuses_devices_and_fifos_in_one_line(tmp_path, capsy
     for bad in ("/dev/zero", str(fifo)):
         for argv in (
             ["rewards", bad, "--policy", str(ckpt), "--out", str(tmp_path / "out.jsonl")],
-            ["rewards", str(prompts), "--policy", str(ckpt), "--out", str(tmp_path / "o.jsonl"), "--reward",
-             str(scores)],
-            ["train", "--out", str(tmp_path / "run"), "--set", "objective=sft", "--set", f"data.path={prompts}",
-             "--set", f"data.chat_template={bad}", "--set", "model=griffin-tiny"],
+            [
+                "rewards",
+                str(prompts),
+                "--policy",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--reward",
+                str(scores),
+            ],
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                "objective=sft",
+                "--set",
+                f"data.path={prompts}",
+                "--set",
+                f"data.chat_template={bad}",
+                "--set",
+                "model=griffin-tiny",
+            ],
             ["train", bad, "--out", str(tmp_path / "run")],
             ["sweep", bad, "--out", str(tmp_path / "sweep"), "--dry-run"],
             ["scaling", "fit", bad],

@@ -149,6 +149,108 @@ def test_a_core_that_dies_fails_its_requests_and_the_server_says_so():
             rest = [e for e in events if e.startswith("data: ")]
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
         health = http.get("/health")
-        assert health.status_code == 503 and "the engine process is gone" in health.json()["status"]
+        assert health.status_code == 503
+        assert health.json()["status"] == "the engine process is gone (it was killed by signal SIGKILL)"
         r = http.post("/v1/completions", json={"prompt": "A", "max_tokens": 1})
         assert r.status_code == 503 and "the engine process is gone" in r.json()["error"]["message"]
+        assert not os.path.exists(f"/proc/{engine.pid}")  # reaped: no zombie left
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _engine_child(pid: int) -> int:
+    """The engine process among the server's children (the spawned one; not the resource tracker)."""
+    from pathlib import Path
+
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no engine process")
+
+
+def test_a_hung_engine_is_answered_within_the_deadline_and_health_turns_503(tmp_path):
+    """A real ``griffon serve`` whose engine process is stopped (SIGSTOP, as a deadlock or a stuck
+    native call leaves it): whole, streamed and chat requests get 504 within request_timeout plus
+    the grace, ``/health`` and new requests 503 once the engine is silent past --stall-timeout
+    with requests pending; resumed, it serves again."""
+    import subprocess
+    import sys
+    import threading
+
+    from griffon.checkpoint import save_pretrained
+    from griffon.serve.server import DEADLINE_GRACE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, width=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_width=48,
+                      attention_window=8)  # fmt: skip
+    save_pretrained(Griffon(cfg), tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    port = _port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "griffon.cli", "serve", str(tmp_path / "ckpt"), "--port", str(port),
+         "--request-timeout", "1", "--stall-timeout", "2", "--max-batch", "4", "--step", "model"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.post("/v1/completions", json={"prompt": "A", "max_tokens": 2}).status_code == 200
+        engine = _engine_child(server.pid)
+        os.kill(engine, signal.SIGSTOP)
+        bodies = {
+            "whole": ("/v1/completions", {"prompt": "A", "max_tokens": 5}),
+            "streamed": ("/v1/completions", {"prompt": "A", "max_tokens": 5, "stream": True}),
+            "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}),
+        }
+        answers: dict = {}
+
+        def ask(name: str) -> None:
+            path, body = bodies[name]
+            t0 = time.monotonic()
+            r = httpx.post(url + path, json=body, timeout=60)
+            answers[name] = (r.status_code, r.json()["error"]["message"], time.monotonic() - t0)
+
+        threads = [threading.Thread(target=ask, args=(name,)) for name in bodies]
+        for t in threads:
+            t.start()
+        time.sleep(2.5)  # past the stall timeout, requests pending
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and "the engine has not answered for" in health.json()["status"]
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "max_tokens": 1}, timeout=5)
+        assert refused.status_code == 503 and "has not answered" in refused.json()["error"]["message"]
+        for t in threads:
+            t.join(60)
+        for name, (status, message, seconds) in answers.items():
+            assert status == 504 and "request_timeout=1 s" in message, (name, status, message)
+            assert seconds < 1 + DEADLINE_GRACE + 3, (name, seconds)
+        assert len(answers) == 3
+        os.kill(engine, signal.SIGCONT)  # the engine resumes: the cancelled requests end, it serves again
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        try:
+            os.kill(_engine_child(server.pid), signal.SIGCONT)
+        except (AssertionError, OSError):
+            pass
+        server.terminate()
+        server.wait(30)

@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> None:
         engine = build_engine(options)
     name = args.name or Path(args.model).resolve().name
     app = server.create_app(
-        engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template
-    )
+        engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template,
+        stall_timeout=args.stall_timeout,
+    )  # fmt: skip
     log.info("serving %s at http://%s:%d/v1 (OpenAI completions and chat completions)", name, args.host, args.port)
     server.run(app, args.host, args.port, args.shutdown_timeout)
 
@@ -139,6 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request body (MiB); larger ones get 413")  # fmt: skip
     s.add_argument("--request-timeout", type=float, default=limits.DEFAULT_REQUEST_TIMEOUT,
                    help="seconds from a request's arrival to its abort")  # fmt: skip
+    s.add_argument("--stall-timeout", type=float, default=limits.DEFAULT_STALL_TIMEOUT,
+                   help="seconds the engine may be silent with requests pending before /health and new "
+                        "requests answer 503")  # fmt: skip
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may go on after SIGTERM/SIGINT before they are aborted")  # fmt: skip
     s.add_argument("--step", choices=STEPS, default="auto", help="decode step (see griffon sample --step)")

@@ -443,6 +443,9 @@ class EngineThread:
         self._stop = threading.Event()
         self._drain_deadline: float | None = None
         self.errors = 0
+        self.last_beat = time.monotonic()
+        """When the loop last went round (idle, it goes round every half second): a loop stuck in a
+        step shows as silence while work is pending."""
         self._thread = threading.Thread(target=self._loop, name="griffon-engine", daemon=True)
 
     def start(self) -> EngineThread:
@@ -464,8 +467,13 @@ class EngineThread:
         self._wake.set()
         self._thread.join()
 
+    def pending(self) -> bool:
+        """Whether the engine holds requests that have not finished."""
+        return self.engine.has_work()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.last_beat = time.monotonic()
             if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 self.engine.abort_all("shutdown")
             if not self.engine.has_work():

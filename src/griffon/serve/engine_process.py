@@ -13,7 +13,10 @@ What crosses the pipe (pickled, one message at a time):
 * core to server: ``("loaded", info)`` once the engine is built, ``("ready", seconds)`` after its
   warm-up, then after every iteration that changed something ``("out", updates, stats)``: for each
   request it touched an :class:`Update` (its new tokens, the new part of its visible text, new
-  log-probability rows, and at the end its finish reason), and now and then the engine's metrics.
+  log-probability rows, and at the end its finish reason), and now and then the engine's metrics;
+  and ``("beat",)`` whenever it has sent nothing for :data:`BEAT_EVERY` seconds, so that a core that
+  stops answering (a deadlock, a stuck native call, SIGSTOP) is told from a busy one by its silence
+  (``last_beat``).
 
 On the server's side :class:`EngineProcess` stands in for both :class:`~griffon.serve.engine.Engine`
 (``check``, ``submit``, ``cancel``, ``tokenizer``, ``max_queue``, ``metrics``) and
@@ -57,6 +60,8 @@ log = logging.getLogger("griffon.serve")
 STATS_EVERY = 0.25
 # Seconds the core sleeps on its pipe when it has nothing to do.
 IDLE_POLL = 0.5
+# Seconds of silence after which the core sends a heartbeat (it answers between engine steps).
+BEAT_EVERY = 1.0
 # Seconds to wait for the core to build its engine, warm up, or stop.
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 30.0
@@ -139,7 +144,12 @@ class _Core:
         self.loop_errors = 0
         self.drain_deadline: float | None = None
         self.last_stats = 0.0
+        self.last_sent = 0.0
         self.stats_due = False
+
+    def send(self, message: tuple) -> None:
+        self.conn.send(message)
+        self.last_sent = time.monotonic()
 
     def notify(self, req: Request) -> None:
         self.touched[req.id] = req
@@ -188,6 +198,8 @@ class _Core:
                     engine.abort_all("error")
                 self.stats_due = True
             self.flush()
+            if time.monotonic() - self.last_sent >= BEAT_EVERY:
+                self.send(("beat",))
 
     def update(self, req: Request) -> Update:
         sent = self.sent[req.id]
@@ -228,7 +240,7 @@ class _Core:
             stats = Stats(self.engine.metrics, cache.lookups if cache else 0, cache.hits if cache else 0,
                           self.engine.errors + self.loop_errors)  # fmt: skip
             self.last_stats, self.stats_due = now, False
-        self.conn.send(("out", updates, stats))
+        self.send(("out", updates, stats))
 
 
 def _core_main(build: Callable[[], Engine], conn, warm_up: bool) -> None:
@@ -275,6 +287,7 @@ class EngineProcess:
         self.stats = Stats(Metrics())
         self.warm_up_seconds = 0.0
         self.dead: str | None = None  # why the core is gone, once it is
+        self.last_beat = time.monotonic()  # when the core was last heard from
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
@@ -311,7 +324,7 @@ class EngineProcess:
         try:
             return self._conn.recv()
         except EOFError:
-            return "failed", f"it exited with code {self._process.exitcode} (see its log above)"
+            return "failed", f"{self._exit_status()} (see its log above)"
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the core's warm-up is over (or it died); whether it is ready."""
@@ -340,6 +353,23 @@ class EngineProcess:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
+    def pending(self) -> bool:
+        """Whether requests sent to the core have not finished (lock-free: read while it may hang)."""
+        return bool(self._requests)
+
+    def _exit_status(self) -> str:
+        """How the core ended, once it has (it is reaped here: no zombie is left)."""
+        self._process.join(STOP_TIMEOUT)
+        code = self._process.exitcode
+        if code is None:
+            return "its pipe closed while it still runs"
+        if code < 0:
+            try:
+                return f"it was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"it was killed by signal {-code}"
+        return f"it exited with code {code}"
+
     # ----- requests --------------------------------------------------------------------------
 
     @property
@@ -349,6 +379,10 @@ class EngineProcess:
     @property
     def max_batch(self) -> int:
         return self.info.max_batch
+
+    @property
+    def limits(self) -> Limits:
+        return self.info.limits
 
     @property
     def metrics(self) -> Metrics:
@@ -421,6 +455,7 @@ class EngineProcess:
         try:
             while True:
                 kind, *rest = self._conn.recv()
+                self.last_beat = time.monotonic()
                 if kind == "ready":
                     self.warm_up_seconds = rest[0]
                     self._ready.set()
@@ -428,7 +463,7 @@ class EngineProcess:
                     self._apply(*rest)
         except (EOFError, OSError):
             if not self._stopping:
-                self._died(f"it exited with code {self._process.exitcode}")
+                self._died(self._exit_status())
         finally:
             self._ready.set()
 

@@ -22,6 +22,9 @@ DEFAULT_MAX_TOKENS = 4096  # --max-tokens: the most tokens one request may gener
 DEFAULT_MAX_LOGPROB_ENTRIES = 2**18  # --max-logprob-entries: (scored tokens) x (logprobs + 1)
 DEFAULT_REQUEST_TIMEOUT = 300.0  # --request-timeout: seconds from arrival to the last token
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb: a request body's bytes
+# --stall-timeout: seconds of the engine's silence, while requests are pending, after which /health
+# and new requests answer 503 (an engine step of the shipped models on a CPU takes well under a second).
+DEFAULT_STALL_TIMEOUT = 30.0
 # Choices per prompt (``n``, ``best_of``) as OpenAI bounds ``n``.
 MAX_CHOICES = 128
 PROMPT_CAP = 2**17  # --max-prompt-tokens never defaults above this

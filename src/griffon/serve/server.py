@@ -13,6 +13,12 @@ what lm-evaluation-harness's ``local-completions`` model scores with; and vLLM's
 ``POST /v1/chat/completions`` (OpenAI's chat API, streaming included: the conversation rendered
 with the model's chat template, :mod:`griffon.serve.chat`).
 
+The front end holds its own deadline: a request the engine has not finished ``DEADLINE_GRACE``
+seconds after its ``request_timeout`` is cancelled and answered 504 (a stream that has begun ends
+with finish reason ``abort``), so a hung engine cannot hold a client for ever; and while requests
+are pending, an engine silent for ``stall_timeout`` seconds (its loop sends a heartbeat between
+steps) turns ``/health`` and new requests to 503.
+
 Bad input gets a 4xx with one message in OpenAI's error shape (``{"error": {"message": ...}}``):
 invalid JSON, unknown fields and wrong types (strict parsing: no string-to-number coercion), values
 out of range, a request over a limit (400 naming the limit and the request's value; a body over
@@ -50,7 +56,7 @@ from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, 
 from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
 from griffon.serve.engine import Engine, EngineThread
 from griffon.serve.engine_process import EngineProcess
-from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_CHOICES
+from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_STALL_TIMEOUT, MAX_CHOICES
 from griffon.serve.request import QueueFull
 from griffon.serve.request import Request as EngineRequest
 
@@ -60,6 +66,9 @@ log = logging.getLogger("griffon.serve")
 RETRY_AFTER = 1
 # Seconds between checks that a client waiting for a whole (non-streamed) answer is still there.
 DISCONNECT_POLL = 0.25
+# Seconds past a request's ``request_timeout`` that the front end waits for the engine to end it
+# (the engine aborts it at its next step) before answering 504 itself.
+DEADLINE_GRACE = 5.0
 # Engine finish reasons as OpenAI-style servers (vLLM) report them; "stop" and "length" stay.
 _REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort", "shutdown": "abort"}
 
@@ -159,7 +168,7 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
 # A streamed answer's events, as OpenAPI 3.2 describes server-sent events (itemSchema: one event)
 _EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 _COMPLETION = {200: {"model": CompletionResponse, "content": {"text/event-stream": {"itemSchema": _EVENT}}}}
@@ -249,9 +258,10 @@ class Server:
 
     def __init__(
         self, engine: Engine | EngineProcess, model_name: str, api_key: str | None, max_body_bytes: int,
-        warm_up: bool,
+        warm_up: bool, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:  # fmt: skip
         self.engine = engine
+        self.stall_timeout = stall_timeout
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -295,6 +305,26 @@ class Server:
         """Shutdown has begun: refuse new requests (503) and let those running finish within ``seconds``."""
         self.draining = True
         self.thread.drain(seconds)
+
+    def stalled(self) -> float | None:
+        """Seconds the engine has been silent while requests are pending, if more than ``stall_timeout``."""
+        if not self.ready.is_set() or not self.thread.pending():
+            return None
+        silent = time.monotonic() - self.thread.last_beat
+        return silent if silent > self.stall_timeout else None
+
+    def deadline(self, requests: list[EngineRequest]) -> float | None:
+        """When the front end stops waiting for ``requests`` (monotonic seconds; None: never)."""
+        timeout = self.engine.limits.request_timeout
+        if timeout is None:
+            return None
+        return min(r.arrival for r in requests) + timeout + DEADLINE_GRACE
+
+    def timed_out(self) -> JSONResponse:
+        self.rejected("timeout")
+        timeout = self.engine.limits.request_timeout
+        return _error(504, f"the engine did not finish this request within request_timeout={timeout:g} s",
+                      kind="timeout")  # fmt: skip
 
     @property
     def engine_dead(self) -> str | None:
@@ -495,6 +525,32 @@ class Server:
 
     # ----- the two ways of answering -------------------------------------------------------------
 
+    async def wait(
+        self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, done: Callable[[], bool]
+    ) -> JSONResponse | None:
+        """Wait until ``done()``, checking every :data:`DISCONNECT_POLL` seconds that the client is
+        still there (also while tokens keep coming) and holding the front end's deadline; None once
+        done, else the answer to give (the requests cancelled): 499 for a client gone, 504 past
+        the deadline."""
+        deadline = self.deadline(requests)
+        next_check = time.monotonic() + DISCONNECT_POLL
+        while not done():
+            until = next_check if deadline is None else min(next_check, deadline)
+            try:
+                await asyncio.wait_for(wake.get(), timeout=max(until - time.monotonic(), 0))
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not done():
+                self.cancel(requests)
+                return self.timed_out()
+            if now >= next_check:
+                if await http.is_disconnected():
+                    self.cancel(requests)
+                    return _error(499, "client disconnected")
+                next_check = now + DISCONNECT_POLL
+        return None
+
     async def complete(
         self, http: Request, requests: list[EngineRequest], wake: asyncio.Queue, rid: str, n: int = 1,
         best_of: int = 1, shape: Callable[[dict], dict] | None = None,
@@ -504,18 +560,9 @@ class Server:
         each prompt's ``best_of`` choices, the ``n`` with the highest mean log-probability per token
         (OpenAI's "best"), best first. ``shape`` turns the completions body into another API's
         (the chat API's)."""
-        loop = asyncio.get_running_loop()
-        next_check = loop.time() + DISCONNECT_POLL
-        while not all(r.finished for r in requests):
-            try:
-                await asyncio.wait_for(wake.get(), timeout=max(next_check - loop.time(), 0))
-            except TimeoutError:
-                pass
-            if loop.time() >= next_check:
-                if await http.is_disconnected():
-                    self.cancel(requests)
-                    return _error(499, "client disconnected")
-                next_check = loop.time() + DISCONNECT_POLL
+        refusal = await self.wait(http, requests, wake, lambda: all(r.finished for r in requests))
+        if refusal is not None:
+            return refusal
         failed = [r for r in requests if r.finish_reason == "error"]
         if failed:
             return _error(500, f"the engine failed on this request: {failed[0].error}", kind="internal_error")
@@ -556,6 +603,7 @@ class Server:
         k = len(requests)
         sent_text, sent_entries, offset = [0] * k, [0] * k, [0] * k
         echoed, closed = [not r.params.echo for r in requests], [False] * k
+        deadline = self.deadline(requests)
         try:
             while not all(closed):
                 ready_events: list[dict | None] = []
@@ -587,7 +635,14 @@ class Server:
                 if not all(closed):
                     if ready_events:
                         yield ready_events
-                    await wake.get()
+                    try:
+                        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+                        await asyncio.wait_for(wake.get(), timeout=remaining)
+                    except TimeoutError:  # past the front end's deadline: the open choices end here
+                        self.cancel(requests)
+                        self.rejected("timeout")
+                        ready_events = [self._event(rid, i, "", None, "abort") for i in range(k) if not closed[i]]
+                        break
                     while not wake.empty():  # one pass serves every wake-up so far
                         wake.get_nowait()
             if usage:
@@ -608,6 +663,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     warm_up: bool = True,
     chat_template: ChatTemplate | None = None,
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``: an :class:`Engine`, run on a thread of this process, or
     an :class:`EngineProcess`, started here if it is not yet (its own ``warm_up`` applies). Its
@@ -617,7 +673,7 @@ def create_app(
     an engine without a tokenizer serves no chat)."""
     if isinstance(engine, EngineProcess) and engine.info is None:
         engine.start()
-    server = Server(engine, model_name, api_key, max_body_bytes, warm_up)
+    server = Server(engine, model_name, api_key, max_body_bytes, warm_up, stall_timeout)
     if chat_template is None and engine.tokenizer is not None:
         chat_template = template_for(engine.tokenizer)
 
@@ -652,6 +708,9 @@ def create_app(
     def unavailable() -> JSONResponse | None:
         if server.engine_dead is not None:
             return _error(503, f"the engine process is gone ({server.engine_dead})", kind="unavailable")
+        silent = server.stalled()
+        if silent is not None:
+            return _error(503, f"the engine has not answered for {silent:.0f} s", kind="unavailable")
         if server.draining:
             return _error(503, "the server is shutting down", kind="unavailable")
         if not server.ready.is_set():
@@ -662,6 +721,10 @@ def create_app(
     async def health():
         if server.engine_dead is not None:
             return JSONResponse({"status": f"the engine process is gone ({server.engine_dead})"}, status_code=503)
+        silent = server.stalled()
+        if silent is not None:
+            status = f"the engine has not answered for {silent:.0f} s with requests pending"
+            return JSONResponse({"status": status}, status_code=503)
         if server.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not server.ready.is_set():
@@ -702,6 +765,12 @@ def create_app(
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             shape_events = ChatStream(top_logprobs) if chat else None
+            # The status is sent with the first event: until the engine has something to send, a
+            # request can still be answered 504 (a hung engine) instead of an empty 200 stream.
+            started = lambda: any(r.finished or server.ready_entries(r) for r in requests)
+            refusal = await server.wait(http, requests, wake, started)
+            if refusal is not None:
+                return refusal
             stream = server.stream(requests, wake, rid, usage, len(choices), shape=shape_events)
             return StreamingResponse(stream, media_type="text/event-stream")
         shape = (lambda b: chat_body(b, top_logprobs)) if chat else None
