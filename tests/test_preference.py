@@ -112,6 +112,12 @@ def test_sequence_logps_sum_the_completion_tokens_only():
     [
         ("dpo", '{"prompt": "a", "chosen": "b"}', ":2: 'rejected' must be a string"),
         ("dpo", '{"prompt": "a", "chosen": "", "rejected": "c"}', ":2: 'chosen' is empty"),
+        ("dpo", '{"prompt": "a", "chosen": "b", "rejected": "b"}', ":2: 'chosen' and 'rejected' are the same text"),
+        (
+            "qrpo",
+            '{"prompt": "a", "completion": "b", "reward": 1' + "0" * 400 + ', "ref_rewards": [1, 2]}',
+            "'reward' must be a finite",
+        ),
         (
             "qrpo",
             '{"prompt": "a", "completion": "b", "reward": NaN, "ref_rewards": [1, 2]}',
@@ -132,3 +138,18 @@ def test_alignment_needs_a_starting_model(tmp_path, capsys):
     data = _write(tmp_path / "d.jsonl", _examples("dpo"))
     assert main(["train", "--out", str(tmp_path / "r"), "--set=objective=dpo", f"--set=data.path={data}"]) == 2
     assert "objective=dpo aligns a trained model against itself: start with --init SRC" in capsys.readouterr().err
+
+
+def test_pairs_with_nothing_to_learn_within_seq_len_are_refused_when_most_are(tmp_path):
+    """DPO with prompts longer than seq_len trained at loss log 2 with zero gradient: a pair teaches
+    only where both rows have a completion token and they differ within the row."""
+    from griffon.align.preference import PreferenceData
+
+    same_start = [{"prompt": "p" * 10, "chosen": "a" * 30 + "1", "rejected": "a" * 30 + "2"} for _ in range(20)]
+    data = _write(tmp_path / "d.jsonl", same_start + _examples("dpo", 4))
+    with pytest.raises(DataError, match=r"^20 of the 24 examples .* data.seq_len=32; data.seq_len=40 would keep them"):
+        PreferenceData.open("dpo", str(data), "bytes", 32, 0.1, 0, 256)
+    assert PreferenceData.open("dpo", str(data), "bytes", 40, 0.1, 0, 256).unlearnable == 0
+    long = [{"prompt": "p" * 40, "completion": "b", "reward": 1, "ref_rewards": [0, 1]}] * 3
+    some = _write(tmp_path / "q.jsonl", long + _examples("qrpo", 21))
+    assert PreferenceData.open("qrpo", str(some), "bytes", 32, 0.1, 0, 256).unlearnable == 3

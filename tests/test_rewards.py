@@ -21,6 +21,14 @@ def vowels(prompt, completion):
 
 def broken(prompt, completion):
     return math.nan
+
+def huge(prompt, completion):
+    return 10**400
+
+def numpy_float(prompt, completion):
+    import numpy as np
+
+    return np.float32(len(completion))
 """
 
 
@@ -66,6 +74,7 @@ def test_a_killed_run_resumes_to_the_same_file(setup, capsys):
     whole = (tmp / "whole.jsonl").read_text()
     lines = whole.splitlines(keepends=True)
     (tmp / "cut.jsonl").write_text("".join(lines[:4]) + lines[4][:10])  # a prompt, a line of the next, half a line
+    (tmp / "cut.jsonl.source.json").write_text((tmp / "whole.jsonl.source.json").read_text())  # as the run wrote it
     assert main(_argv(tmp, "cut.jsonl")) == 0
     assert (tmp / "cut.jsonl").read_text() == whole
     assert "4 prompts sampled now" in capsys.readouterr().out
@@ -75,7 +84,9 @@ def test_bad_rewards_and_arguments_get_one_line(setup, capsys):
     tmp = setup
     argv = _argv(tmp)
     for change, message in (
-        (("--reward", "my_rewards:broken"), "is nan, not a finite number"),
+        (("--reward", "my_rewards:broken"), "prompts.jsonl:1: the reward of"),
+        (("--reward", "my_rewards:broken"), "is nan, not a finite real number"),
+        (("--reward", "my_rewards:huge"), "not a finite real number"),
         (("--reward", "my_rewards"), "give module:function"),
         (("--reward", "no_such_module:f"), "cannot import no_such_module"),
         (("--reward", "my_rewards:missing"), "has no callable 'missing'"),
@@ -83,7 +94,51 @@ def test_bad_rewards_and_arguments_get_one_line(setup, capsys):
     ):
         i = argv.index(change[0])
         assert main(argv[:i] + list(change) + argv[i + 2 :]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, err
+        (tmp / "q.jsonl").unlink(missing_ok=True)
+        (tmp / "q.jsonl.source.json").unlink(missing_ok=True)
+    assert main(_reward(argv, "my_rewards:numpy_float")) == 0  # any real number type
+
+
+def test_an_output_is_never_mixed_or_an_input_overwritten(setup, capsys):
+    """A rerun into the same --out with other arguments is refused (resuming needs the same ones),
+    as is --out naming an input; listing and then scoring into one file is refused too."""
+    tmp = setup
+    assert main(_argv(tmp, "q.jsonl")) == 0
+    first = (tmp / "q.jsonl").read_text()
+    (tmp / "other.jsonl").write_text(json.dumps({"prompt": "Hark"}) + "\n")
+    for argv, message in (
+        (_argv(tmp, "q.jsonl", "--seed", "1"), "holds the output of a run with other seed"),
+        ([*_argv(tmp, "q.jsonl")[:-2], "--max-batch", "4", "--n", "4"], "other n"),
+        (["rewards", str(tmp / "other.jsonl"), *_argv(tmp, "q.jsonl")[2:]], "other prompts"),
+        (_reward(_argv(tmp, "q.jsonl")), "other reward"),
+        (_argv(tmp, "prompts.jsonl"), "is the prompts file"),
+        (_argv(tmp, "d.jsonl", "--dpo-out", str(tmp / "d.jsonl")), "--dpo-out and --out are the same file"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, (argv, err)
+    assert (tmp / "q.jsonl").read_text() == first
+    assert json.loads((tmp / "prompts.jsonl").read_text().splitlines()[0]) == {"prompt": PROMPTS[0]}
+    assert main(_reward(_argv(tmp, "listed.jsonl"))) == 0
+    scores = tmp / "scores.jsonl"
+    scores.write_text(json.dumps({"prompt": "a", "completion": "b", "reward": 10**400}) + "\n")
+    assert main(_reward(_argv(tmp, "x.jsonl"), str(scores))) == 2
+    assert "scores.jsonl:1: 'reward' is" in capsys.readouterr().err
+    scores.write_text("")
+    assert main(_reward(_argv(tmp, "listed.jsonl"), str(scores))) == 2
+    assert "other reward" in capsys.readouterr().err
+
+
+def test_more_completions_than_the_engine_queues_are_fed_in_parts(setup):
+    tmp = setup
+    (tmp / "one.jsonl").write_text(json.dumps({"prompt": "To be"}) + "\n")
+    argv = ["rewards", str(tmp / "one.jsonl"), "--policy", str(tmp / "policy"), "--reward", "my_rewards:vowels",
+            "--n", "300", "--out", str(tmp / "many.jsonl"), "--max-tokens", "2", "--max-batch", "4"]  # fmt: skip
+    assert main(argv) == 0  # the engine queues 4 + 256
+    rows = [json.loads(x) for x in (tmp / "many.jsonl").read_text().splitlines()]
+    assert len(rows) == 300 and all(len(r["ref_rewards"]) == 300 for r in rows)
 
 
 def _reward(argv, value=None):

@@ -299,6 +299,20 @@ def test_streamed_echo_and_logprobs_concatenate_to_the_plain_answer():
         assert choice["logprobs"]["text_offset"] == list(range(len(choice["text"])))  # bytes: one char each
 
 
+def test_text_offsets_index_the_returned_text_where_byte_tokens_split_characters():
+    """Byte tokens of a multi-byte character: each offset is where its entry's text starts in the
+    answer (a token that completes no character adds nothing), whole and streamed alike."""
+    body = {"prompt": "é!ü", "max_tokens": 0, "echo": True, "logprobs": 1}
+    with _client() as client:
+        plain = client.post("/v1/completions", json=body).json()["choices"][0]
+        with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = _events(r)
+    assert plain["text"] == "é!ü"
+    assert plain["logprobs"]["text_offset"] == [0, 0, 1, 2, 2]  # c3 a9 21 c3 bc
+    streamed = sum((e["choices"][0]["logprobs"]["text_offset"] for e in events if e["choices"][0]["logprobs"]), [])
+    assert streamed == plain["logprobs"]["text_offset"]
+
+
 def test_health_is_503_until_warmed_up(monkeypatch):
     engine = Engine(_model(), ByteTokenizer(), step="model")
     release = threading.Event()
@@ -414,7 +428,9 @@ def test_griffon_serve_command_builds_the_app(tmp_path, monkeypatch, capsys):
     save_pretrained(Griffon(get_preset("griffin-tiny")), tmp_path / "ckpt")
     ByteTokenizer().save(tmp_path / "ckpt")
     seen = {}
-    monkeypatch.setattr(server, "run", lambda app, host, port, shutdown_timeout: seen.update(app=app, port=port))
+    monkeypatch.setattr(
+        server, "run", lambda app, host, port, shutdown_timeout, connections: seen.update(app=app, port=port)
+    )
     (tmp_path / "key").write_text("from-a-file\n")
     argv = ["serve", str(tmp_path / "ckpt"), "--port", "8123", "--max-batch", "2", "--max-tokens", "5"]
     assert main([*argv, "--api-key-file", str(tmp_path / "key")]) == 0
@@ -673,3 +689,57 @@ def test_top_logprobs_hold_the_sampled_token_for_the_openai_client():
             for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
                 assert top[token] == pytest.approx(value) and 1 <= len(top) <= k + 1
                 assert k == 0 or max(top.values()) >= value
+
+
+def test_heavy_bodies_are_refused_cheaply_and_the_loop_stays_responsive():
+    """A body of 1.5 million one-character prompts is refused by the schema's bound on prompts,
+    before anything is tokenised, in well under a second; three at once leave /health quick."""
+    big = json.dumps({"prompt": ["a"] * 1_500_000}).encode()
+    with BackgroundServer(create_app(Engine(_model(), ByteTokenizer(), step="model"), "tiny", warm_up=False)) as url:
+        answers = []
+
+        def post() -> None:
+            t0 = time.monotonic()
+            r = httpx.post(f"{url}/v1/completions", content=big, headers={"content-type": "application/json"},
+                           timeout=60)  # fmt: skip
+            answers.append((r.status_code, r.json()["error"]["message"], time.monotonic() - t0))
+
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        health_seconds = time.monotonic() - t0
+        for t in threads:
+            t.join(60)
+        chat = {"messages": [{"role": "user", "content": "a"}] * 2000, "max_tokens": 1}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    assert [a[0] for a in answers] == [400] * 3 and all("prompt" in a[1] for a in answers), answers
+    assert max(a[2] for a in answers) < 3 and health_seconds < 2, (answers, health_seconds)
+
+
+def test_half_sent_bodies_time_out_and_connections_are_bounded():
+    import socket
+
+    app = create_app(Engine(_model(), ByteTokenizer(), step="model"), "tiny", warm_up=False, body_timeout=0.5)
+    with BackgroundServer(app, max_connections=3) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')  # fmt: skip
+        slow.settimeout(10)
+        t0 = time.monotonic()
+        reply = slow.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout=0.5 s" in reply, reply
+        assert time.monotonic() - t0 < 5
+        slow.close()
+        held = [socket.create_connection((host, int(port))) for _ in range(3)]  # idle, open
+        time.sleep(0.2)
+        refused = httpx.get(f"{url}/health", timeout=10)
+        assert refused.status_code == 503
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200

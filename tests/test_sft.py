@@ -152,3 +152,32 @@ def test_a_chat_the_template_refuses_is_named_by_its_line(tmp_path):
     with pytest.raises(DataError, match=r"c.jsonl:2: the chat template failed to render: System role not supported"):
         read_examples(path, ChatTemplate(GEMMA_TEMPLATE, "<end_of_turn>"))
     assert len(read_examples(path)) == 2  # without a template, only the fields are checked
+
+
+def test_examples_with_nothing_to_learn_are_counted_and_refused_when_most_are(tmp_path, capsys):
+    """Prompts longer than seq_len (or a template that drops the replies) leave no completion token
+    in a row: most such examples refuse the run before anything is written, naming the seq_len
+    that keeps them; a few are warned of. Without this, training ran at loss 0 and the final
+    evaluation divided by zero."""
+    from griffon.align.sft import SFTData
+
+    long = [{"prompt": "x" * 200, "completion": "y"} for _ in range(20)]
+    data = _write(tmp_path / "long.jsonl", long + _examples(4))
+    with pytest.raises(DataError, match=r"^20 of the 24 examples have no token to learn within data.seq_len=128; "
+                                        r"data.seq_len=200 would keep them all$"):  # fmt: skip
+        SFTData.open(str(data), "bytes", None, 128, 0.1, 0, 256)
+    some = _write(tmp_path / "some.jsonl", long[:2] + _examples(22))
+    assert SFTData.open(str(some), "bytes", None, 128, 0.1, 0, 256).unlearnable == 2
+    empty = tmp_path / "empty.jinja"  # renders no reply: nothing to learn anywhere
+    empty.write_text(
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    chats = _write(tmp_path / "chats.jsonl", _examples(8)[0::2])
+    with pytest.raises(DataError, match=r"^4 of the 4 examples have no token to learn .* at any data.seq_len$"):
+        SFTData.open(str(chats), "bytes", str(empty), 128, 0.1, 0, 256)
+    _train(tmp_path / "base", "--set=model=griffin-tiny")
+    argv = ["train", "--out", str(tmp_path / "new"), "--init", str(tmp_path / "base"), "--set=objective=sft",
+            *[f"--set={s}" for s in TINY]]  # fmt: skip
+    assert main([*argv, f"--set=data.path={data}"]) == 2
+    assert "20 of the 24 examples have no token to learn" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

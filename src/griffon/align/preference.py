@@ -15,6 +15,7 @@ before its first step (:func:`reference_logps`), and stored with the run
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,15 @@ from torch.nn import functional as F
 
 from griffon.align.jsonl import read_objects
 from griffon.align.objectives import dpo_loss, qrpo_loss, quantile_reward
-from griffon.align.sft import ShuffledLoader, batch_count, examples_tokenizer, in_batches, split_examples
+from griffon.align.sft import (
+    ShuffledLoader,
+    batch_count,
+    check_learnable,
+    examples_tokenizer,
+    first_target,
+    in_batches,
+    split_examples,
+)
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
@@ -44,6 +53,8 @@ def read_preference_examples(path: str | Path, kind: str) -> list[dict]:
                 raise DataError(f"{where}: {key!r} must be a string")
             if key != "prompt" and not ex[key]:
                 raise DataError(f"{where}: {key!r} is empty")
+        if kind == "dpo" and ex["chosen"] == ex["rejected"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text (a pair that teaches nothing)")
         if kind == "qrpo":
             reward, refs = ex.get("reward"), ex.get("ref_rewards")
             if not _finite(reward):
@@ -57,7 +68,22 @@ def read_preference_examples(path: str | Path, kind: str) -> list[dict]:
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """Whether ``x`` is a real number (not a bool) that a float holds finitely (an int of 400
+    digits is not)."""
+    return real_value(x) is not None
+
+
+def real_value(x) -> float | None:
+    """``x`` as a finite float if it is a real number of any type (int, float, numpy's,
+    ``fractions.Fraction``), else None: a bool, a non-number, NaN, an infinity, or a value too
+    large for a float."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        value = float(x)
+    except (OverflowError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -73,6 +99,9 @@ class PreferenceRows:
     quantiles: np.ndarray
     rewards: np.ndarray
     truncated: int
+    needs: list[int | None]
+    """Each example's smallest ``seq_len`` at which it has something to learn: a completion token
+    (DPO: in both rows, and the rows differ by then; :func:`~griffon.align.sft.first_target`)."""
 
     @property
     def per_example(self) -> int:
@@ -97,17 +126,27 @@ def build_rows(examples: list[dict], kind: str, tokenizer: Tokenizer, seq_len: i
     tokens = np.zeros((n, width), dtype=np.int64)
     targets = np.zeros((n, width), dtype=bool)
     truncated = 0
+    firsts: list[int | None] = []
     for i, (prompt, completion) in enumerate(pairs):
         ids = (prompt + completion)[:width]
         truncated += len(prompt) + len(completion) > width
         tokens[i, : len(ids)] = ids
         targets[i, len(prompt) : len(ids)] = True
         targets[i, 0] = False  # nothing predicts a row's first token
+        firsts.append(first_target([False] * len(prompt) + [True] * len(completion)))
+    needs = firsts
+    if kind == "dpo":  # a pair teaches once both rows have a target and they differ
+        needs = []
+        for (prompt, chosen), (_, rejected), a, b in zip(pairs[0::2], pairs[1::2], firsts[0::2], firsts[1::2],
+                                                          strict=True):  # fmt: skip
+            c, r = prompt + chosen, prompt + rejected
+            differ = next((j for j, (x, y) in enumerate(zip(c, r, strict=False)) if x != y), min(len(c), len(r)))
+            needs.append(None if a is None or b is None else max(a, b, differ))
     seg = np.broadcast_to(np.arange(width), (n, width)).copy()
-    rewards = np.array([ex.get("reward", 0.0) for ex in examples], dtype=np.float64)
+    rewards = np.array([real_value(ex.get("reward", 0.0)) for ex in examples], dtype=np.float64)
     quantiles = np.array([quantile_reward(ex["reward"], ex["ref_rewards"]) if "ref_rewards" in ex else 0.0
                           for ex in examples])  # fmt: skip
-    return PreferenceRows(kind, tokens, seg, targets, quantiles, rewards, truncated)
+    return PreferenceRows(kind, tokens, seg, targets, quantiles, rewards, truncated, needs)
 
 
 def sequence_logps(model: nn.Module, tokens: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -188,13 +227,17 @@ class PreferenceData:
     tokenizer: Tokenizer
     train: PreferenceRows
     val: PreferenceRows
+    unlearnable: int = 0
+    """Examples with nothing to learn within ``seq_len`` (a few are trained on for nothing)."""
 
     @classmethod
     def open(cls, kind: str, path: str | None, tokenizer_spec: str, seq_len: int, val_fraction: float, seed: int,
              vocab_size: int) -> PreferenceData:  # fmt: skip
         tokenizer = examples_tokenizer(kind, path, tokenizer_spec, vocab_size)
         train, val = split_examples(read_preference_examples(path, kind), val_fraction, seed)
-        return cls(kind, tokenizer, *(build_rows(split, kind, tokenizer, seq_len) for split in (train, val)))
+        rows = [build_rows(split, kind, tokenizer, seq_len) for split in (train, val)]
+        unlearnable = check_learnable(rows[0].needs, rows[1].needs, seq_len, "examples")
+        return cls(kind, tokenizer, *rows, unlearnable)
 
     def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> PreferenceLoader:
         return PreferenceLoader(self.train, batch_size, seed, rank, world_size)

@@ -12,21 +12,25 @@ score alike give none).
 
 The output is appended a prompt at a time (all ``n`` lines, then flushed to disk), so a killed
 run resumes where it stopped: the prompts already written are skipped, and a partly written last
-prompt is dropped first.
+prompt is dropped first. What produced the output (the prompts file's hash, the policy, the reward,
+``n`` and the sampling settings) is recorded beside it (``OUT.source.json``), and a rerun into the
+same output with anything else is refused, so two runs never mix in one file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from griffon.align.jsonl import read_objects
+from griffon.align.preference import real_value
 from griffon.data.sources import DataError
+from griffon.files import open_regular
 
 Reward = Callable[[str, str], float]
 
@@ -62,7 +66,10 @@ def table_reward(path: str | Path) -> Reward:
         key = (obj.get("prompt"), obj.get("completion"))
         if not all(isinstance(k, str) for k in key):
             raise DataError(f"{where}: 'prompt' and 'completion' must be strings")
-        table[key] = obj.get("reward")  # checked when used: score()
+        value = real_value(obj.get("reward"))
+        if value is None:
+            raise DataError(f"{where}: 'reward' is {obj.get('reward')!r}, not a finite real number")
+        table[key] = value
 
     def reward(prompt: str, completion: str) -> float:
         if (prompt, completion) not in table:
@@ -72,15 +79,55 @@ def table_reward(path: str | Path) -> Reward:
     return reward
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    prompts = []
+def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """The prompts of a JSONL file, and where each is (``FILE:LINE``, to name in errors)."""
+    prompts, wheres = [], []
     for where, obj in read_objects(path):
         if not isinstance(obj.get("prompt"), str):
             raise DataError(f"{where}: 'prompt' must be a string")
         prompts.append(obj["prompt"])
+        wheres.append(where)
     if not prompts:
         raise DataError(f"{path} holds no prompts")
-    return prompts
+    return prompts, wheres
+
+
+def file_hash(path: str | Path) -> str:
+    """The SHA-256 of a regular file, read a block at a time."""
+    digest = hashlib.sha256()
+    with open_regular(path, "a file") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output(out: str | Path, inputs: dict[str, str | None], source: dict) -> Path:
+    """Refuse an output that is one of the ``inputs`` (name -> path), or that holds the output of
+    a run with another ``source`` (what produced it); record ``source`` beside a new output.
+    Returns the record's path."""
+    out = Path(out)
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        linked = out.exists() and Path(path).exists() and os.path.samefile(out, path)
+        if linked or Path(path).resolve() == out.resolve():
+            raise ValueError(f"--out {out} is the {name}; write the output to another file")
+    record = out.with_name(out.name + ".source.json")
+    if out.exists() and out.stat().st_size:
+        if not record.is_file():
+            raise ValueError(f"{out} exists and was not written by griffon rewards (no {record.name}); "
+                             "give another --out")  # fmt: skip
+        held = json.loads(record.read_text())
+        changed = sorted(k for k in source.keys() | held.keys() if held.get(k) != source.get(k))
+        if changed:
+            raise ValueError(f"{out} holds the output of a run with other {', '.join(changed)}; "
+                             "give another --out, or the same arguments to resume it")  # fmt: skip
+    else:
+        from griffon.atomic import atomic_write
+
+        text = json.dumps(source, indent=2) + "\n"
+        atomic_write(record, lambda tmp: tmp.write_text(text))
+    return record
 
 
 def _done_prompts(out: Path, n: int) -> int:
@@ -97,13 +144,17 @@ def _done_prompts(out: Path, n: int) -> int:
     return whole
 
 
-def score(reward: Reward, prompt: str, completion: str) -> float:
+def score(reward: Reward, prompt: str, completion: str, where: str | None = None) -> float:
+    """The reward of a completion as a float: any real number type is taken; a value that is not
+    one, or is not finite as a float, is refused naming the prompt (and its ``FILE:LINE``)."""
     value = reward(prompt, completion)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = real_value(value)
+    if number is None:
+        at = f"{where}: " if where else ""
         raise ValueError(
-            f"the reward of {completion[:40]!r} (prompt {prompt[:40]!r}) is {value!r}, not a finite number"
+            f"{at}the reward of {completion[:40]!r} (prompt {prompt[:40]!r}) is {value!r}, not a finite real number"
         )
-    return float(value)
+    return number
 
 
 def sample_rewards(
@@ -120,11 +171,14 @@ def sample_rewards(
     seed: int = 0,
     max_batch: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    wheres: list[str] | None = None,
 ) -> int:
     """Write the QRPO dataset (and DPO pairs) for ``prompts``; returns the prompts done now. The
     completions of prompt i use seeds ``seed + i * n + j``, so a resumed run samples what an
     uninterrupted one would. Without a ``reward``, the completions alone are written, as the
-    reward would read them (``{"prompt", "completion"}``), to be scored elsewhere."""
+    reward would read them (``{"prompt", "completion"}``), to be scored elsewhere. ``wheres``:
+    each prompt's ``FILE:LINE``, to name in errors. The engine is fed at most what it can hold at
+    once (its queue), however large ``n``."""
     from griffon.serve import Engine, SamplingParams
 
     if n < 2:
@@ -133,24 +187,28 @@ def sample_rewards(
     start = _done_prompts(out, n)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefix_cache_bytes=0)
     per_batch = max(1, max_batch // n)
+    capacity = engine.max_queue  # requests wait in the queue until the next step admits them
     done = 0
     for first in range(start, len(prompts), per_batch):
         group = prompts[first : first + per_batch]
-        requests = [
-            [engine.submit(tokenizer.encode(p), SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                               seed=seed + (first + i) * n + j, stop=stop))
-             for j in range(n)]
-            for i, p in enumerate(group)
-        ]  # fmt: skip
-        engine.run_until_done()
-        for prompt, reqs in zip(group, requests, strict=True):
+        ids = [tokenizer.encode(p) for p in group]
+        todo = [(i, j) for i in range(len(group)) for j in range(n)]
+        requests: list[list] = [[] for _ in group]
+        for part in range(0, len(todo), capacity):
+            for i, j in todo[part : part + capacity]:
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + (first + i) * n + j,
+                                        stop=stop)  # fmt: skip
+                requests[i].append(engine.submit(ids[i], params))
+            engine.run_until_done()
+        for k, (prompt, reqs) in enumerate(zip(group, requests, strict=True)):
             # the reward reads the answer (up to a stop string); the data keep every token sampled,
             # the stop's too, which the policy's log-probability of the completion is taken over
             answers = [r.text.visible(final=True) for r in reqs]
             if reward is None:
                 lines = [json.dumps({"prompt": prompt, "completion": a}) for a in answers]
             else:
-                rewards = [score(reward, prompt, a) for a in answers]
+                where = wheres[first + k] if wheres is not None else None
+                rewards = [score(reward, prompt, a, where) for a in answers]
                 lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(r.tokens), "reward": x,
                                      "ref_rewards": rewards}) for r, x in zip(reqs, rewards, strict=True)]  # fmt: skip
             _append(out, lines)

@@ -219,6 +219,35 @@ def split_examples(examples: list[dict], val_fraction: float, seed: int) -> tupl
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
+def first_target(mask: list[bool]) -> int | None:
+    """The smallest ``data.seq_len`` at which an example (its loss mask) has a token to learn: its
+    first target past the row's first token, which nothing predicts (None: it has none)."""
+    return next((i for i, m in enumerate(mask) if m and i > 0), None)
+
+
+def check_learnable(needs: list[int | None], val_needs: list[int | None], seq_len: int, what: str) -> int:
+    """Count the examples with no token to learn within ``seq_len`` (``needs``: each training
+    example's smallest such ``seq_len``, None where none is; ``val_needs`` the validation
+    examples'). Refuse, with how many and which ``data.seq_len`` would keep them, when none or most
+    of them are, or every validation example is (the validation loss would be of nothing); else
+    return how many there are, for the caller to warn of."""
+    every = needs + val_needs
+    lost = [n for n in every if n is None or n > seq_len]
+    if lost and (2 * len(lost) > len(every) or all(n is None or n > seq_len for n in val_needs)):
+        reachable = [n for n in lost if n is not None]
+        if len(reachable) == len(lost):
+            hint = f"; data.seq_len={max(reachable)} would keep them all"
+        elif reachable:
+            hint = f"; data.seq_len={max(reachable)} would keep {len(reachable)}, no length the others"
+        else:
+            hint = " at any data.seq_len"
+        where = "" if 2 * len(lost) > len(every) else ", every validation example among them"
+        raise DataError(
+            f"{len(lost)} of the {len(every)} {what} have no token to learn within data.seq_len={seq_len}{where}{hint}"
+        )
+    return len(lost)
+
+
 def examples_tokenizer(objective: str, path: str | None, tokenizer_spec: str, vocab_size: int) -> Tokenizer:
     """Check that ``path`` is a file of examples for ``objective`` and load the tokenizer they are
     read with: the model's own (a new BPE is refused), whose ids its vocabulary holds."""
@@ -244,6 +273,8 @@ class SFTData:
     tokenizer: Tokenizer
     train: PackedRows
     val: PackedRows
+    unlearnable: int = 0
+    """Examples with no token to learn within ``seq_len`` (a few are trained on for nothing)."""
 
     @classmethod
     def open(cls, path: str | None, tokenizer_spec: str, template_file: str | None, seq_len: int,
@@ -260,12 +291,12 @@ class SFTData:
             raise DataError(str(e)) from None
         train, val = split_examples(read_examples(path, template), val_fraction, seed)
         try:
-            rows = [
-                pack([tokenize_example(ex, tokenizer, template) for ex in split], seq_len) for split in (train, val)
-            ]
+            tokenized = [[tokenize_example(ex, tokenizer, template) for ex in split] for split in (train, val)]
         except ChatTemplateError as e:
             raise DataError(f"{path}: {e}") from None
-        return cls(tokenizer, *rows)
+        needs = [[first_target(mask) for _, mask in split] for split in tokenized]
+        unlearnable = check_learnable(*needs, seq_len, "examples")
+        return cls(tokenizer, *(pack(split, seq_len) for split in tokenized), unlearnable)
 
     def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> SFTLoader:
         return SFTLoader(self.train, batch_size, seed, rank, world_size)

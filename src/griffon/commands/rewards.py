@@ -7,11 +7,22 @@ import sys
 
 
 def run(args: argparse.Namespace) -> None:
-    from griffon.align.rewards import load_reward, read_prompts, sample_rewards
+    from pathlib import Path
+
+    from griffon.align.rewards import check_output, file_hash, load_reward, read_prompts, sample_rewards
     from griffon.checkpoint import load_for_inference
 
     reward = load_reward(args.reward) if args.reward else None
-    prompts = read_prompts(args.prompts)
+    prompts, wheres = read_prompts(args.prompts)
+    table = args.reward if args.reward and args.reward.endswith(".jsonl") else None
+    if args.dpo_out and Path(args.dpo_out).resolve() == Path(args.out).resolve():
+        raise ValueError("--dpo-out and --out are the same file; give two")
+    source = {
+        "prompts": file_hash(args.prompts), "policy": str(Path(args.policy).resolve()), "reward": args.reward,
+        "reward_table": file_hash(table) if table else None, "n": args.n, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "stop": list(args.stop), "seed": args.seed,
+    }  # fmt: skip
+    check_output(args.out, {"prompts file": args.prompts, "reward table": table, "DPO output": args.dpo_out}, source)
     model, tokenizer = load_for_inference(args.policy)
 
     from tqdm import tqdm
@@ -23,7 +34,7 @@ def run(args: argparse.Namespace) -> None:
         bar.refresh()
 
     done = sample_rewards(model, tokenizer, prompts, reward, args.n, args.out, args.dpo_out, args.max_tokens,
-                          args.temperature, tuple(args.stop), args.seed, args.max_batch, progress)  # fmt: skip
+                          args.temperature, tuple(args.stop), args.seed, args.max_batch, progress, wheres)  # fmt: skip
     bar.close()
     print(
         f"{done} prompts sampled now, {len(prompts)} in {args.out}"

@@ -100,10 +100,10 @@ def run(args: argparse.Namespace) -> None:
     name = args.name or Path(args.model).resolve().name
     app = server.create_app(
         engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template,
-        stall_timeout=args.stall_timeout,
+        stall_timeout=args.stall_timeout, body_timeout=args.body_timeout,
     )  # fmt: skip
     log.info("serving %s at http://%s:%d/v1 (OpenAI completions and chat completions)", name, args.host, args.port)
-    server.run(app, args.host, args.port, args.shutdown_timeout)
+    server.run(app, args.host, args.port, args.shutdown_timeout, args.max_connections)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +143,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stall-timeout", type=float, default=limits.DEFAULT_STALL_TIMEOUT,
                    help="seconds the engine may be silent with requests pending before /health and new "
                         "requests answer 503")  # fmt: skip
+    s.add_argument("--body-timeout", type=float, default=limits.DEFAULT_BODY_TIMEOUT,
+                   help="seconds from a request's start until its body must have arrived whole; then 408")  # fmt: skip
+    s.add_argument("--max-connections", type=int, default=limits.DEFAULT_MAX_CONNECTIONS,
+                   help="open connections and running requests held at once; beyond, 503")  # fmt: skip
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may go on after SIGTERM/SIGINT before they are aborted")  # fmt: skip
     s.add_argument("--step", choices=STEPS, default="auto", help="decode step (see griffon sample --step)")

@@ -192,40 +192,49 @@ def find_stop(text: str, stop_strings: Sequence[str], new_from: int = 0) -> int 
     return min(hits) if hits else None
 
 
+class Detokenizer:
+    """Token ids in, their text out, incrementally, as in TGI and vLLM: each token decodes a short
+    window (the ids since the last piece of text was taken, and the few before them that give the
+    tokenizer its context: a word-boundary marker, a merge), not the whole sequence, so a token
+    costs the same however long the text. ``complete`` is the text of whole characters so far;
+    ids that end in an incomplete UTF-8 character wait in the window for the rest."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.complete = ""
+        # ids[_prefix:_read] decode to the end of ``complete``: the context of the next window
+        self._prefix = self._read = 0
+
+    def push(self, token: int) -> str:
+        """Add a token; return all the text so far: ``complete`` and the window's new text, which
+        is taken into ``complete`` unless it ends in an incomplete character."""
+        self.ids.append(token)
+        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        window = self.tokenizer.decode(self.ids[self._prefix :])
+        tail = window[len(context) :] if len(window) > len(context) else ""
+        if tail and not tail.endswith("\ufffd"):
+            self.complete += tail
+            self._prefix, self._read, tail = self._read, len(self.ids), ""
+        return self.complete + tail
+
+
 class TextStream:
     """Token ids in, text out, for one row: the text that can be shown as tokens arrive, cut
     before the first stop string. Text that could still become the start of a stop string (the
     longest one's length minus one characters) or that ends in an incomplete UTF-8 character is
     held back until it cannot. ``done`` turns True at the tokenizer's EOS or a stop string.
-
-    Detokenisation is incremental, as in TGI and vLLM: each token decodes a short window (the
-    ids since the last piece of text was taken, and the few before them that give the
-    tokenizer its context: a word-boundary marker, a merge), not the whole sequence, so a token
-    costs the same however long the text."""
+    Detokenisation is incremental (:class:`Detokenizer`)."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
-        self.ids: list[int] = []
         self.text = ""
         self.done = False
         self._shown = 0
         self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
         self._searched = 0  # text before this is not searched for stop strings again
-        # ids[_prefix:_read] decode to the end of ``_decoded``: the context of the next window
-        self._prefix = self._read = 0
-        self._decoded = ""
-
-    def _decode(self) -> str:
-        """All the text so far: the text taken, and the window's new text, which is taken unless
-        it ends in an incomplete character (then the ids wait in the window for the rest)."""
-        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        window = self.tokenizer.decode(self.ids[self._prefix :])
-        tail = window[len(context) :] if len(window) > len(context) else ""
-        if tail and not tail.endswith("\ufffd"):
-            self._decoded += tail
-            self._prefix, self._read, tail = self._read, len(self.ids), ""
-        return self._decoded + tail
+        self._detokenizer = Detokenizer(tokenizer)
 
     def push(self, token: int, stops: bool = True) -> str:
         """Add a token; return the new text that is safe to show (often empty). With ``stops``
@@ -236,9 +245,8 @@ class TextStream:
         if token == self.tokenizer.eos_id:
             self.done = True
             return self.flush()
-        self.ids.append(token)
         # Assigned once, already cut: a reader on another thread never sees a stop string's start.
-        text = self._decode()
+        text = self._detokenizer.push(token)
         if not stops:
             self.text, self._searched = text, len(text)
             return ""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from griffon.align.chat import ChatTemplate
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN
-from griffon.serve.limits import MAX_CHOICES
+from griffon.serve.limits import MAX_CHOICES, MAX_MESSAGES, MAX_STOPS
 
 
 class ChatMessage(BaseModel):
@@ -38,7 +38,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -46,7 +46,7 @@ class ChatCompletionRequest(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: ChatStreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS - 1)] | None = None  # and the end of turn
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -59,7 +59,7 @@ class ChatCompletionRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)] | None = None
     ignore_eos: bool = False
 
 

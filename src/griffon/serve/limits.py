@@ -27,6 +27,16 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb: a request body's bytes
 DEFAULT_STALL_TIMEOUT = 30.0
 # Choices per prompt (``n``, ``best_of``) as OpenAI bounds ``n``.
 MAX_CHOICES = 128
+# The schema's bounds on a body's lists, checked as it is parsed, so that a body of millions of
+# items is refused before any of them is tokenised: prompts in one request, messages in one
+# chat, stop strings and stop token ids. A prompt of token ids is bounded by PROMPT_CAP.
+MAX_PROMPTS = 1024
+MAX_MESSAGES = 1024
+MAX_STOPS = 64
+# --body-timeout: seconds from a request's start until its body must have arrived whole.
+DEFAULT_BODY_TIMEOUT = 30.0
+# --max-connections: open connections and running requests the server holds; beyond, 503.
+DEFAULT_MAX_CONNECTIONS = 1024
 PROMPT_CAP = 2**17  # --max-prompt-tokens never defaults above this
 MEMORY_SHARE = 0.5  # of the device's free memory at start, for the requests' prompt-dependent memory
 # Host bytes per prompt token while a request is queued or running: its ids as a Python list

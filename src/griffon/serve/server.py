@@ -52,11 +52,22 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from griffon.align.chat import ChatTemplate, ChatTemplateError, template_for
+from griffon.data.tokenizers import Tokenizer
+from griffon.decode.generate import Detokenizer
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
 from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
 from griffon.serve.engine import Engine, EngineThread
 from griffon.serve.engine_process import EngineProcess
-from griffon.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_STALL_TIMEOUT, MAX_CHOICES
+from griffon.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_STALL_TIMEOUT,
+    MAX_CHOICES,
+    MAX_PROMPTS,
+    MAX_STOPS,
+    PROMPT_CAP,
+)
 from griffon.serve.request import QueueFull
 from griffon.serve.request import Request as EngineRequest
 
@@ -80,7 +91,9 @@ class StreamOptions(BaseModel):
 
 
 Text = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=PROMPT_CAP)]
+Stops = str | Annotated[list[str], Field(max_length=MAX_STOPS)]
+StopIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)]
 
 
 class CompletionRequest(BaseModel):
@@ -92,14 +105,17 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: (
-        Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     max_tokens: Annotated[int, Field(ge=0)] = 16
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # below 1e-5: greedy, as vLLM
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: int = -1  # vLLM's extension; -1 (or 0) keeps every token
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    stop: str | list[str] | None = None
+    stop: Stops | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None  # include_usage: a last event with the token counts
     echo: bool = False
@@ -116,7 +132,7 @@ class CompletionRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: StopIds | None = None
 
 
 def _best_of(body: CompletionRequest) -> int:
@@ -208,11 +224,19 @@ class BodyTooLarge(HTTPException):
         )
 
 
+class BodyTimeout(HTTPException):
+    """The request body did not arrive whole in time (an HTTPException, as :class:`BodyTooLarge`)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within body_timeout={seconds:g} s")
+
+
 class Gate:
     """ASGI middleware in front of the app: the API key (401) and the body's size (413) are
     checked before the body is read, so a client without the key learns nothing from its body
-    and a large body is refused without being held. Pure ASGI (no BaseHTTPMiddleware), so
-    streamed answers pass through untouched."""
+    and a large body is refused without being held; a body that has not arrived whole within
+    ``body_timeout`` seconds of the request's start is refused (408), so a half-sent body holds
+    nothing for long. Pure ASGI (no BaseHTTPMiddleware), so streamed answers pass through untouched."""
 
     def __init__(self, app: ASGIApp, server: Server) -> None:
         self.app = app
@@ -238,12 +262,20 @@ class Gate:
                 scope, receive, send
             )
             return
-        seen = 0
+        seen, whole = 0, False
+        deadline = time.monotonic() + server.body_timeout
 
         async def counted() -> Message:  # a body sent without a length (chunked) is counted as it comes
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, whole
+            if whole:  # the body is in: what follows is a disconnect, which may come at any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                server.rejected("body_timeout")
+                raise BodyTimeout(server.body_timeout) from None
             seen += len(message.get("body", b""))
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > limit:
                 server.rejected("too_large")
                 raise BodyTooLarge(limit)
@@ -252,16 +284,38 @@ class Gate:
         await self.app(scope, counted, send)
 
 
+class TextOffsets:
+    """Where each output entry's text starts in the answer (OpenAI's ``text_offset``): the length
+    of the whole characters that the entries before it decode to, so every offset indexes the
+    returned text, also where byte tokens split a character (such a token adds nothing until the
+    character is whole: "é!" as three byte tokens has offsets 0, 0, 1). Without a tokenizer, the
+    entries' strings (their ids) laid end to end."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.end = 0
+
+    def next(self, token: int, piece: str) -> int:
+        """The offset of an entry (token id ``token``, shown as ``piece``); the entry is taken in."""
+        if self.detokenizer is None:
+            offset, self.end = self.end, self.end + len(piece)
+            return offset
+        offset = len(self.detokenizer.complete)
+        self.detokenizer.push(token)
+        return offset
+
+
 class Server:
     """The app's state: the engine and what runs it (a thread, or the engine's own process),
     readiness, and how requests become engine requests."""
 
     def __init__(
         self, engine: Engine | EngineProcess, model_name: str, api_key: str | None, max_body_bytes: int,
-        warm_up: bool, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        warm_up: bool, stall_timeout: float = DEFAULT_STALL_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:  # fmt: skip
         self.engine = engine
         self.stall_timeout = stall_timeout
+        self.body_timeout = body_timeout
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -376,22 +430,21 @@ class Server:
         """The prompts' token ids; a batch whose choices (prompts x ``best_of``) could never all
         wait in the queue is refused."""
         p = body.prompt
-        if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
-            if self.engine.tokenizer is None:
-                raise ValueError("this server has no tokenizer: send prompts as token ids")
-            texts = [p] if isinstance(p, str) else p
-            prompts = [self.engine.tokenizer.encode(t) for t in texts]
-        elif not p:
+        if not p:
             raise ValueError("prompt is empty")
-        else:
-            prompts = [p] if isinstance(p[0], int) else p  # type: ignore[list-item]
+        texts = isinstance(p, str) or isinstance(p[0], str)
+        batch = [p] if isinstance(p, str) or isinstance(p[0], int) else p
         choices = _best_of(body)
-        if len(prompts) * choices > self.engine.max_queue:
+        if len(batch) * choices > self.engine.max_queue:  # before any of it is tokenised
             raise ValueError(
-                f"the prompt is a batch of {len(prompts)} x {choices} choices; this server queues at most "
+                f"the prompt is a batch of {len(batch)} x {choices} choices; this server queues at most "
                 f"max_queue={self.engine.max_queue} of them, so the batch can never fit: send it in parts"
             )
-        return prompts
+        if not texts:
+            return batch  # type: ignore[return-value]
+        if self.engine.tokenizer is None:
+            raise ValueError("this server has no tokenizer: send prompts as token ids")
+        return [self.engine.tokenizer.encode(t) for t in batch]  # type: ignore[arg-type]
 
     def params(self, body: CompletionRequest) -> list[SamplingParams]:
         """Each choice's sampling parameters (``best_of`` of them per prompt): the same but for the
@@ -468,17 +521,16 @@ class Server:
             return 0
         return (len(req.prompt) if req.params.echo else 0) + len(req.tokens)
 
-    def logprobs(self, req: EngineRequest, start: int, end: int, offset: int) -> tuple[dict, int]:
-        """OpenAI's ``logprobs`` object for output entries [start, end), whose text starts at
-        character ``offset`` of the answer; and the offset after them."""
+    def logprobs(self, req: EngineRequest, start: int, end: int, where: TextOffsets) -> dict:
+        """OpenAI's ``logprobs`` object for output entries [start, end); ``where`` has been given
+        the entries before ``start`` and places these in the answer's text."""
         echoed = len(req.prompt) if req.params.echo else 0
         ids = req.prompt[start : min(end, echoed)] + req.tokens[max(start - echoed, 0) : max(end - echoed, 0)]
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for token, entry in zip(ids, req.logprob_entries(start, end), strict=True):
             piece = self.token_str(token)
             tokens.append(piece)
-            offsets.append(offset)
-            offset += len(piece)
+            offsets.append(where.next(token, piece))
             token_logprobs.append(None if entry is None else entry.logprob)
             if entry is None:
                 top_logprobs.append(None)
@@ -494,7 +546,7 @@ class Server:
             "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
-        return body, offset
+        return body
 
     def echo_text(self, req: EngineRequest) -> str:
         """The prompt's text, which an ``echo`` answer starts with ("" without a tokenizer or echo)."""
@@ -505,7 +557,7 @@ class Server:
     def choice(self, index: int, req: EngineRequest) -> dict:
         logprobs = None
         if req.params.logprobs is not None:
-            logprobs, _ = self.logprobs(req, 0, self.ready_entries(req), 0)
+            logprobs = self.logprobs(req, 0, self.ready_entries(req), TextOffsets(self.engine.tokenizer))
         return {
             "index": index,
             "text": self.echo_text(req) + self.text(req, final=True),
@@ -601,7 +653,8 @@ class Server:
         """:meth:`stream`'s events as completions bodies, then None for ``[DONE]``: a list of
         those ready at each wake-up."""
         k = len(requests)
-        sent_text, sent_entries, offset = [0] * k, [0] * k, [0] * k
+        sent_text, sent_entries = [0] * k, [0] * k
+        where = [TextOffsets(self.engine.tokenizer) for _ in range(k)]
         echoed, closed = [not r.params.echo for r in requests], [False] * k
         deadline = self.deadline(requests)
         try:
@@ -617,7 +670,7 @@ class Server:
                             continue
                         lp = None
                         if r.params.logprobs is not None and ready:
-                            lp, offset[i] = self.logprobs(r, 0, len(r.prompt), 0)
+                            lp = self.logprobs(r, 0, len(r.prompt), where[i])
                         ready_events.append(self._event(rid, i, self.echo_text(r), lp, None))
                         echoed[i], sent_entries[i] = True, len(r.prompt)
                     text = self.text(r, final=finished)
@@ -625,7 +678,7 @@ class Server:
                     if delta or ready > sent_entries[i] or finished:  # one event per new token, as vLLM
                         lp = None
                         if r.params.logprobs is not None:
-                            lp, offset[i] = self.logprobs(r, sent_entries[i], max(ready, sent_entries[i]), offset[i])
+                            lp = self.logprobs(r, sent_entries[i], max(ready, sent_entries[i]), where[i])
                         reason = None
                         if finished:
                             reason = _REASONS.get(r.finish_reason, r.finish_reason)
@@ -664,6 +717,7 @@ def create_app(
     warm_up: bool = True,
     chat_template: ChatTemplate | None = None,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``: an :class:`Engine`, run on a thread of this process, or
     an :class:`EngineProcess`, started here if it is not yet (its own ``warm_up`` applies). Its
@@ -673,7 +727,7 @@ def create_app(
     an engine without a tokenizer serves no chat)."""
     if isinstance(engine, EngineProcess) and engine.info is None:
         engine.start()
-    server = Server(engine, model_name, api_key, max_body_bytes, warm_up, stall_timeout)
+    server = Server(engine, model_name, api_key, max_body_bytes, warm_up, stall_timeout, body_timeout)
     if chat_template is None and engine.tokenizer is not None:
         chat_template = template_for(engine.tokenizer)
 
@@ -753,7 +807,9 @@ def create_app(
         wake: asyncio.Queue = asyncio.Queue()
         try:
             choices = server.params(body)
-            requests = server.submit(server.prompts(body), choices, wake)
+            # Tokenising megabytes of text takes a while: off the event loop, which serves the rest.
+            prompts = await asyncio.to_thread(server.prompts, body)
+            requests = server.submit(prompts, choices, wake)
         except QueueFull:
             server.rejected("queue_full")
             return _error(429, "the server's queue is full; retry later", headers={"Retry-After": str(RETRY_AFTER)})
@@ -786,7 +842,8 @@ def create_app(
             server.rejected("invalid")
             return _error(400, "this server has no tokenizer, so no chat template: use /v1/completions")
         try:
-            request = CompletionRequest.model_validate(completion_fields(body, chat_template), strict=False)
+            fields = await asyncio.to_thread(completion_fields, body, chat_template)  # rendering: off the loop
+            request = CompletionRequest.model_validate(fields, strict=False)
         except (ValueError, ChatTemplateError) as e:
             server.rejected("invalid")
             return _error(400, str(e).splitlines()[0])
@@ -795,11 +852,14 @@ def create_app(
     return app
 
 
-def run(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
+def run(
+    app: FastAPI, host: str, port: int, shutdown_timeout: float, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down within about ``shutdown_timeout``
     seconds: stop accepting, answer new requests on open connections with 503, let running requests
     finish until then and abort the rest (each stream gets a final event and ``[DONE]``), exit. A
-    second SIGINT exits at once."""
+    second SIGINT exits at once. Beyond ``max_connections`` open connections and running requests,
+    new ones are answered 503 (uvicorn's ``limit_concurrency``)."""
     import uvicorn
 
     server: Server = app.state.server
@@ -812,8 +872,9 @@ def run(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
 
     # uvicorn's own bound is a backstop: the drain above ends the requests first.
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 5
-    )
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 5,
+        limit_concurrency=max_connections,
+    )  # fmt: skip
     Graceful(config).run()
 
 
@@ -821,11 +882,14 @@ class BackgroundServer:
     """Run an app with uvicorn on a background thread (loopback benchmarks and tests); entering
     waits until the app is ready (warmed up)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, max_connections: int = DEFAULT_MAX_CONNECTIONS
+    ) -> None:
         import uvicorn
 
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

@@ -115,6 +115,8 @@ def train(
         for name, rows in (("training", data.train), ("validation", data.val)):
             if rows.truncated:
                 sys.stderr.write(f"{rows.truncated} {name} examples are longer than data.seq_len + 1 and cut\n")
+        if data.unlearnable:
+            sys.stderr.write(f"{data.unlearnable} examples have no token to learn within data.seq_len={d.seq_len}\n")
     else:
         data = data if data is not None else TrainingData.resolve(cfg.data.path)
         data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
