@@ -181,3 +181,80 @@ def test_examples_with_nothing_to_learn_are_counted_and_refused_when_most_are(tm
     assert main([*argv, f"--set=data.path={data}"]) == 2
     assert "20 of the 24 examples have no token to learn" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+OWN_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_the_chat_template_travels_with_the_run(tmp_path, monkeypatch, capsys):
+    """An SFT run trained with a template of its own keeps it: ``sample --chat`` (with a system
+    message and a multi-turn conversation), the server and the HF export all render with it."""
+    import griffon.decode
+    from griffon.align.chat import ChatTemplate
+    from griffon.checkpoint import load_for_inference
+
+    _train(tmp_path / "base", "--set=model=griffin-tiny")
+    template_file = tmp_path / "own.jinja"
+    template_file.write_text(OWN_TEMPLATE)
+    data = _write(tmp_path / "sft.jsonl", _examples(16))
+    _train(tmp_path / "sft", "--init", str(tmp_path / "base"), "--set=objective=sft", f"--set=data.path={data}",
+           f"--set=data.chat_template={template_file}")  # fmt: skip
+    template_file.unlink()  # the run holds its own copy
+    assert (tmp_path / "sft" / "chat_template.jinja").read_text() == OWN_TEMPLATE
+    own = ChatTemplate(OWN_TEMPLATE, "<|end|>")
+    tok = load_for_inference(tmp_path / "sft")[1]
+
+    seen = []
+    monkeypatch.setattr(griffon.decode, "stream_tokens", lambda model, ids, *a, **k: seen.append(ids) or iter(()))
+    conversation = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "3"}]
+    (tmp_path / "chat.json").write_text(json.dumps(conversation))
+    argv = ["sample", str(tmp_path / "sft"), "--chat", "--system", "be brief", "--messages", str(tmp_path / "chat.json"),
+            "--prompt", "doubled?"]  # fmt: skip
+    assert main(argv) == 0
+    want = [{"role": "system", "content": "be brief"}, *conversation, {"role": "user", "content": "doubled?"}]
+    assert tok.decode(seen[-1]) == own.render(want)
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from griffon.serve import Engine
+    from griffon.serve.server import create_app
+
+    model = load_for_inference(tmp_path / "sft")[0]
+    with TestClient(create_app(Engine(model, tok, step="model"), "sft", warm_up=False)) as client:
+        assert client.app.state.server.ready.wait(60)
+        r = client.post("/v1/chat/completions", json={"messages": want, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode(own.render(want)))
+
+    assert main(["export-hf", str(tmp_path / "sft"), str(tmp_path / "hf")]) == 0
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf.apply_chat_template(want, tokenize=False, add_generation_prompt=True) == own.render(want)
+
+
+def test_a_template_that_raises_is_a_clear_error(tmp_path):
+    from griffon.align.sft import SFTData
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m['content'] }}{{ 1 / 0 }}{% endfor %}")
+    data = _write(tmp_path / "sft.jsonl", _examples(4))
+    with pytest.raises(DataError, match=r"sft.jsonl:1: the chat template failed to render: ZeroDivisionError"):
+        SFTData.open(str(data), "bytes", str(bad), 128, 0.1, 0, 256)
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from griffon.align.chat import ChatTemplate
+    from griffon.model import Griffon
+    from griffon.presets import get_preset
+    from griffon.serve import Engine
+    from griffon.serve.server import create_app
+
+    engine = Engine(Griffon(get_preset("griffin-tiny")), ByteTokenizer(), step="model")
+    app = create_app(engine, "x", warm_up=False, chat_template=ChatTemplate(bad.read_text(), "<|end|>"))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 400 and "ZeroDivisionError" in r.json()["error"]["message"]

@@ -358,9 +358,12 @@ def convert(
     return cfg
 
 
-def export_hf(model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | None = None) -> None:
+def export_hf(
+    model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | None = None, chat_template: str | None = None
+) -> None:
     """Write a griffon checkpoint as an HF RecurrentGemma directory (config.json + model.safetensors),
-    with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)."""
+    with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)
+    and ``chat_template`` (Jinja source) as ``chat_template.jinja``, which its ``apply_chat_template`` reads."""
     from griffon.checkpoint import checkpoint_weights, load_config
 
     cfg = load_config(model_dir)
@@ -380,6 +383,8 @@ def export_hf(model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | Non
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_hf(tmp)
+        if chat_template is not None:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
 __all__ = ["ConversionError", "convert", "export_hf", "config_from_deepmind", "config_from_hf"]

@@ -75,6 +75,8 @@ class ChatTemplate:
             )  # fmt: skip
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template failed to render: {e}") from None
+        except Exception as e:  # the template's own arithmetic or calls ({{ 1/0 }}): its error, not ours
+            raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
 
 
 def check_messages(messages: list[dict]) -> None:
@@ -120,8 +122,13 @@ def read_template(path: str | Path) -> str:
         raise ChatTemplateError(str(e)) from None
 
 
-def _hf_template(directory: Path) -> ChatTemplate | None:
-    """The chat template saved with an HF tokenizer in ``directory``, if there is one."""
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def saved_template(directory: Path) -> ChatTemplate | None:
+    """The chat template saved beside a tokenizer in ``directory``, if there is one: an HF
+    tokenizer's (``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``, with
+    its ``bos_token`` and ``eos_token``), or the one a griffon run keeps (:func:`save_template`)."""
     config: dict = {}
     path = directory / "tokenizer_config.json"
     if path.is_file():
@@ -132,16 +139,49 @@ def _hf_template(directory: Path) -> ChatTemplate | None:
         if not isinstance(config, dict):
             raise ChatTemplateError(f"{path} is not a JSON object")
     source = config.get("chat_template")
-    if (directory / "chat_template.jinja").is_file():
-        source = read_template(directory / "chat_template.jinja")
+    if (directory / TEMPLATE_FILE).is_file():
+        source = read_template(directory / TEMPLATE_FILE)
     if isinstance(source, list):  # named templates: the default one
         source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(source, str) or not source:
         return None
     _compile(source)
     bos, eos = (_token_text(config.get(k)) for k in ("bos_token", "eos_token"))
-    end = "<end_of_turn>" if "<end_of_turn>" in source else eos
-    return ChatTemplate(source, end_of_turn=end or "<|end|>", bos_token=bos, eos_token=eos)
+    return ChatTemplate(source, end_of_turn=_end_of_turn(source, eos), bos_token=bos, eos_token=eos)
+
+
+def _end_of_turn(source: str, eos: str = "") -> str:
+    """Where a template's replies end: Gemma's or griffon's marker if it uses one, else its EOS."""
+    for marker in ("<end_of_turn>", "<|end|>"):
+        if marker in source:
+            return marker
+    return eos or "<|end|>"
+
+
+def save_template(template: ChatTemplate, directory: Path) -> None:
+    """Keep ``template`` beside a tokenizer in ``directory`` as :func:`saved_template` reads it:
+    ``chat_template.jinja`` (as transformers saves one), and its BOS and EOS strings in
+    ``tokenizer_config.json`` where it has them."""
+    from griffon.atomic import atomic_write
+
+    atomic_write(directory / TEMPLATE_FILE, lambda tmp: tmp.write_text(template.source, encoding="utf-8"))
+    if template.bos_token or template.eos_token:
+        text = json.dumps({"bos_token": template.bos_token, "eos_token": template.eos_token}, indent=2) + "\n"
+        atomic_write(directory / "tokenizer_config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def run_template(tokenizer, tokenizer_spec: str, override: str | Path | None, objective: str) -> ChatTemplate | None:
+    """The chat template a run keeps with its tokenizer, for every reader of the run: the one it
+    was given (``data.chat_template``), else the one its tokenizer came with (an HF directory's,
+    another run's), else for SFT the default its chats were rendered with; None where it has none."""
+    if override is not None:
+        return template_for(tokenizer, override)
+    spec = Path(tokenizer_spec)
+    if tokenizer_spec != "bytes" and spec.exists():
+        found = saved_template(spec if spec.is_dir() else spec.parent)
+        if found is not None:
+            return found
+    return template_for(tokenizer) if objective == "sft" else None
 
 
 def _token_text(token) -> str:
@@ -157,9 +197,9 @@ def template_for(tokenizer, override: str | Path | None = None) -> ChatTemplate:
     if override is not None:
         source = read_template(override)
         _compile(source)
-        return ChatTemplate(source, "<end_of_turn>" if "<end_of_turn>" in source else "<|end|>")
-    if tokenizer.kind == "hf":
-        found = _hf_template(Path(tokenizer.path).parent)
+        return ChatTemplate(source, _end_of_turn(source))
+    if tokenizer.directory is not None:
+        found = saved_template(tokenizer.directory)
         if found is not None:
             return found
     if tokenizer.kind == "sentencepiece":

@@ -30,6 +30,8 @@ class Tokenizer:
     kind: str
     vocab_size: int
     eos_id: int | None = None
+    directory: Path | None = None
+    """The directory it was loaded from (None: built in code), where its chat template may be."""
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -273,6 +275,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     """``bytes``, a ``tokenizer.json``, a sentencepiece ``.model``, or a directory holding one."""
     if str(spec) == "bytes":
         return ByteTokenizer()
+    tokenizer = _load_tokenizer_file(spec)
+    tokenizer.directory = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    return tokenizer
+
+
+def _load_tokenizer_file(spec: str | Path) -> Tokenizer:
     if bpe_vocab_size(spec) is not None:
         raise TokenizerError(f"{spec} is trained on a corpus when the corpus is prepared; there is no file to load")
     path = Path(spec)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from griffon.accounting import check_buildable, self_guided_flops_per_token, train_flops_per_token
+from griffon.align.chat import run_template, save_template
 from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceObjective
 from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
@@ -299,7 +300,12 @@ def _open_run(
         run.clean()
     data_dir = prepare_data(cfg, data, run.data, info.is_main) if isinstance(data, TrainingData) else None
     if info.is_main:
-        (load_tokenizer(data_dir) if data_dir is not None else data.tokenizer).save(run.root)
+        tokenizer = load_tokenizer(data_dir) if data_dir is not None else data.tokenizer
+        tokenizer.save(run.root)
+        # The chat template travels with the run: every reader (sample, serve, export-hf) renders with it.
+        template = run_template(tokenizer, cfg.data.tokenizer, cfg.data.chat_template, cfg.objective)
+        if template is not None:
+            save_template(template, run.root)
         run.write_config(cfg.to_json())
     D.barrier()
     return data_dir
