@@ -202,3 +202,60 @@ def test_what_lora_refuses(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "new"), "--set=lora.rank=4"]) == 2
     assert "lora.rank adapts a trained model: start the run with --init SRC" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_lora_run_reads_its_base_from_anywhere_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
+    """A relative --init is stored by its absolute path (and as given), so the LoRA run is read from
+    any directory; a base whose weights changed since is refused by name; a LoRA run is itself a
+    starting point (the SFT -> DPO chain), read merged."""
+    pytest.importorskip("peft")
+    from griffon.checkpoint import save_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    _train("base", "--set=model=hawk-tiny")
+    _train("lora", "--init", "base", "--set=lora.rank=2")
+    cfg = TrainConfig.load(tmp_path / "lora" / "config.json")
+    assert cfg.init == str((tmp_path / "base" / "checkpoints" / "step_000003").resolve()) and cfg.init_given == "base"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["sample", str(tmp_path / "lora"), "--prompt", "A", "--max-new-tokens", "2", "--seed", "0"]) == 0
+    _train(tmp_path / "chained", "--init", str(tmp_path / "lora"))  # a LoRA run as SRC: read merged
+    merged = from_pretrained(resolve(tmp_path / "lora")[0]).eval()
+    assert _step_one_loss(tmp_path / "chained") == pytest.approx(
+        _first_batch_loss(merged, tmp_path / "chained"), rel=1e-5
+    )
+    capsys.readouterr()
+
+    base_ckpt = tmp_path / "base" / "checkpoints" / "step_000003"
+    changed = from_pretrained(base_ckpt)
+    with torch.no_grad():
+        changed.embed.weight.add_(0.01)
+    save_pretrained(changed, base_ckpt)  # the base's checkpoint rewritten (a user's edit, a re-export)
+    assert main(["sample", str(tmp_path / "lora"), "--prompt", "A", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"the base model {base_ckpt} has changed since the adapters were trained on it" in err
+
+
+def test_a_refused_init_leaves_nothing_and_names_what_is_wrong(tmp_path, capsys):
+    from griffon.checkpoint import save_pretrained
+
+    _train(tmp_path / "base", "--set=model=griffin-tiny")
+    ckpt = tmp_path / "base" / "checkpoints" / "step_000003"
+    bad = from_pretrained(ckpt)
+    with torch.no_grad():
+        bad.embed.weight[0, 0] = float("nan")
+    save_pretrained(bad, tmp_path / "nan")
+    (tmp_path / "nan" / "tokenizer.json").write_text((tmp_path / "base" / "tokenizer.json").read_text())
+    assert (
+        main(["train", "--out", str(tmp_path / "new"), "--init", str(tmp_path / "nan"), *[f"--set={s}" for s in TINY]])
+        == 2
+    )
+    assert "contains NaN or Inf" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the retry is not refused as "already holds a run"
+    weights = tmp_path / "nan" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert main(["train", "--out", str(tmp_path / "new"), "--init", str(tmp_path / "nan")]) == 2
+    err = capsys.readouterr().err
+    assert f"--init {tmp_path / 'nan'}" in err and "--set" not in err and "changes the model's shapes" not in err
+    assert not (tmp_path / "new").exists()

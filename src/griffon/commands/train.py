@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
         d = apply_overrides(starting_config(args.config, args.set), args.set)
         if args.init:
-            d = init_config(d, InitSource.open(args.init), args.set)
+            d = init_config(d, InitSource.open(args.init), args.set, given=args.init)
         run = Run(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if d.get("model") == "auto":
             plan = auto.plan_new_run(d, run, auto.user_lr(args.config, args.set, d))

@@ -171,8 +171,11 @@ class TrainConfig:
     beta: float = 0.1
     """DPO's and QRPO's KL regularisation strength."""
     init: str | None = None
-    """The model the run starts from (``griffon train --init SRC``, :mod:`griffon.train.init`):
-    its weights at step 0; its model config and tokenizer are the run's. None: random weights."""
+    """The model the run starts from (``griffon train --init SRC``, :mod:`griffon.train.init`), by
+    its absolute path: its weights at step 0; its model config and tokenizer are the run's. None:
+    random weights."""
+    init_given: str | None = None
+    """``--init`` as it was given (``init`` is where it resolved to)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     max_tokens: int | None = None

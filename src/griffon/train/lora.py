@@ -130,7 +130,7 @@ def load_merged(directory: Path) -> Griffon:
     meta = read_adapter_meta(directory)
     model = Griffon(load_config(directory))
     try:
-        load_init_weights(model, meta["base"])
+        load_init_weights(model, meta["base"], meta.get("base_weights"))
     except CheckpointError as e:
         raise CheckpointError(f"{directory} is a LoRA checkpoint whose base model cannot be read: {e}") from None
     apply_lora(model, meta["rank"], meta["alpha"], meta["dropout"], tuple(meta["targets"]))

@@ -36,9 +36,9 @@ from griffon.nn.moe import discard_router_stats, router_loss, update_routers
 from griffon.run import Run
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
-from griffon.train.init import load_init_weights
+from griffon.train.init import InitWeights, fingerprint, load_init_weights, read_init_weights
 from griffon.train.logging import RunLogger, plot_losses, plot_moe_load
-from griffon.train.lora import apply_lora, lora_targets
+from griffon.train.lora import apply_lora, lora_targets, read_adapter_meta
 from griffon.train.objective import NextToken, Objective
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
 from griffon.train.parallelize import (
@@ -124,6 +124,9 @@ def train(
     if cfg.lora.rank:  # before anything is written
         with torch.device("meta"):
             lora_targets(Griffon(cfg.model), cfg.lora.targets)
+    # A new run's starting weights are read and checked before anything is written: a refused
+    # start leaves nothing behind.
+    init = read_init_weights(cfg.init) if cfg.init is not None and not resume else None
     device = resolve_device(cfg.device)
     # Float32 weights, gradients and Adam's two moments; a LoRA run trains adapters only.
     check_buildable(cfg.model, 4 if cfg.lora.rank else 16, free_memory(device), "training this model")
@@ -134,7 +137,7 @@ def train(
     keep_freed_memory()
     try:
         with run.lock() if info.is_main else contextlib.nullcontext():
-            return _train(cfg, run, data, resume, checkpoint, device, info)
+            return _train(cfg, run, data, resume, checkpoint, device, info, init)
     finally:
         D.shutdown()
 
@@ -179,6 +182,7 @@ def _train(
     checkpoint: str | None,
     device: torch.device,
     info: D.DistInfo,
+    init: InitWeights | None = None,
 ) -> TrainResult:
     data_dir = _open_run(cfg, run, data, resume, info)
     run_data = _run_data(cfg, data, data_dir, info)
@@ -187,9 +191,17 @@ def _train(
         _check_resumable(run, cfg, checkpoint)
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
-    # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time.
+    # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time, and
+    # must be the ones the adapters were trained on (their fingerprint is saved with them).
+    base_weights = None
     if cfg.init is not None and (cfg.lora.rank or not resume or run.resume_point(checkpoint) is None):
-        load_init_weights(raw, cfg.init)
+        point = run.resume_point(checkpoint) if resume else None
+        if cfg.lora.rank and point is not None and is_adapter(point):
+            base_weights = read_adapter_meta(point).get("base_weights")
+        source = load_init_weights(raw, init if init is not None else cfg.init, base_weights)
+        del init  # the model holds the weights now
+        if cfg.lora.rank and base_weights is None:
+            base_weights = fingerprint(source)
     objective: Objective
     if isinstance(data, PreferenceData):  # the model as it starts is the reference policy
         reference = data.reference(raw, run.root / REFERENCE_NAME, device, cfg.data.batch_size, write=info.is_main)
@@ -202,7 +214,7 @@ def _train(
         targets = lora_targets(raw, lora.targets)
         apply_lora(raw, lora.rank, lora.alpha, lora.dropout, targets)
         adapter = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(targets),
-                   "base": cfg.init}  # fmt: skip
+                   "base": cfg.init, "base_weights": base_weights}  # fmt: skip
     loader = run_data.loader
     plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
     guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
