@@ -128,6 +128,8 @@ def train(
     # start leaves nothing behind.
     init = read_init_weights(cfg.init) if cfg.init is not None and not resume else None
     device = resolve_device(cfg.device)
+    if resume:  # before the model is built: an edited config.json must not allocate first and fail later
+        _check_resumable(run, cfg, checkpoint)
     # Float32 weights, gradients and Adam's two moments; a LoRA run trains adapters only.
     check_buildable(cfg.model, 4 if cfg.lora.rank else 16, free_memory(device), "training this model")
     info = D.init_distributed(cfg.distributed, device)
@@ -187,8 +189,6 @@ def _train(
     data_dir = _open_run(cfg, run, data, resume, info)
     run_data = _run_data(cfg, data, data_dir, info)
 
-    if resume:  # before the model is built: an edited config.json must not allocate first and fail later
-        _check_resumable(run, cfg, checkpoint)
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
     # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time, and
