@@ -35,6 +35,7 @@ run: install
 lint: $(PY)
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
+	$(VENV)/bin/lint-imports  # the layers contract in pyproject.toml
 
 test: install-test lint
 	$(PY) -m pytest -q

@@ -24,8 +24,8 @@ from griffon.align import arithmetic
 from griffon.align.preference import build_rows
 from griffon.checkpoint import load_for_inference
 from griffon.cli import main
+from griffon.engine import Engine, SamplingParams
 from griffon.machine import machine
-from griffon.serve import Engine, SamplingParams
 
 COMMON = ["--set=dtype=fp32", "--set=max_minutes=null", "--set=data.seq_len=16", "--set=eval_every=1000",
           "--set=log_every=25", "--set=eval_batches=4", "--set=final_eval_batches=8"]  # fmt: skip

@@ -32,9 +32,9 @@ from griffon import Griffon
 from griffon.atomic import atomic_write_json
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
+from griffon.engine import Engine
+from griffon.engine.limits import Limits
 from griffon.machine import machine
-from griffon.serve import Engine
-from griffon.serve.limits import Limits
 from griffon.serve.server import BackgroundServer, create_app
 
 

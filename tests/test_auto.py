@@ -14,9 +14,9 @@ from griffon.data.prepare import read_meta, validation_ids
 from griffon.data.sources import iter_documents
 from griffon.data.tokenizers import load_tokenizer
 from griffon.data.training_data import TrainingData
+from griffon.scaling import auto
+from griffon.scaling.auto import MIN_STEPS, Machine, effective_bytes
 from griffon.scaling.law import ScalingLaw, shipped_law_path
-from griffon.train import auto
-from griffon.train.auto import MIN_STEPS, Machine, effective_bytes
 from griffon.train.config import TrainConfig
 from griffon.train.logging import read_records
 from griffon.train.optim import lr_at

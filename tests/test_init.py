@@ -13,7 +13,7 @@ from griffon.config import ModelConfig
 from griffon.data.loader import PackedLoader, TokenSplit
 from griffon.model import Griffon
 from griffon.train.config import TrainConfig, apply_overrides
-from griffon.train.init import InitSource, init_config, load_init_weights
+from griffon.train.init import init_config, load_init_weights, open_init
 from griffon.train.losses import next_token_loss
 
 from oracles import deepmind_fields, deepmind_pair, hf_pair
@@ -62,7 +62,7 @@ def test_a_run_starts_from_the_weights_config_and_tokenizer_of_another(tmp_path,
 def test_structured_ffn_models_start_from_their_checkpoint(tmp_path):
     _train(tmp_path / "base", "--set=model=griffin-tiny", "--set=model.ffn_structure.kind=lowrank",
            "--set=model.ffn_structure.rank=8")  # fmt: skip
-    source = InitSource.open(tmp_path / "base")
+    source = open_init(tmp_path / "base")
     cfg = TrainConfig.from_dict(init_config(apply_overrides(TrainConfig().to_dict(), TINY), source, []))
     model = Griffon(cfg.model)
     load_init_weights(model, cfg.init)
@@ -76,8 +76,8 @@ def test_an_hf_recurrentgemma_directory_continues_from_the_same_logits(tmp_path)
     pytest.importorskip("transformers")
     ref, _ = hf_pair(RG_CFG.replace(window_semantics="hf"))
     ref.save_pretrained(tmp_path / "hf")
-    source = InitSource.open(tmp_path / "hf")
-    assert source.hf and source.tokenizer is None
+    source = open_init(tmp_path / "hf")
+    assert source.kind == "hf" and source.tokenizer is None
     with pytest.raises(ValueError, match="has no tokenizer: name the one its model reads"):
         init_config(TrainConfig().to_dict(), source, [])
     d = init_config(apply_overrides(TrainConfig().to_dict(), TINY), source, ["data.tokenizer=bytes"])
@@ -162,8 +162,8 @@ def test_a_lora_run_trains_and_saves_its_adapters_only_and_reads_back_merged(tmp
 
 def test_merged_and_unmerged_lora_models_agree(tmp_path):
     pytest.importorskip("peft")
+    from griffon.checkpoint.adapters import adapter_state_dict, apply_lora, merge_lora
     from griffon.presets import get_preset
-    from griffon.train.lora import adapter_state_dict, apply_lora, merge_lora
 
     torch.manual_seed(0)
     model = Griffon(get_preset("griffin-tiny")).double().eval()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from griffon.checkpoint.convert import from_deepmind_state_dict
 from griffon.config import ModelConfig
-from griffon.convert import from_deepmind_state_dict
 
 from oracles import deepmind_pair
 

@@ -49,7 +49,7 @@ def test_default_initialisation_is_unchanged_by_the_option():
 
 
 def test_qkv_biases_reach_the_output_and_the_fast_paths_refuse_them():
-    from griffon.convert import ConversionError, config_to_hf
+    from griffon.checkpoint.convert import ConversionError, config_to_hf
     from griffon.decode.fused import FusedDecoder
 
     model = _gpt2_model("lowrank", rank=16).eval()

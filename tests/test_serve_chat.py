@@ -10,7 +10,7 @@ from griffon import Griffon
 from griffon.align.chat import GEMMA_TEMPLATE, GRIFFON_TEMPLATE, ChatTemplate, ChatTemplateError, template_for
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer, load_tokenizer
-from griffon.serve import Engine
+from griffon.engine import Engine
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

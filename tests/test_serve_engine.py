@@ -10,7 +10,7 @@ import torch
 from griffon import Griffon
 from griffon.config import ModelConfig, MoEConfig
 from griffon.decode.generate import generate
-from griffon.serve import Engine, QueueFull, SamplingParams
+from griffon.engine import Engine, QueueFull, SamplingParams
 
 from memory import peak_traced_bytes
 
@@ -225,7 +225,7 @@ def test_seeds_and_temperatures_are_checked_at_the_boundary():
 
 
 def test_limits_name_the_limit_and_the_value():
-    from griffon.serve.limits import LimitExceeded, Limits
+    from griffon.engine.limits import LimitExceeded, Limits
 
     limits = Limits(max_prompt_tokens=10, max_tokens=5, max_logprob_entries=30)
     engine = Engine(_model("griffin"), step="model", limits=limits)
@@ -245,7 +245,7 @@ def test_limits_name_the_limit_and_the_value():
 
 def test_prefix_cache_hash_collisions_miss(monkeypatch):
     """With every key the same, a lookup never returns another prompt's state."""
-    from griffon.serve import prefix_cache
+    from griffon.engine import prefix_cache
 
     monkeypatch.setattr(prefix_cache, "chain_hash", lambda key, block: b"same")
     model = _model("griffin")
@@ -326,7 +326,7 @@ def test_a_long_prompt_costs_memory_linear_in_its_length():
 
 
 def test_the_runner_prefills_a_group_as_each_prompt_alone_and_keeps_the_batch_rows():
-    from griffon.serve.runner import ModelRunner
+    from griffon.engine.runner import ModelRunner
 
     model = _model("griffin")
     runner = ModelRunner(model, step="model")
@@ -351,8 +351,8 @@ def test_the_runner_prefills_a_group_as_each_prompt_alone_and_keeps_the_batch_ro
 
 def test_the_output_processor_says_why_a_request_stops():
     from griffon.data.tokenizers import ByteTokenizer
-    from griffon.serve.output import OutputProcessor
-    from griffon.serve.request import Request
+    from griffon.engine.output import OutputProcessor
+    from griffon.engine.request import Request
 
     tok = ByteTokenizer()
     tok.eos_id = 0

@@ -19,8 +19,8 @@ from griffon import Griffon
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
 from griffon.decode.generate import generate
-from griffon.serve import Engine, SamplingParams
-from griffon.serve.limits import Limits
+from griffon.engine import Engine, SamplingParams
+from griffon.engine.limits import Limits
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -170,9 +170,9 @@ def test_bad_requests_get_one_clear_4xx(body, status, message):
 def test_full_queue_answers_429_with_retry_after():
     with _client(max_batch=1, max_queue=1) as client:
         server = client.app.state.server
-        engine = server.engine
+        engine = server.client
         held = [engine.submit([1, 2], SamplingParams(max_tokens=100_000))]  # takes the one slot ...
-        server.thread.wake()
+        engine.wake()
         while not held[0].tokens:
             threading.Event().wait(0.01)
         held.append(engine.submit([1, 2], SamplingParams(max_tokens=1)))  # ... and this the queue

@@ -1,4 +1,4 @@
-"""The engine in its own process (griffon.serve.engine_process): the server answers exactly as with
+"""The engine in its own process (griffon.engine.process): the server answers exactly as with
 the engine on a thread (text, token ids, echo and logprobs, stop strings, best_of, streaming, chat),
 admission, cancellation and metrics cross the pipe, a core that cannot start says why in one line,
 and a core that dies fails its requests and the server says so."""
@@ -16,8 +16,8 @@ import torch
 from griffon import Griffon
 from griffon.config import ModelConfig
 from griffon.data.tokenizers import ByteTokenizer
-from griffon.serve import Engine, QueueFull, SamplingParams
-from griffon.serve.engine_process import EngineProcess
+from griffon.engine import Engine, QueueFull, SamplingParams
+from griffon.engine.process import EngineProcess
 
 pytest.importorskip("fastapi")
 from griffon.serve.server import BackgroundServer, create_app  # noqa: E402

@@ -4,8 +4,8 @@ groups, chunk boundaries, expiry, the queue's bound."""
 import pytest
 
 from griffon.decode.sampling import SamplingParams
-from griffon.serve.request import QueueFull, Request
-from griffon.serve.scheduler import Scheduler
+from griffon.engine.request import QueueFull, Request
+from griffon.engine.scheduler import Scheduler
 
 PLAIN = SamplingParams()
 SCORED = SamplingParams(max_tokens=0, echo=True, logprobs=1)

@@ -220,7 +220,7 @@ def test_the_chat_template_travels_with_the_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from griffon.serve import Engine
+    from griffon.engine import Engine
     from griffon.serve.server import create_app
 
     model = load_for_inference(tmp_path / "sft")[0]
@@ -248,9 +248,9 @@ def test_a_template_that_raises_is_a_clear_error(tmp_path):
     from fastapi.testclient import TestClient
 
     from griffon.align.chat import ChatTemplate
+    from griffon.engine import Engine
     from griffon.model import Griffon
     from griffon.presets import get_preset
-    from griffon.serve import Engine
     from griffon.serve.server import create_app
 
     engine = Engine(Griffon(get_preset("griffin-tiny")), ByteTokenizer(), step="model")

@@ -15,8 +15,8 @@ import types
 
 import torch
 
+from griffon.checkpoint.convert import config_from_hf, from_deepmind_state_dict, from_hf_state_dict
 from griffon.config import ModelConfig
-from griffon.convert import config_from_hf, from_deepmind_state_dict, from_hf_state_dict
 from griffon.model import Griffon
 
 
@@ -70,7 +70,7 @@ def hf_pair(cfg: ModelConfig, seed: int = 0):
         import transformers
     except ImportError:
         raise ReferenceUnavailable("transformers is not installed") from None
-    from griffon.convert import hf_transformers_config
+    from griffon.checkpoint.convert import hf_transformers_config
 
     hf_cfg = hf_transformers_config(cfg)
     hf_cfg._attn_implementation = "eager"

@@ -179,7 +179,7 @@ def sample_rewards(
     reward would read them (``{"prompt", "completion"}``), to be scored elsewhere. ``wheres``:
     each prompt's ``FILE:LINE``, to name in errors. The engine is fed at most what it can hold at
     once (its queue), however large ``n``."""
-    from griffon.serve import Engine, SamplingParams
+    from griffon.engine import Engine, SamplingParams
 
     if n < 2:
         raise ValueError(f"--n must be at least 2 (a quantile needs reference rewards), got {n}")

@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> dict:
     import lm_eval.models  # noqa: F401 - registers lm-eval's own models
     from lm_eval.models.huggingface import HFLM
 
-    from griffon.checkpoint import resolve_with_tokenizer, save_pretrained
-    from griffon.convert import export_hf
+    from griffon.checkpoint import open_source, open_source_with_tokenizer, save_pretrained
+    from griffon.checkpoint.convert import export_hf
     from griffon.data.tokenizers import ByteTokenizer
     from griffon.eval.harness import TASKS_DIR, GriffonLM
     from griffon.model import Griffon
@@ -80,13 +80,15 @@ def run(args: argparse.Namespace) -> dict:
     tasks = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            ckpt, tokenizer = resolve_with_tokenizer(args.model)
+            source = open_source_with_tokenizer(args.model)
+            ckpt, tokenizer = source.path, source.tokenizer
         else:
             torch.manual_seed(0)
             ckpt, tokenizer = Path(tmp) / "griffon", ByteTokenizer()
             save_pretrained(Griffon(TrainConfig().model), ckpt)
             tokenizer.save(ckpt)
-        export_hf(ckpt, Path(tmp) / "hf", tokenizer)
+        source = open_source(ckpt)
+        export_hf(source.config, source.state_dict(), Path(tmp) / "hf", tokenizer)
         griffon_lm = GriffonLM(pretrained=str(ckpt))
         hf_lm = HFLM(pretrained=str(Path(tmp) / "hf"), dtype="float32", device="cpu")
         n_params = griffon_lm.model.num_params()

@@ -3,7 +3,7 @@
     griffon bench finetune [--preset griffin-60m --batch 1 --seq 64 --rank 16] [--json out.json]
 
 Both train the same model on the same batch (forward, cross-entropy, backward, AdamW): full
-fine-tuning updates every weight, LoRA (:mod:`griffon.train.lora`, peft) adapters of rank
+fine-tuning updates every weight, LoRA (:mod:`griffon.checkpoint.adapters`, peft) adapters of rank
 ``--rank`` on the default linears with the rest frozen, so neither gradients nor optimizer state
 exist for the frozen weights. Each mode runs in a process of its own so that their memory does not
 mix: on a GPU its peak is ``torch.cuda.max_memory_allocated``; on the CPU it is the process's peak
@@ -32,7 +32,7 @@ def _measure(mode: str, preset: str, batch: int, seq: int, rank: int, repeats: i
 
     from griffon import Griffon, get_preset
     from griffon.allocator import keep_freed_memory
-    from griffon.train.lora import apply_lora
+    from griffon.checkpoint.adapters import apply_lora
 
     keep_freed_memory()  # as `griffon train` does
     cuda = device == "cuda"

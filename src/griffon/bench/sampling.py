@@ -201,7 +201,7 @@ def hf_model(model: Griffon):
     """HF ``RecurrentGemmaForCausalLM`` holding ``model``'s weights (needs ``transformers``)."""
     import transformers
 
-    from griffon.convert import hf_transformers_config, to_hf_state_dict
+    from griffon.checkpoint.convert import hf_transformers_config, to_hf_state_dict
 
     hf = transformers.RecurrentGemmaForCausalLM(hf_transformers_config(model.config)).eval()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)

@@ -182,7 +182,7 @@ ENGINES = ("process", "thread")
 
 def bench_engine(config: dict, max_batch: int, prefix_cache: bool):
     """The benchmark's engine: the random-weight model of ``config`` (picklable: an engine process builds it)."""
-    from griffon.serve import Engine
+    from griffon.engine import Engine
 
     return Engine(_model(ModelConfig.from_dict(config)), None, max_batch=max_batch, max_queue=100_000,
                   prefix_cache_bytes=(256 * 2**20) if prefix_cache else 0)  # fmt: skip
@@ -196,21 +196,18 @@ def _server_main(
     thread each) if given."""
     import functools
 
-    from griffon.serve.engine_process import EngineProcess
+    from griffon.engine.client import InprocClient
+    from griffon.engine.process import EngineProcess
     from griffon.serve.server import BackgroundServer, create_app
 
     if cpus:
         pin(cpus)
     build = functools.partial(bench_engine, config, max_batch, prefix_cache)
-    engine = build() if engine_kind == "thread" else EngineProcess(build, None)
-    with BackgroundServer(create_app(engine, "bench")) as url:
-        conn.send((url, [os.getpid()] + ([engine.pid] if engine_kind == "process" else [])))
+    client = InprocClient(build()) if engine_kind == "thread" else EngineProcess(build, None)
+    with BackgroundServer(create_app(client, "bench")) as url:
+        conn.send((url, [os.getpid()] + ([client.pid] if engine_kind == "process" else [])))
         conn.recv()  # until the benchmark is done with it
-        if engine_kind == "process":
-            hits = engine.stats.prefix_hits
-        else:
-            hits = engine.prefix_cache.hits if engine.prefix_cache else 0
-        conn.send({"prefix_hits": hits})
+        conn.send({"prefix_hits": client.prefix_stats()[1]})
 
 
 class ServerProcess:
@@ -297,7 +294,7 @@ def experiment_offline(
     import contextlib
 
     from griffon.decode.generate import generate
-    from griffon.serve import Engine, SamplingParams
+    from griffon.engine import Engine, SamplingParams
 
     everything, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
     server_cpus = None

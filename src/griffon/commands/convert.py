@@ -6,7 +6,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> None:
-    from griffon.convert import convert
+    from griffon.checkpoint.convert import convert
 
     cfg = convert(args.src, args.dst, config_file=args.config, preset=args.preset)
     print(f"wrote {args.dst} ({cfg.num_layers} layers, width {cfg.width}, vocab {cfg.vocab_size})")

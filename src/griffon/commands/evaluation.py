@@ -18,14 +18,14 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from griffon.checkpoint import load_for_inference, resolve
+    from griffon.checkpoint import load_for_inference, open_source
     from griffon.eval.documents import eval_documents
     from griffon.eval.score import byte_table, plot_by_position, score_documents
 
     results = {}
     for name in args.models:
         model, tokenizer = load_for_inference(name, device=args.device)
-        ckpt = resolve(name)[0]
+        ckpt = open_source(name).path
         docs = eval_documents(tokenizer, args.data, args.split, [*args.text, *args.jsonl], args.field)
         scores = score_documents(
             model, docs, byte_table(tokenizer), args.seq_len, args.batch_size, args.stride,

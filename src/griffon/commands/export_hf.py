@@ -7,13 +7,14 @@ import argparse
 
 def run(args: argparse.Namespace) -> None:
     from griffon.align.chat import saved_template
-    from griffon.checkpoint import resolve
-    from griffon.convert import export_hf
+    from griffon.checkpoint import open_source
+    from griffon.checkpoint.convert import export_hf
 
-    ckpt, tokenizer = resolve(args.src)
+    source = open_source(args.src)
+    tokenizer = source.tokenizer
     # The chat template the run was trained with goes with the export (apply_chat_template reads it).
     template = saved_template(tokenizer.directory) if tokenizer is not None and tokenizer.directory else None
-    export_hf(ckpt, args.dst, tokenizer, template.source if template is not None else None)
+    export_hf(source.config, source.state_dict(), args.dst, tokenizer, template.source if template else None)
     print(f"wrote HF RecurrentGemma checkpoint to {args.dst}")
     if tokenizer is None:
         print(f"no tokenizer found for {args.src}: {args.dst} holds the model only")

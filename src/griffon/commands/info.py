@@ -14,9 +14,9 @@ def resolve_config(name_or_path: str) -> ModelConfig:
     """A preset name, a JSON config file, a checkpoint directory or a run (its newest checkpoint's config)."""
     path = Path(name_or_path)
     if path.is_dir():
-        from griffon.checkpoint import load_config, resolve
+        from griffon.checkpoint import open_source
 
-        return load_config(resolve(path)[0])
+        return open_source(path).config
     if path.suffix == ".json" or path.exists():
         return ModelConfig.from_json(path)
     return get_preset(name_or_path)

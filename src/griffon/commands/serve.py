@@ -34,72 +34,25 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key
 
 
-def build_engine(options: dict):
-    """The engine ``griffon serve`` serves, built from its options (``vars(args)``'s engine part):
-    in the engine's own process (``--engine process``), or in the server's."""
-    from griffon.checkpoint import load_for_inference
-    from griffon.decode import calibrate_merge_thresholds
-    from griffon.machine import free_memory
-    from griffon.serve import Engine, limits, server
-
-    log = server.configure_logging()
-    model, tokenizer = load_for_inference(options["model"], device=options["device"])
-    calibrate_merge_thresholds(model)
-    max_prompt = options["max_prompt_tokens"]
-    if max_prompt is None:
-        memory = int(limits.MEMORY_SHARE * free_memory(model.embed.weight.device))
-        max_prompt = limits.default_max_prompt_tokens(
-            model, options["max_batch"], options["max_queue"], options["step_tokens"], memory
-        )
-        log.info("--max-prompt-tokens %d: fits %.1f GB (half the free memory)", max_prompt, memory / 1e9)
-        if max_prompt < options["prefill_chunk"]:
-            log.warning(
-                "%d slots of this model hardly fit %.1f GB: prompts are limited to %d tokens; "
-                "lower --max-batch, or set --max-prompt-tokens", options["max_batch"], memory / 1e9, max_prompt
-            )  # fmt: skip
-    request_limits = limits.Limits(
-        max_prompt_tokens=max_prompt, max_tokens=options["max_tokens"],
-        max_logprob_entries=options["max_logprob_entries"], request_timeout=options["request_timeout"],
-    )  # fmt: skip
-    return Engine(
-        model, tokenizer, max_batch=options["max_batch"], max_queue=options["max_queue"],
-        prefill_chunk=options["prefill_chunk"], step_tokens=options["step_tokens"],
-        prefix_cache_bytes=int(options["prefix_cache_mb"] * 2**20), step=options["step"], limits=request_limits,
-    )  # fmt: skip
-
-
-ENGINE_OPTIONS = ("model", "device", "max_prompt_tokens", "max_batch", "max_queue", "step_tokens", "prefill_chunk",
-                  "max_tokens", "max_logprob_entries", "request_timeout", "prefix_cache_mb", "step")  # fmt: skip
-
-
 def run(args: argparse.Namespace) -> None:
-    import functools
-
-    from griffon.checkpoint import resolve_with_tokenizer
-
     try:
         from griffon.serve import server
     except ImportError as e:
         raise SystemExit(f"griffon serve needs the serve extra: pip install 'griffon[serve]' ({e})") from e
-    from griffon.serve.engine_process import EngineProcess
+    from griffon.engine.factory import EngineOptions, engine_client
+    from griffon.engine.logs import configure_logging
 
-    log = server.configure_logging()
+    log = configure_logging()
     api_key = _api_key(args)
     template = None
     if args.chat_template:  # read and compiled before any model is loaded
         from griffon.align.chat import template_for
 
         template = template_for(None, args.chat_template)
-    options = {k: getattr(args, k) for k in ENGINE_OPTIONS}
-    if args.engine == "process":
-        tokenizer = resolve_with_tokenizer(args.model)[1]  # a bad checkpoint is told before the process starts
-        engine = EngineProcess(functools.partial(build_engine, options), tokenizer)
-        engine.start()
-    else:
-        engine = build_engine(options)
+    client = engine_client(EngineOptions.of(vars(args)), in_process=args.engine == "thread")
     name = args.name or Path(args.model).resolve().name
     app = server.create_app(
-        engine, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template,
+        client, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), chat_template=template,
         stall_timeout=args.stall_timeout, body_timeout=args.body_timeout,
     )  # fmt: skip
     log.info("serving %s at http://%s:%d/v1 (OpenAI completions and chat completions)", name, args.host, args.port)
@@ -108,8 +61,8 @@ def run(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``griffon serve`` to the command line."""
-    from griffon.serve import limits
-    from griffon.serve.engine import DEFAULT_STEP_TOKENS
+    from griffon.engine import limits
+    from griffon.engine.core import DEFAULT_STEP_TOKENS
 
     s = sub.add_parser("serve", help="an OpenAI-compatible completions and chat server (needs griffon[serve])")
     s.add_argument("model", help="run directory or checkpoint directory")

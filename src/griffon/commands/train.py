@@ -11,9 +11,9 @@ from griffon.atomic import atomic_write
 
 def run(args: argparse.Namespace) -> None:
     from griffon.run import Run
-    from griffon.train import auto
+    from griffon.scaling import auto
     from griffon.train.config import TrainConfig, apply_overrides, apply_resume_overrides
-    from griffon.train.init import InitSource, init_config
+    from griffon.train.init import init_config, open_init
     from griffon.train.recipes import starting_config
     from griffon.train.trainer import train
 
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--checkpoint chooses where --resume continues from; it needs --resume")
         d = apply_overrides(starting_config(args.config, args.set), args.set)
         if args.init:
-            d = init_config(d, InitSource.open(args.init), args.set, given=args.init)
+            d = init_config(d, open_init(args.init), args.set, given=args.init)
         run = Run(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         if d.get("model") == "auto":
             plan = auto.plan_new_run(d, run, auto.user_lr(args.config, args.set, d))

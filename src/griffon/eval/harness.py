@@ -27,7 +27,7 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from griffon.checkpoint import load_for_inference, resolve
+from griffon.checkpoint import load_for_inference, open_source
 from griffon.decode import generate_text
 from griffon.eval.score import byte_table, score_continuations, score_documents
 
@@ -64,7 +64,7 @@ class GriffonLM(TemplateLM):
         super().__init__()
         if rolling not in self.ROLLING:
             raise ValueError(f"rolling={rolling!r}: it is one of {', '.join(self.ROLLING)}")
-        self.model_path = resolve(pretrained)[0]
+        self.model_path = open_source(pretrained).path
         self.model, self.griffon_tokenizer = load_for_inference(pretrained, device=device)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length)

@@ -1,6 +1,6 @@
 """``griffon scaling calibrate``: fit the law ``model=auto`` plans with, on this machine.
 
-It sweeps the auto family (:func:`griffon.train.auto.auto_model`, byte tokenizer, the auto
+It sweeps the auto family (:func:`griffon.scaling.auto.auto_model`, byte tokenizer, the auto
 recipe's sequence length, batch and learning rates) over widths and FLOP budgets on the embedded
 corpus with :mod:`griffon.scaling.sweep`, fits ``L(N, D) = E + A/N^alpha + B/D^beta`` in bits per
 byte over non-embedding parameters and training bytes with :func:`griffon.scaling.fit.fit_parametric`,
@@ -16,10 +16,10 @@ from typing import Any
 
 from griffon.atomic import atomic_write
 from griffon.machine import machine
+from griffon.scaling.auto import BATCH, SEQ_LEN, auto_lr, auto_model
 from griffon.scaling.fit import fit_parametric, read_runs
 from griffon.scaling.law import ScalingLaw, user_law_path
 from griffon.scaling.sweep import sweep
-from griffon.train.auto import BATCH, SEQ_LEN, auto_lr, auto_model
 
 WIDTHS = (64, 96, 128, 160, 192, 256)
 FLOPS = (4e11, 1.5e12, 5e12, 1.5e13)

@@ -1,11 +1,3 @@
-"""Serving: the continuous-batching engine (:mod:`.engine`) with its scheduler (:mod:`.scheduler`),
-model runner (:mod:`.runner`) and output processor (:mod:`.output`), requests (:mod:`.request`),
-the prefix-state cache (:mod:`.prefix_cache`), the
-limits on a request (:mod:`.limits`), metrics, and the OpenAI-compatible HTTP server
-(:mod:`.server`, the ``serve`` extra)."""
-
-from griffon.decode.sampling import SamplingParams
-from griffon.serve.engine import Engine, EngineThread
-from griffon.serve.request import QueueFull, Request
-
-__all__ = ["Engine", "EngineThread", "QueueFull", "Request", "SamplingParams"]
+"""The OpenAI-compatible HTTP front end (the ``serve`` extra) over the engine (:mod:`griffon.engine`):
+the API's request and answer models and the completions and chat endpoints (:mod:`.server`,
+:mod:`.chat`)."""

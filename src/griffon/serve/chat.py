@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from griffon.align.chat import ChatTemplate
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN
-from griffon.serve.limits import MAX_CHOICES, MAX_MESSAGES, MAX_STOPS
+from griffon.engine.limits import MAX_CHOICES, MAX_MESSAGES, MAX_STOPS
 
 
 class ChatMessage(BaseModel):

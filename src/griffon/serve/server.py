@@ -34,8 +34,6 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-import multiprocessing
-import sys
 import threading
 import time
 import uuid
@@ -55,10 +53,9 @@ from griffon.align.chat import ChatTemplate, ChatTemplateError, template_for
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import Detokenizer
 from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
-from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
-from griffon.serve.engine import Engine, EngineThread
-from griffon.serve.engine_process import EngineProcess
-from griffon.serve.limits import (
+from griffon.engine.client import EngineClient, InprocClient
+from griffon.engine.core import Engine
+from griffon.engine.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
@@ -68,8 +65,9 @@ from griffon.serve.limits import (
     MAX_STOPS,
     PROMPT_CAP,
 )
-from griffon.serve.request import QueueFull
-from griffon.serve.request import Request as EngineRequest
+from griffon.engine.request import QueueFull
+from griffon.engine.request import Request as EngineRequest
+from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
 
 log = logging.getLogger("griffon.serve")
 
@@ -306,21 +304,20 @@ class TextOffsets:
 
 
 class Server:
-    """The app's state: the engine and what runs it (a thread, or the engine's own process),
-    readiness, and how requests become engine requests."""
+    """The app's state: the engine's client (:class:`~griffon.engine.client.EngineClient`: the
+    engine on a thread of this process or in its own), readiness, and how requests become engine
+    requests."""
 
     def __init__(
-        self, engine: Engine | EngineProcess, model_name: str, api_key: str | None, max_body_bytes: int,
-        warm_up: bool, stall_timeout: float = DEFAULT_STALL_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        self, client: EngineClient, model_name: str, api_key: str | None, max_body_bytes: int,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:  # fmt: skip
-        self.engine = engine
+        self.client = client
         self.stall_timeout = stall_timeout
         self.body_timeout = body_timeout
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
-        self.warm_up = warm_up
-        self.thread = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
         self.created = int(time.time())
         self.ready = threading.Event()
         self.draining = False
@@ -330,73 +327,44 @@ class Server:
         self._dispatch_scheduled = False
 
     def start(self) -> None:
-        """Warm the engine up (on a thread of its own: the HTTP server answers 503 meanwhile), then
-        start the engine's thread and declare the server ready; an engine in its own process warms
-        up there, and is waited for."""
+        """Start the engine and declare the server ready once its warm-up is over (the HTTP server
+        answers 503 meanwhile)."""
+        self.client.start()
 
         def run() -> None:
-            if isinstance(self.engine, EngineProcess):
-                if self.engine.wait_ready():
-                    log.info("engine process %d warmed up in %.1f s", self.engine.pid, self.engine.warm_up_seconds)
-                self.ready.set()
-                return
-            try:
-                if self.warm_up:
-                    seconds = self.engine.warm_up()
-                    log.info("warmed up in %.1f s", seconds)
-            except Exception:
-                log.exception("the warm-up failed; serving without it")
-            self.thread.start()
+            self.client.wait_ready()
             self.ready.set()
 
-        threading.Thread(target=run, name="griffon-warm-up", daemon=True).start()
+        threading.Thread(target=run, name="griffon-ready", daemon=True).start()
 
     def stop(self) -> None:
         self.ready.wait()
-        self.thread.stop()
+        self.client.stop()
 
     def drain(self, seconds: float) -> None:
         """Shutdown has begun: refuse new requests (503) and let those running finish within ``seconds``."""
         self.draining = True
-        self.thread.drain(seconds)
+        self.client.drain(seconds)
 
     def stalled(self) -> float | None:
         """Seconds the engine has been silent while requests are pending, if more than ``stall_timeout``."""
-        if not self.ready.is_set() or not self.thread.pending():
+        if not self.ready.is_set() or not self.client.pending():
             return None
-        silent = time.monotonic() - self.thread.last_beat
+        silent = time.monotonic() - self.client.last_beat
         return silent if silent > self.stall_timeout else None
 
     def deadline(self, requests: list[EngineRequest]) -> float | None:
         """When the front end stops waiting for ``requests`` (monotonic seconds; None: never)."""
-        timeout = self.engine.limits.request_timeout
+        timeout = self.client.limits.request_timeout
         if timeout is None:
             return None
         return min(r.arrival for r in requests) + timeout + DEADLINE_GRACE
 
     def timed_out(self) -> JSONResponse:
         self.rejected("timeout")
-        timeout = self.engine.limits.request_timeout
+        timeout = self.client.limits.request_timeout
         return _error(504, f"the engine did not finish this request within request_timeout={timeout:g} s",
                       kind="timeout")  # fmt: skip
-
-    @property
-    def engine_dead(self) -> str | None:
-        """Why the engine's process is gone, if it is."""
-        return self.engine.dead if isinstance(self.engine, EngineProcess) else None
-
-    def engine_errors(self) -> int:
-        """Errors inside the engine and its loop (logged with their tracebacks)."""
-        if isinstance(self.engine, EngineProcess):
-            return self.engine.errors
-        return self.engine.errors + self.thread.errors
-
-    def prefix_stats(self) -> tuple[int, int]:
-        """The prefix cache's lookups and hits (0, 0 without one)."""
-        if isinstance(self.engine, EngineProcess):
-            return self.engine.stats.prefix_lookups, self.engine.stats.prefix_hits
-        cache = self.engine.prefix_cache
-        return (cache.lookups, cache.hits) if cache is not None else (0, 0)
 
     def rejected(self, reason: str) -> None:
         """Count a refused HTTP request once, whatever the number of prompts in it."""
@@ -435,16 +403,16 @@ class Server:
         texts = isinstance(p, str) or isinstance(p[0], str)
         batch = [p] if isinstance(p, str) or isinstance(p[0], int) else p
         choices = _best_of(body)
-        if len(batch) * choices > self.engine.max_queue:  # before any of it is tokenised
+        if len(batch) * choices > self.client.max_queue:  # before any of it is tokenised
             raise ValueError(
                 f"the prompt is a batch of {len(batch)} x {choices} choices; this server queues at most "
-                f"max_queue={self.engine.max_queue} of them, so the batch can never fit: send it in parts"
+                f"max_queue={self.client.max_queue} of them, so the batch can never fit: send it in parts"
             )
         if not texts:
             return batch  # type: ignore[return-value]
-        if self.engine.tokenizer is None:
+        if self.client.tokenizer is None:
             raise ValueError("this server has no tokenizer: send prompts as token ids")
-        return [self.engine.tokenizer.encode(t) for t in batch]  # type: ignore[arg-type]
+        return [self.client.tokenizer.encode(t) for t in batch]  # type: ignore[arg-type]
 
     def params(self, body: CompletionRequest) -> list[SamplingParams]:
         """Each choice's sampling parameters (``best_of`` of them per prompt): the same but for the
@@ -480,7 +448,7 @@ class Server:
         """Submit every choice of every prompt, prompt by prompt (all or none: a full queue
         cancels those already in). The server's limits count every choice."""
         for prompt in prompts:
-            self.engine.check(prompt, choices[0], choices=len(choices))
+            self.client.check(prompt, choices[0], choices=len(choices))
         loop = asyncio.get_running_loop()
 
         def notify(req: EngineRequest) -> None:  # on the engine's thread
@@ -490,20 +458,20 @@ class Server:
         try:
             for prompt in prompts:
                 for params in choices:
-                    requests.append(self.engine.submit(prompt, params, notify=notify))
+                    requests.append(self.client.submit(prompt, params, notify=notify))
         except QueueFull:
             for r in requests:
-                self.engine.cancel(r.id)
+                self.client.cancel(r.id)
             raise
         finally:
-            self.thread.wake()
+            self.client.wake()
         return requests
 
     def cancel(self, requests: list[EngineRequest]) -> None:
         for r in requests:
             if not r.finished:
-                self.engine.cancel(r.id)
-        self.thread.wake()
+                self.client.cancel(r.id)
+        self.client.wake()
 
     # ----- response bodies ------------------------------------------------------------------------
 
@@ -511,7 +479,7 @@ class Server:
         return "" if req.text is None else req.text.visible(final=final or req.finished)
 
     def token_str(self, token: int) -> str:
-        return self.engine.tokenizer.decode([token]) if self.engine.tokenizer is not None else str(token)
+        return self.client.tokenizer.decode([token]) if self.client.tokenizer is not None else str(token)
 
     @staticmethod
     def ready_entries(req: EngineRequest) -> int:
@@ -550,14 +518,14 @@ class Server:
 
     def echo_text(self, req: EngineRequest) -> str:
         """The prompt's text, which an ``echo`` answer starts with ("" without a tokenizer or echo)."""
-        if not req.params.echo or self.engine.tokenizer is None:
+        if not req.params.echo or self.client.tokenizer is None:
             return ""
-        return self.engine.tokenizer.decode(req.prompt)
+        return self.client.tokenizer.decode(req.prompt)
 
     def choice(self, index: int, req: EngineRequest) -> dict:
         logprobs = None
         if req.params.logprobs is not None:
-            logprobs = self.logprobs(req, 0, self.ready_entries(req), TextOffsets(self.engine.tokenizer))
+            logprobs = self.logprobs(req, 0, self.ready_entries(req), TextOffsets(self.client.tokenizer))
         return {
             "index": index,
             "text": self.echo_text(req) + self.text(req, final=True),
@@ -654,7 +622,7 @@ class Server:
         those ready at each wake-up."""
         k = len(requests)
         sent_text, sent_entries = [0] * k, [0] * k
-        where = [TextOffsets(self.engine.tokenizer) for _ in range(k)]
+        where = [TextOffsets(self.client.tokenizer) for _ in range(k)]
         echoed, closed = [not r.params.echo for r in requests], [False] * k
         deadline = self.deadline(requests)
         try:
@@ -710,7 +678,7 @@ class Server:
 
 
 def create_app(
-    engine: Engine | EngineProcess,
+    engine: Engine | EngineClient,
     model_name: str = "griffon",
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -719,17 +687,20 @@ def create_app(
     stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``: an :class:`Engine`, run on a thread of this process, or
-    an :class:`EngineProcess`, started here if it is not yet (its own ``warm_up`` applies). Its
-    lifespan warms the engine up and starts its thread (the app answers 503 until then) and stops it. With an API key, the interactive docs and the
-    OpenAPI schema are off; ``/health`` and ``/metrics`` stay open, as vLLM's do. Chat requests
-    are rendered with ``chat_template`` (default: the tokenizer's, :func:`griffon.align.chat.template_for`;
-    an engine without a tokenizer serves no chat)."""
-    if isinstance(engine, EngineProcess) and engine.info is None:
-        engine.start()
-    server = Server(engine, model_name, api_key, max_body_bytes, warm_up, stall_timeout, body_timeout)
-    if chat_template is None and engine.tokenizer is not None:
-        chat_template = template_for(engine.tokenizer)
+    """The FastAPI app serving ``engine``: an :class:`~griffon.engine.client.EngineClient` (such as
+    an :class:`~griffon.engine.process.EngineProcess`, whose own ``warm_up`` applies), or an
+    :class:`~griffon.engine.core.Engine`, run on a thread of this process
+    (:class:`~griffon.engine.client.InprocClient`, warmed up first with ``warm_up``). The engine is
+    started here (one that cannot start raises); the app answers 503 until its warm-up is over, and
+    its lifespan stops it. With an API key, the interactive docs and the OpenAPI schema are off;
+    ``/health`` and ``/metrics`` stay open, as vLLM's do. Chat requests are rendered with
+    ``chat_template`` (default: the tokenizer's, :func:`griffon.align.chat.template_for`; an engine
+    without a tokenizer serves no chat)."""
+    client = engine if isinstance(engine, EngineClient) else InprocClient(engine, warm_up)
+    client.start()
+    server = Server(client, model_name, api_key, max_body_bytes, stall_timeout, body_timeout)
+    if chat_template is None and client.tokenizer is not None:
+        chat_template = template_for(client.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -760,8 +731,8 @@ def create_app(
         return _error(500, f"internal error: {type(exc).__name__}", kind="internal_error")
 
     def unavailable() -> JSONResponse | None:
-        if server.engine_dead is not None:
-            return _error(503, f"the engine process is gone ({server.engine_dead})", kind="unavailable")
+        if server.client.dead is not None:
+            return _error(503, f"the engine process is gone ({server.client.dead})", kind="unavailable")
         silent = server.stalled()
         if silent is not None:
             return _error(503, f"the engine has not answered for {silent:.0f} s", kind="unavailable")
@@ -773,8 +744,8 @@ def create_app(
 
     @app.get("/health", responses={503: {"description": "starting or shutting down"}})
     async def health():
-        if server.engine_dead is not None:
-            return JSONResponse({"status": f"the engine process is gone ({server.engine_dead})"}, status_code=503)
+        if server.client.dead is not None:
+            return JSONResponse({"status": f"the engine process is gone ({server.client.dead})"}, status_code=503)
         silent = server.stalled()
         if silent is not None:
             status = f"the engine has not answered for {silent:.0f} s with requests pending"
@@ -783,7 +754,7 @@ def create_app(
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not server.ready.is_set():
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER)})
-        return {"status": "ok", "engine_errors": server.engine_errors()}
+        return {"status": "ok", "engine_errors": server.client.errors}
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models():
@@ -792,7 +763,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = engine.metrics.render(*server.prefix_stats(), server.rejections)
+        text = client.metrics.render(*client.prefix_stats(), server.rejections)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def answer(body: CompletionRequest, http: Request, top_logprobs: int | None = None):
@@ -903,35 +874,3 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join()
-
-
-class _LogHandler(logging.StreamHandler):
-    """The log on stderr, which may not be writable (a full disk, a closed pipe): the server then
-    serves on without it, and says so once on stdout (where that can be written)."""
-
-    failed = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr  # the current one (a test, or an embedding program, may replace it)
-        super().emit(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if self.failed or multiprocessing.parent_process() is not None:
-            return  # said once, by the server's process (not again by its engine's)
-        self.failed = True
-        try:
-            print("griffon serve: the log (stderr) cannot be written; serving on without it", flush=True)
-        except Exception:
-            pass
-
-
-def configure_logging() -> logging.Logger:
-    """Send griffon's server log (INFO and up) to stderr through a handler that survives a stream
-    that cannot be written; returns the logger."""
-    if not any(isinstance(h, _LogHandler) for h in log.handlers):
-        handler = _LogHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("griffon serve: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log

@@ -20,7 +20,6 @@ DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
 OBJECTIVES = ("lm", "sft", "dpo", "qrpo")
-DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "linear_x", "linear_y", "linear_out", "gate", "up", "down")
 """The attention projections, the recurrent block's input and output linears, the gated FFN's linears."""
 
 
@@ -130,7 +129,7 @@ class SelfGuidedConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA fine-tuning through peft (:mod:`griffon.train.lora`): adapters on the linears named in
+    """LoRA fine-tuning through peft (:mod:`griffon.checkpoint.adapters`): adapters on the linears named in
     ``targets``, every other weight frozen. ``rank`` 0: off (every weight trains)."""
 
     rank: int = 0
@@ -140,7 +139,8 @@ class LoraConfig:
     """Dropout on the adapters' input."""
     targets: tuple[str, ...] | None = None
     """Linear layers to adapt, by module name (the last part of its dotted path); each must be in
-    the model. None: those of :data:`DEFAULT_LORA_TARGETS` the model has (a Hawk has no attention)."""
+    the model. None: those of :data:`griffon.checkpoint.adapters.DEFAULT_LORA_TARGETS` the model has (a Hawk
+    has no attention)."""
 
     def validate(self) -> None:
         check_types(self)
@@ -293,7 +293,9 @@ class TrainConfig:
             raise ConfigError(f"a train config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         if d.get("model") == "auto":
-            raise ConfigError("model=auto is chosen when a run starts: use `griffon train`, or griffon.train.auto.plan")
+            raise ConfigError(
+                "model=auto is chosen when a run starts: use `griffon train`, or griffon.scaling.auto.plan"
+            )
         if isinstance(d.get("model"), str):  # a preset name
             d["model"] = get_preset(d["model"]).to_dict()
         return dataclass_from_dict(cls, d, "train config")
@@ -343,5 +345,5 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def _preset_dict(value: Any) -> Any:
-    """A preset's model config; ``auto`` stays a name, resolved by :mod:`griffon.train.auto`."""
+    """A preset's model config; ``auto`` stays a name, resolved by :mod:`griffon.scaling.auto`."""
     return get_preset(value).to_dict() if isinstance(value, str) and value != "auto" else value

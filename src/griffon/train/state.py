@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 
 from griffon.atomic import atomic_directory, describe_os_error, remove_tree
 from griffon.checkpoint import CONFIG_NAME, CheckpointError, from_pretrained, is_adapter, load_config, write_model
+from griffon.checkpoint.adapters import load_adapter, save_adapter
 from griffon.model import Griffon
 from griffon.run import Run
 from griffon.tensor_tree import TreeFileError, load_tree, save_tree
-from griffon.train.lora import load_adapter, save_adapter
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "state.json"
@@ -105,7 +105,7 @@ def save_checkpoint(
     ``training_state`` (the optimizer's ``state_dict`` and whatever else training needs, a tree
     of tensors, numbers and strings) goes to ``optimizer.safetensors``; ``progress`` to ``state.json``.
     With ``adapter`` (a LoRA run's settings and base), the model's LoRA adapters are written in
-    place of its weights (:mod:`griffon.train.lora`).
+    place of its weights (:mod:`griffon.checkpoint.adapters`).
     """
     check_weights(model, max_weight_abs)
     older = run.checkpoints()  # refuses a checkpoints folder that is a link before writing into it

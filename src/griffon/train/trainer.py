@@ -24,7 +24,16 @@ from griffon.align.chat import run_template, save_template
 from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceObjective
 from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
-from griffon.checkpoint import WEIGHTS_NAME, CheckpointError, check_matches, is_adapter, load_config, tensor_shapes
+from griffon.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_matches,
+    fingerprint,
+    is_adapter,
+    load_config,
+    tensor_shapes,
+)
+from griffon.checkpoint.adapters import apply_lora, lora_targets, read_adapter_meta
 from griffon.config import LinearStructure
 from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
 from griffon.data.tokenizers import load_tokenizer
@@ -36,9 +45,8 @@ from griffon.nn.moe import discard_router_stats, router_loss, update_routers
 from griffon.run import Run
 from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
-from griffon.train.init import InitWeights, fingerprint, load_init_weights, read_init_weights
+from griffon.train.init import InitWeights, load_init_weights, read_init_weights
 from griffon.train.logging import RunLogger, plot_losses, plot_moe_load
-from griffon.train.lora import apply_lora, lora_targets, read_adapter_meta
 from griffon.train.objective import NextToken, Objective
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
 from griffon.train.parallelize import (

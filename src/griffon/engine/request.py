@@ -12,8 +12,8 @@ import torch
 
 from griffon.decode.generate import TextStream
 from griffon.decode.sampling import SamplingParams
+from griffon.engine.prefix_cache import Prefix
 from griffon.model import Cache
-from griffon.serve.prefix_cache import Prefix
 
 
 class QueueFull(Exception):
@@ -51,7 +51,7 @@ class LogprobRows:
 
     def arrays(self, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``start`` onwards as arrays (the tokens' own (n,), the top ids (n, k), their values
-        (n, k)): what an engine in another process sends (:mod:`griffon.serve.engine_process`)."""
+        (n, k)): what an engine in another process sends (:mod:`griffon.engine.process`)."""
         rows = slice(start, self._n)
         return self._chosen[rows].copy(), self._ids[rows].copy(), self._values[rows].copy()
 

@@ -1,5 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685) through ``peft``, wrapped around the model from outside
 as :mod:`griffon.train.parallelize` wraps it: the model definition knows nothing of adapters.
+Training adds them (``lora.rank``); every reader merges them (:mod:`griffon.checkpoint.source`).
 
 ``peft`` replaces each targeted ``nn.Linear`` (by module name: the attention projections ``q``,
 ``k``, ``v``, ``o``; the recurrent block's ``linear_x``, ``linear_y``, ``linear_out``; the gated
@@ -12,8 +13,8 @@ papers defines).
 
 A LoRA run's checkpoints hold the adapters only (``adapter.safetensors``, in peft's names, and
 ``adapter.json``: rank, alpha, dropout, targets and the base model); reading one for inference
-builds the base model, adds the adapters and merges them (:func:`load_merged`), so every command
-that reads a checkpoint reads a LoRA run as a plain model.
+builds the base model, adds the adapters and merges them (:class:`griffon.checkpoint.ModelSource`),
+so every command that reads a checkpoint reads a LoRA run as a plain model.
 """
 
 from __future__ import annotations
@@ -25,10 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from griffon.checkpoint import ADAPTER_CONFIG_NAME, ADAPTER_NAME, CheckpointError, read_safetensors, save_state_dict
+from griffon.checkpoint.format import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_NAME,
+    CheckpointError,
+    read_safetensors,
+    save_state_dict,
+)
 from griffon.config import ConfigError
 from griffon.model import Griffon
-from griffon.train.config import DEFAULT_LORA_TARGETS
+
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "linear_x", "linear_y", "linear_out", "gate", "up", "down")
+"""The linears LoRA adapts unless told otherwise: attention, the recurrent block's projections, the FFN."""
 
 
 def _peft():
@@ -119,20 +128,3 @@ def merge_lora(model: Griffon) -> Griffon:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-def load_merged(directory: Path) -> Griffon:
-    """The model a LoRA checkpoint stands for: its base (``adapter.json``'s ``base``, read as
-    ``griffon train --init`` reads one) with the adapters merged in."""
-    from griffon.checkpoint import load_config
-    from griffon.train.init import load_init_weights
-
-    meta = read_adapter_meta(directory)
-    model = Griffon(load_config(directory))
-    try:
-        load_init_weights(model, meta["base"], meta.get("base_weights"))
-    except CheckpointError as e:
-        raise CheckpointError(f"{directory} is a LoRA checkpoint whose base model cannot be read: {e}") from None
-    apply_lora(model, meta["rank"], meta["alpha"], meta["dropout"], tuple(meta["targets"]))
-    load_adapter(model, directory)
-    return merge_lora(model)

@@ -1,7 +1,7 @@
 """The serving engine's model runner: prefill forwards over prompt chunks and the decode step over
 the running batch, with the batch's cache. Tensors and caches only: which requests, in which rows,
-is the scheduler's (:mod:`griffon.serve.scheduler`); what their tokens become, the output's
-(:mod:`griffon.serve.output`).
+is the scheduler's (:mod:`griffon.engine.scheduler`); what their tokens become, the output's
+(:mod:`griffon.engine.output`).
 
 A Griffin or Hawk cache has a fixed size, so a request joins the batch (:meth:`Cache.stack`) or
 leaves it (:meth:`Cache.select`) at the cost of copying a few states, and its row is reused at once.

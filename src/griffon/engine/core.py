@@ -5,10 +5,10 @@ waiting prompts in chunks, at most ``step_tokens`` prompt tokens per iteration s
 does not stall the others; then advance every running request by one token with one decode step
 over the batch of their caches, and sample their next tokens in one call. The engine ties four
 parts together, as vLLM separates them: the scheduler decides which requests prefill, how much,
-and which run (:mod:`griffon.serve.scheduler`), the runner runs the model over chunks and the
-batch's caches (:mod:`griffon.serve.runner`), the sampler draws every row's token at once
+and which run (:mod:`griffon.engine.scheduler`), the runner runs the model over chunks and the
+batch's caches (:mod:`griffon.engine.runner`), the sampler draws every row's token at once
 (:func:`griffon.decode.sampling.sample`), and the output processor turns tokens into text,
-log-probabilities and reasons to stop (:mod:`griffon.serve.output`).
+log-probabilities and reasons to stop (:mod:`griffon.engine.output`).
 
 Exactly :func:`griffon.generate` for one prompt. A prompt is prefilled in chunks aligned to
 multiples of ``prefill_chunk`` from its start (as :func:`griffon.decode.prefill` does with that
@@ -26,7 +26,7 @@ be half-advanced).
 Memory per request does not grow with its prompt beyond the prompt's ids (for models without
 global attention): prefill runs a chunk at a time, the prefix cache shares one copy of a prompt's
 tokens among its snapshots and gives one request at most a share of its bytes, and log-probabilities
-are kept as arrays; :class:`~griffon.serve.limits.Limits` bounds the rest.
+are kept as arrays; :class:`~griffon.engine.limits.Limits` bounds the rest.
 
 Thread safety: :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step`
 from one thread at a time (:class:`EngineThread` runs it in the background).
@@ -46,14 +46,14 @@ from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import length_limit
 from griffon.decode.kernels import PARALLEL_MIN_ROWS
 from griffon.decode.sampling import SamplingParams, adjust_logits, check_prompt, sample
+from griffon.engine.limits import Limits
+from griffon.engine.metrics import Metrics
+from griffon.engine.output import OutputProcessor
+from griffon.engine.prefix_cache import EMPTY, PrefixCache
+from griffon.engine.request import Request
+from griffon.engine.runner import ModelRunner
+from griffon.engine.scheduler import Scheduler
 from griffon.model import Cache, Griffon
-from griffon.serve.limits import Limits
-from griffon.serve.metrics import Metrics
-from griffon.serve.output import OutputProcessor
-from griffon.serve.prefix_cache import EMPTY, PrefixCache
-from griffon.serve.request import Request
-from griffon.serve.runner import ModelRunner
-from griffon.serve.scheduler import Scheduler
 
 # Prompt tokens prefilled per engine iteration (``griffon serve --step-tokens``).
 DEFAULT_STEP_TOKENS = 512
@@ -70,7 +70,7 @@ def check_request(
     """Raise ValueError if a request cannot run on an engine of this vocabulary, ``max_len``,
     limits and tokenizer: parameters out of range, an empty prompt, ids outside the vocabulary,
     longer than ``max_len``, stop strings without a tokenizer, or over a limit
-    (:class:`~griffon.serve.limits.LimitExceeded`, naming it) with ``choices`` completions of the
+    (:class:`~griffon.engine.limits.LimitExceeded`, naming it) with ``choices`` completions of the
     prompt."""
     params.validate()
     if not prompt:

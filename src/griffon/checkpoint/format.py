@@ -1,4 +1,5 @@
-"""Model checkpoints: a directory with ``config.json`` and ``model.safetensors``, written atomically."""
+"""The checkpoint format: a directory with ``config.json`` and ``model.safetensors``, written
+atomically, and the tokenizer beside it (or beside its run)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from griffon.run import CheckpointError, Run
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# A LoRA run's checkpoints hold adapters instead of the weights (griffon.train.lora).
+# A LoRA run's checkpoints hold adapters instead of the weights (griffon.checkpoint.adapters).
 ADAPTER_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter.json"
 
@@ -110,35 +111,6 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     check_state_dict_shapes(model.state_dict(), {k: tuple(v.shape) for k, v in state.items()}, source)
 
 
-def from_pretrained(
-    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Griffon:
-    """Load a model saved by :func:`save_pretrained` (or written by ``griffon convert``), or a LoRA
-    run's checkpoint, its adapters merged into its base model (:func:`griffon.train.lora.load_merged`)."""
-    if is_adapter(directory):
-        from griffon.train.lora import load_merged
-
-        return load_merged(Path(directory)).to(device=device, dtype=dtype)
-    config = load_config(directory)
-    state = read_safetensors(Path(directory) / WEIGHTS_NAME)
-    with torch.device("meta"):
-        model = Griffon(config)
-    check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
-    model.load_state_dict(state, assign=True)
-    for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{directory}: tensor {name!r} contains NaN or Inf")
-    return model.to(device=device, dtype=dtype)
-
-
-def checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint stands for, by griffon's names: its own, or a LoRA checkpoint's
-    base with the adapters merged in."""
-    if is_adapter(directory):
-        return {k: v.contiguous() for k, v in from_pretrained(directory).state_dict().items()}
-    return read_safetensors(Path(directory) / WEIGHTS_NAME)
-
-
 def is_adapter(directory: str | Path) -> bool:
     """Whether ``directory`` is a LoRA run's checkpoint (adapters, no weights of its own)."""
     return (Path(directory) / ADAPTER_CONFIG_NAME).is_file() and not (Path(directory) / WEIGHTS_NAME).is_file()
@@ -187,39 +159,3 @@ def inference_device(name: str | torch.device) -> torch.device:
     if device is None or (device.type == "cuda" and not torch.cuda.is_available()):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device
-
-
-def load_for_inference(
-    path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None
-) -> tuple[Griffon, Tokenizer]:
-    """The model and tokenizer a run, checkpoint or exported model stands for (:func:`resolve`),
-    ready to read text: on ``device`` (:func:`inference_device`), in ``dtype`` if given, in eval
-    mode, with a tokenizer whose ids the model's vocabulary covers. Every command that reads with a
-    model opens it here. Raises :class:`CheckpointError` for a missing or mismatched tokenizer."""
-    ckpt, tokenizer = resolve_with_tokenizer(path)
-    model = from_pretrained(ckpt, device=inference_device(device), dtype=dtype).eval()
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(
-            f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only "
-            f"{model.config.vocab_size}"
-        )
-    return model, tokenizer
-
-
-def resolve_with_tokenizer(path: str | Path) -> tuple[Path, Tokenizer]:
-    """:func:`resolve`, for commands that need the tokenizer: :class:`CheckpointError` if there is none."""
-    ckpt, tokenizer = resolve(path)
-    if tokenizer is None:
-        where = " or ".join(str(d) for d in tokenizer_dirs(ckpt))
-        raise CheckpointError(f"no tokenizer.json or tokenizer.model found in {where}")
-    return ckpt, tokenizer
-
-
-__all__ = [
-    "CheckpointError",
-    "from_pretrained",
-    "load_for_inference",
-    "resolve",
-    "resolve_with_tokenizer",
-    "save_pretrained",
-]

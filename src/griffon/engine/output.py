@@ -9,7 +9,7 @@ import torch
 
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.generate import TextStream
-from griffon.serve.request import LogprobRows, Request
+from griffon.engine.request import LogprobRows, Request
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:

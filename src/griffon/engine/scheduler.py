@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from griffon.serve.request import QueueFull, Request
+from griffon.engine.request import QueueFull, Request
 
 
 class Scheduler:

@@ -18,10 +18,8 @@ What crosses the pipe (pickled, one message at a time):
   stops answering (a deadlock, a stuck native call, SIGSTOP) is told from a busy one by its silence
   (``last_beat``).
 
-On the server's side :class:`EngineProcess` stands in for both :class:`~griffon.serve.engine.Engine`
-(``check``, ``submit``, ``cancel``, ``tokenizer``, ``max_queue``, ``metrics``) and
-:class:`~griffon.serve.engine.EngineThread` (``start``, ``wake``, ``drain``, ``stop``): ``submit``
-returns a :class:`~griffon.serve.request.Request` that a reader thread keeps up to date from the
+On the front end's side :class:`EngineProcess` is an :class:`~griffon.engine.client.EngineClient`:
+``submit`` returns a :class:`~griffon.engine.request.Request` that a reader thread keeps up to date from the
 updates, calling its ``notify`` as the engine would. The text is detokenised in the core (stop strings
 decide when a request ends, so they belong with the tokens); what crosses is the text that is safe
 to show. Admission: the server refuses a request (:class:`QueueFull`) when ``max_batch + max_queue``
@@ -49,10 +47,11 @@ import numpy as np
 
 from griffon.data.tokenizers import Tokenizer
 from griffon.decode.sampling import SamplingParams
-from griffon.serve.engine import Engine, check_request
-from griffon.serve.limits import Limits
-from griffon.serve.metrics import Metrics
-from griffon.serve.request import LogprobRows, QueueFull, Request
+from griffon.engine.client import EngineClient
+from griffon.engine.core import Engine, check_request
+from griffon.engine.limits import Limits
+from griffon.engine.metrics import Metrics
+from griffon.engine.request import LogprobRows, QueueFull, Request
 
 log = logging.getLogger("griffon.serve")
 
@@ -274,7 +273,7 @@ def _core_main(build: Callable[[], Engine], conn, warm_up: bool) -> None:
 # ----- the server's side -----------------------------------------------------------------------
 
 
-class EngineProcess:
+class EngineProcess(EngineClient):
     """An engine built by ``build`` (a picklable callable: it runs in the new process) in a process
     of its own; see the module docstring. ``tokenizer`` is the engine's, loaded again on the
     server's side for prompts and token strings (``None``: ids only)."""
@@ -286,7 +285,7 @@ class EngineProcess:
         self.info: EngineInfo | None = None
         self.stats = Stats(Metrics())
         self.warm_up_seconds = 0.0
-        self.dead: str | None = None  # why the core is gone, once it is
+        self._dead: str | None = None  # why the core is gone, once it is
         self.last_beat = time.monotonic()  # when the core was last heard from
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -299,9 +298,15 @@ class EngineProcess:
 
     # ----- life ------------------------------------------------------------------------------
 
-    def start(self) -> EngineInfo:
+    @property
+    def dead(self) -> str | None:
+        return self._dead
+
+    def start(self) -> None:
         """Start the core and wait until its engine is built (its warm-up goes on: :meth:`wait_ready`).
         Raises RuntimeError with the core's one-line reason if it cannot build the engine."""
+        if self.info is not None:
+            return
         ctx = multiprocessing.get_context("spawn")  # no inherited threads or CUDA context
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_core_main, args=(self.build, child, self.warm_up), name="griffon-engine",
@@ -315,7 +320,6 @@ class EngineProcess:
         self.info = value
         threading.Thread(target=self._send_loop, name="griffon-engine-send", daemon=True).start()
         threading.Thread(target=self._read_loop, name="griffon-engine-read", daemon=True).start()
-        return value
 
     def _receive_start(self) -> tuple[str, object]:
         if not self._conn.poll(START_TIMEOUT):
@@ -328,10 +332,13 @@ class EngineProcess:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the core's warm-up is over (or it died); whether it is ready."""
-        return self._ready.wait(timeout) and self.dead is None
+        ready = self._ready.wait(timeout) and self._dead is None
+        if ready:
+            log.info("engine process %d warmed up in %.1f s", self.pid, self.warm_up_seconds)
+        return ready
 
     def wake(self) -> None:
-        """Nothing to do: the core watches its pipe (the interface of EngineThread)."""
+        """Nothing to do: the core watches its pipe."""
 
     def drain(self, seconds: float) -> None:
         """Let the requests in the engine run for at most ``seconds`` more, then finish them with
@@ -392,8 +399,11 @@ class EngineProcess:
     def errors(self) -> int:
         return self.stats.errors
 
+    def prefix_stats(self) -> tuple[int, int]:
+        return self.stats.prefix_lookups, self.stats.prefix_hits
+
     def check(self, prompt: list[int], params: SamplingParams, choices: int = 1) -> None:
-        """Raise ValueError if this request cannot run (:func:`~griffon.serve.engine.check_request`)."""
+        """Raise ValueError if this request cannot run (:func:`~griffon.engine.core.check_request`)."""
         i = self.info
         check_request(prompt, params, choices, i.vocab_size, i.max_len, i.limits, i.has_tokenizer)
 
@@ -408,8 +418,8 @@ class EngineProcess:
         """Queue a request in the core (as :meth:`Engine.submit`): the returned request grows as the
         core's updates arrive, and ``notify(request)`` is called (on the reader thread) after each."""
         self.check(prompt, params)
-        if self.dead is not None:
-            raise RuntimeError(f"the engine process is gone: {self.dead}")
+        if self._dead is not None:
+            raise RuntimeError(f"the engine process is gone: {self._dead}")
         timeout = timeout if timeout is not None else self.info.limits.request_timeout
         with self._lock:
             if len(self._requests) >= self.info.max_batch + self.info.max_queue:
@@ -495,7 +505,7 @@ class EngineProcess:
             self._notify(req)
 
     def _died(self, why: str) -> None:
-        self.dead = why
+        self._dead = why
         log.error("the engine process is gone (%s); its requests are failed", why)
         with self._lock:
             orphans, self._requests = list(self._requests.values()), {}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from griffon.atomic import atomic_directory
-from griffon.checkpoint import (
+from griffon.checkpoint.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -359,16 +359,17 @@ def convert(
 
 
 def export_hf(
-    model_dir: str | Path, dst: str | Path, tokenizer: Tokenizer | None = None, chat_template: str | None = None
+    cfg: ModelConfig,
+    state: Tensors,
+    dst: str | Path,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
 ) -> None:
-    """Write a griffon checkpoint as an HF RecurrentGemma directory (config.json + model.safetensors),
+    """Write a model (its config and weights in griffon's names: ``ModelSource.state_dict`` of any
+    source, a LoRA run merged) as an HF RecurrentGemma directory (config.json + model.safetensors),
     with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)
     and ``chat_template`` (Jinja source) as ``chat_template.jinja``, which its ``apply_chat_template`` reads."""
-    from griffon.checkpoint import checkpoint_weights, load_config
-
-    cfg = load_config(model_dir)
     hf_cfg = config_to_hf(cfg)
-    state = checkpoint_weights(model_dir)
     hf_state = to_hf_state_dict(state)
     dst = Path(dst)
     if dst.is_symlink():  # write into the directory the link names; the link stays as it is
