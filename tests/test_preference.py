@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from griffon.align.objectives import qrpo_log_partition
+from griffon.align.losses import qrpo_log_partition
 from griffon.align.preference import (
     PreferenceData,
     PreferenceLoader,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from griffon.cli import main
-from griffon.probes.run import (
+from griffon.probes.study import (
     Accuracy,
     differences,
     example_seq_len,

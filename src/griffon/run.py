@@ -9,6 +9,10 @@ Layout of ``RUN/``::
     loss.png, tensorboard/  the loss curves
     checkpoints/step_N/     checkpoints, N zero-padded to six digits (griffon.train.state writes them)
     auto.json               model=auto's plan: the candidates, the law and the machine it chose with
+    moe_load.png            a mixture of experts' load on each expert against steps
+    reference_logps.safetensors  DPO's and QRPO's reference log-probabilities, computed once at the start
+    chat_template.jinja     the chat template the run was trained with (and tokenizer_config.json's BOS and EOS)
+    result.json             a sweep's run: its final figures, once it is done
     .lock                   held by the process training the run
 
 While a trainer works on a run it holds an exclusive OS lock on ``.lock`` (``flock``): the kernel
@@ -70,6 +74,9 @@ class Run:
         self.plot = self.root / "loss.png"
         self.tensorboard = self.root / "tensorboard"
         self.auto_plan = self.root / "auto.json"
+        self.moe_plot = self.root / "moe_load.png"
+        self.reference_logps = self.root / "reference_logps.safetensors"
+        self.result = self.root / "result.json"
         self.checkpoints_dir = self.root / "checkpoints"
         self.lock_file = self.root / ".lock"
 

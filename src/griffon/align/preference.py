@@ -3,7 +3,7 @@
 DPO reads ``{"prompt", "chosen", "rejected"}`` lines, QRPO ``{"prompt", "completion", "reward",
 "ref_rewards": [...]}`` (``ref_rewards``: the rewards of the reference policy's completions for the
 same prompt, from which the completion's quantile reward is computed,
-:func:`griffon.align.objectives.quantile_reward`). Each completion is one row: the prompt's tokens
+:func:`griffon.align.losses.quantile_reward`). Each completion is one row: the prompt's tokens
 then the completion's (and the tokenizer's EOS where it has one), the completion's tokens marked as
 the ones whose log-probabilities sum to the sequence's ``log pi(y|x)``.
 
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from griffon.align.jsonl import read_objects
-from griffon.align.objectives import dpo_loss, qrpo_loss, quantile_reward
+from griffon.align.losses import dpo_loss, qrpo_loss, quantile_reward
 from griffon.align.sft import (
     ShuffledLoader,
     batch_count,
@@ -40,7 +40,6 @@ from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
 KINDS = ("dpo", "qrpo")
-REFERENCE_NAME = "reference_logps.safetensors"
 
 
 def read_preference_examples(path: str | Path, kind: str) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import matmul_peak_flops
+from griffon.bench.timing import matmul_peak_flops
 from griffon.data.loader import PackedLoader, TokenSplit
 from griffon.data.training_data import TrainingData
 from griffon.machine import machine

@@ -23,7 +23,7 @@ from torch import nn
 
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import best_time, matmul_peak_flops
+from griffon.bench.timing import best_time, matmul_peak_flops
 from griffon.config import LinearStructure
 from griffon.decode.calibration import calibrate_merge_thresholds
 from griffon.machine import machine

@@ -20,7 +20,7 @@ import torch
 
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import best_time, matmul_peak_flops
+from griffon.bench.timing import best_time, matmul_peak_flops
 from griffon.config import MoEConfig
 from griffon.machine import machine
 from griffon.nn.mlp import GatedMLP

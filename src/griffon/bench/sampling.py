@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from griffon.atomic import atomic_savefig, atomic_write_json
-from griffon.bench.machine import copy_bandwidth, matmul_peak_flops
+from griffon.bench.timing import copy_bandwidth, matmul_peak_flops
 from griffon.config import ModelConfig
 from griffon.decode.fused import FusedDecoder
 from griffon.decode.generate import prefill

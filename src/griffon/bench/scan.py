@@ -18,7 +18,7 @@ import torch
 
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import best_time, copy_bandwidth
+from griffon.bench.timing import best_time, copy_bandwidth
 from griffon.machine import machine
 from griffon.scan import linear_scan
 from griffon.scan.cpu import row_split, scan_backward, scan_forward

@@ -21,7 +21,7 @@ from griffon import Griffon, get_preset, references
 from griffon.accounting import train_flops_per_token
 from griffon.allocator import keep_freed_memory
 from griffon.atomic import atomic_write_json
-from griffon.bench.machine import best_time, matmul_peak_flops
+from griffon.bench.timing import best_time, matmul_peak_flops
 from griffon.machine import machine
 
 

@@ -211,6 +211,9 @@ def _check_range(task: str, key: str, value: int, low: int, high: int | None) ->
         raise ValueError(f"{task}: {key} must be {bound}, got {value}")
 
 
+CPU_SCALE = 4
+"""The default training length and Griffin window are the paper's divided by this (a CPU's budget)."""
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (SelectiveCopy, Induction, Phonebook)}
 
 

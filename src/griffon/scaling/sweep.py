@@ -58,7 +58,6 @@ from griffon.train.config import TrainConfig, apply_overrides
 
 SPEC_KEYS = {"base", "families", "sizes", "budgets", "isoflop", "min_steps", "seed"}
 BUDGET_KINDS = ("tokens", "flops", "tokens_per_param")
-RESULT_NAME = "result.json"
 COLUMNS = ["run", "family", "size", "budget", "config_hash", "params", "non_embedding_params", "active_params", "ffn_params",
            "flops", "flops_6nd", "tokens", "steps", "val_loss", "val_bpb", "wall_s", "tokens_per_s", "device",
            "seed", "git_commit"]  # fmt: skip
@@ -295,7 +294,7 @@ def run_one(run: PlannedRun, out: Path) -> dict[str, Any]:
     from griffon.train.trainer import train
 
     directory = Run(out / "runs" / run.name)
-    done = directory.root / RESULT_NAME
+    done = directory.result
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
@@ -349,7 +348,7 @@ def collect(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
     """The finished runs' rows, written to ``DIR/results.csv`` (and ``results.parquet`` with pyarrow)."""
     rows = []
     for run in runs:
-        path = out / "runs" / run.name / RESULT_NAME
+        path = Run(out / "runs" / run.name).result
         if path.is_file():
             rows.append(json.loads(path.read_text()))
 

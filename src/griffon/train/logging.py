@@ -188,7 +188,7 @@ def plot_moe_load(run: Run) -> Path | None:
     axes[0][0].set_ylabel("share of assignments")
     fig.suptitle(f"{run.root.name}: expert load (dotted: uniform)", fontsize=10)
     fig.tight_layout()
-    out = run.root / "moe_load.png"
+    out = run.moe_plot
     atomic_savefig(fig, out)
     plt.close(fig)
     return out

@@ -21,7 +21,7 @@ from torch import nn
 
 from griffon.accounting import check_buildable, self_guided_flops_per_token, train_flops_per_token
 from griffon.align.chat import run_template, save_template
-from griffon.align.preference import REFERENCE_NAME, PreferenceData, PreferenceObjective
+from griffon.align.preference import PreferenceData, PreferenceObjective
 from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
 from griffon.checkpoint import (
@@ -212,7 +212,7 @@ def _train(
             base_weights = fingerprint(source)
     objective: Objective
     if isinstance(data, PreferenceData):  # the model as it starts is the reference policy
-        reference = data.reference(raw, run.root / REFERENCE_NAME, device, cfg.data.batch_size, write=info.is_main)
+        reference = data.reference(raw, run.reference_logps, device, cfg.data.batch_size, write=info.is_main)
         objective = PreferenceObjective(data, reference, cfg.beta)
     else:
         objective = NextToken(run_data.token_bytes, cfg.goldfish_k, cfg.goldfish_h)

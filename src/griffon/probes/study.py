@@ -10,7 +10,10 @@ against steps.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from griffon.accounting import decode_state_bytes
 from griffon.align.sft import SFTData, pack
 from griffon.data.tokenizers import ByteTokenizer, Tokenizer
-from griffon.probes.tasks import Task, symbols
+from griffon.probes.tasks import CPU_SCALE, Task, symbols
 
 FAMILIES = {"griffin": "griffin-tiny", "hawk": "hawk-tiny", "mqa": "mqa-tiny"}
 """The model of each family a probe trains (``--set model.*`` changes it)."""
@@ -254,3 +257,120 @@ def _bars(points: list[dict]) -> np.ndarray | None:
     if any(np.isnan(p["lo"]) for p in points):
         return None
     return np.array([[p["mean"] - p["lo"] for p in points], [p["hi"] - p["mean"] for p in points]])
+
+
+def train_study(
+    task: Task,
+    models: list[str],
+    out: Path,
+    train_length: int | None = None,
+    window: int | None = None,
+    lengths: list[int] | None = None,
+    steps: int = 300,
+    batch: int = 16,
+    lr: float = 3e-3,
+    examples: int = 4000,
+    eval_examples: int = 100,
+    seeds: tuple[int, ...] = (0,),
+    overrides: tuple[str, ...] = (),
+) -> dict:
+    """Train each of ``models`` (:data:`FAMILIES`) on ``task`` once per seed through griffon's
+    trainer (SFT on the answer's bytes) and measure exact-match and per-symbol accuracy against
+    length and along training; write ``out/results.json`` and ``out/accuracy.png`` and return the
+    results. Defaults: the paper's training length and Griffin window divided by :data:`CPU_SCALE`,
+    evaluated at 1-16x the training length. A study cut short resumes; more seeds may join a finished
+    one under its own settings. Everything is checked (lengths, memory, the models) before anything
+    is drawn or trained."""
+    from griffon.checkpoint import load_for_inference
+    from griffon.machine import free_memory
+    from griffon.run import Run, checkpoint_step
+    from griffon.train.config import TrainConfig, apply_overrides
+    from griffon.train.trainer import train
+
+    unknown = [m for m in models if m not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown model family {unknown[0]!r}; families: {', '.join(FAMILIES)}")
+    unknown = [m for m in models if m not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown model family {unknown[0]!r}; families: {', '.join(FAMILIES)}")
+    length = train_length if train_length is not None else max(task.train_length // CPU_SCALE, task.min_length)
+    window = window if window is not None else max(task.window // CPU_SCALE, 1)
+    if window < 1:
+        raise ValueError(f"--window must be at least 1, got {window}")
+    lengths = lengths or [length * k for k in (1, 2, 4, 8, 16)]
+    for n in [length, *lengths]:
+        task.check_length(n)
+
+    def config(family: str, seed: int, seq_len: int) -> TrainConfig:
+        d = apply_overrides(TrainConfig().to_dict(), [
+            f"model={FAMILIES[family]}", "objective=sft", f"data.seq_len={seq_len}", f"data.batch_size={batch}",
+            f"max_steps={steps}", "max_minutes=null", "dtype=fp32", f"save_every={max(steps // 5, 1)}",
+            "keep_checkpoints=10", f"eval_every={steps}", "log_every=10", f"optim.lr={lr}",
+        ] + ([f"model.attention_window={window}"] if family == "griffin" else [])
+          + ([f"model.max_seq_len={longest_prompt(task, lengths) * 5 // 4 + 64}"] if family == "mqa" else [])
+          + list(overrides))  # fmt: skip
+        return dataclasses.replace(TrainConfig.from_dict(d), seed=seed)
+
+    # Before anything is drawn: what the lengths and examples would take, by each family's model.
+    free = free_memory(torch.device("cpu"))
+    for family in models:
+        planned = config(family, seeds[0], task.prompt_bytes(length)).model
+        need = probe_memory(task, planned, length, lengths, examples, eval_examples, batch)
+        check_memory(need, free, f"{task.name} at training length {length} and lengths up to {max(lengths)}")
+    results: dict = {
+        "task": task.name, "params": dataclasses.asdict(task), "train_length": length,
+        "window": window if "griffin" in models else None,
+        "lengths": lengths, "steps": steps, "examples": examples, "seeds": seeds,
+        "reached_at": REACHED, "models": {f: {"runs": []} for f in models},
+    }  # fmt: skip
+    if (out / "results.json").exists():
+        # More seeds may join a finished study (its runs are read again), but only under its settings.
+        held = json.loads((out / "results.json").read_text())
+        changed = [k for k in ("task", "params", "train_length", "window", "lengths", "steps", "examples")
+                   if held.get(k) != json.loads(json.dumps(results[k]))]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{out} holds a probe study with other settings ({', '.join(changed)}); pick another --out"
+            )
+    drawn = {seed: probe_examples(task, length, examples, max(examples // 10, 16), seed) for seed in seeds}
+    configs = {}
+    for family, seed in itertools.product(models, seeds):
+        # Per seed, so that a run's config does not depend on which other seeds share the command.
+        cfg = config(family, seed, example_seq_len(*drawn[seed]))
+        check_model_fits(task, cfg.model, lengths)
+        configs[family, seed] = cfg
+    for family in models:  # each model's own window (None: global attention or none)
+        model_cfg = configs[family, seeds[0]].model
+        has_local = any(t == "attention" for t in model_cfg.block_types) and not model_cfg.has_global_attention
+        results["models"][family]["attention_window"] = model_cfg.attention_window if has_local else None
+    tokenizer = ByteTokenizer()
+    for seed in seeds:
+        data = probe_data(*drawn[seed], example_seq_len(*drawn[seed]))
+        for family in models:
+            run_dir = out / f"{family}-s{seed}"
+            t0 = time.perf_counter()
+            # A study cut short resumes: finished runs are read again, killed ones go on.
+            train(configs[family, seed], run_dir, resume=Run(run_dir).exists(), data=data)
+            curve = []  # [step, exact, per symbol] at the training length
+            for ckpt in Run(run_dir).checkpoints():
+                model = load_for_inference(ckpt, device="cpu")[0]
+                a = accuracy(model, tokenizer, task, length, eval_examples, seed + 7)
+                curve.append([checkpoint_step(ckpt), a.value, a.per_symbol])
+            model = load_for_inference(run_dir, device="cpu")[0]
+            scores = {n: accuracy(model, tokenizer, task, n, eval_examples, seed + 11) for n in lengths}
+            run = {
+                "seed": seed, "curve": curve, "accuracy": {n: a.value for n, a in scores.items()},
+                "per_symbol": {n: a.per_symbol for n, a in scores.items()},
+                "reached": scores[length].value >= REACHED if length in scores else curve[-1][1] >= REACHED,
+                "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+            results["models"][family]["runs"].append(run)
+            print(f"{family} seed {seed}: {'reached' if run['reached'] else 'did not reach'} the task; exact by "
+                  f"length {run['accuracy']}; per symbol {run['per_symbol']}; curve {curve}", flush=True)  # fmt: skip
+    for m in results["models"].values():
+        m["summary"] = summarize(m["runs"])
+    if "mqa" in results["models"]:
+        results["differences"] = differences(results["models"], "mqa")
+    write_results(out / "results.json", results)
+    plot_results(results, out / "accuracy.png")
+    return results
