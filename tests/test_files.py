@@ -52,6 +52,21 @@ def test_whole_files_are_bounded_and_lines_are_streamed_with_a_bound(tmp_path):
     assert list(iter_lines(exact, "x", max_line=16)) == [(1, "y" * 16)]
 
 
+def test_corpus_documents_are_read_a_bounded_line_at_a_time(tmp_path, monkeypatch):
+    import gzip
+
+    import griffon.data.sources as sources
+
+    monkeypatch.setattr(sources, "DOCUMENT_LINE_BYTES", 64)
+    for name, opener in (("c.jsonl", open), ("c.jsonl.gz", gzip.open)):
+        with opener(tmp_path / name, "wb") as f:
+            f.write(b'{"text": "short"}\n{"text": "' + b"x" * 100 + b'"}\n')
+        docs = sources.iter_documents(tmp_path / name)
+        assert next(docs) == "short"
+        with pytest.raises(FileError, match=rf"{name}:2: the line is longer than 64 bytes, the bound for a document"):
+            next(docs)
+
+
 def test_jsonl_lines_split_on_newline_only(tmp_path):
     """json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 unescaped; they are
     not line breaks in JSON Lines (str.splitlines would split there)."""

@@ -12,6 +12,7 @@ the bound (:class:`FileError`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -28,6 +29,8 @@ CONFIG_BYTES = 16 * 2**20
 """A JSON config: a model or training config, a sweep spec, a converted checkpoint's config."""
 LINE_BYTES = 16 * 2**20
 """One line of a JSON Lines file: an example, a prompt, a scored completion."""
+DOCUMENT_LINE_BYTES = 256 * 2**20
+"""One line of a corpus's JSON Lines: a whole document (a book is a few megabytes)."""
 
 
 class FileError(ValueError):
@@ -35,7 +38,9 @@ class FileError(ValueError):
 
 
 def _size(n: int) -> str:
-    return f"{n // 2**20} MiB" if n >= 2**20 and n % 2**20 == 0 else f"{n // 2**10} KiB"
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20} MiB"
+    return f"{n // 2**10} KiB" if n >= 2**10 and n % 2**10 == 0 else f"{n} bytes"
 
 
 @contextmanager
@@ -89,15 +94,31 @@ def read_json(path: str | Path, limit: int, what: str):
         raise FileError(f"{path}:{e.lineno}: {what} is not JSON ({e.msg})") from None
 
 
+def bounded_lines(f: BinaryIO, path: str | Path, what: str, max_line: int) -> Iterator[tuple[int, bytes]]:
+    """Each line of an open binary file with its number (from 1), ``\\n`` included, read at most
+    ``max_line`` bytes (and its newline) at a time: a longer line is refused, naming ``path`` and the line."""
+    for number, raw in enumerate(iter(lambda: f.readline(max_line + 1), b""), 1):
+        if len(raw) > max_line and not (len(raw) == max_line + 1 and raw.endswith(b"\n")):
+            raise FileError(f"{path}:{number}: the line is longer than {_size(max_line)}, the bound for {what}")
+        yield number, raw
+
+
 def iter_lines(path: str | Path, what: str, max_line: int = LINE_BYTES) -> Iterator[tuple[int, str]]:
     """Each line of a regular UTF-8 text file with its number (from 1), streamed, split on ``\\n``
     only (a ``\\r`` before it dropped), each at most ``max_line`` bytes."""
     with open_regular(path, what) as f:
-        for number, raw in enumerate(iter(lambda: f.readline(max_line + 1), b""), 1):
-            if len(raw) > max_line and not (len(raw) == max_line + 1 and raw.endswith(b"\n")):
-                raise FileError(f"{path}:{number}: the line is longer than {_size(max_line)}, the bound for {what}")
+        for number, raw in bounded_lines(f, path, what, max_line):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise FileError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
             yield number, line.removesuffix("\n").removesuffix("\r")
+
+
+def sha256(path: str | Path, what: str = "a file") -> str:
+    """The SHA-256 of a regular file, read a block at a time."""
+    digest = hashlib.sha256()
+    with open_regular(path, what) as f:
+        while block := f.read(2**22):
+            digest.update(block)
+    return digest.hexdigest()

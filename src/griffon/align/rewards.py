@@ -19,7 +19,6 @@ same output with anything else is refused, so two runs never mix in one file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 from griffon.align.jsonl import read_objects
 from griffon.align.preference import real_value
 from griffon.data.sources import DataError
-from griffon.files import open_regular
+from griffon.files import CONFIG_BYTES, read_json
 
 Reward = Callable[[str, str], float]
 
@@ -92,15 +91,6 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
     return prompts, wheres
 
 
-def file_hash(path: str | Path) -> str:
-    """The SHA-256 of a regular file, read a block at a time."""
-    digest = hashlib.sha256()
-    with open_regular(path, "a file") as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_output(out: str | Path, inputs: dict[str, str | None], source: dict) -> Path:
     """Refuse an output that is one of the ``inputs`` (name -> path), or that holds the output of
     a run with another ``source`` (what produced it); record ``source`` beside a new output.
@@ -117,7 +107,7 @@ def check_output(out: str | Path, inputs: dict[str, str | None], source: dict) -
         if not record.is_file():
             raise ValueError(f"{out} exists and was not written by griffon rewards (no {record.name}); "
                              "give another --out")  # fmt: skip
-        held = json.loads(record.read_text())
+        held = read_json(record, CONFIG_BYTES, "a rewards source record")
         changed = sorted(k for k in source.keys() | held.keys() if held.get(k) != source.get(k))
         if changed:
             raise ValueError(f"{out} holds the output of a run with other {', '.join(changed)}; "

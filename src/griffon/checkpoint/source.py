@@ -12,7 +12,6 @@ changed since it was trained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from griffon.checkpoint.format import (
 )
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
+from griffon.files import sha256
 from griffon.model import Griffon
 
 
@@ -198,7 +198,9 @@ def fingerprint(source: ModelSource) -> list[dict[str, Any]]:
     out = []
     for f in source.weight_files():
         stat = f.stat()
-        out.append({"file": f.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(f)})
+        out.append(
+            {"file": f.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256(f, "a weights file")}
+        )
     return out
 
 
@@ -213,19 +215,11 @@ def check_fingerprint(source: ModelSource, recorded: list[dict[str, Any]]) -> No
         stat = f.stat()
         if (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"]):
             continue
-        if stat.st_size != entry["size"] or _sha256(f) != entry["sha256"]:
+        if stat.st_size != entry["size"] or sha256(f, "a weights file") != entry["sha256"]:
             raise CheckpointError(
                 f"the base model {source.path} has changed since the adapters were trained on it "
                 f"({entry['file']} differs); restore it, or use the merged model exported before"
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(2**22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hf_config(path: Path) -> dict | None:

@@ -9,8 +9,9 @@ import sys
 def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from griffon.align.rewards import check_output, file_hash, load_reward, read_prompts, sample_rewards
+    from griffon.align.rewards import check_output, load_reward, read_prompts, sample_rewards
     from griffon.checkpoint import load_for_inference
+    from griffon.files import sha256
 
     reward = load_reward(args.reward) if args.reward else None
     prompts, wheres = read_prompts(args.prompts)
@@ -18,8 +19,8 @@ def run(args: argparse.Namespace) -> None:
     if args.dpo_out and Path(args.dpo_out).resolve() == Path(args.out).resolve():
         raise ValueError("--dpo-out and --out are the same file; give two")
     source = {
-        "prompts": file_hash(args.prompts), "policy": str(Path(args.policy).resolve()), "reward": args.reward,
-        "reward_table": file_hash(table) if table else None, "n": args.n, "max_tokens": args.max_tokens,
+        "prompts": sha256(args.prompts), "policy": str(Path(args.policy).resolve()), "reward": args.reward,
+        "reward_table": sha256(table) if table else None, "n": args.n, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "stop": list(args.stop), "seed": args.seed,
     }  # fmt: skip
     check_output(args.out, {"prompts file": args.prompts, "reward table": table, "DPO output": args.dpo_out}, source)

@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from griffon.files import DOCUMENT_LINE_BYTES, bounded_lines
+
 
 class DataError(ValueError):
     """Input data is missing, empty or malformed. The message names the file."""
@@ -119,7 +121,7 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in bounded_lines(f, path, "a document", DOCUMENT_LINE_BYTES):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

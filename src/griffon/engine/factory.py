@@ -14,25 +14,26 @@ from griffon.engine.process import EngineProcess
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """What the engine is built from (``griffon serve``'s engine flags; picklable, for the engine's
-    process)."""
+    """What the engine is built from (``griffon serve``'s engine flags, where their defaults are;
+    picklable, for the engine's process)."""
 
     model: str
-    device: str = "auto"
-    max_prompt_tokens: int | None = None
-    max_batch: int = 64
-    max_queue: int = 256
-    step_tokens: int = 512
-    prefill_chunk: int = 256
-    max_tokens: int | None = None
-    max_logprob_entries: int | None = None
-    request_timeout: float | None = None
-    prefix_cache_mb: float = 256.0
-    step: str = "auto"
+    device: str
+    max_prompt_tokens: int | None
+    max_batch: int
+    max_queue: int
+    step_tokens: int
+    prefill_chunk: int
+    max_tokens: int | None
+    max_logprob_entries: int | None
+    request_timeout: float | None
+    prefix_cache_mb: float
+    step: str
 
     @classmethod
     def of(cls, values: dict) -> EngineOptions:
-        """The options among ``values`` (``vars(args)``, say), the rest left out."""
+        """The options among ``values`` (``vars(args)`` of ``griffon serve``, whose flags hold the
+        defaults), the rest left out."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 

@@ -202,8 +202,8 @@ def _train(
     # A LoRA run's checkpoints hold adapters only: its base weights come from SRC every time, and
     # must be the ones the adapters were trained on (their fingerprint is saved with them).
     base_weights = None
-    if cfg.init is not None and (cfg.lora.rank or not resume or run.resume_point(checkpoint) is None):
-        point = run.resume_point(checkpoint) if resume else None
+    point = run.resume_point(checkpoint) if resume else None
+    if cfg.init is not None and (cfg.lora.rank or point is None):
         if cfg.lora.rank and point is not None and is_adapter(point):
             base_weights = read_adapter_meta(point).get("base_weights")
         source = load_init_weights(raw, init if init is not None else cfg.init, base_weights)
