@@ -22,6 +22,7 @@ import torch
 
 from griffon.align import arithmetic
 from griffon.align.preference import build_rows
+from griffon.align.qrpo import QRPO
 from griffon.checkpoint import load_for_inference
 from griffon.cli import main
 from griffon.engine import Engine, SamplingParams
@@ -57,10 +58,12 @@ def evaluate(policy: Path, reference: Path, prompts: list[str], samples: int, se
     engine.run_until_done()
     rows, rewards = [], []
     for p, reqs in zip(prompts, sampled, strict=True):
-        for r in reqs:
-            rows.append({"prompt": p, "completion": tokenizer.decode(r.tokens)})  # the stop's token too
-            rewards.append(arithmetic.reward(p, r.text.visible(final=True)))
-    seqs = build_rows(rows, "qrpo", tokenizer, 16)
+        scores = [arithmetic.reward(p, r.text.visible(final=True)) for r in reqs]
+        rewards += scores
+        # as QRPO's data are: each completion (the stop's token too) scored beside its prompt's others
+        rows += [{"prompt": p, "completion": tokenizer.decode(r.tokens), "reward": s, "ref_rewards": scores}
+                 for r, s in zip(reqs, scores, strict=True)]  # fmt: skip
+    seqs = build_rows(rows, QRPO, tokenizer, 16)
     right = [arithmetic.reward(p, g.text.visible(final=True)) == 1.0 for p, g in zip(prompts, greedy, strict=True)]
     return {"reward": sum(rewards) / len(rewards), "kl": sequence_kl(model, ref_model, seqs),
             "greedy_accuracy": sum(right) / len(right)}  # fmt: skip

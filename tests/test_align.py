@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from griffon.align.losses import dpo_loss, qrpo_log_partition, qrpo_loss, quantile_reward
+from griffon.align.dpo import dpo_loss
+from griffon.align.qrpo import qrpo_log_partition, qrpo_loss, quantile_reward
 
 
 def test_quantile_reward_is_the_share_of_reference_rewards_at_or_below():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from griffon.data.corpus import default_corpus
-from griffon.data.loader import PackedLoader, TokenSplit, eval_batches
+from griffon.data.loader import PackedLoader, TokenSplit, sequence_batches
 from griffon.data.prepare import prepare
 from griffon.data.sources import DataError, iter_documents
 from griffon.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
@@ -168,7 +168,7 @@ def test_loader_shards_across_ranks(split):
 
 
 def test_eval_batches_cover_split_once(split):
-    n = sum(t.shape[0] for t, _ in eval_batches(split, 25, 4))
+    n = sum(t.shape[0] for t, _ in sequence_batches(split, 25, 4))
     assert n == (split.n_tokens - 1) // 25
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from griffon.align.jsonl import read_objects
+from griffon.align.examples import read_objects
 from griffon.cli import main
 from griffon.files import FileError, iter_lines, read_text
 

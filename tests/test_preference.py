@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from griffon.align.losses import qrpo_log_partition
+from griffon.align.dpo import DPO
 from griffon.align.preference import (
     PreferenceData,
     PreferenceLoader,
@@ -18,6 +18,7 @@ from griffon.align.preference import (
     reference_logps,
     sequence_logps,
 )
+from griffon.align.qrpo import QRPO, qrpo_log_partition
 from griffon.checkpoint import from_pretrained, resolve
 from griffon.cli import main
 from griffon.data.sources import DataError
@@ -26,6 +27,7 @@ TINY = [
     "data.seq_len=32", "data.batch_size=4", "dtype=fp32", "max_minutes=null", "max_steps=3",
     "eval_batches=2", "final_eval_batches=2", "eval_every=100", "log_every=1", "optim.warmup_steps=1",
 ]  # fmt: skip
+OBJECTIVE = {"dpo": DPO, "qrpo": QRPO}
 
 
 def _examples(kind, n=24):
@@ -68,7 +70,7 @@ def test_an_alignment_run_starts_at_the_reference_and_stores_it(tmp_path, base, 
     _train(tmp_path / "run", "--init", str(base), f"--set=objective={kind}", f"--set=data.path={data}",
            "--set=beta=0.2", "--set=max_steps=6", "--set=optim.lr=3e-3", "--set=save_every=3")  # fmt: skip
     model = from_pretrained(resolve(base)[0]).eval()
-    prepared = PreferenceData.open(kind, str(data), "bytes", 32, 0.1, 0, 256)
+    prepared = PreferenceData.open(OBJECTIVE[kind], str(data), "bytes", 32, 0.1, 0, 256)
     stored = load_file(str(tmp_path / "run" / "reference_logps.safetensors"))
     # the stored references are the initial model's, as a fresh forward computes them
     assert torch.allclose(stored["train"], reference_logps(model, prepared.train, torch.device("cpu"), 5), atol=1e-5)
@@ -80,7 +82,7 @@ def test_an_alignment_run_starts_at_the_reference_and_stores_it(tmp_path, base, 
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and first["margins"] == pytest.approx(0, abs=1e-5)
     else:
         _, _, _, index = next(PreferenceLoader(prepared.train, 4, seed=0))
-        q = torch.from_numpy(prepared.train.quantiles[index.numpy()])
+        q = torch.from_numpy(prepared.train.values["quantile"][index.numpy()])
         assert first["loss"] == pytest.approx(((q - 0.2 * qrpo_log_partition(0.2)) ** 2).mean().item(), rel=1e-5)
         assert first["kl_ref"] == pytest.approx(0, abs=1e-5)
     final = next(r for r in records if r["kind"] == "final_eval")
@@ -131,7 +133,7 @@ def test_bad_examples_name_the_file_and_line(tmp_path, kind, line, message):
     path = tmp_path / "x.jsonl"
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(DataError, match=message):
-        read_preference_examples(path, kind)
+        read_preference_examples(path, OBJECTIVE[kind])
 
 
 def test_alignment_needs_a_starting_model(tmp_path, capsys):
@@ -148,8 +150,8 @@ def test_pairs_with_nothing_to_learn_within_seq_len_are_refused_when_most_are(tm
     same_start = [{"prompt": "p" * 10, "chosen": "a" * 30 + "1", "rejected": "a" * 30 + "2"} for _ in range(20)]
     data = _write(tmp_path / "d.jsonl", same_start + _examples("dpo", 4))
     with pytest.raises(DataError, match=r"^20 of the 24 examples .* data.seq_len=32; data.seq_len=40 would keep them"):
-        PreferenceData.open("dpo", str(data), "bytes", 32, 0.1, 0, 256)
-    assert PreferenceData.open("dpo", str(data), "bytes", 40, 0.1, 0, 256).unlearnable == 0
+        PreferenceData.open(DPO, str(data), "bytes", 32, 0.1, 0, 256)
+    assert PreferenceData.open(DPO, str(data), "bytes", 40, 0.1, 0, 256).unlearnable == 0
     long = [{"prompt": "p" * 40, "completion": "b", "reward": 1, "ref_rewards": [0, 1]}] * 3
     some = _write(tmp_path / "q.jsonl", long + _examples("qrpo", 21))
-    assert PreferenceData.open("qrpo", str(some), "bytes", 32, 0.1, 0, 256).unlearnable == 3
+    assert PreferenceData.open(QRPO, str(some), "bytes", 32, 0.1, 0, 256).unlearnable == 3

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from griffon import Griffon
+from griffon.align.dpo import DPO
 from griffon.align.preference import read_preference_examples
+from griffon.align.qrpo import QRPO
 from griffon.checkpoint import save_pretrained
 from griffon.cli import main
 from griffon.config import ModelConfig
@@ -53,7 +55,7 @@ def _argv(tmp, out="q.jsonl", *extra):
 def test_completions_are_scored_and_written_as_qrpo_and_dpo_data(setup, capsys):
     tmp = setup
     assert main(_argv(tmp, "q.jsonl", "--dpo-out", str(tmp / "d.jsonl"))) == 0
-    rows = read_preference_examples(tmp / "q.jsonl", "qrpo")  # what objective=qrpo reads
+    rows = read_preference_examples(tmp / "q.jsonl", QRPO)  # what objective=qrpo reads
     assert [r["prompt"] for r in rows] == [p for p in PROMPTS for _ in range(3)]
     for first in range(0, len(rows), 3):
         group = rows[first : first + 3]
@@ -61,7 +63,7 @@ def test_completions_are_scored_and_written_as_qrpo_and_dpo_data(setup, capsys):
         assert [r["reward"] for r in group] == pytest.approx(rewards)
         assert all(r["ref_rewards"] == pytest.approx(rewards) for r in group)
         assert len({r["completion"] for r in group}) > 1  # sampled, each with its own seed
-    pairs = read_preference_examples(tmp / "d.jsonl", "dpo")
+    pairs = read_preference_examples(tmp / "d.jsonl", DPO)
     for pair in pairs:
         group = [r for r in rows if r["prompt"] == pair["prompt"]]
         score = {r["completion"]: r["reward"] for r in group}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from griffon.cli import main
+from griffon.config import ConfigError
 from griffon.decode import compiled
 from griffon.model import Griffon
 from griffon.presets import get_preset
@@ -347,3 +348,35 @@ def test_wsd_and_goldfish_options_run(tmp_path):
         tmp_path / "r",
     )
     assert result.steps == 3 and math.isfinite(result.val_loss)
+
+
+def test_a_new_objective_is_a_registry_entry(tmp_path, monkeypatch):
+    """The loop reaches an objective and its data through the registry only: one entry trains a
+    run with an objective of its own, its data opened, its statistics logged, its evaluation kept."""
+    from griffon.train.objective import OBJECTIVES, NextToken, ObjectiveSpec
+
+    built = []
+
+    class Scaled(NextToken):
+        def loss(self, model, batch):
+            loss, _ = super().loss(model, batch)
+            return 2 * loss, {"scale": 2.0}
+
+        def evaluate(self, model, batches, device, autocast, reduce):
+            return {"val_loss": -1.0, "val_scaled_batches": float(len(list(batches)))}
+
+    def build(cfg, data, start):
+        built.append((start.run.root, start.is_main, data))
+        return Scaled(torch.ones(256))
+
+    lm = OBJECTIVES["lm"]
+    monkeypatch.setitem(OBJECTIVES, "scaled", ObjectiveSpec(lm.open_data, build))
+    train(tiny_config("objective=scaled", "max_steps=2", "save_every=2", "final_eval_batches=3"), tmp_path / "r")
+    [(root, is_main, data)] = built
+    assert root == tmp_path / "r" and is_main and data.tokenizer.vocab_size <= 256
+    records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["scale"] for r in records if r["kind"] == "train"] == [2.0, 2.0]
+    [final] = [r for r in records if r["kind"] == "final_eval"]
+    assert final["val_loss"] == -1.0 and final["val_scaled_batches"] == 3.0
+    with pytest.raises(ConfigError, match="objective .nope. is not one of"):
+        tiny_config("objective=nope")

@@ -170,10 +170,13 @@ def save_template(template: ChatTemplate, directory: Path) -> None:
         atomic_write(directory / "tokenizer_config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def run_template(tokenizer, tokenizer_spec: str, override: str | Path | None, objective: str) -> ChatTemplate | None:
+def run_template(
+    tokenizer, tokenizer_spec: str, override: str | Path | None, renders_chats: bool
+) -> ChatTemplate | None:
     """The chat template a run keeps with its tokenizer, for every reader of the run: the one it
     was given (``data.chat_template``), else the one its tokenizer came with (an HF directory's,
-    another run's), else for SFT the default its chats were rendered with; None where it has none."""
+    another run's), else, for a run whose data are chats (SFT), the default they were rendered
+    with; None where it has none."""
     if override is not None:
         return template_for(tokenizer, override)
     spec = Path(tokenizer_spec)
@@ -181,7 +184,7 @@ def run_template(tokenizer, tokenizer_spec: str, override: str | Path | None, ob
         found = saved_template(spec if spec.is_dir() else spec.parent)
         if found is not None:
             return found
-    return template_for(tokenizer) if objective == "sft" else None
+    return template_for(tokenizer) if renders_chats else None
 
 
 def _token_text(token) -> str:

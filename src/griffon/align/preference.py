@@ -1,11 +1,11 @@
-"""Offline alignment data and losses: ``objective=dpo`` and ``objective=qrpo``.
+"""What DPO and QRPO share: offline alignment on completions scored against a reference policy.
 
-DPO reads ``{"prompt", "chosen", "rejected"}`` lines, QRPO ``{"prompt", "completion", "reward",
-"ref_rewards": [...]}`` (``ref_rewards``: the rewards of the reference policy's completions for the
-same prompt, from which the completion's quantile reward is computed,
-:func:`griffon.align.losses.quantile_reward`). Each completion is one row: the prompt's tokens
-then the completion's (and the tokenizer's EOS where it has one), the completion's tokens marked as
-the ones whose log-probabilities sum to the sequence's ``log pi(y|x)``.
+An objective of this kind (:class:`PreferenceObjective`; :mod:`griffon.align.dpo`,
+:mod:`griffon.align.qrpo`) reads JSONL examples, each a prompt and one or more completions (DPO's
+``chosen`` and ``rejected``, QRPO's ``completion`` with its rewards). Each completion is one row:
+the prompt's tokens then the completion's (and the tokenizer's EOS where it has one), the
+completion's tokens marked as the ones whose log-probabilities sum to the sequence's
+``log pi(y|x)``.
 
 The reference policy's log-probabilities are computed once, from the model the run starts from,
 before its first step (:func:`reference_logps`), and stored with the run
@@ -18,58 +18,114 @@ import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from griffon.align.jsonl import read_objects
-from griffon.align.losses import dpo_loss, qrpo_loss, quantile_reward
-from griffon.align.sft import (
-    ShuffledLoader,
-    batch_count,
+from griffon.align.examples import (
     check_learnable,
+    example_warnings,
     examples_tokenizer,
     first_target,
-    in_batches,
+    read_objects,
     split_examples,
 )
+from griffon.data.loader import ShuffledLoader, eval_batch_count, eval_batches
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
-KINDS = ("dpo", "qrpo")
+
+class PreferenceObjective:
+    """An offline alignment objective: what its examples hold (``completions``, checked by
+    :meth:`check_example`, with the numbers its loss reads, :meth:`example_values`) and its loss on
+    the sequence log-probabilities of a batch's rows (:meth:`batch_loss`). The training loop's
+    objective (:class:`griffon.train.objective.Objective`) for :class:`PreferenceData`."""
+
+    name: ClassVar[str]
+    completions: ClassVar[tuple[str, ...]]
+    """An example's completions, one row each, in this order."""
+
+    @classmethod
+    def check_example(cls, where: str, ex: dict) -> None:
+        """Refuse (:class:`DataError` naming ``where``) an example this objective cannot learn from,
+        beyond its texts (checked for every objective)."""
+
+    @classmethod
+    def example_values(cls, ex: dict) -> dict[str, float]:
+        """The numbers of an example that the loss reads (QRPO's quantile reward)."""
+        return {}
+
+    @classmethod
+    def example_need(cls, rows: list[list[int]], firsts: list[int | None]) -> int | None:
+        """The smallest ``seq_len`` at which an example has something to learn, from its rows'
+        tokens and each row's :func:`~griffon.align.examples.first_target` (None: at none)."""
+        return None if any(f is None for f in firsts) else max(firsts)
+
+    def __init__(self, data: PreferenceData, reference: dict[str, torch.Tensor], beta: float) -> None:
+        self.data, self.reference, self.beta = data, reference, beta
+
+    def batch_loss(
+        self, logps: torch.Tensor, ref: torch.Tensor, values: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a batch from its rows' policy and reference log-probabilities, (rows,) in the
+        order of :meth:`completions`, and the examples' :meth:`example_values`, (examples,) float64;
+        and the statistics to log."""
+        raise NotImplementedError
+
+    def _loss(self, model: nn.Module, batch: tuple, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tokens, seg, targets, index = batch
+        rows = self.data.train if split == "train" else self.data.val
+        logps = sequence_logps(model, tokens, seg, targets)
+        ref = self.reference[split][index.cpu()].to(logps.device, logps.dtype)
+        examples = index.cpu().numpy()[:: rows.per_example] // rows.per_example
+        values = {k: torch.from_numpy(v[examples]).to(logps.device) for k, v in rows.values.items()}  # float64
+        loss, stats = self.batch_loss(logps, ref, values)
+        # the mean of log pi_ref - log pi over the batch's completions: an estimate of
+        # KL(pi_ref || pi) where they are the reference policy's samples (QRPO's offline setting)
+        return loss, {"kl_ref": (ref - logps).detach().mean()} | stats
+
+    def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, stats = self._loss(model, batch, "train")
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, device, autocast, reduce) -> dict[str, float]:
+        """The loss and statistics over validation ``batches``, means over their rows (and ranks)."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        rows = 0
+        for batch in batches:
+            batch = tuple(t.to(device) for t in batch)
+            with autocast():
+                loss, stats = self._loss(model, batch, "val")
+            for key, value in {"loss": loss, **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[3])
+            rows += len(batch[3])
+        model.train(was_training)
+        means = reduce(torch.tensor([v / rows for v in sums.values()], dtype=torch.float64, device=device))
+        return {f"val_{key}": float(v) for key, v in zip(sums, means, strict=True)}
 
 
-def read_preference_examples(path: str | Path, kind: str) -> list[dict]:
-    """The examples of a DPO or QRPO JSONL file, each checked; :class:`DataError` naming the file and line."""
-    texts = ("prompt", "chosen", "rejected") if kind == "dpo" else ("prompt", "completion")
+def read_preference_examples(path: str | Path, objective: type[PreferenceObjective]) -> list[dict]:
+    """The examples of ``objective``'s JSONL file, each checked; :class:`DataError` naming the file and line."""
     out = []
     for where, ex in read_objects(path):
-        for key in texts:
+        for key in ("prompt", *objective.completions):
             if not isinstance(ex.get(key), str):
                 raise DataError(f"{where}: {key!r} must be a string")
             if key != "prompt" and not ex[key]:
                 raise DataError(f"{where}: {key!r} is empty")
-        if kind == "dpo" and ex["chosen"] == ex["rejected"]:
-            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text (a pair that teaches nothing)")
-        if kind == "qrpo":
-            reward, refs = ex.get("reward"), ex.get("ref_rewards")
-            if not _finite(reward):
-                raise DataError(f"{where}: 'reward' must be a finite number, got {reward!r}")
-            if not isinstance(refs, list) or len(refs) < 2 or not all(_finite(r) for r in refs):
-                raise DataError(f"{where}: 'ref_rewards' must be a list of 2 or more finite numbers")
+        objective.check_example(where, ex)
         out.append(ex)
     if not out:
         raise DataError(f"{path} holds no examples")
     return out
-
-
-def _finite(x) -> bool:
-    """Whether ``x`` is a real number (not a bool) that a float holds finitely (an int of 400
-    digits is not)."""
-    return real_value(x) is not None
 
 
 def real_value(x) -> float | None:
@@ -88,64 +144,52 @@ def real_value(x) -> float | None:
 @dataclass
 class PreferenceRows:
     """One completion a row: tokens, segment positions and the completion's tokens marked, each
-    (rows, seq_len + 1); DPO's example i is rows 2i (chosen) and 2i + 1 (rejected); QRPO's row i
-    has the quantile reward ``quantiles[i]`` and the raw ``rewards[i]``."""
+    (rows, seq_len + 1); example i is rows ``per_example * i`` onwards, one per completion."""
 
-    kind: str
+    per_example: int
     tokens: np.ndarray
     segment_pos: np.ndarray
     targets: np.ndarray
-    quantiles: np.ndarray
-    rewards: np.ndarray
+    values: dict[str, np.ndarray]
+    """Each example's :meth:`PreferenceObjective.example_values`, (examples,) float64 each."""
     truncated: int
     needs: list[int | None]
-    """Each example's smallest ``seq_len`` at which it has something to learn: a completion token
-    (DPO: in both rows, and the rows differ by then; :func:`~griffon.align.sft.first_target`)."""
-
-    @property
-    def per_example(self) -> int:
-        return 2 if self.kind == "dpo" else 1
+    """Each example's smallest ``seq_len`` at which it has something to learn
+    (:meth:`PreferenceObjective.example_need`)."""
 
     @property
     def n_examples(self) -> int:
         return len(self.tokens) // self.per_example
 
 
-def build_rows(examples: list[dict], kind: str, tokenizer: Tokenizer, seq_len: int) -> PreferenceRows:
-    """The rows of ``examples``: DPO's two a pair, else one a completion (its quantile reward where
-    the example has ``ref_rewards``)."""
-    width = seq_len + 1
-    pairs = []
-    for ex in examples:
-        prompt = tokenizer.encode(ex["prompt"])
-        for key in ("chosen", "rejected") if kind == "dpo" else ("completion",):
-            completion = tokenizer.encode(ex[key]) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-            pairs.append((prompt, completion))
-    n = len(pairs)
+def build_rows(
+    examples: list[dict], objective: type[PreferenceObjective], tokenizer: Tokenizer, seq_len: int
+) -> PreferenceRows:
+    """The rows of ``examples``, one a completion, and the values their loss reads."""
+    width, k = seq_len + 1, len(objective.completions)
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    n = len(examples) * k
     tokens = np.zeros((n, width), dtype=np.int64)
     targets = np.zeros((n, width), dtype=bool)
     truncated = 0
-    firsts: list[int | None] = []
-    for i, (prompt, completion) in enumerate(pairs):
-        ids = (prompt + completion)[:width]
-        truncated += len(prompt) + len(completion) > width
-        tokens[i, : len(ids)] = ids
-        targets[i, len(prompt) : len(ids)] = True
-        targets[i, 0] = False  # nothing predicts a row's first token
-        firsts.append(first_target([False] * len(prompt) + [True] * len(completion)))
-    needs = firsts
-    if kind == "dpo":  # a pair teaches once both rows have a target and they differ
-        needs = []
-        for (prompt, chosen), (_, rejected), a, b in zip(pairs[0::2], pairs[1::2], firsts[0::2], firsts[1::2],
-                                                          strict=True):  # fmt: skip
-            c, r = prompt + chosen, prompt + rejected
-            differ = next((j for j, (x, y) in enumerate(zip(c, r, strict=False)) if x != y), min(len(c), len(r)))
-            needs.append(None if a is None or b is None else max(a, b, differ))
+    needs: list[int | None] = []
+    for e, ex in enumerate(examples):
+        prompt = tokenizer.encode(ex["prompt"])
+        rows, firsts = [], []
+        for j, key in enumerate(objective.completions):
+            completion = tokenizer.encode(ex[key]) + eos
+            i, ids = e * k + j, (prompt + completion)[:width]
+            truncated += len(prompt) + len(completion) > width
+            tokens[i, : len(ids)] = ids
+            targets[i, len(prompt) : len(ids)] = True
+            targets[i, 0] = False  # nothing predicts a row's first token
+            rows.append(prompt + completion)
+            firsts.append(first_target([False] * len(prompt) + [True] * len(completion)))
+        needs.append(objective.example_need(rows, firsts))
     seg = np.broadcast_to(np.arange(width), (n, width)).copy()
-    rewards = np.array([real_value(ex.get("reward", 0.0)) for ex in examples], dtype=np.float64)
-    quantiles = np.array([quantile_reward(ex["reward"], ex["ref_rewards"]) if "ref_rewards" in ex else 0.0
-                          for ex in examples])  # fmt: skip
-    return PreferenceRows(kind, tokens, seg, targets, quantiles, rewards, truncated, needs)
+    values = [objective.example_values(ex) for ex in examples]
+    columns = {key: np.array([v[key] for v in values], dtype=np.float64) for key in (values[0] if values else {})}
+    return PreferenceRows(k, tokens, seg, targets, columns, truncated, needs)
 
 
 def sequence_logps(model: nn.Module, tokens: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -171,21 +215,16 @@ def reference_logps(model: nn.Module, rows: PreferenceRows, device: torch.device
 
 class PreferenceLoader(ShuffledLoader):
     """Yields ``(tokens, segment_pos, targets, rows)`` for ``batch_size`` examples of this rank
-    (DPO: 2 rows each), ``rows`` the row indices (for the reference log-probabilities and the
-    quantiles)."""
-
-    unit = "examples"
+    (each its ``per_example`` rows), ``rows`` the row indices (for the reference
+    log-probabilities)."""
 
     def __init__(self, rows: PreferenceRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.rows = rows
-        super().__init__(rows.n_examples, batch_size, seed, rank, world_size)
-
-    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
-        return batch_of(self.rows, items)
+        super().__init__(rows.n_examples, partial(batch_of, rows), batch_size, seed, rank, world_size,
+                         unit="examples")  # fmt: skip
 
 
 def batch_of(rows: PreferenceRows, examples: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """The rows of ``examples`` (DPO: chosen and rejected next to each other) and their indices."""
+    """The rows of ``examples`` (each example's next to each other) and their indices."""
     k = rows.per_example
     index = (examples[:, None] * k + np.arange(k)).reshape(-1)
     return (
@@ -194,35 +233,12 @@ def batch_of(rows: PreferenceRows, examples: np.ndarray) -> tuple[torch.Tensor, 
     )
 
 
-def eval_batches(rows: PreferenceRows, batch_size: int, max_batches: int | None = None) -> Iterator[tuple]:
-    """The examples in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
-    return in_batches(rows.n_examples, batch_size, max_batches, lambda items: batch_of(rows, items))
-
-
-def preference_loss(
-    logps: torch.Tensor, ref: torch.Tensor, rows: PreferenceRows, index: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The batch's DPO or QRPO loss from its rows' policy and reference log-probabilities, and the
-    statistics to log: the implicit rewards (DPO: chosen, rejected, margins, accuracy; QRPO: the
-    rewards and quantiles of the batch) and ``kl_ref``, the mean of ``log pi_ref - log pi`` over
-    the batch's completions, an estimate of KL(pi_ref || pi) where they are the reference policy's
-    samples (QRPO's offline setting)."""
-    ref = ref.to(logps.device, logps.dtype)
-    stats: dict[str, torch.Tensor] = {"kl_ref": (ref - logps).detach().mean()}
-    if rows.kind == "dpo":
-        loss, logs = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
-        return loss, stats | {k: v.mean() for k, v in logs.items()}
-    q = torch.from_numpy(rows.quantiles[index.cpu().numpy()]).to(logps.device, logps.dtype)
-    loss, logs = qrpo_loss(logps, ref, q, beta)
-    reward = torch.from_numpy(rows.rewards[index.cpu().numpy()])
-    return loss, stats | {"implicit_reward": logs["rewards"].mean(), "quantile": q.mean(), "reward": reward.mean()}
-
-
 @dataclass
 class PreferenceData:
-    """A run's DPO or QRPO data, read, checked and tokenized before anything is written."""
+    """A run's data for an offline alignment objective, read, checked and tokenized before
+    anything is written."""
 
-    kind: str
+    objective: type[PreferenceObjective]
     tokenizer: Tokenizer
     train: PreferenceRows
     val: PreferenceRows
@@ -230,22 +246,29 @@ class PreferenceData:
     """Examples with nothing to learn within ``seq_len`` (a few are trained on for nothing)."""
 
     @classmethod
-    def open(cls, kind: str, path: str | None, tokenizer_spec: str, seq_len: int, val_fraction: float, seed: int,
-             vocab_size: int) -> PreferenceData:  # fmt: skip
-        tokenizer = examples_tokenizer(kind, path, tokenizer_spec, vocab_size)
-        train, val = split_examples(read_preference_examples(path, kind), val_fraction, seed)
-        rows = [build_rows(split, kind, tokenizer, seq_len) for split in (train, val)]
+    def open(cls, objective: type[PreferenceObjective], path: str | None, tokenizer_spec: str, seq_len: int,
+             val_fraction: float, seed: int, vocab_size: int) -> PreferenceData:  # fmt: skip
+        tokenizer = examples_tokenizer(objective.name, path, tokenizer_spec, vocab_size)
+        train, val = split_examples(read_preference_examples(path, objective), val_fraction, seed)
+        rows = [build_rows(split, objective, tokenizer, seq_len) for split in (train, val)]
         unlearnable = check_learnable(rows[0].needs, rows[1].needs, seq_len, "examples")
-        return cls(kind, tokenizer, *rows, unlearnable)
+        return cls(objective, tokenizer, *rows, unlearnable)
+
+    def prepare(self) -> None:
+        """Nothing to write: the examples were read and tokenized by :meth:`open`."""
+
+    def warnings(self) -> list[str]:
+        seq_len = self.train.tokens.shape[1] - 1
+        return example_warnings((self.train.truncated, self.val.truncated), self.unlearnable, seq_len)
 
     def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> PreferenceLoader:
         return PreferenceLoader(self.train, batch_size, seed, rank, world_size)
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None):
-        return eval_batches(self.val, batch_size, max_batches)
+    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        return eval_batches(self.val.n_examples, partial(batch_of, self.val), batch_size, max_batches)
 
     def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
-        return batch_count(self.val.n_examples, batch_size, max_batches)
+        return eval_batch_count(self.val.n_examples, batch_size, max_batches)
 
     def reference(self, model: nn.Module, path: Path, device: torch.device, batch_size: int,
                   write: bool) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -267,39 +290,3 @@ class PreferenceData:
         if write:
             save_state_dict(ref, path)
         return ref
-
-
-class PreferenceObjective:
-    """DPO's or QRPO's objective for the training loop (:class:`griffon.train.objective.Objective`):
-    batches of :class:`PreferenceLoader`, the reference log-probabilities of both splits."""
-
-    def __init__(self, data: PreferenceData, reference: dict[str, torch.Tensor], beta: float) -> None:
-        self.data, self.reference, self.beta = data, reference, beta
-
-    def _loss(self, model: nn.Module, batch: tuple, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tokens, seg, targets, index = batch
-        rows = self.data.train if split == "train" else self.data.val
-        logps = sequence_logps(model, tokens, seg, targets)
-        return preference_loss(logps, self.reference[split][index.cpu()], rows, index, self.beta)
-
-    def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, stats = self._loss(model, batch, "train")
-        return loss, {k: float(v) for k, v in stats.items()}
-
-    @torch.no_grad()
-    def evaluate(self, model, batches, device, autocast, reduce) -> dict[str, float]:
-        """The loss and statistics over validation ``batches``, means over their rows (and ranks)."""
-        was_training = model.training
-        model.eval()
-        sums: dict[str, float] = {}
-        rows = 0
-        for batch in batches:
-            batch = tuple(t.to(device) for t in batch)
-            with autocast():
-                loss, stats = self._loss(model, batch, "val")
-            for key, value in {"loss": loss, **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[3])
-            rows += len(batch[3])
-        model.train(was_training)
-        means = reduce(torch.tensor([v / rows for v in sums.values()], dtype=torch.float64, device=device))
-        return {f"val_{key}": float(v) for key, v in zip(sums, means, strict=True)}

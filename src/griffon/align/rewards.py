@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from griffon.align.jsonl import read_objects
+from griffon.align.examples import read_objects
 from griffon.align.preference import real_value
 from griffon.data.sources import DataError
 from griffon.files import CONFIG_BYTES, read_json

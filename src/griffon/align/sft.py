@@ -20,13 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from griffon.align.chat import ChatTemplate, ChatTemplateError, check_messages
-from griffon.align.jsonl import read_objects
+from griffon.align.examples import (
+    check_learnable,
+    example_warnings,
+    examples_tokenizer,
+    first_target,
+    read_objects,
+    split_examples,
+)
+from griffon.data.loader import ShuffledLoader, eval_batch_count, eval_batches
 from griffon.data.sources import DataError
 from griffon.data.tokenizers import Tokenizer
 
@@ -137,133 +146,16 @@ def pack(examples: list[Example], seq_len: int) -> PackedRows:
     return PackedRows(tokens, seg, targets, truncated)
 
 
-class ShuffledLoader:
-    """Batches of ``batch_size`` of ``n`` items for this rank, the items shuffled every epoch
-    (seeded by ``seed + epoch``); the position is (epoch, step). A subclass says what an item is
-    (:meth:`take`)."""
-
-    unit, hint = "items", "lower data.batch_size"
-    """What an item is, and what to do when there are too few, for the message that says so."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.steps_per_epoch = n // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{n} {self.unit} cannot fill one step of {world_size} x {batch_size}; {self.hint}")
-        self.epoch, self.step = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
-
-    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def __iter__(self) -> ShuffledLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, ...]:
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, np.random.default_rng(self.seed + self.epoch).permutation(self.n))
-        first = (self.step * self.world_size + self.rank) * self.batch_size
-        self.step += 1
-        return self.take(self._order[1][first : first + self.batch_size])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step, self.seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
-        self._order = None
-
-
-def in_batches(n: int, batch_size: int, max_batches: int | None, take) -> Iterator[tuple[torch.Tensor, ...]]:
-    """``take`` of items 0..n-1 in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
-    for start in range(0, n, batch_size)[:max_batches]:
-        yield take(np.arange(start, min(start + batch_size, n)))
-
-
-def batch_count(n: int, batch_size: int, max_batches: int | None = None) -> int:
-    """How many batches :func:`in_batches` yields for these arguments."""
-    count = -(-n // batch_size)
-    return count if max_batches is None else min(count, max_batches)
-
-
 class SFTLoader(ShuffledLoader):
     """Yields ``(tokens, segment_pos, targets)``, each (batch_size, seq_len + 1): packed rows."""
 
-    unit, hint = "packed rows of examples", "lower data.batch_size or data.seq_len"
-
     def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.rows = rows
-        super().__init__(len(rows.tokens), batch_size, seed, rank, world_size)
-
-    def take(self, items: np.ndarray) -> tuple[torch.Tensor, ...]:
-        return rows_of(self.rows, items)
+        super().__init__(len(rows.tokens), partial(rows_of, rows), batch_size, seed, rank, world_size,
+                         unit="packed rows of examples", hint="lower data.batch_size or data.seq_len")  # fmt: skip
 
 
 def rows_of(rows: PackedRows, items: np.ndarray) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(a[items]) for a in (rows.tokens, rows.segment_pos, rows.targets))
-
-
-def eval_batches(rows: PackedRows, batch_size: int, max_batches: int | None = None):
-    """The rows in order, ``batch_size`` at a time (the first ``max_batches`` batches)."""
-    return in_batches(len(rows.tokens), batch_size, max_batches, lambda items: rows_of(rows, items))
-
-
-def split_examples(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded split into training and validation examples (at least one of each)."""
-    if len(examples) < 2:
-        raise DataError("SFT needs at least 2 examples: one to train on, one to validate with")
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_val = min(max(1, round(val_fraction * len(examples))), len(examples) - 1)
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
-
-
-def first_target(mask: list[bool]) -> int | None:
-    """The smallest ``data.seq_len`` at which an example (its loss mask) has a token to learn: its
-    first target past the row's first token, which nothing predicts (None: it has none)."""
-    return next((i for i, m in enumerate(mask) if m and i > 0), None)
-
-
-def check_learnable(needs: list[int | None], val_needs: list[int | None], seq_len: int, what: str) -> int:
-    """Count the examples with no token to learn within ``seq_len`` (``needs``: each training
-    example's smallest such ``seq_len``, None where none is; ``val_needs`` the validation
-    examples'). Refuse, with how many and which ``data.seq_len`` would keep them, when none or most
-    of them are, or every validation example is (the validation loss would be of nothing); else
-    return how many there are, for the caller to warn of."""
-    every = needs + val_needs
-    lost = [n for n in every if n is None or n > seq_len]
-    if lost and (2 * len(lost) > len(every) or all(n is None or n > seq_len for n in val_needs)):
-        reachable = [n for n in lost if n is not None]
-        if len(reachable) == len(lost):
-            hint = f"; data.seq_len={max(reachable)} would keep them all"
-        elif reachable:
-            hint = f"; data.seq_len={max(reachable)} would keep {len(reachable)}, no length the others"
-        else:
-            hint = " at any data.seq_len"
-        where = "" if 2 * len(lost) > len(every) else ", every validation example among them"
-        raise DataError(
-            f"{len(lost)} of the {len(every)} {what} have no token to learn within data.seq_len={seq_len}{where}{hint}"
-        )
-    return len(lost)
-
-
-def examples_tokenizer(objective: str, path: str | None, tokenizer_spec: str, vocab_size: int) -> Tokenizer:
-    """Check that ``path`` is a file of examples for ``objective`` and load the tokenizer they are
-    read with: the model's own (a new BPE is refused), whose ids its vocabulary holds."""
-    from griffon.data.tokenizers import TokenizerError, bpe_vocab_size, load_tokenizer
-
-    if path is None or not Path(path).is_file():
-        raise DataError(f"objective={objective} reads a JSONL file of examples: data.path={path!r} is not a file")
-    if bpe_vocab_size(tokenizer_spec) is not None:
-        raise DataError(f"objective={objective} needs the model's own tokenizer (start with --init), not a new BPE")
-    try:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    except TokenizerError as e:
-        raise DataError(str(e)) from None
-    if tokenizer.vocab_size > vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size only {vocab_size}")
-    return tokenizer
 
 
 @dataclass
@@ -275,6 +167,10 @@ class SFTData:
     val: PackedRows
     unlearnable: int = 0
     """Examples with no token to learn within ``seq_len`` (a few are trained on for nothing)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.tokens.shape[1] - 1
 
     @classmethod
     def open(cls, path: str | None, tokenizer_spec: str, template_file: str | None, seq_len: int,
@@ -298,11 +194,17 @@ class SFTData:
         unlearnable = check_learnable(*needs, seq_len, "examples")
         return cls(tokenizer, *(pack(split, seq_len) for split in tokenized), unlearnable)
 
+    def prepare(self) -> None:
+        """Nothing to write: the examples were read, tokenized and packed by :meth:`open`."""
+
+    def warnings(self) -> list[str]:
+        return example_warnings((self.train.truncated, self.val.truncated), self.unlearnable, self.seq_len)
+
     def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> SFTLoader:
         return SFTLoader(self.train, batch_size, seed, rank, world_size)
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None):
-        return eval_batches(self.val, batch_size, max_batches)
+    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        return eval_batches(len(self.val.tokens), partial(rows_of, self.val), batch_size, max_batches)
 
     def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
-        return batch_count(len(self.val.tokens), batch_size, max_batches)
+        return eval_batch_count(len(self.val.tokens), batch_size, max_batches)

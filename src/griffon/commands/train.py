@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> None:
             print(plan.explain(), flush=True)
             d = plan.config
         cfg = TrainConfig.from_dict(d)
-    data = plan.data if plan is not None else None
-    result = train(cfg, run, resume=bool(args.resume), checkpoint=args.checkpoint, data=data)
+    result = train(cfg, run, resume=bool(args.resume), checkpoint=args.checkpoint)
     if plan is not None:
         text = json.dumps(plan.to_dict(), indent=2) + "\n"
         atomic_write(run.auto_plan, lambda tmp: tmp.write_text(text))

@@ -1,16 +1,22 @@
-"""Packing loader: documents concatenated into fixed-length sequences, with ``segment_pos``.
+"""The training loop's loaders and evaluation batches.
 
-Each epoch shuffles the document order (seeded by ``seed + epoch``), concatenates the documents
+:class:`PackedLoader` reads a prepared split as documents concatenated into fixed-length
+sequences, with ``segment_pos`` (pretraining); :class:`ShuffledLoader` reads a set of items
+(packed rows of examples, preference pairs) shuffled every epoch. Both hold their position as
+two integers (epoch, step), so resuming mid-epoch is exact, and both give rank ``r`` of a step the
+items ``r * batch_size`` onwards: the union over ranks is the single-process batch of the same
+global size. :func:`eval_batches` is every evaluation's batching.
+
+Packing: each epoch shuffles the document order (seeded by ``seed + epoch``), concatenates the documents
 into one stream and cuts it into sequences of ``seq_len + 1`` tokens (inputs and shifted
 targets) that overlap by one token. ``segment_pos`` counts from 0 at every document start, so
-the model resets its recurrence, conv and attention there. Sequence ``i`` of a step goes to rank
-``i // batch_size``: the union over ranks is the single-process batch of the same global size.
-The position is two integers (epoch, step), so resuming mid-epoch is exact.
+the model resets its recurrence, conv and attention there.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,23 +139,84 @@ def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, tor
     return tokens, segment_pos
 
 
-def eval_batch_count(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None) -> int:
+class ShuffledLoader:
+    """Batches of ``batch_size`` of ``n`` items for this rank, the items shuffled every epoch
+    (seeded by ``seed + epoch``); ``take`` makes a batch of the items it is given."""
+
+    def __init__(self, n: int, take: Callable[[np.ndarray], tuple[torch.Tensor, ...]], batch_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, unit: str = "items",
+                 hint: str = "lower data.batch_size") -> None:  # fmt: skip
+        """``unit``: what an item is, and ``hint`` what to do when there are too few, for the
+        message that says so."""
+        self.n, self.take, self.batch_size = n, take, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{n} {unit} cannot fill one step of {world_size} x {batch_size}; {hint}")
+        self.epoch, self.step = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
+
+    def __iter__(self) -> ShuffledLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng(self.seed + self.epoch).permutation(self.n))
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        self.step += 1
+        return self.take(self._order[1][first : first + self.batch_size])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
+        self._order = None
+
+
+def eval_batch_count(n: int, batch_size: int, max_batches: int | None = None) -> int:
     """How many batches :func:`eval_batches` yields for these arguments."""
-    n_seq = (split.n_tokens - 1) // seq_len
-    if max_batches is not None:
-        n_seq = min(n_seq, max_batches * batch_size)
-    return -(-n_seq // batch_size)
+    count = -(-n // batch_size)
+    return count if max_batches is None else min(count, max_batches)
 
 
-def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
-    """Unshuffled batches over the split: all of it once, or ``max_batches`` batches of sequences
-    spread evenly across it (so a partial evaluation still sees every held-out document)."""
-    stream = DocumentStream(split, np.arange(split.n_docs))
+def eval_batches(
+    n: int,
+    take: Callable[[np.ndarray], tuple[torch.Tensor, ...]],
+    batch_size: int,
+    max_batches: int | None = None,
+    spread: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Unshuffled batches of items 0..n-1, ``batch_size`` at a time (``take`` makes a batch of the
+    items it is given): all of them once, or ``max_batches`` batches, of the first items or, with
+    ``spread``, of items spread evenly over all of them."""
+    items = np.arange(n)
+    if max_batches is not None and max_batches * batch_size < n:
+        if spread:  # distinct: the points are at least one apart
+            items = np.unique(np.linspace(0, n - 1, max_batches * batch_size).round().astype(np.int64))
+        else:
+            items = items[: max_batches * batch_size]
+    for start in range(0, len(items), batch_size):
+        yield take(items[start : start + batch_size])
+
+
+def sequence_count(split: TokenSplit, seq_len: int) -> int:
+    """The sequences of ``seq_len + 1`` tokens (overlapping by one) that ``split`` holds unshuffled;
+    :class:`DataError` if none."""
     n_seq = (split.n_tokens - 1) // seq_len
     if n_seq == 0:
         raise DataError(f"validation split has {split.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    indices = np.arange(n_seq)
-    if max_batches is not None and max_batches * batch_size < n_seq:
-        indices = np.unique(np.linspace(0, n_seq - 1, max_batches * batch_size).round().astype(np.int64))
-    for start in range(0, len(indices), batch_size):
-        yield _stack([stream.sequence(int(j), seq_len) for j in indices[start : start + batch_size]])
+    return n_seq
+
+
+def sequence_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
+    """:func:`eval_batches` of ``split``'s unshuffled sequences, spread over it (so a partial
+    evaluation still sees every held-out document): ``(tokens, segment_pos)`` batches."""
+    stream = DocumentStream(split, np.arange(split.n_docs))
+
+    def take(items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return _stack([stream.sequence(int(j), seq_len) for j in items])
+
+    return eval_batches(sequence_count(split, seq_len), take, batch_size, max_batches, spread=True)

@@ -1,15 +1,21 @@
-"""A training run's data, classified once from ``data.path``: prepared tokens, or raw text to prepare."""
+"""A pretraining run's data: classified once from ``data.path`` (prepared tokens, or raw text to
+prepare), then read as packed sequences."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import torch
 
 from griffon.config import ConfigError
 from griffon.data.corpus import default_corpus
+from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, sequence_batches, sequence_count
 from griffon.data.prepare import is_prepared, prepare_corpus, read_meta, training_documents, verify
 from griffon.data.sources import DataError
-from griffon.data.tokenizers import bpe_vocab_size, load_tokenizer
+from griffon.data.tokenizers import Tokenizer, bpe_vocab_size, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,57 @@ class TrainingData:
         if self.prepared is not None:
             raise DataError(f"{self.prepared} is prepared: its documents are tokens")
         return training_documents(self.corpora, val_fraction, seed=0)
+
+
+@dataclass
+class PackedData:
+    """A pretraining run's tokens as the training loop reads them: :class:`TrainingData`, raw
+    text prepared into ``own`` (the run's ``data/``), read as packed sequences of ``seq_len + 1``
+    tokens (:class:`~griffon.data.loader.PackedLoader`). Opened (:meth:`open`) before anything is
+    written; :meth:`prepare` writes."""
+
+    source: TrainingData
+    own: Path
+    tokenizer_spec: str
+    seq_len: int
+    val_fraction: float
+    verify: bool
+
+    @classmethod
+    def open(cls, path: str | Path | None, own: Path, tokenizer_spec: str, seq_len: int, val_fraction: float,
+             verify: bool, vocab_size: int) -> PackedData:  # fmt: skip
+        """Classify ``path`` and check it (:meth:`TrainingData.check`); nothing is written."""
+        source = TrainingData.resolve(path)
+        source.check(tokenizer_spec, vocab_size, verify)
+        return cls(source, own, tokenizer_spec, seq_len, val_fraction, verify)
+
+    @property
+    def directory(self) -> Path:
+        return self.source.directory(self.own)
+
+    def prepare(self) -> None:
+        """Prepare raw text into ``own`` (:meth:`TrainingData.prepare`); one process does it."""
+        self.source.prepare(self.own, self.tokenizer_spec, self.val_fraction, self.verify)
+
+    def warnings(self) -> list[str]:
+        return []
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.directory)
+
+    @cached_property
+    def _val(self) -> TokenSplit:
+        return TokenSplit.open(self.directory, "val")
+
+    def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> PackedLoader:
+        return PackedLoader(TokenSplit.open(self.directory, "train"), self.seq_len, batch_size, seed, rank, world_size)
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        return sequence_batches(self._val, self.seq_len, batch_size, max_batches)
+
+    def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        return eval_batch_count(sequence_count(self._val, self.seq_len), batch_size, max_batches)
 
 
 def _check_vocab(tokenizer_size: int, vocab_size: int) -> None:

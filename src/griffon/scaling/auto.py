@@ -178,8 +178,6 @@ class AutoPlan:
     unique_bytes: int
     budget: str
     planning_s: float
-    data: TrainingData
-    """The data the plan was made for (not written to ``auto.json``: the config names it)."""
 
     def explain(self) -> str:
         lines = [f"model=auto: {self.unique_bytes / 1e6:.2f} MB of training text; budget {self.budget}"]
@@ -354,7 +352,7 @@ def plan(
         # the tokens are a forecast of the pace: the trainer re-plans them from the pace it measures
         out["replan_tokens"] = True
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) + ([f"{flops:.3g} FLOPs"] if flops else []))
-    return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning, data)
+    return AutoPlan(out, chosen, candidates, law, str(law_path), machine, unique, budget, planning)
 
 
 def user_lr(config: str | None, overrides: list[str], d: dict) -> float | None:

@@ -13,14 +13,13 @@ from griffon.config import ConfigError, ModelConfig, check_types, dataclass_from
 from griffon.config import apply_overrides as config_overrides
 from griffon.files import CONFIG_BYTES, FileError, read_text
 from griffon.presets import get_preset
+from griffon.train.objective import OBJECTIVES
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
-OBJECTIVES = ("lm", "sft", "dpo", "qrpo")
-"""The attention projections, the recurrent block's input and output linears, the gated FFN's linears."""
 
 
 def _default_model() -> ModelConfig:
@@ -164,10 +163,11 @@ class TrainConfig:
     self_guided: SelfGuidedConfig = field(default_factory=SelfGuidedConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: str = "lm"
-    """``lm``: next-token prediction on every token of a corpus; ``sft``: on the completions or
-    assistant turns of a JSONL of examples (``data.path``, :mod:`griffon.align.sft`); ``dpo``,
-    ``qrpo``: offline alignment on preference pairs or rewarded completions
-    (:mod:`griffon.align.preference`), against the model the run starts from."""
+    """One of :data:`griffon.train.objective.OBJECTIVES`. ``lm``: next-token prediction on every
+    token of a corpus; ``sft``: on the completions or assistant turns of a JSONL of examples
+    (``data.path``, :mod:`griffon.align.sft`); ``dpo``, ``qrpo``: offline alignment on preference
+    pairs or rewarded completions (:mod:`griffon.align.dpo`, :mod:`griffon.align.qrpo`), against
+    the model the run starts from."""
     beta: float = 0.1
     """DPO's and QRPO's KL regularisation strength."""
     init: str | None = None
@@ -230,13 +230,12 @@ class TrainConfig:
         self.self_guided.validate()
         self.lora.validate()
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+            raise ConfigError(f"objective {self.objective!r} is not one of {tuple(OBJECTIVES)}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
-        if self.objective in ("dpo", "qrpo") and self.init is None:
-            raise ConfigError(
-                f"objective={self.objective} aligns a trained model against itself: start with --init SRC"
-            )
+        needs_init = OBJECTIVES[self.objective].needs_init
+        if needs_init is not None and self.init is None:
+            raise ConfigError(f"objective={self.objective} {needs_init}: start with --init SRC")
         if self.lora.rank:
             if self.init is None:
                 raise ConfigError("lora.rank adapts a trained model: start the run with --init SRC")

@@ -1,23 +1,36 @@
-"""What a run optimises: the one interface through which the training loop reaches an objective.
+"""What a run optimises: the interfaces through which the training loop reaches an objective and its
+data, and the registry of objectives (``objective=NAME``).
 
-An objective gives the loss of a batch (and the statistics to log with it) and the evaluation on
-validation batches; the loop knows nothing else of it. :class:`NextToken` is pretraining's and
-SFT's (next-token cross-entropy on every token, or on the tokens a batch marks as targets);
-:class:`griffon.align.preference.PreferenceObjective` is DPO's and QRPO's. What an objective
-stores with the run (the reference log-probabilities of DPO and QRPO) it writes when it is made.
+The loop knows an objective (:class:`Objective`) by the loss of a batch (and the statistics to log
+with it) and the evaluation on validation batches, and the run's data (:class:`RunData`) by its
+loaders; it names neither. :data:`OBJECTIVES` says, for each name, how a run opens its data and
+builds its objective, as torchtitan hands its trainer a loss function: a new objective is a module
+(its data and loss) and a line here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from griffon.eval.score import evaluate
+from griffon.align.dpo import DPO
+from griffon.align.preference import PreferenceData, PreferenceObjective
+from griffon.align.qrpo import QRPO
+from griffon.align.sft import SFTData
+from griffon.data.tokenizers import Tokenizer
+from griffon.data.training_data import PackedData
+from griffon.eval.score import byte_table, evaluate
 from griffon.train.losses import goldfish_mask, next_token_loss
+
+if TYPE_CHECKING:
+    from griffon.run import Run
+    from griffon.train.config import TrainConfig
 
 
 class Objective(Protocol):
@@ -35,6 +48,70 @@ class Objective(Protocol):
     ) -> dict[str, float]:
         """The validation figures over ``batches`` (``val_loss`` and the rest), reduced over ranks."""
         ...
+
+
+class Loader(Protocol):
+    """Training batches for one rank, endlessly, epoch after epoch; its position is a dict."""
+
+    steps_per_epoch: int
+
+    def __next__(self) -> tuple[torch.Tensor, ...]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RunData(Protocol):
+    """A run's data as the loop reads it: opened and checked before anything is written
+    (:attr:`ObjectiveSpec.open_data`), then :meth:`prepare`\\ d by one process (the others wait)."""
+
+    def prepare(self) -> None:
+        """Write what the data needs written into the run (raw text's prepared tokens)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer of the data's ids, saved with the run (read after :meth:`prepare`)."""
+        ...
+
+    def warnings(self) -> list[str]:
+        """What the run is told of its data (examples cut, or with nothing to learn)."""
+        ...
+
+    def loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> Loader: ...
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Validation batches: all of them, or ``max_batches``."""
+        ...
+
+    def eval_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`eval_batches` yields."""
+        ...
+
+
+@dataclass(frozen=True)
+class Start:
+    """What an objective is built from, besides the config and the data: the model as the run
+    starts (its initial weights loaded), the run, the device, and whether this process writes."""
+
+    model: nn.Module
+    run: Run
+    device: torch.device
+    is_main: bool
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """How a run with an objective reads its data and what it optimises."""
+
+    open_data: Callable[[TrainConfig, Run], RunData]
+    """Read and check ``data.path`` for the run; nothing is written."""
+    build: Callable[[TrainConfig, RunData, Start], Objective]
+    needs_init: str | None = None
+    """Why a run with this objective must start from a trained model (``--init``); None: it need not."""
+    renders_chats: bool = False
+    """Its data are chats rendered with the chat template, whose default then travels with the run."""
 
 
 class NextToken:
@@ -56,3 +133,44 @@ class NextToken:
 
     def evaluate(self, model, batches, device, autocast, reduce) -> dict[str, float]:
         return evaluate(model, batches, self.token_bytes, device, autocast, reduce)
+
+
+def _next_token(cfg: TrainConfig, data: RunData, start: Start) -> NextToken:
+    return NextToken(byte_table(data.tokenizer), cfg.goldfish_k, cfg.goldfish_h)
+
+
+def _packed(cfg: TrainConfig, run: Run) -> PackedData:
+    d = cfg.data
+    return PackedData.open(d.path, run.data, d.tokenizer, d.seq_len, d.val_fraction, d.verify, cfg.model.vocab_size)
+
+
+def _sft(cfg: TrainConfig, run: Run) -> SFTData:
+    d = cfg.data
+    return SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed, cfg.model.vocab_size)
+
+
+def _offline_alignment(objective: type[PreferenceObjective]) -> ObjectiveSpec:
+    """The spec of an offline alignment objective (:mod:`griffon.align.preference`): its reference
+    policy is the model the run starts from, its log-probabilities computed once and stored with
+    the run."""
+
+    def open_data(cfg: TrainConfig, run: Run) -> PreferenceData:
+        d = cfg.data
+        return PreferenceData.open(objective, d.path, d.tokenizer, d.seq_len, d.val_fraction, cfg.seed,
+                                   cfg.model.vocab_size)  # fmt: skip
+
+    def build(cfg: TrainConfig, data: PreferenceData, start: Start) -> PreferenceObjective:
+        path: Path = start.run.reference_logps
+        reference = data.reference(start.model, path, start.device, cfg.data.batch_size, write=start.is_main)
+        return objective(data, reference, cfg.beta)
+
+    return ObjectiveSpec(open_data, build, needs_init="aligns a trained model against itself")
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "lm": ObjectiveSpec(_packed, _next_token),
+    "sft": ObjectiveSpec(_sft, _next_token, renders_chats=True),
+    "dpo": _offline_alignment(DPO),
+    "qrpo": _offline_alignment(QRPO),
+}
+"""Every objective a run can train with, by the name ``objective`` takes."""

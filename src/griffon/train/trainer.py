@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,6 @@ from torch import nn
 
 from griffon.accounting import check_buildable, self_guided_flops_per_token, train_flops_per_token
 from griffon.align.chat import run_template, save_template
-from griffon.align.preference import PreferenceData, PreferenceObjective
-from griffon.align.sft import SFTData, ShuffledLoader
 from griffon.allocator import keep_freed_memory
 from griffon.checkpoint import (
     WEIGHTS_NAME,
@@ -35,10 +33,7 @@ from griffon.checkpoint import (
 )
 from griffon.checkpoint.adapters import apply_lora, lora_targets, read_adapter_meta
 from griffon.config import LinearStructure
-from griffon.data.loader import PackedLoader, TokenSplit, eval_batch_count, eval_batches
-from griffon.data.tokenizers import load_tokenizer
 from griffon.data.training_data import TrainingData
-from griffon.eval.score import byte_table
 from griffon.machine import free_memory
 from griffon.model import Griffon
 from griffon.nn.moe import discard_router_stats, router_loss, update_routers
@@ -47,7 +42,7 @@ from griffon.train import distributed as D
 from griffon.train.config import TrainConfig
 from griffon.train.init import InitWeights, load_init_weights, read_init_weights
 from griffon.train.logging import RunLogger, plot_losses, plot_moe_load
-from griffon.train.objective import NextToken, Objective
+from griffon.train.objective import OBJECTIVES, Loader, Objective, RunData, Start
 from griffon.train.optim import adaptive_grad_clip, lr_at, make_optimizer
 from griffon.train.parallelize import (
     apply_activation_checkpointing,
@@ -86,8 +81,9 @@ REPLAN_AFTER = 0.1
 
 
 def prepare_data(cfg: TrainConfig, data: TrainingData, own: Path, is_main: bool) -> Path:
-    """The directory of the run's prepared tokens: raw text is prepared into ``own`` by the main
-    process while the others wait (:meth:`TrainingData.prepare`)."""
+    """The directory of ``data``'s prepared tokens, for what reads them outside a run (sweeps,
+    ``model=auto``, benchmarks): raw text is prepared into ``own`` by the main process while the
+    others wait (:meth:`TrainingData.prepare`)."""
     if is_main:
         data.prepare(own, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.verify)
     D.barrier()
@@ -99,36 +95,23 @@ def train(
     run: Run | str | Path,
     resume: bool = False,
     checkpoint: str | None = None,
-    data: TrainingData | SFTData | PreferenceData | None = None,
+    data: RunData | None = None,
 ) -> TrainResult:
     """Train (or resume) ``run`` (a :class:`~griffon.run.Run` or its directory) according to ``cfg``.
 
     Nothing is written before the config and data have been checked, and the run directory holds
     a run (its ``config.json``) only once it is complete. One process trains a run at a time (an
     exclusive lock on the directory). Resuming a run with no checkpoint starts it from step 0;
-    ``checkpoint`` names the checkpoint to resume from (default: the newest). ``data``: ``data.path``
-    as the caller resolved it (else resolved here), or examples the caller made (SFT, DPO, QRPO). On SIGINT or SIGTERM the current step
-    completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
+    ``checkpoint`` names the checkpoint to resume from (default: the newest). The run's data are
+    opened as its objective says (:data:`griffon.train.objective.OBJECTIVES`), or given: ``data``,
+    made by the caller for the objective (the probes' examples). On SIGINT or SIGTERM the current
+    step completes, a checkpoint is saved and :class:`TrainingInterrupted` is raised.
     """
     run = run if isinstance(run, Run) else Run(run)
-    d = cfg.data
-    if isinstance(data, SFTData | PreferenceData):  # examples the caller made (griffon probe)
-        pass
-    elif cfg.objective in ("sft", "dpo", "qrpo"):  # examples, read and tokenized here; nothing to prepare
-        if cfg.objective == "sft":
-            data = SFTData.open(d.path, d.tokenizer, d.chat_template, d.seq_len, d.val_fraction, cfg.seed,
-                                cfg.model.vocab_size)  # fmt: skip
-        else:
-            data = PreferenceData.open(cfg.objective, d.path, d.tokenizer, d.seq_len, d.val_fraction, cfg.seed,
-                                       cfg.model.vocab_size)  # fmt: skip
-        for name, rows in (("training", data.train), ("validation", data.val)):
-            if rows.truncated:
-                sys.stderr.write(f"{rows.truncated} {name} examples are longer than data.seq_len + 1 and cut\n")
-        if data.unlearnable:
-            sys.stderr.write(f"{data.unlearnable} examples have no token to learn within data.seq_len={d.seq_len}\n")
-    else:
-        data = data if data is not None else TrainingData.resolve(cfg.data.path)
-        data.check(cfg.data.tokenizer, cfg.model.vocab_size, cfg.data.verify)
+    if data is None:
+        data = OBJECTIVES[cfg.objective].open_data(cfg, run)
+    for warning in data.warnings():
+        sys.stderr.write(warning + "\n")
     if cfg.lora.rank:  # before anything is written
         with torch.device("meta"):
             lora_targets(Griffon(cfg.model), cfg.lora.targets)
@@ -152,50 +135,17 @@ def train(
         D.shutdown()
 
 
-@dataclass
-class RunData:
-    """What the loop reads: training and evaluation batches (whatever the run's objective,
-    :mod:`griffon.train.objective`, takes), and the bytes of each token (for bits per byte)."""
-
-    loader: PackedLoader | ShuffledLoader
-    eval_batches: Callable[[int | None], Iterable]
-    eval_batch_count: Callable[[int | None], int]
-    token_bytes: torch.Tensor
-
-
-def _run_data(
-    cfg: TrainConfig, data: TrainingData | SFTData | PreferenceData, data_dir: Path | None, info: D.DistInfo
-) -> RunData:
-    d, rank, world = cfg.data, info.rank, info.world_size
-    if isinstance(data, SFTData | PreferenceData):
-        return RunData(
-            data.loader(d.batch_size, cfg.seed, rank, world),
-            lambda n: data.eval_batches(d.batch_size, n),
-            lambda n: data.eval_batch_count(d.batch_size, n),
-            byte_table(data.tokenizer),
-        )
-    assert data_dir is not None
-    train_split, val_split = TokenSplit.open(data_dir, "train"), TokenSplit.open(data_dir, "val")
-    return RunData(
-        PackedLoader(train_split, d.seq_len, d.batch_size, cfg.seed, rank, world),
-        lambda n: eval_batches(val_split, d.seq_len, d.batch_size, n),
-        lambda n: eval_batch_count(val_split, d.seq_len, d.batch_size, n),
-        byte_table(load_tokenizer(data_dir)),
-    )
-
-
 def _train(
     cfg: TrainConfig,
     run: Run,
-    data: TrainingData | SFTData | PreferenceData,
+    data: RunData,
     resume: bool,
     checkpoint: str | None,
     device: torch.device,
     info: D.DistInfo,
     init: InitWeights | None = None,
 ) -> TrainResult:
-    data_dir = _open_run(cfg, run, data, resume, info)
-    run_data = _run_data(cfg, data, data_dir, info)
+    _open_run(cfg, run, data, resume, info)
 
     torch.manual_seed(cfg.seed)
     raw = Griffon(cfg.model).to(device)
@@ -210,12 +160,8 @@ def _train(
         del init  # the model holds the weights now
         if cfg.lora.rank and base_weights is None:
             base_weights = fingerprint(source)
-    objective: Objective
-    if isinstance(data, PreferenceData):  # the model as it starts is the reference policy
-        reference = data.reference(raw, run.reference_logps, device, cfg.data.batch_size, write=info.is_main)
-        objective = PreferenceObjective(data, reference, cfg.beta)
-    else:
-        objective = NextToken(run_data.token_bytes, cfg.goldfish_k, cfg.goldfish_h)
+    # before LoRA's adapters: an objective may read the model as it starts (DPO's reference policy)
+    objective = OBJECTIVES[cfg.objective].build(cfg, data, Start(raw, run, device, info.is_main))
     adapter = None  # what a LoRA run's checkpoints record beside the adapters
     if cfg.lora.rank:
         lora = cfg.lora
@@ -223,7 +169,7 @@ def _train(
         apply_lora(raw, lora.rank, lora.alpha, lora.dropout, targets)
         adapter = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(targets),
                    "base": cfg.init, "base_weights": base_weights}  # fmt: skip
-    loader = run_data.loader
+    loader = data.loader(cfg.data.batch_size, cfg.seed, info.rank, info.world_size)
     plan = plan_run(cfg, loader.steps_per_epoch, info.world_size)
     guided = GuidedPhase(raw, cfg.self_guided, cfg.seed, plan.guide_steps, plan.guide_flops_per_token)
     resumed = run.resume(checkpoint, lambda p: load_checkpoint(p, raw), info.is_main) if resume else None
@@ -247,7 +193,7 @@ def _train(
                        objective=objective)  # fmt: skip
 
     def evaluate_on(max_batches: int | None) -> dict[str, float]:
-        batches = run_data.eval_batches(max_batches)
+        batches = data.eval_batches(cfg.data.batch_size, max_batches)
         return objective.evaluate(model, batches, device, session.autocast, D.all_reduce_mean)
 
     logger = RunLogger(run, info.is_main, truncate_after_step=progress.step if resume else None)
@@ -278,7 +224,7 @@ def _train(
             progress.tokens += plan.tokens_per_step
             progress.flops += plan.tokens_per_step * (plan.flops_per_token + extra_flops_per_token)
             guided.after_step(progress.step, opt)
-            session.replan(run_data.eval_batch_count)
+            session.replan(lambda n: data.eval_batch_count(cfg.data.batch_size, n))
 
             step = progress.step
             session.log(logger, loss, lr, grad_norm)
@@ -306,29 +252,24 @@ def _train(
     )
 
 
-def _open_run(
-    cfg: TrainConfig, run: Run, data: TrainingData | SFTData | PreferenceData, resume: bool, info: D.DistInfo
-) -> Path | None:
-    """Make ``run`` a run (or check that it is one), prepare the data; return the data directory
-    (None for the examples of SFT, DPO and QRPO, which need no preparing). The config is written
-    last: until then the directory holds no run."""
+def _open_run(cfg: TrainConfig, run: Run, data: RunData, resume: bool, info: D.DistInfo) -> None:
+    """Make ``run`` a run (or check that it is one) and prepare its data (the main process, while
+    the others wait). The config is written last: until then the directory holds no run."""
     if info.is_main:
         if resume:
             run.check_resumable()
         else:
             run.check_new()
         run.clean()
-    data_dir = prepare_data(cfg, data, run.data, info.is_main) if isinstance(data, TrainingData) else None
-    if info.is_main:
-        tokenizer = load_tokenizer(data_dir) if data_dir is not None else data.tokenizer
-        tokenizer.save(run.root)
+        data.prepare()
+        data.tokenizer.save(run.root)
         # The chat template travels with the run: every reader (sample, serve, export-hf) renders with it.
-        template = run_template(tokenizer, cfg.data.tokenizer, cfg.data.chat_template, cfg.objective)
+        renders_chats = OBJECTIVES[cfg.objective].renders_chats
+        template = run_template(data.tokenizer, cfg.data.tokenizer, cfg.data.chat_template, renders_chats)
         if template is not None:
             save_template(template, run.root)
         run.write_config(cfg.to_json())
     D.barrier()
-    return data_dir
 
 
 @dataclass
@@ -387,7 +328,7 @@ class _Session:
     """The model itself; ``model`` is it as wrapped for training (DDP, FSDP2, compile)."""
     model: nn.Module
     opt: torch.optim.Optimizer
-    loader: PackedLoader | ShuffledLoader
+    loader: Loader
     guided: GuidedPhase
     progress: Progress
     plan: RunPlan
