@@ -266,7 +266,7 @@ def test_incremental_detokenisation_equals_decoding_the_whole(kind, tmp_path):
     that has already shown the character does not take back: there random ids are not compared."""
     import random
 
-    from griffon.decode.generate import TextStream
+    from griffon.decode.output import TextStream
 
     tok = _tokenizer(kind, tmp_path)
     rng = random.Random(0)

@@ -221,3 +221,24 @@ def test_bench_goals_take_the_faster_of_the_default_and_compiled_steps(tmp_path)
     assert out["griffin_vs_mqa_batch_ge_64_len_ge_4x_window"]["ratios"] == [(64, 512, 0.75)]  # 3.0 / 4.0
     plot(results, tmp_path / "goals.png")
     assert (tmp_path / "goals.png").stat().st_size > 0
+
+
+def test_generate_and_the_engine_stop_by_one_rule():
+    """append_token is both paths' rule: EOS (unless ignored), stop tokens and max_tokens, and
+    nothing but max_tokens before min_tokens."""
+    from griffon.decode.output import append_token
+    from griffon.decode.sampling import SamplingParams
+
+    def run(params, tokens, eos=0):
+        out, reasons = [], []
+        for t in tokens:
+            reasons.append(append_token(params, out, None, t, eos))
+            if reasons[-1]:
+                break
+        return reasons
+
+    assert run(SamplingParams(max_tokens=5), [3, 0, 4]) == [None, "stop"]
+    assert run(SamplingParams(max_tokens=3, ignore_eos=True), [3, 0, 4]) == [None, None, "length"]
+    assert run(SamplingParams(max_tokens=5, stop_token_ids=(4,)), [3, 4]) == [None, "stop"]
+    assert run(SamplingParams(max_tokens=5, min_tokens=2), [0, 0]) == [None, "stop"]
+    assert run(SamplingParams(max_tokens=1, min_tokens=1), [3]) == ["length"]

@@ -146,6 +146,7 @@ def test_echo_and_logprobs_score_the_prompt_as_lm_eval_reads_them():
         ({"prompt": "a", "logit_bias": {"3": 101}}, 400, "logit_bias"),
         ({"prompt": "a", "stop_token_ids": [256]}, 400, "stop_token_ids: token ids must lie in [0, 256)"),
         ({"prompt": "a", "min_p": 1.5}, 400, "min_p"),
+        ({"prompt": "a", "top_k": -5}, 400, "top_k"),
         ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty"),
         ({"prompt": "a", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens must lie in [0, max_tokens=2]"),
         ({"prompt": "", "max_tokens": 2}, 400, "prompt: String should have at least 1 character"),
@@ -743,3 +744,44 @@ def test_half_sent_bodies_time_out_and_connections_are_bounded():
             s.close()
         time.sleep(0.2)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_api_takes_the_sampling_settings_ranges_from_sampling_params():
+    """Declared once (SamplingParams.bounds), the ranges reach both APIs' schemas: the edges of each
+    are taken, a step past them refused with a 400 naming the setting."""
+    import dataclasses
+
+    from griffon.serve.schema import ChatCompletionRequest, CompletionRequest
+
+    names = [f.name for f in dataclasses.fields(SamplingParams) if "bounds" in f.metadata]
+    assert "temperature" in names and "repetition_penalty" in names
+    for model, renamed in ((CompletionRequest, {}), (ChatCompletionRequest, {"logprobs": "top_logprobs"})):
+        props = model.model_json_schema()["properties"]
+        for name in names:
+            field = props[renamed.get(name, name)]
+            field = field.get("anyOf", [field])[0]
+            if name == "logit_bias":
+                field = field["additionalProperties"]
+            keys = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
+            assert {keys[k]: v for k, v in SamplingParams.bounds(name).schema().items()} == {
+                k: field[k] for k in ("minimum", "exclusiveMinimum", "maximum") if k in field
+            }, name
+    with _client() as client:
+        # temperature has no upper bound in SamplingParams: 2.5 (past OpenAI's 2) samples
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 2.5, "seed": 0})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}],
+                                                       "max_tokens": 0})  # fmt: skip
+        assert r.status_code == 400 and "only with echo" in r.json()["error"]["message"]
+
+
+def test_a_request_is_validated_once(monkeypatch):
+    """The server checks a request; neither the client nor the engine checks it again."""
+    calls = []
+    real = SamplingParams.validate
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: calls.append(self) or real(self))
+    with _client() as client:
+        calls.clear()  # the warm-up's
+        r = client.post("/v1/completions", json={"prompt": ["ab", "cd", "ef"], "max_tokens": 2, "n": 2, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 6
+    assert len(calls) == 3  # once a prompt, its choices counted together

@@ -43,11 +43,11 @@ def test_the_prefill_budget_and_its_groups():
         s.enqueue(r)
     s.admit()
     assert [s.next_chunk(r) for r in (a, b)] == [8, 5]
-    a._position = 5  # restored from a prefix: the next chunk ends at the next multiple of 8
+    a.prefilled = 5  # restored from a prefix: the next chunk ends at the next multiple of 8
     assert s.next_chunk(a) == 3
-    a._position = 16
+    a.prefilled = 16
     assert s.next_chunk(a) == 4  # the prompt's end
-    a._position = 0
+    a.prefilled = 0
     # budget 20: a (8), b (5), c (8) -> 21 tokens, the last chunk taken whole; d and e wait
     assert [_names(g) for g in s.prefill_groups()] == [["a", "c"], ["b"]]
     one = Scheduler(max_batch=8, max_queue=8, prefill_chunk=8, step_tokens=1)
@@ -70,7 +70,7 @@ def test_expiry_takes_requests_out_of_every_queue():
     )  # fmt: skip
     s.running = [run_ok, run_late]
     s.prefilling = [pre_cancel]
-    pre_cancel._cancelled = True
+    pre_cancel.cancelled = True
     s.waiting.extend([wait_late, wait_ok])
     gone, rows = s.expire(now=10.0)
     assert sorted((r.id, why) for r, why in gone) == [
@@ -91,3 +91,12 @@ def test_remove_and_take_all():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="must be >= 1"):
         Scheduler(max_batch=0, max_queue=1, prefill_chunk=8, step_tokens=8)
+
+
+def test_a_request_carries_no_engine_state():
+    """The scheduler plans from a request's public fields (how far its prompt is prefilled, whether
+    it was cancelled); what the engine computes with (caches, random streams) is the engine's."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(Request)}
+    assert {"prefilled", "cancelled"} <= fields and not [n for n in fields if n.startswith("_")]

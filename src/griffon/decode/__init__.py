@@ -8,13 +8,13 @@ compares each with the model's step, step by step.
 from griffon.decode.calibration import calibrate_merge_thresholds
 from griffon.decode.generate import (
     GenerationError,
-    TextStream,
     generate,
     generate_stream,
     generate_text,
     prefill,
     stream_tokens,
 )
+from griffon.decode.output import TextStream
 from griffon.decode.steps import STEPS, make_step
 
 __all__ = [

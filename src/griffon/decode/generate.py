@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from griffon.data.tokenizers import Tokenizer
+from griffon.decode.output import TextStream, append_token
 from griffon.decode.sampling import SamplingParams, check_prompt, sample
 from griffon.decode.steps import make_step
 from griffon.model import Cache, Griffon
@@ -117,7 +118,8 @@ def generate_stream(
     (:func:`~griffon.decode.steps.make_step`: ``auto``, ``model``, ``fused``, ``compiled`` or ``graph``). A
     row stops at ``eos_id`` (which it emits), after emitting one of ``stop_sequences``, when
     ``stop_check(row, tokens_so_far)`` returns True (stop strings, see :func:`generate_text`), or
-    after ``max_new_tokens``. The model is not changed (structured FFNs decode with the
+    after ``max_new_tokens``: the serving engine's rules (:func:`~griffon.decode.output.append_token`),
+    with token sequences and a check of the caller's besides. The model is not changed (structured FFNs decode with the
     ``merge_threshold`` they have: see :func:`~griffon.decode.calibration.calibrate_merge_thresholds`).
     Raises :class:`GenerationError` if the model's logits are NaN or infinite.
     """
@@ -141,12 +143,12 @@ def generate_stream(
                 out.append(None)
                 continue
             token = int(nxt[b])
-            produced[b].append(token)
             out.append(token)
-            if token == eos_id or any(produced[b][-len(s) :] == list(s) for s in stop_sequences if s):
-                active[b] = False
-            elif stop_check is not None and stop_check(b, produced[b]):
-                active[b] = False
+            reason = append_token(params, produced[b], None, token, eos_id)  # the engine's rules
+            stopped = reason == "stop" or any(produced[b][-len(s) :] == list(s) for s in stop_sequences if s)
+            if not stopped and stop_check is not None:
+                stopped = stop_check(b, produced[b])
+            active[b] = not (stopped or reason == "length")
         yield out
         if not any(active) or step == max_new_tokens - 1:
             return
@@ -183,100 +185,6 @@ def stream_tokens(
     for step in stream:
         if step[0] is not None:
             yield step[0]
-
-
-def find_stop(text: str, stop_strings: Sequence[str], new_from: int = 0) -> int | None:
-    """Where the earliest of ``stop_strings`` begins in ``text`` (None if none occurs), counting
-    only occurrences that end at or after character ``new_from``."""
-    hits = [i for i in (text.find(s, max(new_from - len(s) + 1, 0)) for s in stop_strings if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-class Detokenizer:
-    """Token ids in, their text out, incrementally, as in TGI and vLLM: each token decodes a short
-    window (the ids since the last piece of text was taken, and the few before them that give the
-    tokenizer its context: a word-boundary marker, a merge), not the whole sequence, so a token
-    costs the same however long the text. ``complete`` is the text of whole characters so far;
-    ids that end in an incomplete UTF-8 character wait in the window for the rest."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.complete = ""
-        # ids[_prefix:_read] decode to the end of ``complete``: the context of the next window
-        self._prefix = self._read = 0
-
-    def push(self, token: int) -> str:
-        """Add a token; return all the text so far: ``complete`` and the window's new text, which
-        is taken into ``complete`` unless it ends in an incomplete character."""
-        self.ids.append(token)
-        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        window = self.tokenizer.decode(self.ids[self._prefix :])
-        tail = window[len(context) :] if len(window) > len(context) else ""
-        if tail and not tail.endswith("\ufffd"):
-            self.complete += tail
-            self._prefix, self._read, tail = self._read, len(self.ids), ""
-        return self.complete + tail
-
-
-class TextStream:
-    """Token ids in, text out, for one row: the text that can be shown as tokens arrive, cut
-    before the first stop string. Text that could still become the start of a stop string (the
-    longest one's length minus one characters) or that ends in an incomplete UTF-8 character is
-    held back until it cannot. ``done`` turns True at the tokenizer's EOS or a stop string.
-    Detokenisation is incremental (:class:`Detokenizer`)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop_strings = [s for s in stop_strings if s]
-        self.text = ""
-        self.done = False
-        self._shown = 0
-        self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
-        self._searched = 0  # text before this is not searched for stop strings again
-        self._detokenizer = Detokenizer(tokenizer)
-
-    def push(self, token: int, stops: bool = True) -> str:
-        """Add a token; return the new text that is safe to show (often empty). With ``stops``
-        False (a request's first ``min_tokens``), stop strings are not looked for, and one that
-        ends in the text so far never stops the stream later."""
-        if self.done:
-            return ""
-        if token == self.tokenizer.eos_id:
-            self.done = True
-            return self.flush()
-        # Assigned once, already cut: a reader on another thread never sees a stop string's start.
-        text = self._detokenizer.push(token)
-        if not stops:
-            self.text, self._searched = text, len(text)
-            return ""
-        cut = find_stop(text, self.stop_strings, self._searched)
-        if cut is not None:
-            self.text, self.done = text[:cut], True
-            return self.flush()
-        self.text = text
-        if self.text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return ""
-        return self._take(len(self.text) - self._hold)
-
-    def visible(self, final: bool = False) -> str:
-        """All the text that is safe to show so far (everything, cut at a stop string, if ``final``):
-        what :meth:`push` has returned and would return, for a reader that polls instead."""
-        if final or self.done:
-            return self.text
-        if self.text.endswith("\ufffd"):
-            return self.text[: self._shown]
-        return self.text[: max(self._shown, len(self.text) - self._hold)]
-
-    def flush(self) -> str:
-        """Everything not shown yet (when generation ends)."""
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        if end <= self._shown:
-            return ""
-        piece, self._shown = self.text[self._shown : end], end
-        return piece
 
 
 def generate_text(

@@ -15,9 +15,11 @@ frequency and presence penalties (over the output's tokens: ``logit - f * count 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,26 +35,74 @@ MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops (OpenAI's completion parameters)."""
+class Bounds:
+    """The values a number setting takes: finite, at least ``low`` (more than it, with
+    ``open_low``) and at most ``high``, where given."""
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    open_low: bool = False
+
+    def contains(self, x: int | float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        if self.low is not None and (x <= self.low if self.open_low else x < self.low):
+            return False
+        return self.high is None or x <= self.high
+
+    def describe(self) -> str:
+        """What a value must do, for an error message: ``lie in [0, 1]``, ``be finite and >= 0``."""
+        if self.high is None:
+            return f"be finite and {'>' if self.open_low else '>='} {self.low}"
+        if self.low is None:
+            return f"be finite and <= {self.high}"
+        return f"lie in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+    def schema(self) -> dict[str, Any]:
+        """As JSON Schema's (and pydantic's ``Field``'s) keywords: ``ge`` or ``gt``, ``le``."""
+        out: dict[str, Any] = {}
+        if self.low is not None:
+            out["gt" if self.open_low else "ge"] = self.low
+        if self.high is not None:
+            out["le"] = self.high
+        return out
+
+
+def _bounded(default: Any, low: int | float | None = None, high: int | float | None = None,
+             open_low: bool = False) -> Any:  # fmt: skip
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(low, high, open_low)})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (OpenAI's completion parameters). The ranges of
+    its numbers are declared here once (:meth:`bounds`), for :meth:`validate` and for the HTTP
+    schema (:mod:`griffon.serve`); a setting that is None is unset."""
+
+    max_tokens: int = _bounded(16, low=0)
+    temperature: float = _bounded(1.0, low=0)
+    top_k: int | None = _bounded(None, low=1)
+    top_p: float | None = _bounded(None, low=0, high=1, open_low=True)
+    seed: int | None = _bounded(None, low=SEED_MIN, high=SEED_MAX)
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first (needs a tokenizer)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # log-probabilities of the chosen token and this many top ones
+    logprobs: int | None = _bounded(None, low=0, high=MAX_LOGPROBS)  # of the chosen token and this many top ones
     echo: bool = False  # with logprobs: also score the prompt's tokens
-    presence_penalty: float = 0.0  # OpenAI's: subtracted from each token already in the output
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token is in the output
-    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages the prompt's and output's tokens
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
-    min_p: float = 0.0  # vLLM's: keep tokens at least this share of the likeliest one's probability
-    min_tokens: int = 0  # vLLM's: no EOS, stop token or stop string before this many tokens
+    presence_penalty: float = _bounded(0.0, low=-2, high=2)  # OpenAI's: subtracted from each token in the output
+    frequency_penalty: float = _bounded(0.0, low=-2, high=2)  # OpenAI's: subtracted per time a token is in it
+    repetition_penalty: float = _bounded(1.0, low=0, high=MAX_REPETITION_PENALTY, open_low=True)
+    """vLLM's: > 1 discourages the prompt's and output's tokens."""
+    logit_bias: tuple[tuple[int, float], ...] = _bounded((), low=-100, high=100)
+    """(token id, bias) pairs added to the logits; the bounds are each bias's."""
+    min_p: float = _bounded(0.0, low=0, high=1)  # vLLM's: keep tokens at least this share of the likeliest's
+    min_tokens: int = _bounded(0, low=0)  # vLLM's: no EOS, stop token or stop string before this many tokens
     score: bool = False  # keep the sum of the chosen tokens' log-probabilities (``best_of`` ranks by it)
+
+    @classmethod
+    def bounds(cls, name: str) -> Bounds:
+        """The range of setting ``name`` (of each of its values, for ``logit_bias``)."""
+        return next(f.metadata["bounds"] for f in dataclasses.fields(cls) if f.name == name)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -63,35 +113,21 @@ class SamplingParams:
         )  # fmt: skip
 
     def validate(self) -> None:
-        """Raise ValueError naming the first parameter out of range."""
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        """Raise ValueError naming the first parameter out of range (:meth:`bounds`), or out of
+        step with another."""
+        for f in dataclasses.fields(self):
+            bounds, value = f.metadata.get("bounds"), getattr(self, f.name)
+            if bounds is None or value is None:
+                continue
+            if f.name == "logit_bias":
+                for token, bias in value:
+                    if not bounds.contains(bias):
+                        raise ValueError(f"logit_bias of token {token} must {bounds.describe()}, got {bias}")
+            elif not bounds.contains(value):
+                raise ValueError(f"{f.name} must {bounds.describe()}, got {value}")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens = 0 generates nothing; it is allowed only with echo")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise ValueError(f"seed must lie in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and -2 <= value <= 2):
-                raise ValueError(f"{name} must lie in [-2, 2], got {value}")
-        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
-            raise ValueError(
-                f"repetition_penalty must lie in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}"
-            )
-        for token, bias in self.logit_bias:
-            if not (math.isfinite(bias) and -100 <= bias <= 100):
-                raise ValueError(f"logit_bias of token {token} must lie in [-100, 100], got {bias}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must lie in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
 

@@ -67,8 +67,11 @@ class EngineClient(ABC):
         request_id: str | None = None,
         timeout: float | None = None,
         notify: Callable[[Request], None] | None = None,
+        checked: bool = False,
     ) -> Request:
-        """Queue a request; :class:`~griffon.engine.request.QueueFull` when the engine holds all it may."""
+        """Queue a request; ValueError for a bad one, :class:`~griffon.engine.request.QueueFull`
+        when the engine holds all it may. ``checked``: the caller has checked it with
+        :meth:`check`, which is not done again (a request is validated once)."""
 
     @abstractmethod
     def cancel(self, request_id: str) -> bool:
@@ -156,8 +159,9 @@ class InprocClient(EngineClient):
     def check(self, prompt: list[int], params: SamplingParams, choices: int = 1) -> None:
         self.engine.check(prompt, params, choices=choices)
 
-    def submit(self, prompt, params, request_id=None, timeout=None, notify=None) -> Request:
-        return self.engine.submit(prompt, params, request_id=request_id, timeout=timeout, notify=notify)
+    def submit(self, prompt, params, request_id=None, timeout=None, notify=None, checked=False) -> Request:
+        return self.engine.submit(prompt, params, request_id=request_id, timeout=timeout, notify=notify,
+                                  checked=checked)  # fmt: skip
 
     def cancel(self, request_id: str) -> bool:
         return self.engine.cancel(request_id)

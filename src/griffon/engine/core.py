@@ -39,6 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +50,7 @@ from griffon.decode.sampling import SamplingParams, adjust_logits, check_prompt,
 from griffon.engine.limits import Limits
 from griffon.engine.metrics import Metrics
 from griffon.engine.output import OutputProcessor
-from griffon.engine.prefix_cache import EMPTY, PrefixCache
+from griffon.engine.prefix_cache import EMPTY, Prefix, PrefixCache
 from griffon.engine.request import Request
 from griffon.engine.runner import ModelRunner
 from griffon.engine.scheduler import Scheduler
@@ -61,6 +62,17 @@ DEFAULT_STEP_TOKENS = 512
 WARM_UP_BATCH = PARALLEL_MIN_ROWS
 
 log = logging.getLogger("griffon.serve")
+
+
+@dataclass
+class _Slot:
+    """What the engine keeps for a request from its admission to its end."""
+
+    cache: Cache | None = None  # while it prefills; then its row of the runner's batch holds it
+    prefix: Prefix | None = None  # the prompt's tokens in ``cache``, for the prefix cache
+    snapshot_bytes: int = 0  # bytes this request's snapshots took in the prefix cache
+    last: torch.Tensor | None = None  # (1, V) logits after the prompt's tokens so far
+    generator: torch.Generator | None = None
 
 
 def check_request(
@@ -128,6 +140,7 @@ class Engine:
         self.errors = 0  # requests failed by an error inside the engine (logged, with the traceback)
         self._ids = itertools.count()
         self._by_id: dict[str, Request] = {}
+        self._slots: dict[str, _Slot] = {}  # the admitted requests' (counted in metrics.running)
 
     # ----- requests in ------------------------------------------------------------------------
 
@@ -143,20 +156,29 @@ class Engine:
         request_id: str | None = None,
         timeout: float | None = None,
         notify: Callable[[Request], None] | None = None,
+        arrival: float | None = None,
+        bounded: bool = True,
+        checked: bool = False,
     ) -> Request:
         """Queue a request; ``notify(request)`` is called (on the engine's thread) whenever it gets
-        tokens or finishes. ``timeout`` (default: the limits' ``request_timeout``) counts from now.
-        Raises ValueError for a bad request, :class:`QueueFull` when full."""
-        self.check(prompt, params)
+        tokens or finishes. ``timeout`` (default: the limits' ``request_timeout``) counts from
+        ``arrival`` (default: now; a front end's clock, ``time.monotonic``). Raises ValueError for
+        a bad request (unless ``checked``: the caller has checked it with :meth:`check`),
+        :class:`QueueFull` when ``max_queue`` requests wait, unless not ``bounded`` (a front end
+        that bounds what it sends)."""
+        if not checked:
+            self.check(prompt, params)
         timeout = timeout if timeout is not None else self.limits.request_timeout
         with self.scheduler.lock:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._by_id:
                 raise ValueError(f"request id {rid!r} is in use")
             req = Request(rid, list(prompt), params, notify=notify)
+            if arrival is not None:
+                req.arrival = arrival
             if timeout is not None:
                 req.deadline = req.arrival + timeout
-            self.scheduler.enqueue(req)
+            self.scheduler.enqueue(req, bounded)
             self._enqueued(req)
         return req
 
@@ -164,7 +186,7 @@ class Engine:
         """Set up a queued request's output (under the scheduler's lock, but for the warm-up's)."""
         self.output.open(req)
         self._by_id[req.id] = req
-        self.metrics.queue_length = len(self.scheduler.waiting)
+        self.metrics.queue_length = self.scheduler.queue_length
 
     def warm_up(self) -> float:
         """Run requests through every path a request may take (a prefill of a whole chunk and of
@@ -190,7 +212,7 @@ class Engine:
                     req = Request(
                         f"warm-up-{next(self._ids)}", torch.randint(vocab, (n,), generator=g).tolist(), params
                     )
-                    self.scheduler.waiting.append(req)  # past the queue's bound: the warm-up's own
+                    self.scheduler.enqueue(req, bounded=False)  # the warm-up's own
                     self._enqueued(req)
                 self.run_until_done()
         finally:  # nothing of the warm-up stays, whether it finished or failed
@@ -207,14 +229,14 @@ class Engine:
             req = self._by_id.get(request_id)
             if req is None or req.finished:
                 return False
-            req._cancelled = True
+            req.cancelled = True
             return True
 
     # ----- the iteration ----------------------------------------------------------------------
 
     @property
     def queue_length(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.queue_length
 
     @property
     def num_running(self) -> int:
@@ -231,10 +253,10 @@ class Engine:
         for req, reason in gone:
             self._finish(req, reason)
         for req in self.scheduler.admit():
-            req._admitted = True
+            self._slots[req.id] = _Slot()
             self.metrics.running += 1
             self._isolated(req, self._start_prefill, req)
-        self.metrics.queue_length = len(self.scheduler.waiting)
+        self.metrics.queue_length = self.scheduler.queue_length
         for group in self.scheduler.prefill_groups():
             self._prefill(group)
         if self.scheduler.running:
@@ -279,17 +301,16 @@ class Engine:
 
     def _start_prefill(self, req: Request) -> None:
         """A fresh cache for ``req``, or the longest cached prefix of its prompt."""
-        snapshot = None
+        slot, snapshot = self._slots[req.id], None
         if self.prefix_cache is not None:
-            req._prefix = EMPTY
+            slot.prefix = EMPTY
             if not req.scores_prompt:
                 snapshot = self.prefix_cache.lookup(req.prompt)
         if snapshot is None:
-            req._cache, req._position = self.runner.new_cache(), 0
+            slot.cache, req.prefilled = self.runner.new_cache(), 0
             return
-        req._cache, req._position, req._last = snapshot.cache, snapshot.prefix.end, snapshot.logits
-        req._prefix = snapshot.prefix
-        req.cached_tokens = req._position
+        slot.cache, slot.last, slot.prefix = snapshot.cache, snapshot.logits, snapshot.prefix
+        req.prefilled = req.cached_tokens = snapshot.prefix.end
 
     def _prefill(self, group: list[Request]) -> None:
         """Prefill the next chunk of every request in ``group``; if the forward fails, again one
@@ -315,48 +336,51 @@ class Engine:
         ``group``: the logits (len(group), n or 1, V) and each request's advanced cache."""
         n = self.scheduler.next_chunk(group[0])
         return self.runner.prefill(
-            [r.prompt[r._position : r._position + n] for r in group],
-            [r._position for r in group],
-            [r._cache for r in group],
+            [r.prompt[r.prefilled : r.prefilled + n] for r in group],
+            [r.prefilled for r in group],
+            [self._slots[r.id].cache for r in group],
             all_logits=group[0].scores_prompt,
         )
 
     def _after_chunk(self, req: Request, logits: torch.Tensor, cache: Cache) -> None:
         """Take a prefilled chunk into ``req``: its cache, scores, last logits, a prefix snapshot."""
-        n = self.scheduler.next_chunk(req)
-        start = req._position
-        req._cache = cache
+        slot, n = self._slots[req.id], self.scheduler.next_chunk(req)
+        start = req.prefilled
+        slot.cache = cache
         if req.scores_prompt:
             self.output.score_prompt(req, logits, start, start + n)  # logits (n, V)
-        req._position += n
-        req._last = logits[-1:]  # (1, V)
-        if req._prefix is not None and req._position % self.prefill_chunk == 0:
-            req._prefix = req._prefix.extend(req.prompt[start : req._position])
-            allowance = self.prefix_cache.request_bytes - req._snapshot_bytes
-            taken = self.prefix_cache.insert(req._prefix, req._cache, req._last, allowance)
-            req._snapshot_bytes += taken
-            if not taken and req._prefix.key not in self.prefix_cache:
-                req._prefix = None  # its share is spent: stop following its chunks
-        if req._position == len(req.prompt):
+        req.prefilled += n
+        slot.last = logits[-1:]  # (1, V)
+        if slot.prefix is not None and req.prefilled % self.prefill_chunk == 0:
+            slot.prefix = slot.prefix.extend(req.prompt[start : req.prefilled])
+            allowance = self.prefix_cache.request_bytes - slot.snapshot_bytes
+            taken = self.prefix_cache.insert(slot.prefix, slot.cache, slot.last, allowance)
+            slot.snapshot_bytes += taken
+            if not taken and slot.prefix.key not in self.prefix_cache:
+                slot.prefix = None  # its share is spent: stop following its chunks
+        if req.prefilled == len(req.prompt):
             self._finish_prefill(req)
 
     def _finish_prefill(self, req: Request) -> None:
         """The prompt is in the cache: sample the first token and join the running batch."""
-        self.scheduler.prefilling.remove(req)
+        slot = self._slots[req.id]
         req.prompt_done = True
-        req._prefix = None
+        slot.prefix = None
         self.metrics.prompt_tokens += len(req.prompt)
         if req.params.max_tokens == 0:  # echo only: the prompt's scores were the answer
+            self.scheduler.remove(req)
             self._finish(req, "length")
             return
-        req._generator = torch.Generator(device=self.device)
-        req._generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
-        last, req._last = req._last, None
+        slot.generator = torch.Generator(device=self.device)
+        slot.generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+        last, slot.last = slot.last, None
         self._emit(req, self._sample(req, last), last)
-        if not req.finished:
-            self.runner.join(req._cache)
-            self.scheduler.running.append(req)
-        req._cache = None
+        if req.finished:
+            self.scheduler.remove(req)
+        else:
+            self.runner.join(slot.cache)
+            self.scheduler.start_running(req)
+        slot.cache = None
 
     # ----- decode -------------------------------------------------------------------------------
 
@@ -369,7 +393,7 @@ class Engine:
         and biases (:func:`~griffon.decode.sampling.adjust_logits`)."""
         params = [r.params for r in reqs]
         logits = adjust_logits(logits, params, [r.prompt for r in reqs], [r.tokens for r in reqs], self.output.eos_id)
-        return sample(logits, params, [r._generator for r in reqs]).tolist()
+        return sample(logits, params, [self._slots[r.id].generator for r in reqs]).tolist()
 
     def _emit(self, req: Request, token: int, logits: torch.Tensor) -> None:
         """Append a generated token, sampled from ``logits`` (1, V); finish the request if it is done."""
@@ -414,12 +438,12 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         now = time.monotonic()
         req.finish_time = now
-        req._cache = req._prefix = req._last = None
         if req.first_token_time is not None and len(req.tokens) > 1:
             self.metrics.observe_tpot((now - req.first_token_time) / (len(req.tokens) - 1))
         self.metrics.requests[reason] = self.metrics.requests.get(reason, 0) + 1
-        if req._admitted:  # counted before the request is released below, so a reader never sees it running
-            req._admitted = False
+        if (
+            self._slots.pop(req.id, None) is not None
+        ):  # before the request is released below: a reader never sees it running
             self.metrics.running -= 1
         req.finish_reason = reason
         with self.scheduler.lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from griffon.data.tokenizers import Tokenizer
-from griffon.decode.generate import TextStream
+from griffon.decode.output import TextStream, append_token
 from griffon.engine.request import LogprobRows, Request
 
 
@@ -44,7 +44,7 @@ class OutputProcessor:
     def append(self, req: Request, token: int, logits: torch.Tensor) -> str | None:
         """Add a generated ``token``, sampled from ``logits`` (1, V, the model's, before penalties),
         to ``req``'s outputs; the reason the request stops with it (``stop`` or ``length``), else
-        None. Before ``min_tokens`` tokens nothing but ``max_tokens`` stops it, as in vLLM."""
+        None, by the rules :func:`griffon.generate` follows too (:func:`~griffon.decode.output.append_token`)."""
         p = req.params
         if req.logprobs is not None or p.score:
             logp = log_softmax(logits)
@@ -52,14 +52,4 @@ class OutputProcessor:
             if req.logprobs is not None:
                 req.logprobs.extend(logp, chosen)
             req.cumulative_logprob += float(logp[0, token])
-        req.tokens.append(token)
-        is_eos = self.eos_id is not None and token == self.eos_id and not p.ignore_eos
-        if req.text is not None and token != self.eos_id:  # the EOS token has no text
-            req.text.push(token, stops=len(req.tokens) >= p.min_tokens)
-        if len(req.tokens) < p.min_tokens:
-            return "length" if len(req.tokens) >= p.max_tokens else None
-        if is_eos or token in p.stop_token_ids or (req.text is not None and req.text.done):
-            return "stop"
-        if len(req.tokens) >= p.max_tokens:
-            return "length"
-        return None
+        return append_token(p, req.tokens, req.text, token, self.eos_id)

@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,14 +159,16 @@ class _Core:
             _, rid, prompt, params, arrival, timeout = message
             self.sent[rid] = _Sent()
             try:
-                req = self.engine.submit(prompt, params, request_id=rid, timeout=timeout, notify=self.notify)
-            except Exception as e:  # checked by the server already: an engine that disagrees fails the request
+                # The server bounds what it sends (max_batch + max_queue unfinished); requests the
+                # core has not admitted yet may briefly be more than max_queue (admission happens
+                # at the next step). Its clock is the server's (monotonic is system-wide): TTFT
+                # counts the pipe.
+                self.engine.submit(prompt, params, request_id=rid, timeout=timeout, notify=self.notify,
+                                   arrival=arrival, bounded=False, checked=True)  # fmt: skip
+            except Exception as e:  # an engine that refuses it after all fails the request
                 req = Request(rid, prompt, params, finish_reason="error", error=f"{type(e).__name__}: {e}")
                 self.touched[rid] = req
                 return True
-            req.arrival = arrival  # the server's clock (monotonic is system-wide): TTFT counts the pipe
-            if timeout is not None:
-                req.deadline = arrival + timeout
         elif kind == "cancel":
             self.engine.cancel(message[1])
         elif kind == "drain":
@@ -253,9 +254,6 @@ def _core_main(build: Callable[[], Engine], conn, warm_up: bool) -> None:
         return
     info = EngineInfo(engine.model.config.vocab_size, engine.max_len, engine.limits, engine.max_batch,
                       engine.max_queue, engine.tokenizer is not None, os.getpid())  # fmt: skip
-    # The server bounds what it sends (max_batch + max_queue unfinished); requests the core has not
-    # admitted yet may briefly be more than max_queue (admission happens at the next step).
-    engine.scheduler.max_queue = sys.maxsize
     conn.send(("loaded", info))
     seconds = 0.0
     if warm_up:
@@ -414,10 +412,13 @@ class EngineProcess(EngineClient):
         request_id: str | None = None,
         timeout: float | None = None,
         notify: Callable[[Request], None] | None = None,
+        checked: bool = False,
     ) -> Request:
         """Queue a request in the core (as :meth:`Engine.submit`): the returned request grows as the
-        core's updates arrive, and ``notify(request)`` is called (on the reader thread) after each."""
-        self.check(prompt, params)
+        core's updates arrive, and ``notify(request)`` is called (on the reader thread) after each.
+        It is checked here (unless ``checked``), not again in the core."""
+        if not checked:
+            self.check(prompt, params)
         if self._dead is not None:
             raise RuntimeError(f"the engine process is gone: {self._dead}")
         timeout = timeout if timeout is not None else self.info.limits.request_timeout

@@ -1,5 +1,7 @@
 """A request to the serving engine and its output as it grows: generated tokens, their text and
-log-probabilities (kept in arrays), and the state the engine keeps for it while it runs."""
+log-probabilities (kept in arrays), and how far its prompt is prefilled (which the scheduler
+plans from). What the engine keeps to compute it (its cache, its random stream) is the engine's
+own (:mod:`griffon.engine.core`)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from griffon.decode.generate import TextStream
+from griffon.decode.output import TextStream
 from griffon.decode.sampling import SamplingParams
-from griffon.engine.prefix_cache import Prefix
-from griffon.model import Cache
 
 
 class QueueFull(Exception):
@@ -99,14 +99,8 @@ class Request:
     finish_time: float | None = None
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     cumulative_logprob: float = 0.0  # of the generated tokens, kept with logprobs or params.score
-    _cancelled: bool = False
-    _admitted: bool = False  # counted in metrics.running
-    _cache: Cache | None = None
-    _position: int = 0  # prompt tokens in _cache
-    _prefix: Prefix | None = None  # the prompt's tokens in _cache, for the prefix cache
-    _snapshot_bytes: int = 0  # bytes this request's snapshots took in the prefix cache
-    _last: torch.Tensor | None = None  # (1, V) logits after them
-    _generator: torch.Generator | None = None
+    prefilled: int = 0  # prompt tokens in the request's state so far (prefilled or restored)
+    cancelled: bool = False  # asked to stop: the engine ends it at its next step
 
     @property
     def finished(self) -> bool:
@@ -120,7 +114,7 @@ class Request:
 
     def reason_to_stop(self, now: float) -> str | None:
         """``cancelled`` or ``timeout`` if the request must stop now, else None."""
-        if self._cancelled:
+        if self.cancelled:
             return "cancelled"
         if self.deadline is not None and now > self.deadline:
             return "timeout"

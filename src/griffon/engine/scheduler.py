@@ -32,11 +32,17 @@ class Scheduler:
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
 
-    def enqueue(self, req: Request) -> None:
-        """Queue ``req`` (the caller holds :attr:`lock`); :class:`QueueFull` past ``max_queue``."""
-        if len(self.waiting) >= self.max_queue:
+    def enqueue(self, req: Request, bounded: bool = True) -> None:
+        """Queue ``req`` (the caller holds :attr:`lock`); :class:`QueueFull` past ``max_queue``,
+        unless not ``bounded`` (requests bounded elsewhere: a warm-up's, a front end's that
+        counts what it sends)."""
+        if bounded and len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting")
         self.waiting.append(req)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
 
     @property
     def in_flight(self) -> int:
@@ -73,7 +79,7 @@ class Scheduler:
 
     def next_chunk(self, req: Request) -> int:
         """Tokens of ``req``'s next prefill chunk: up to the next multiple of ``prefill_chunk``."""
-        start = req._position
+        start = req.prefilled
         return min(len(req.prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk) - start
 
     def prefill_groups(self) -> list[list[Request]]:

@@ -9,59 +9,8 @@ log-probabilities as ``{"content": [{"token", "logprob", "bytes", "top_logprobs"
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
 from griffon.align.chat import ChatTemplate
-from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN
-from griffon.engine.limits import MAX_CHOICES, MAX_MESSAGES, MAX_STOPS
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
-class ChatStreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions``; unknown fields are refused, as for completions."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    stream: bool = False
-    stream_options: ChatStreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS - 1)] | None = None  # and the end of turn
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    user: str | None = None
-    # vLLM's extensions
-    top_k: int = -1
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)] | None = None
-    ignore_eos: bool = False
-
+from griffon.serve.schema import ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
 """Tokens of a reply when the request names no limit (OpenAI's default is the context's room)."""
@@ -81,7 +30,9 @@ def completion_fields(body: ChatCompletionRequest, template: ChatTemplate) -> di
     fields["stream_options"] = body.stream_options.model_dump() if body.stream_options else None
     return fields | {
         "prompt": prompt,
-        "max_tokens": body.max_tokens or body.max_completion_tokens or DEFAULT_MAX_TOKENS,
+        "max_tokens": next(
+            (m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), DEFAULT_MAX_TOKENS
+        ),  # fmt: skip
         "stop": [*stops, template.end_of_turn],
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
     }

@@ -39,20 +39,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from griffon.align.chat import ChatTemplate, ChatTemplateError, template_for
 from griffon.data.tokenizers import Tokenizer
-from griffon.decode.generate import Detokenizer
-from griffon.decode.sampling import MAX_REPETITION_PENALTY, SEED_MAX, SEED_MIN, SamplingParams
+from griffon.decode.output import Detokenizer
+from griffon.decode.sampling import SEED_MIN, SamplingParams
 from griffon.engine.client import EngineClient, InprocClient
 from griffon.engine.core import Engine
 from griffon.engine.limits import (
@@ -60,14 +58,11 @@ from griffon.engine.limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_STALL_TIMEOUT,
-    MAX_CHOICES,
-    MAX_PROMPTS,
-    MAX_STOPS,
-    PROMPT_CAP,
 )
 from griffon.engine.request import QueueFull
 from griffon.engine.request import Request as EngineRequest
-from griffon.serve.chat import ChatCompletionRequest, ChatStream, chat_body, completion_fields
+from griffon.serve.chat import ChatStream, chat_body, completion_fields
+from griffon.serve.schema import ChatCompletionRequest, CompletionRequest, CompletionResponse, ErrorResponse
 
 log = logging.getLogger("griffon.serve")
 
@@ -82,104 +77,8 @@ DEADLINE_GRACE = 5.0
 _REASONS = {"cancelled": "abort", "timeout": "abort", "error": "abort", "shutdown": "abort"}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    include_usage: bool = False
-
-
-Text = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=PROMPT_CAP)]
-Stops = str | Annotated[list[str], Field(max_length=MAX_STOPS)]
-StopIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)]
-
-
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; unknown fields are refused. What the schema cannot say
-    (token ids inside the vocabulary, the server's limits, ``max_tokens=0`` only with ``echo``) is
-    checked after parsing, with a 400 as clear."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None
-    prompt: (
-        Text
-        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    )
-    max_tokens: Annotated[int, Field(ge=0)] = 16
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # below 1e-5: greedy, as vLLM
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int = -1  # vLLM's extension; -1 (or 0) keeps every token
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    stop: Stops | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None  # include_usage: a last event with the token counts
-    echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None  # default: n
-    ignore_eos: bool = False
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as a string) -> bias
-    suffix: str | None = None  # refused: the models are not trained to fill in the middle
-    user: str | None = None
-    # vLLM's extensions
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: StopIds | None = None
-
-
 def _best_of(body: CompletionRequest) -> int:
     return body.best_of if body.best_of is not None else body.n
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    """Every error answer: OpenAI's shape."""
-
-    error: ErrorDetail
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"] | None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionResponse(BaseModel):
-    """A whole answer; a streamed one is a series of these (without ``usage``, but for a last
-    event with ``include_usage``) as server-sent events, ended by ``data: [DONE]``."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
@@ -458,7 +357,7 @@ class Server:
         try:
             for prompt in prompts:
                 for params in choices:
-                    requests.append(self.client.submit(prompt, params, notify=notify))
+                    requests.append(self.client.submit(prompt, params, notify=notify, checked=True))
         except QueueFull:
             for r in requests:
                 self.client.cancel(r.id)
