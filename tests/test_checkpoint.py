@@ -158,7 +158,7 @@ def test_commands_open_a_model_for_inference_one_way():
     import griffon
 
     root = Path(griffon.__file__).parent
-    allowed = {"checkpoint/source.py", "train/state.py"}
+    allowed = {"checkpoint/source.py", "train/state.py", "checkpoint/llama.py"}  # the last: transformers' GGUF reader
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         calls = [

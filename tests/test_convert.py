@@ -121,8 +121,12 @@ def test_other_bad_inputs(deepmind_files, capsys, tmp_path):
            "exists and is not empty")  # fmt: skip
     assert (tmp / "full" / "keep.txt").read_text() == "precious"
     (tmp / "empty_hf").mkdir()
+    (tmp / "empty_hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    _fails(
+        ["convert", str(tmp / "empty_hf"), str(tmp / "out")], capsys, "model_type 'gpt2', expected 'recurrent_gemma'"
+    )
     (tmp / "empty_hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    _fails(["convert", str(tmp / "empty_hf"), str(tmp / "out")], capsys, "model_type 'llama'")
+    _fails(["convert", str(tmp / "empty_hf"), str(tmp / "out")], capsys, "lacks the integer 'vocab_size'")
     (tmp / "fields.json").write_text(json.dumps(deepmind_fields(DM_CFG) | {"widht": 3}))
     _fails(["convert", str(tmp / "dm.pt"), str(tmp / "out"), "--config", str(tmp / "fields.json")], capsys,
            "unknown DeepMind GriffinConfig field 'widht'")  # fmt: skip

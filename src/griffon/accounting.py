@@ -74,7 +74,7 @@ def linear_params(in_features: int, out_features: int, structure: LinearStructur
 def mlp_matmul_params(cfg: ModelConfig, layer: int, expanded: int) -> int:
     """Weight parameters (no biases) of one MLP of layer ``layer`` expanding to ``expanded``."""
     D, structure = cfg.width, cfg.ffn_structure_of(layer)
-    n_in = 2 if cfg.mlp_type == "geglu" else 1  # gate and up, or up alone
+    n_in = 2 if cfg.gated_mlp else 1  # gate and up, or up alone
     return n_in * linear_params(D, expanded, structure) + linear_params(expanded, D, structure)
 
 
@@ -93,7 +93,9 @@ def ffn_matmul_params(cfg: ModelConfig, layer: int, active: bool = True) -> int:
 
 def mlp_bias_params(cfg: ModelConfig, expanded: int) -> int:
     """Biases of one MLP expanding to ``expanded``."""
-    return (2 if cfg.mlp_type == "geglu" else 1) * expanded + cfg.width
+    if not cfg.proj_bias:
+        return 0
+    return (2 if cfg.gated_mlp else 1) * expanded + cfg.width
 
 
 def active_params(cfg: ModelConfig) -> int:
@@ -139,7 +141,7 @@ GATE_FLOPS_PER_CHANNEL = 9
 
 def matmul_params(cfg: ModelConfig, active: bool = True) -> int:
     """Weights of every matrix multiply of a forward pass (no biases, norms or ``a_param``): the
-    tied embedding once (as the output head), FFN projections (structured ones as their factors;
+    output head (the tied embedding, or a head of its own; the embedding lookup is none), FFN projections (structured ones as their factors;
     of a mixture of experts the router and the experts a token uses, or all with ``active=False``),
     the recurrent blocks' projections and block-diagonal gates, the attention projections."""
     D, L = cfg.width, cfg.resolved_lru_width
@@ -221,7 +223,7 @@ def module_count(cfg: ModelConfig) -> int:
     """About how many modules a model of ``cfg`` builds (what its host memory on the meta device
     grows with): a fixed few per block plus, for each MLP or expert, the MLP and its projections
     (structured projections hold their factors as modules too)."""
-    projections = 3 if cfg.mlp_type == "geglu" else 2
+    projections = 3 if cfg.gated_mlp else 2
     per_mlp = 1 + projections * (3 if cfg.ffn_structure.is_structured() else 1)
     mlps = (cfg.moe.num_experts or 0) + (1 if cfg.moe.shared_experts else 0) if cfg.moe.enabled else 1
     return 8 + cfg.num_layers * (12 + mlps * per_mlp)

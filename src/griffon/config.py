@@ -19,7 +19,8 @@ BlockType = Literal["recurrent", "attention"]
 BLOCK_TYPES: tuple[str, ...] = ("recurrent", "attention")
 WINDOW_SEMANTICS: tuple[str, ...] = ("deepmind", "hf")
 LINEAR_KINDS: tuple[str, ...] = ("dense", "lowrank", "blockshuffle", "blockdense")
-MLP_TYPES: tuple[str, ...] = ("geglu", "gelu")
+MLP_TYPES: tuple[str, ...] = ("geglu", "swiglu", "gelu")
+GATED_MLP_TYPES: tuple[str, ...] = ("geglu", "swiglu")
 NORM_TYPES: tuple[str, ...] = ("rmsnorm", "layernorm")
 INIT_SCHEMES: tuple[str, ...] = ("griffin", "gpt2")
 
@@ -187,13 +188,22 @@ class ModelConfig:
     mlp_width: int | None = None
     """Expanded width of the MLP; ``None`` means ``3 * width``."""
     mlp_type: str = "geglu"
-    """``geglu``: Griffin's gated MLP (gate, up, down); ``gelu``: a GeLU MLP (up, down) as in GPT-2."""
+    """``geglu``: Griffin's gated MLP (gate, up, down; tanh-approximated GeLU on the gate);
+    ``swiglu``: the same with SiLU (Llama's); ``gelu``: a GeLU MLP (up, down) as in GPT-2."""
     ffn_structure: LinearStructure = field(default_factory=LinearStructure)
     """Dense or structured FFN projections (LowRank, BlockShuffle, BlockDense)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """A mixture of experts in place of the dense FFN (off unless ``moe.num_experts`` is set)."""
     norm_type: str = "rmsnorm"
-    """``rmsnorm`` (Griffin's, zero-initialised ``1 + scale`` gain) or ``layernorm`` (with bias)."""
+    """``rmsnorm`` or ``layernorm`` (with bias)."""
+    norm_unit_offset: bool = True
+    """RMSNorm's gain: ``1 + scale`` with ``scale`` initialised to zero (Griffin's and Gemma's), or,
+    False, ``scale`` itself, initialised to one (Llama's)."""
+    tie_embeddings: bool = True
+    """The output head is the embedding's transpose; False: a head of its own (``head.weight``)."""
+    proj_bias: bool = True
+    """Biases on the MLP's projections and the attention's output projection (Griffin's); False as
+    in Llama."""
     embed_scale: bool = True
     """Multiply embeddings by ``sqrt(width)`` rounded to bfloat16 (as the references do)."""
     logit_soft_cap: float = 30.0
@@ -227,6 +237,11 @@ class ModelConfig:
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (gate, up and down projections)."""
+        return self.mlp_type in GATED_MLP_TYPES
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.width // self.num_heads

@@ -105,7 +105,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Output projections start smaller in deeper models (the references' 2/num_layers).
         out_scale = 2.0 / cfg.num_layers
-        self.temporal_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
+        self.temporal_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps, cfg.norm_unit_offset)
         if block_type == "recurrent":
             self.temporal: RecurrentBlock | Attention = RecurrentBlock(
                 cfg.width, cfg.resolved_lru_width, cfg.resolved_lru_num_blocks, cfg.conv_width, out_scale
@@ -113,15 +113,16 @@ class ResidualBlock(nn.Module):
         else:
             self.temporal = Attention(
                 cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
-                cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale, cfg.qkv_bias,
+                cfg.attention_history, cfg.rope_dim, cfg.rope_base, out_scale, cfg.qkv_bias, cfg.proj_bias,
             )  # fmt: skip
-        self.channel_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps)
+        self.channel_norm = make_norm(cfg.norm_type, cfg.width, cfg.norm_eps, cfg.norm_unit_offset)
         structure = cfg.ffn_structure_of(layer)
         self.mlp: nn.Module
         if cfg.moe.enabled:
-            self.mlp = MoE(cfg.moe, cfg.mlp_type, cfg.width, cfg.resolved_expert_width, out_scale, structure)
+            self.mlp = MoE(cfg.moe, cfg.mlp_type, cfg.width, cfg.resolved_expert_width, out_scale, structure,
+                           cfg.proj_bias)  # fmt: skip
         else:
-            self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, structure)
+            self.mlp = make_mlp(cfg.mlp_type, cfg.width, cfg.resolved_mlp_width, out_scale, structure, cfg.proj_bias)
 
     def forward(
         self,
@@ -153,7 +154,9 @@ class Griffon(nn.Module):
         self.config = config
         self.embed = Embedding(config.vocab_size, config.width, config.embed_scale)
         self.blocks = nn.ModuleList(ResidualBlock(config, t, i) for i, t in enumerate(config.block_types))
-        self.final_norm = make_norm(config.norm_type, config.width, config.norm_eps)
+        self.final_norm = make_norm(config.norm_type, config.width, config.norm_eps, config.norm_unit_offset)
+        # An untied head starts as the embedding's scale (N(0, 1/width)), as the tied one is.
+        self.head = None if config.tie_embeddings else Embedding(config.vocab_size, config.width, False)
         if config.init == "gpt2":
             init_gpt2_(self, config.init_std)
 
@@ -216,7 +219,8 @@ class Griffon(nn.Module):
             new_states.append(s)
         if last_only:
             x = x[:, -1:]
-        logits = self.embed.decode(self.final_norm(x))  # (B, T, V), or (B, 1, V) with last_only
+        head = self.embed if self.head is None else self.head
+        logits = head.decode(self.final_norm(x))  # (B, T, V), or (B, 1, V) with last_only
         cap = self.config.logit_soft_cap
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -262,8 +266,12 @@ class Griffon(nn.Module):
                 b.temporal.kernel = kernel
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters; ``non_embedding``: less the embedding and an untied head (as Kaplan et al.
+        2020 count a model's size)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        return n - self.embed.weight.numel() - (0 if self.head is None else self.head.weight.numel())
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Import RecurrentGemma checkpoints (HF and DeepMind formats) and export to HF format.
+"""Import RecurrentGemma checkpoints (HF and DeepMind formats) and Llama-family ones (HF and GGUF,
+:mod:`griffon.checkpoint.llama`), and export to HF format (RecurrentGemma's or Llama's layout).
 
 Name maps are spelled out as tables so that a reader can check them against the references:
 DeepMind's PyTorch port (``recurrentgemma.torch``) and HF ``transformers.models.recurrent_gemma``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from griffon.atomic import atomic_directory
+from griffon.checkpoint import llama
 from griffon.checkpoint.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -75,7 +78,9 @@ def config_from_deepmind(fields: dict[str, Any]) -> ModelConfig:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A griffon config from an HF ``RecurrentGemmaConfig`` dict (``config.json``)."""
     if hf.get("model_type") not in (None, "recurrent_gemma"):
-        raise ConversionError(f"config.json has model_type {hf.get('model_type')!r}, expected 'recurrent_gemma'")
+        raise ConversionError(
+            f"config.json has model_type {hf.get('model_type')!r}, expected 'recurrent_gemma' or a Llama-family one (llama, mistral)"
+        )
     rope = hf.get("rope_parameters") or {}
     layers = hf.get("num_hidden_layers", 26)
     block_types = list(hf.get("block_types", ["recurrent", "recurrent", "attention"]))
@@ -100,8 +105,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` equivalent of ``cfg``; raises if HF cannot express it."""
     problems = []
-    if cfg.mlp_type != "geglu" or cfg.norm_type != "rmsnorm":
-        problems.append(f"mlp_type={cfg.mlp_type!r}, norm_type={cfg.norm_type!r} (HF has the GeGLU MLP and RMSNorm)")
+    if cfg.mlp_type != "geglu" or cfg.norm_type != "rmsnorm" or not cfg.norm_unit_offset:
+        problems.append(f"mlp_type={cfg.mlp_type!r}, norm_type={cfg.norm_type!r}, norm_unit_offset="
+                        f"{cfg.norm_unit_offset} (HF has the GeGLU MLP and Gemma's RMSNorm)")  # fmt: skip
+    if not cfg.tie_embeddings or not cfg.proj_bias:
+        problems.append("an untied head or no projection biases (HF ties the head and has the biases)")
     if cfg.ffn_structure.is_structured():
         problems.append(f"a structured FFN ({cfg.ffn_structure.kind}; HF has dense projections only)")
     if cfg.moe.enabled:
@@ -282,18 +290,25 @@ def to_hf_state_dict(state: Tensors) -> Tensors:
 
 # ----- files ----------------------------------------------------------------------------------
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, Tensors]:
+    """An HF directory's config and weights in griffon's names: RecurrentGemma or Llama-family."""
     try:
         hf = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
-    cfg = config_from_hf(hf)
+    cfg = llama.config_from_llama(hf) if llama.is_llama(hf) else config_from_hf(hf)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{path} holds no *.safetensors weights")
     state: Tensors = {}
     for f in files:
         state.update(read_safetensors(f))
-    return cfg, from_hf_state_dict(state, cfg)
+    return cfg, hf_state_dict(state, cfg)
+
+
+def hf_state_dict(state: Tensors, cfg: ModelConfig) -> Tensors:
+    """An HF directory's weights (RecurrentGemma's or a Llama-family model's, as ``cfg`` says) in
+    griffon's names."""
+    return llama.from_llama_state_dict(state, cfg) if not llama.llama_problems(cfg) else from_hf_state_dict(state, cfg)
 
 
 def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> tuple[ModelConfig, Tensors]:
@@ -335,7 +350,8 @@ def _read_deepmind(path: Path, config_file: Path | None, preset: str | None) -> 
 def convert(
     src: str | Path, dst: str | Path, config_file: str | Path | None = None, preset: str | None = None
 ) -> ModelConfig:
-    """Convert an HF RecurrentGemma directory or a DeepMind state dict into a griffon checkpoint at ``dst``.
+    """Convert an HF directory (RecurrentGemma or Llama-family), a GGUF file (Llama-family, its
+    tokenizer too) or a DeepMind state dict into a griffon checkpoint at ``dst``.
 
     Everything is read and checked before anything is written; the output appears atomically.
     """
@@ -344,17 +360,29 @@ def convert(
         raise ConversionError(f"source not found: {src}")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"destination {dst} exists and is not empty; refusing to overwrite")
+    tokenizer_dir = None
     if src.is_dir():
         if not (src / CONFIG_NAME).is_file():
             raise ConversionError(f"{src} is a directory without {CONFIG_NAME}: not an HF checkpoint")
         cfg, state = _read_hf_dir(src)
         cfg.extra["converted_from"] = f"hf:{src.name}"
+    elif src.suffix == ".gguf":
+        tokenizer_dir = llama.gguf_tokenizer_dir()
+        cfg, state = llama.read_gguf(src, tokenizer_dir)
+        cfg.extra["converted_from"] = f"gguf:{src.name}"
     else:
         cfg, state = _read_deepmind(src, Path(config_file) if config_file else None, preset)
         cfg.extra["converted_from"] = f"deepmind:{src.name}"
     with atomic_directory(dst) as tmp:
         save_state_dict(state, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
+        if tokenizer_dir is not None:
+            shutil.copy(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
+            for name in ("tokenizer_config.json", "chat_template.jinja"):
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy(tokenizer_dir / name, tmp / name)
+    if tokenizer_dir is not None:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
     return cfg
 
 
@@ -366,11 +394,15 @@ def export_hf(
     chat_template: str | None = None,
 ) -> None:
     """Write a model (its config and weights in griffon's names: ``ModelSource.state_dict`` of any
-    source, a LoRA run merged) as an HF RecurrentGemma directory (config.json + model.safetensors),
+    source, a LoRA run merged) as an HF directory (config.json + model.safetensors): Llama's layout
+    for a Llama-family model (:func:`~griffon.checkpoint.llama.llama_problems` finds nothing), else
+    RecurrentGemma's,
     with ``tokenizer`` in the form ``transformers.AutoTokenizer`` loads (:meth:`Tokenizer.save_hf`)
     and ``chat_template`` (Jinja source) as ``chat_template.jinja``, which its ``apply_chat_template`` reads."""
-    hf_cfg = config_to_hf(cfg)
-    hf_state = to_hf_state_dict(state)
+    if not llama.llama_problems(cfg):
+        hf_cfg, hf_state = llama.config_to_llama(cfg), llama.to_llama_state_dict(state)
+    else:
+        hf_cfg, hf_state = config_to_hf(cfg), to_hf_state_dict(state)
     dst = Path(dst)
     if dst.is_symlink():  # write into the directory the link names; the link stays as it is
         target = dst.resolve()

@@ -2,9 +2,9 @@
 
 A path is a run (its newest checkpoint), a checkpoint directory (``save_pretrained``, ``griffon
 convert``, a run's ``checkpoints/step_N``), a LoRA run or checkpoint (adapters only: read merged
-into the base model they were trained on, which must not have changed since) or an HF
-RecurrentGemma directory (``griffon export-hf``'s output, or a RecurrentGemma download), converted
-as it is read. ``griffon train --init``, every command that reads a model (:func:`load_for_inference`,
+into the base model they were trained on, which must not have changed since) or an HF directory
+of RecurrentGemma or of a Llama-family model (``griffon export-hf``'s output, or a download),
+converted as it is read (a GGUF file is converted once, by ``griffon convert``). ``griffon train --init``, every command that reads a model (:func:`load_for_inference`,
 :func:`from_pretrained`) and ``export-hf`` open models here. :func:`fingerprint` records a source's
 weight files, so that a LoRA run, whose checkpoints hold adapters only, refuses a base that has
 changed since it was trained.
@@ -49,7 +49,7 @@ class ModelSource:
     config: ModelConfig
     kind: str
     """``checkpoint`` (griffon's files), ``lora`` (adapters only, read merged into their base) or
-    ``hf`` (an HF RecurrentGemma directory, its tensors renamed as they are read)."""
+    ``hf`` (an HF RecurrentGemma or Llama-family directory, its tensors renamed as they are read)."""
     tokenizer: Tokenizer | None
     """Its tokenizer; None if it has none."""
 
@@ -84,12 +84,12 @@ class ModelSource:
             return {k: v.contiguous() for k, v in self._merged().state_dict().items()}
         if self.kind == "checkpoint":
             return read_safetensors(self.path / WEIGHTS_NAME)
-        from griffon.checkpoint.convert import from_hf_state_dict
+        from griffon.checkpoint.convert import hf_state_dict
 
         state: dict[str, torch.Tensor] = {}
         for f in self.weight_files():
             state.update(read_safetensors(f))
-        return from_hf_state_dict(state, self.config)
+        return hf_state_dict(state, self.config)
 
     def checked_state_dict(self, recorded: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
         """:meth:`state_dict`, every tensor checked finite; with ``recorded`` (a :func:`fingerprint`),
@@ -139,11 +139,12 @@ def open_source(path: str | Path) -> ModelSource:
         raise CheckpointError(f"{path} is not a griffon checkpoint: {CONFIG_NAME} not found (nothing is there)")
     hf = _hf_config(path)
     if hf is not None:
-        from griffon.checkpoint.convert import ConversionError, config_from_hf
+        from griffon.checkpoint.convert import config_from_hf
+        from griffon.checkpoint.llama import config_from_llama, is_llama
 
         try:
-            config = config_from_hf(hf)
-        except (ConversionError, ConfigError) as e:
+            config = config_from_llama(hf) if is_llama(hf) else config_from_hf(hf)
+        except (CheckpointError, ConfigError) as e:
             raise CheckpointError(f"{path}: {e}") from None
         if not list(path.glob("*.safetensors")):
             raise CheckpointError(f"{path}: an HF directory without *.safetensors weights")

@@ -1,4 +1,5 @@
-"""``griffon convert``: HF RecurrentGemma dir or DeepMind state dict -> griffon checkpoint."""
+"""``griffon convert``: an HF directory (RecurrentGemma, Llama-family), a GGUF file or a DeepMind
+state dict -> griffon checkpoint."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ def run(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``griffon convert`` to the command line."""
-    s = sub.add_parser("convert", help="HF RecurrentGemma dir or DeepMind state dict -> griffon checkpoint")
-    s.add_argument("src", help="HF directory (config.json + *.safetensors) or DeepMind .pt/.safetensors")
+    s = sub.add_parser(
+        "convert", help="HF RecurrentGemma or Llama-family dir, GGUF file or DeepMind state dict -> griffon checkpoint"
+    )
+    s.add_argument("src", help="HF directory (config.json + *.safetensors), a Llama-family .gguf (needs the gguf "
+                               "package) or DeepMind .pt/.safetensors")  # fmt: skip
     s.add_argument("dst", help="output directory (must not exist or be empty)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--config", help="DeepMind GriffinConfig fields as JSON (DeepMind sources)")

@@ -46,7 +46,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _gain(norm: RMSNorm) -> np.ndarray:
-    return _np((1.0 + norm.scale.detach()).float())
+    return _np(norm.gain().detach().float())
 
 
 def _transposed(*linears: nn.Linear) -> torch.Tensor:
@@ -168,10 +168,13 @@ class FusedDecoder:
             return f"it runs float32 on the CPU, the model is {weight.dtype} on {weight.device.type}"
         if not all(isinstance(b.temporal_norm, RMSNorm) for b in model.blocks):
             return "it implements RMSNorm only"
-        if not all(isinstance(b.mlp, GatedMLP | MoE) for b in model.blocks):
-            return "it implements the gated (GeGLU) MLP only"
-        if model.config.qkv_bias:
+        cfg = model.config
+        if not all(isinstance(b.mlp, GatedMLP | MoE) for b in model.blocks) or cfg.mlp_type != "geglu":
+            return "it implements the GeGLU MLP only"
+        if cfg.qkv_bias:
             return "it has no biases on the query, key and value projections"
+        if not cfg.proj_bias or not cfg.tie_embeddings:
+            return "it implements biased output projections and a tied output head only"
         return None
 
     def matrices(self) -> list[torch.Tensor]:

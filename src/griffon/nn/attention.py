@@ -81,6 +81,7 @@ class Attention(nn.Module):
         rope_base: float,
         out_init_scale: float = 1.0,
         qkv_bias: bool = False,
+        out_bias: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(width, num_heads * head_dim, bias=qkv_bias)
         self.k = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
         self.v = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o = nn.Linear(num_heads * head_dim, width, bias=True)
+        self.o = nn.Linear(num_heads * head_dim, width, bias=out_bias)
         self.out_init_scale = out_init_scale
         self.kernel = "auto"
         self.reset_parameters()
@@ -101,7 +102,8 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o.weight, std=math.sqrt(self.out_init_scale / self.o.in_features))
-        nn.init.zeros_(self.o.bias)
+        if self.o.bias is not None:
+            nn.init.zeros_(self.o.bias)
 
     def init_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> AttentionState:
         slots = self.history if self.history is not None else 0

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from griffon.config import LinearStructure, MoEConfig
-from griffon.nn.mlp import GatedMLP, make_mlp
+from griffon.nn.mlp import GatedMLP, gelu_tanh, make_mlp
 
 
 @dataclass
@@ -60,6 +60,7 @@ class MoE(nn.Module):
         expert_width: int,
         out_init_scale: float = 1.0,
         structure: LinearStructure | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         assert cfg.num_experts is not None
@@ -67,11 +68,11 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.renormalize = cfg.num_experts, cfg.top_k, cfg.renormalizes
         self.router = nn.Linear(width, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            make_mlp(mlp_type, width, expert_width, out_init_scale, structure) for _ in range(cfg.num_experts)
+            make_mlp(mlp_type, width, expert_width, out_init_scale, structure, bias) for _ in range(cfg.num_experts)
         )
         # Shared experts: one MLP as wide as all of them (their sum is exactly that MLP).
         wide = expert_width * cfg.shared_experts
-        self.shared = make_mlp(mlp_type, width, wide, out_init_scale, structure) if wide else None
+        self.shared = make_mlp(mlp_type, width, wide, out_init_scale, structure, bias) if wide else None
         # DeepSeek-V3's routing bias: state, not a parameter (no gradient; it moves with the load).
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self._reset_router()
@@ -147,13 +148,15 @@ class MoE(nn.Module):
             layers = [getattr(e, name) for e in self.experts]
             weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)  # (E, in, out)
             out = torch._grouped_mm(inputs, weight, offs=offsets)
+            if layers[0].bias is None:
+                return out
             return out + torch.stack([layer.bias for layer in layers])[which]
 
         first = self.experts[0]
         if isinstance(first, GatedMLP):
-            hidden = F.gelu(project("gate", xs), approximate="tanh") * project("up", xs)
+            hidden = first.act(project("gate", xs)) * project("up", xs)
         else:
-            hidden = F.gelu(project("up", xs), approximate="tanh")
+            hidden = gelu_tanh(project("up", xs))
         return project("down", hidden)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

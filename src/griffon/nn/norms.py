@@ -8,23 +8,31 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * (1 + scale)``, computed in float32 (float64 for float64 inputs)
-    and cast back to the input dtype."""
+    """``x / sqrt(mean(x^2) + eps) * gain``, computed in float32 (float64 for float64 inputs) and
+    cast back to the input dtype; the gain is ``1 + scale`` (``scale`` initialised to zero, as
+    Griffin and Gemma have it) or, without ``unit_offset``, ``scale`` (initialised to one, Llama's)."""
 
-    def __init__(self, width: int, eps: float = 1e-6) -> None:
+    def __init__(self, width: int, eps: float = 1e-6, unit_offset: bool = True) -> None:
         super().__init__()
-        self.eps = eps
-        self.scale = nn.Parameter(torch.zeros(width))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.scale = nn.Parameter(torch.empty(width))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.scale)
+        if self.unit_offset:
+            nn.init.zeros_(self.scale)
+        else:
+            nn.init.ones_(self.scale)
+
+    def gain(self) -> torch.Tensor:
+        return 1.0 + self.scale if self.unit_offset else self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics at least: in bfloat16 the mean of squares loses too many bits.
         acc = torch.promote_types(x.dtype, torch.float32)
-        return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.scale.to(acc), self.eps).to(x.dtype)
+        return F.rms_norm(x.to(acc), x.shape[-1:], self.gain().to(acc), self.eps).to(x.dtype)
 
 
-def make_norm(norm_type: str, width: int, eps: float) -> nn.Module:
+def make_norm(norm_type: str, width: int, eps: float, unit_offset: bool = True) -> nn.Module:
     """``rmsnorm`` (above) or ``layernorm`` (``nn.LayerNorm`` with gain and bias, as in GPT-2)."""
-    return RMSNorm(width, eps) if norm_type == "rmsnorm" else nn.LayerNorm(width, eps=eps)
+    return RMSNorm(width, eps, unit_offset) if norm_type == "rmsnorm" else nn.LayerNorm(width, eps=eps)
