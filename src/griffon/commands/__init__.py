@@ -5,6 +5,7 @@ from griffon.commands import (
     bench,
     convert,
     data,
+    distill,
     evaluation,
     export_hf,
     info,
@@ -21,5 +22,5 @@ from griffon.commands import (
 )
 
 # In the order ``griffon --help`` lists them.
-COMMANDS = (info, presets, convert, train, sample, serve, evaluation, lm_eval, data, tokenizer, bench, sweep, scaling,
-            export_hf, rewards, probe)  # fmt: skip
+COMMANDS = (info, presets, convert, train, distill, sample, serve, evaluation, lm_eval, data, tokenizer, bench, sweep,
+            scaling, export_hf, rewards, probe)  # fmt: skip

@@ -20,6 +20,7 @@ DECAY_SCOPES = ("matrices", "all")
 DTYPES = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 GUIDE_MODES = ("fixed_steps", "fixed_flops")
+DISTILL_INITS = ("attention", "random")
 
 
 def _default_model() -> ModelConfig:
@@ -154,6 +155,37 @@ class LoraConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher (``objective=distill_align`` or ``distill``, :mod:`griffon.distill`)."""
+
+    teacher: str | None = None
+    """The teacher: any model path (a run, a checkpoint, an HF Llama-family directory)."""
+    init: str = "attention"
+    """How a new recurrent block starts: ``attention``, from the weights of the attention layer it
+    replaces, or ``random`` (:mod:`griffon.distill.student`). Only when the run starts from the
+    teacher (no ``--init``)."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    """The KL over the teacher's ``top_k`` likeliest tokens only (its probabilities renormalised)."""
+    ce_weight: float = 0.0
+    """Plus this times the cross-entropy on the data."""
+    freeze_copied: bool = True
+    """``objective=distill``: what was copied from the teacher (embeddings, head, norms, MLPs, kept
+    attention) stays frozen; False: it trains too (or, with ``lora.rank``, is LoRA-adapted)."""
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.init not in DISTILL_INITS:
+            raise ConfigError(f"distill.init {self.init!r} is not one of {DISTILL_INITS}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"distill.temperature must be positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distill.top_k must be >= 1 (or null: every token), got {self.top_k}")
+        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise ConfigError(f"distill.ce_weight must be >= 0, got {self.ce_weight}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
@@ -162,6 +194,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     self_guided: SelfGuidedConfig = field(default_factory=SelfGuidedConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     objective: str = "lm"
     """One of :data:`griffon.train.objective.OBJECTIVES`. ``lm``: next-token prediction on every
     token of a corpus; ``sft``: on the completions or assistant turns of a JSONL of examples
@@ -229,13 +262,16 @@ class TrainConfig:
         self.optim.validate()
         self.self_guided.validate()
         self.lora.validate()
+        self.distill.validate()
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r} is not one of {tuple(OBJECTIVES)}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
-        needs_init = OBJECTIVES[self.objective].needs_init
-        if needs_init is not None and self.init is None:
-            raise ConfigError(f"objective={self.objective} {needs_init}: start with --init SRC")
+        spec = OBJECTIVES[self.objective]
+        if spec.needs_init is not None and self.init is None:
+            raise ConfigError(f"objective={self.objective} {spec.needs_init}: start with --init SRC")
+        if spec.check is not None:
+            spec.check(self)
         if self.lora.rank:
             if self.init is None:
                 raise ConfigError("lora.rank adapts a trained model: start the run with --init SRC")

@@ -23,9 +23,13 @@ from griffon.align.dpo import DPO
 from griffon.align.preference import PreferenceData, PreferenceObjective
 from griffon.align.qrpo import QRPO
 from griffon.align.sft import SFTData
+from griffon.config import ConfigError
 from griffon.data.tokenizers import Tokenizer
 from griffon.data.training_data import PackedData
+from griffon.distill.objectives import AttentionTransfer, Distillation, check_distillation, freeze, open_teacher
+from griffon.distill.student import copied_names
 from griffon.eval.score import byte_table, evaluate
+from griffon.model import Griffon
 from griffon.train.losses import goldfish_mask, next_token_loss
 
 if TYPE_CHECKING:
@@ -112,6 +116,8 @@ class ObjectiveSpec:
     """Why a run with this objective must start from a trained model (``--init``); None: it need not."""
     renders_chats: bool = False
     """Its data are chats rendered with the chat template, whose default then travels with the run."""
+    check: Callable[[TrainConfig], None] | None = None
+    """Refuse (:class:`~griffon.config.ConfigError`) a config this objective cannot train with."""
 
 
 class NextToken:
@@ -167,10 +173,45 @@ def _offline_alignment(objective: type[PreferenceObjective]) -> ObjectiveSpec:
     return ObjectiveSpec(open_data, build, needs_init="aligns a trained model against itself")
 
 
+def _distill_check(stage: str) -> Callable[[TrainConfig], None]:
+    def check(cfg: TrainConfig) -> None:
+        if cfg.distill.teacher is None:
+            raise ConfigError(f"objective={cfg.objective} distils a teacher: set distill.teacher (griffon distill)")
+        if stage == "align" and (cfg.distributed != "none" or cfg.lora.rank or cfg.self_guided.enabled):
+            raise ConfigError("objective=distill_align trains in one process, without LoRA or self-guided training")
+
+    return check
+
+
+def _distill_data(cfg: TrainConfig, run: Run) -> PackedData:
+    """A corpus as pretraining reads it, after the teacher, the student and the tokenizer are checked."""
+    check_distillation(cfg.distill.teacher, cfg.model, cfg.distill.init, cfg.data.tokenizer)
+    return _packed(cfg, run)
+
+
+def _teacher(cfg: TrainConfig, start: Start) -> Griffon:
+    # a run with --init starts from it (stage 1's student); else from the teacher
+    return open_teacher(cfg.distill.teacher, start.model, cfg.distill.init, start_from_teacher=cfg.init is None)
+
+
+def _attention_transfer(cfg: TrainConfig, data: RunData, start: Start) -> AttentionTransfer:
+    return AttentionTransfer(start.model, _teacher(cfg, start))
+
+
+def _distillation(cfg: TrainConfig, data: RunData, start: Start) -> Distillation:
+    teacher = _teacher(cfg, start)
+    if cfg.distill.freeze_copied:
+        freeze(start.model, copied_names(start.model.config))
+    d = cfg.distill
+    return Distillation(teacher, byte_table(data.tokenizer), d.temperature, d.top_k, d.ce_weight)
+
+
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "lm": ObjectiveSpec(_packed, _next_token),
     "sft": ObjectiveSpec(_sft, _next_token, renders_chats=True),
     "dpo": _offline_alignment(DPO),
     "qrpo": _offline_alignment(QRPO),
+    "distill_align": ObjectiveSpec(_distill_data, _attention_transfer, check=_distill_check("align")),
+    "distill": ObjectiveSpec(_distill_data, _distillation, check=_distill_check("distill")),
 }
 """Every objective a run can train with, by the name ``objective`` takes."""
