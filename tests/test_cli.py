@@ -6,7 +6,7 @@ import pytest
 from griffon.cli import build_parser, main
 from griffon.commands import COMMANDS
 
-NAMES = ["info", "presets", "convert", "train", "sample", "serve", "eval", "lm-eval", "data", "tokenizer", "bench",
+NAMES = ["info", "presets", "convert", "train", "distill", "sample", "serve", "eval", "lm-eval", "data", "tokenizer", "bench",
          "sweep", "scaling", "export-hf", "rewards", "probe"]  # fmt: skip
 SUBCOMMANDS = {"probe": ["train", "eval"], "data": ["prepare", "verify"], "tokenizer": ["train"], "scaling": ["fit", "calibrate"],
                "bench": ["sample", "train", "default-run", "ffn", "moe", "scan", "eval", "serve", "gpu", "finetune"]}  # fmt: skip

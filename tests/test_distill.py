@@ -122,3 +122,17 @@ def test_bad_input_is_one_line_before_anything_is_written(setup, tmp_path, capsy
     (tmp_path / "narrow.json").write_text(narrow.to_json())
     fails(["--teacher", str(setup / "teacher"), "--student", str(tmp_path / "narrow.json")],
           "distill.init=attention needs lru_width == num_heads * head_dim = 32")  # fmt: skip
+
+
+def test_the_data_can_be_sampled_from_the_teacher(setup, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me of the {w}."}) + "\n" for w in "king queen sword crown night day".split()))  # fmt: skip
+    argv = ["distill", "--teacher", str(setup / "teacher"), "--window", "8", "--out", str(tmp_path / "run"),
+            "--prompts", str(prompts), "--samples", "3", "--max-new-tokens", "24",
+            *[f"--set={s}" for s in [*TINY, "max_steps=2", "data.batch_size=2"]]]  # fmt: skip
+    assert main(argv) == 0
+    corpus = [json.loads(line)["text"] for line in (tmp_path / "run.corpus.jsonl").read_text().splitlines()]
+    assert len(corpus) == 18 and all(t.startswith("<|user|>\nTell me of the ") for t in corpus)
+    assert "<|assistant|>\n" in corpus[0] and len(set(corpus)) > 6  # each completion seeded on its own
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data"]["path"] == str(tmp_path / "run.corpus.jsonl")

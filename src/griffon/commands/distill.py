@@ -10,6 +10,8 @@ import time
 def run(args: argparse.Namespace) -> None:
     from griffon.checkpoint import open_source
     from griffon.config import ModelConfig, apply_overrides
+    from griffon.distill.data import teacher_corpus
+    from griffon.distill.objectives import check_distillation
     from griffon.distill.student import STUDENTS, student_config
     from griffon.run import Run
     from griffon.train.config import TrainConfig
@@ -31,8 +33,17 @@ def run(args: argparse.Namespace) -> None:
         d["model"] = student.to_dict()
         d["data"]["tokenizer"] = teacher.tokenizer_spec
     d["distill"]["teacher"] = str(teacher.path.resolve())
-    cfg = TrainConfig.from_dict(apply_overrides(d, args.set))
+    cfg = TrainConfig.from_dict(apply_overrides(d, args.set))  # checked before any sampling
     run_dir = Run(args.out or time.strftime("runs/distill-%Y%m%d-%H%M%S"))
+    if args.prompts:
+        if any(o.split("=", 1)[0].strip() == "data.path" for o in args.set):
+            raise ValueError("--prompts samples the data from the teacher: drop --set data.path")
+        run_dir.check_new()
+        check_distillation(cfg.distill.teacher, cfg.model, cfg.distill.init, cfg.data.tokenizer)
+        corpus = run_dir.root.with_name(run_dir.root.name + ".corpus.jsonl")
+        n = teacher_corpus(teacher.path, args.prompts, corpus, args.samples, args.max_new_tokens, seed=cfg.seed)
+        print(f"sampled {n} documents from the teacher into {corpus}", flush=True)
+        cfg = TrainConfig.from_dict(apply_overrides(d, [*args.set, f"data.path={corpus}"]))
     result = train(cfg, run_dir)
     bpb = f", validation {result.val_bpb:.3f} bits/byte" if result.val_bpb else ""
     print(f"distilled {result.steps} steps, {result.tokens:,} tokens (validation loss {result.val_loss:.4g}{bpb})")
@@ -54,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "distribution to the teacher's (stage 2, default)")  # fmt: skip
     s.add_argument("--init", metavar="RUN", help="start from this student (stage 1's run) instead of the teacher")
     s.add_argument("--out", help="run directory, must not hold a run (default: runs/distill-DATE-TIME)")
+    s.add_argument("--prompts", metavar="FILE",
+                   help="sample the data from the teacher: its completions of these prompts ({\"prompt\": ...} "
+                        "lines, rendered with its chat template), written to OUT.corpus.jsonl (resumable)")  # fmt: skip
+    s.add_argument("--samples", type=int, default=4, help="with --prompts: completions of each prompt (default 4)")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="with --prompts: tokens a completion (default 256)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.path=corpus.jsonl --set distill.temperature=2")  # fmt: skip
     s.set_defaults(fn=run)
