@@ -14,7 +14,7 @@ Parts (``--parts``, any of them, in this order):
   ``hawk``: none), stage 1 (attention transfer, ``--align-minutes``) then stage 2 (distillation,
   ``--distill-minutes``) on the embedded Shakespeare corpus with the teacher's tokenizer; then a
   Griffin of the same shape trained from scratch (``griffon train``, random weights) on as many
-  tokens as the Griffin student's stage 2 saw. Reported: each run's bits per byte on the held-out
+  tokens as the Griffin student's stage 2 saw (at ``griffon train``'s default learning rate). Reported: each run's bits per byte on the held-out
   works against tokens (its evaluations), and the teacher's on the same split.
 """
 
@@ -81,8 +81,9 @@ def _evals(run: Path) -> list[dict]:
 
 
 def train(teacher: Path, out: Path, align_minutes: float, distill_minutes: float) -> dict:
-    common = ["--set=data.seq_len=512", "--set=data.batch_size=8", "--set=eval_every=50", "--set=eval_batches=8",
-              "--set=final_eval_batches=32", "--set=log_every=10", "--set=save_every=50", "--set=optim.lr=1e-3"]  # fmt: skip
+    common = ["--set=data.seq_len=512", "--set=data.batch_size=8", "--set=eval_every=20", "--set=eval_batches=4",
+              "--set=final_eval_batches=8", "--set=log_every=5", "--set=save_every=20", "--set=optim.lr=1e-3",
+              "--set=optim.warmup_steps=5"]  # fmt: skip
     results: dict = {}
     for name in ("griffin", "hawk"):
         align, student = out / f"{name}_align", out / f"{name}_distill"
@@ -105,6 +106,7 @@ def train(teacher: Path, out: Path, align_minutes: float, distill_minutes: float
             "max_tokens": griffin["tokens"],
         }
         cfg["distill"]["teacher"] = None
+        cfg["optim"]["lr"] = 4e-3  # griffon train's default: from scratch, not the students' fine-tuning rate
         (out / "scratch_config.json").write_text(json.dumps(cfg))
         _check(["train", str(out / "scratch_config.json"), "--out", str(scratch)])
     results["scratch"] = _evals(scratch)

@@ -130,7 +130,11 @@ def train(
     keep_freed_memory()
     try:
         with run.lock() if info.is_main else contextlib.nullcontext():
-            return _train(cfg, run, data, resume, checkpoint, device, info, init)
+            result = _train(cfg, run, data, resume, checkpoint, device, info, init)
+        # Every rank done (the main one plots after the loop) before any tears down its process
+        # group: a gloo rank whose peer is still busy may abort in the teardown.
+        D.barrier()
+        return result
     finally:
         D.shutdown()
 
