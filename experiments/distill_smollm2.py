@@ -80,12 +80,13 @@ def _evals(run: Path) -> list[dict]:
             if json.loads(line)["kind"] in ("eval", "final_eval")]  # fmt: skip
 
 
-def train(teacher: Path, out: Path, align_minutes: float, distill_minutes: float) -> dict:
+def train(teacher: Path, out: Path, align_minutes: float, distill_minutes: float,
+          students: tuple[str, ...] = ("griffin", "hawk")) -> dict:  # fmt: skip
     common = ["--set=data.seq_len=512", "--set=data.batch_size=8", "--set=eval_every=20", "--set=eval_batches=4",
               "--set=final_eval_batches=8", "--set=log_every=5", "--set=save_every=20", "--set=optim.lr=1e-3",
               "--set=optim.warmup_steps=5"]  # fmt: skip
     results: dict = {}
-    for name in ("griffin", "hawk"):
+    for name in students:
         align, student = out / f"{name}_align", out / f"{name}_distill"
         if not (align / "config.json").exists():
             _check(["distill", "--teacher", str(teacher), "--student", name, "--window", str(WINDOW), "--stage", "align",
@@ -121,6 +122,11 @@ def main_() -> None:
     p.add_argument("--parts", default="speed,train")
     p.add_argument("--align-minutes", type=float, default=20)
     p.add_argument("--distill-minutes", type=float, default=120)
+    p.add_argument(
+        "--students",
+        default="griffin,hawk",
+        help="the students to distil (griffin first: the from-scratch student matches its tokens)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +135,8 @@ def main_() -> None:
     if "speed" in parts:
         results["speed"] = speed(args.teacher)
     if "train" in parts:
-        results["train"] = train(args.teacher, args.out, args.align_minutes, args.distill_minutes)
+        students = tuple(args.students.split(","))
+        results["train"] = train(args.teacher, args.out, args.align_minutes, args.distill_minutes, students)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
