@@ -146,3 +146,14 @@ def test_a_run_starts_from_a_llama_directory_and_is_served(tmp_path, capsys):
         assert client.app.state.server.ready.wait(60)
         r = client.post("/v1/completions", json={"prompt": "line", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_a_config_json_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys):
+    import os
+
+    (tmp_path / "hf").mkdir()
+    os.mkfifo(tmp_path / "hf" / "config.json")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2  # a reader would block on it
+    assert "without config.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["sample", str(tmp_path / "hf"), "--prompt", "a"]) == 2
+    assert "is neither a checkpoint" in capsys.readouterr().err

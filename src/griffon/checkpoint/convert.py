@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from griffon.checkpoint.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    check_state_dict,
+    check_fits,
     read_safetensors,
     save_state_dict,
 )
@@ -177,10 +176,8 @@ def _finish(cfg: ModelConfig, src: Tensors, used: set[str], out: Tensors, ignore
     extra = sorted(k for k in src if k not in used and not ignore(k))
     if extra:
         raise ConversionError(f"source checkpoint has unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
-    with torch.device("meta"):
-        model = Griffon(cfg)
     try:
-        check_state_dict(model, out, "converted checkpoint")
+        check_fits(cfg, out, "converted checkpoint")
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     return out
@@ -292,9 +289,11 @@ def to_hf_state_dict(state: Tensors) -> Tensors:
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, Tensors]:
     """An HF directory's config and weights in griffon's names: RecurrentGemma or Llama-family."""
     try:
-        hf = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
+        hf = read_json(path / CONFIG_NAME, CONFIG_BYTES, "an HF config.json")
+    except FileError as e:
+        raise ConversionError(str(e)) from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path / CONFIG_NAME} is not a JSON object")
     cfg = llama.config_from_llama(hf) if llama.is_llama(hf) else config_from_hf(hf)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -360,15 +359,14 @@ def convert(
         raise ConversionError(f"source not found: {src}")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"destination {dst} exists and is not empty; refusing to overwrite")
-    tokenizer_dir = None
+    tokenizer_files: dict[str, bytes] = {}
     if src.is_dir():
         if not (src / CONFIG_NAME).is_file():
             raise ConversionError(f"{src} is a directory without {CONFIG_NAME}: not an HF checkpoint")
         cfg, state = _read_hf_dir(src)
         cfg.extra["converted_from"] = f"hf:{src.name}"
     elif src.suffix == ".gguf":
-        tokenizer_dir = llama.gguf_tokenizer_dir()
-        cfg, state = llama.read_gguf(src, tokenizer_dir)
+        cfg, state, tokenizer_files = llama.read_gguf(src)
         cfg.extra["converted_from"] = f"gguf:{src.name}"
     else:
         cfg, state = _read_deepmind(src, Path(config_file) if config_file else None, preset)
@@ -376,13 +374,8 @@ def convert(
     with atomic_directory(dst) as tmp:
         save_state_dict(state, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
-        if tokenizer_dir is not None:
-            shutil.copy(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
-            for name in ("tokenizer_config.json", "chat_template.jinja"):
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy(tokenizer_dir / name, tmp / name)
-    if tokenizer_dir is not None:
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+        for name, data in tokenizer_files.items():
+            (tmp / name).write_bytes(data)
     return cfg
 
 

@@ -111,6 +111,13 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     check_state_dict_shapes(model.state_dict(), {k: tuple(v.shape) for k, v in state.items()}, source)
 
 
+def check_fits(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """:func:`check_state_dict` against a model of ``cfg`` built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Griffon(cfg)
+    check_state_dict(model, state, source)
+
+
 def is_adapter(directory: str | Path) -> bool:
     """Whether ``directory`` is a LoRA run's checkpoint (adapters, no weights of its own)."""
     return (Path(directory) / ADAPTER_CONFIG_NAME).is_file() and not (Path(directory) / WEIGHTS_NAME).is_file()

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from griffon.checkpoint.format import CheckpointError, check_state_dict
+from griffon.checkpoint.format import CheckpointError, check_fits
 from griffon.config import ConfigError, ModelConfig
-from griffon.model import Griffon
 
 Tensors = dict[str, torch.Tensor]
 
@@ -148,10 +147,8 @@ def from_llama_state_dict(src: Tensors, cfg: ModelConfig) -> Tensors:
         raise LlamaError(f"unexpected tensor {extra[0]!r} in a Llama checkpoint of {cfg.num_layers} layers")
     if cfg.tie_embeddings and "lm_head.weight" in src and not torch.equal(src["lm_head.weight"], out["embed.weight"]):
         raise LlamaError("tie_word_embeddings is true but 'lm_head.weight' differs from the embedding")
-    with torch.device("meta"):
-        model = Griffon(cfg)
     try:
-        check_state_dict(model, out, "the Llama checkpoint")
+        check_fits(cfg, out, "the Llama checkpoint")
     except CheckpointError as e:
         raise LlamaError(str(e)) from None
     return out
@@ -171,9 +168,13 @@ def to_llama_state_dict(state: Tensors) -> Tensors:
     return out
 
 
-def read_gguf(path: Path, tokenizer_dir: Path) -> tuple[ModelConfig, Tensors]:
-    """A GGUF file's config and weights (dequantised to float32, griffon's names), its tokenizer
-    written to ``tokenizer_dir`` as ``tokenizer.json``: through transformers' GGUF loading."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+"""What a GGUF file's tokenizer is kept as beside the converted weights (the last two if it has them)."""
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, Tensors, dict[str, bytes]]:
+    """A GGUF file's config and weights (dequantised to float32, griffon's names) and its
+    tokenizer's files (:data:`TOKENIZER_FILES`, name -> contents): through transformers' GGUF loading."""
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -184,13 +185,12 @@ def read_gguf(path: Path, tokenizer_dir: Path) -> tuple[ModelConfig, Tensors]:
         hf = AutoConfig.from_pretrained(**where).to_dict()
         cfg = config_from_llama(hf)  # before the weights: a model griffon cannot hold is refused first
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-        AutoTokenizer.from_pretrained(**where).save_pretrained(str(tokenizer_dir))
+        with tempfile.TemporaryDirectory(prefix="griffon-gguf-") as tmp:
+            AutoTokenizer.from_pretrained(**where).save_pretrained(tmp)
+            files = {name: (Path(tmp) / name).read_bytes() for name in TOKENIZER_FILES if (Path(tmp) / name).is_file()}
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise LlamaError(f"{path}: cannot read it as a GGUF model ({type(e).__name__}: {str(e)[:200]})") from None
+    if "tokenizer.json" not in files:
+        raise LlamaError(f"{path}: its tokenizer could not be written as tokenizer.json")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    return cfg, from_llama_state_dict(state, cfg)
-
-
-def gguf_tokenizer_dir() -> Path:
-    """A fresh directory for a GGUF file's tokenizer while it is converted."""
-    return Path(tempfile.mkdtemp(prefix="griffon-gguf-"))
+    return cfg, from_llama_state_dict(state, cfg), files

@@ -12,7 +12,6 @@ changed since it was trained.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from griffon.checkpoint.format import (
 )
 from griffon.config import ConfigError, ModelConfig
 from griffon.data.tokenizers import Tokenizer, load_tokenizer
-from griffon.files import sha256
+from griffon.files import CONFIG_BYTES, FileError, read_json, sha256
 from griffon.model import Griffon
 
 
@@ -226,7 +225,7 @@ def check_fingerprint(source: ModelSource, recorded: list[dict[str, Any]]) -> No
 def _hf_config(path: Path) -> dict | None:
     """The ``config.json`` of an HF directory (it names a ``model_type``), else None."""
     try:
-        d = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        d = read_json(path / "config.json", CONFIG_BYTES, "an HF config.json")
+    except FileError:
         return None
     return d if isinstance(d, dict) and "model_type" in d else None

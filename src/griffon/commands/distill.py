@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> None:
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             student = ModelConfig.from_json(args.student)
         d["model"] = student.to_dict()
-        d["data"]["tokenizer"] = teacher.tokenizer_spec
+        spec = teacher.tokenizer_spec  # recorded absolute: a resume may run from another directory
+        d["data"]["tokenizer"] = spec if spec == "bytes" else str(Path(spec).resolve())
     d["distill"]["teacher"] = str(teacher.path.resolve())
     cfg = TrainConfig.from_dict(apply_overrides(d, args.set))  # checked before any sampling
     run_dir = Run(args.out or time.strftime("runs/distill-%Y%m%d-%H%M%S"))
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--prompts samples the data from the teacher: drop --set data.path")
         run_dir.check_new()
         check_distillation(cfg.distill.teacher, cfg.model, cfg.distill.init, cfg.data.tokenizer)
-        corpus = run_dir.root.with_name(run_dir.root.name + ".corpus.jsonl")
+        corpus = run_dir.root.resolve().with_name(run_dir.root.name + ".corpus.jsonl")
         n = teacher_corpus(teacher.path, args.prompts, corpus, args.samples, args.max_new_tokens, seed=cfg.seed)
         print(f"sampled {n} documents from the teacher into {corpus}", flush=True)
         cfg = TrainConfig.from_dict(apply_overrides(d, [*args.set, f"data.path={corpus}"]))
